@@ -1,0 +1,1 @@
+"""recsys: rating prediction explained by the training ratings behind it."""

@@ -1,0 +1,79 @@
+"""The contract every rating model follows, so evaluation, training, explanation and serving
+are written once for all models.
+
+Indices are dense ``int64`` tensors into the training `Ratings`' id maps. A user or item
+index with no training rating is *unknown* to the model: `predict` answers it with a
+documented fallback and `known_users` / `known_items` say which indices those are.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from recsys.ratings import Ratings
+
+
+class RatingModel(nn.Module, ABC):
+    """A PyTorch module that predicts explicit ratings for (user, item) index pairs.
+
+    Subclasses implement `forward` (raw scores, differentiable) and `fallback` (the
+    prediction for pairs whose user or item has no training rating); `predict` combines them
+    and clips to the rating scale.
+    """
+
+    #: Short name used on the command line and in artefacts (``mf``, ``rec``).
+    name: ClassVar[str]
+
+    def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float]) -> None:
+        super().__init__()
+        self.n_users = n_users
+        self.n_items = n_items
+        self.rating_scale = (float(rating_scale[0]), float(rating_scale[1]))
+        # Which indices had training ratings; buffers so they follow .to(device) and save.
+        self.register_buffer("known_users", torch.zeros(n_users, dtype=torch.bool))
+        self.register_buffer("known_items", torch.zeros(n_items, dtype=torch.bool))
+        self.register_buffer("global_mean", torch.tensor(float(sum(rating_scale) / 2)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.global_mean.device
+
+    def prepare(self, train: Ratings) -> None:
+        """Take what the model needs from the training ratings before the first step:
+        which users/items are known and the global mean. Subclasses extend it."""
+        self.known_users.copy_(torch.from_numpy(train.user_counts() > 0))
+        self.known_items.copy_(torch.from_numpy(train.item_counts() > 0))
+        self.global_mean.fill_(train.global_mean)
+
+    @abstractmethod
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Unclipped predictions ``float32 [B]`` for index tensors ``users, items [B]``."""
+
+    @abstractmethod
+    def fallback(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Predictions ``[B]`` that use only what is known of each pair (e.g. biases)."""
+
+    @torch.no_grad()
+    def predict(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Clipped predictions ``float32 [B]``; pairs with an unknown user or item use the
+        fallback. Indices must lie in ``[0, n_users)`` / ``[0, n_items)``."""
+        users = users.to(self.device)
+        items = items.to(self.device)
+        known = self.known_users[users] & self.known_items[items]
+        out = self.forward(users, items)
+        if not bool(known.all()):
+            out = torch.where(known, out, self.fallback(users, items))
+        return out.clamp(*self.rating_scale)
+
+    @abstractmethod
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for each user, ``float32 [B, n_items]``, for top-k ranking
+        (higher is better; unclipped)."""
+
+    def config_dict(self) -> dict:
+        """The constructor arguments, JSON-serialisable, saved with the artefact."""
+        raise NotImplementedError

@@ -1,0 +1,323 @@
+"""`Ratings`: the one currency of recsys.
+
+Row ``k`` of a training `Ratings` is training example ``k`` everywhere: in samplers, in the
+rollback log and in explanations. Users and items are dense ``int64`` indices into `IdMap`s
+that translate to and from the raw ids of the source (always kept as strings, so ``"196"``
+and ``196`` name the same user). Splits of one dataset share its id maps, so an index means
+the same user in the training and the test part.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recsys.errors import DuplicateRatingsWarning, RatingsFormatError, UnknownIdError
+
+
+class IdMap:
+    """A bijection between raw ids (strings) and dense indices ``0..n-1``.
+
+    Built once from the raw ids in index order; lookups are O(1) per id and vectorised for
+    arrays. Raw ids are normalised with ``str()`` so callers may pass ints.
+    """
+
+    def __init__(self, raw_ids: Iterable[object]) -> None:
+        values = np.asarray([str(x) for x in raw_ids], dtype=object)
+        self._index = pd.Index(values, dtype=object)
+        if not self._index.is_unique:
+            dup = self._index[self._index.duplicated()][0]
+            raise ValueError(f"IdMap raw ids must be unique; {dup!r} repeats")
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, raw_id: object) -> bool:
+        return str(raw_id) in self._index
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IdMap) and self._index.equals(other._index)
+
+    def __hash__(self) -> int:  # identity hash: maps are compared by content only in tests
+        return id(self)
+
+    def __repr__(self) -> str:
+        return f"IdMap(n={len(self)})"
+
+    @property
+    def raw_ids(self) -> np.ndarray:
+        """Raw ids in index order, ``object`` array of ``str``, shape ``[n]``."""
+        return self._index.to_numpy()
+
+    def index(self, raw_id: object, kind: str = "id") -> int:
+        """The index of one raw id; `UnknownIdError` if it was never seen."""
+        try:
+            return int(self._index.get_loc(str(raw_id)))
+        except KeyError:
+            raise UnknownIdError(kind, raw_id) from None
+
+    def get(self, raw_id: object) -> int | None:
+        """The index of one raw id, or None when unknown."""
+        try:
+            return int(self._index.get_loc(str(raw_id)))
+        except KeyError:
+            return None
+
+    def indices(self, raw_ids: Iterable[object]) -> np.ndarray:
+        """Indices of many raw ids, ``int64 [n]``, ``-1`` where an id is unknown."""
+        values = np.asarray([str(x) for x in raw_ids], dtype=object)
+        return self._index.get_indexer(values).astype(np.int64)
+
+    def raw(self, index: int) -> str:
+        """The raw id of one index."""
+        return str(self._index[index])
+
+    def extend(self, raw_ids: Iterable[object]) -> IdMap:
+        """A new map with the unseen ``raw_ids`` appended (existing indices unchanged)."""
+        new = [str(x) for x in raw_ids]
+        fresh = pd.Index(pd.unique(np.asarray(new, dtype=object))).difference(self._index, sort=False)
+        if len(fresh) == 0:
+            return self
+        return IdMap(np.concatenate([self.raw_ids, fresh.to_numpy()]))
+
+
+class CSR(NamedTuple):
+    """Compressed rows of a ratings matrix (by user or by item).
+
+    ``indptr [n_rows+1]``; for the ratings of row ``r`` at ``indptr[r]:indptr[r+1]``:
+    ``columns`` (the other side's index), ``values`` (the ratings) and ``examples`` (the row
+    numbers ``k`` of those ratings in the `Ratings` they came from).
+    """
+
+    indptr: np.ndarray
+    columns: np.ndarray
+    values: np.ndarray
+    examples: np.ndarray
+
+    def row(self, r: int) -> slice:
+        return slice(int(self.indptr[r]), int(self.indptr[r + 1]))
+
+    def degrees(self) -> np.ndarray:
+        """Number of ratings per row, ``int64 [n_rows]``."""
+        return np.diff(self.indptr)
+
+
+def _build_csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_rows: int) -> CSR:
+    order = np.lexsort((cols, rows))  # by row, then column: stable and deterministic
+    counts = np.bincount(rows, minlength=n_rows)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return CSR(indptr, cols[order], values[order], order.astype(np.int64))
+
+
+@dataclass(frozen=True, eq=False)
+class Ratings:
+    """Explicit ratings: parallel arrays, one entry per (user, item) pair.
+
+    Attributes:
+        users: ``int64 [n]`` user indices into ``user_ids``.
+        items: ``int64 [n]`` item indices into ``item_ids``.
+        values: ``float32 [n]`` ratings.
+        timestamps: ``int64 [n]`` seconds since the epoch, or None when the source has none.
+        user_ids, item_ids: raw id <-> index maps; may hold ids with no rating here (a test
+            split shares its training split's maps).
+        rating_scale: ``(lowest, highest)`` rating the source allows; predictions are clipped
+            to it.
+        item_titles: raw item id -> display title, when the source has titles.
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    values: np.ndarray
+    timestamps: np.ndarray | None
+    user_ids: IdMap
+    item_ids: IdMap
+    rating_scale: tuple[float, float]
+    item_titles: Mapping[str, str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.users)
+        for name in ("items", "values"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"Ratings.{name} has {len(getattr(self, name))} rows, users has {n}")
+        if self.timestamps is not None and len(self.timestamps) != n:
+            raise ValueError(f"Ratings.timestamps has {len(self.timestamps)} rows, users has {n}")
+        if n and (self.users.min() < 0 or self.users.max() >= len(self.user_ids)):
+            raise ValueError("Ratings.users holds an index outside user_ids")
+        if n and (self.items.min() < 0 or self.items.max() >= len(self.item_ids)):
+            raise ValueError("Ratings.items holds an index outside item_ids")
+        lo, hi = self.rating_scale
+        if not lo < hi:
+            raise ValueError(f"rating_scale must be (low, high) with low < high, got {self.rating_scale}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_arrays(
+        cls,
+        users: Sequence[object] | np.ndarray,
+        items: Sequence[object] | np.ndarray,
+        values: Sequence[float] | np.ndarray,
+        timestamps: Sequence[int] | np.ndarray | None = None,
+        *,
+        rating_scale: tuple[float, float] | None = None,
+        item_titles: Mapping[str, str] | None = None,
+        user_ids: IdMap | None = None,
+        item_ids: IdMap | None = None,
+        source: str = "<arrays>",
+    ) -> Ratings:
+        """Ratings from raw ids, building id maps unless given.
+
+        Raw ids are indexed in sorted order (numerically when they are all integers), so the
+        same file always gives the same indices. Duplicate (user, item) pairs keep the latest
+        rating (largest timestamp, else the last row) and raise one `DuplicateRatingsWarning`
+        with their count. ``rating_scale`` defaults to the observed min and max. Values that
+        are NaN or infinite raise `RatingsFormatError` naming the row (``source`` line ``k+1``).
+        """
+        vals = np.asarray(values, dtype=np.float64)
+        bad = ~np.isfinite(vals)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise RatingsFormatError("rating is not a finite number", path=source, line=k + 1, value=values[k])
+        if len(vals) == 0:
+            raise RatingsFormatError("no ratings", path=source)
+        u_idx, umap = _factorize(users, user_ids, "user")
+        i_idx, imap = _factorize(items, item_ids, "item")
+        ts = None if timestamps is None else np.asarray(timestamps, dtype=np.int64)
+        keep = _latest_of_duplicates(u_idx, i_idx, ts, len(imap))
+        n_dup = len(u_idx) - len(keep)
+        if n_dup:
+            warnings.warn(
+                f"{source}: {n_dup} duplicate (user, item) ratings; kept the latest of each",
+                DuplicateRatingsWarning,
+                stacklevel=2,
+            )
+            u_idx, i_idx, vals = u_idx[keep], i_idx[keep], vals[keep]
+            ts = None if ts is None else ts[keep]
+        scale = rating_scale if rating_scale is not None else (float(vals.min()), float(vals.max()))
+        if scale[0] == scale[1]:
+            scale = (scale[0] - 0.5, scale[1] + 0.5)
+        return cls(u_idx, i_idx, vals.astype(np.float32), ts, umap, imap, tuple(map(float, scale)),
+                   dict(item_titles) if item_titles is not None else None)
+
+    # ------------------------------------------------------------------ basic views
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_users(self) -> int:
+        """Size of the user index space (users with no rating here included)."""
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @cached_property
+    def global_mean(self) -> float:
+        return float(self.values.mean(dtype=np.float64)) if len(self) else float(np.mean(self.rating_scale))
+
+    @cached_property
+    def by_user(self) -> CSR:
+        """Ratings grouped by user: ``columns`` are item indices."""
+        return _build_csr(self.users, self.items, self.values, self.n_users)
+
+    @cached_property
+    def by_item(self) -> CSR:
+        """Ratings grouped by item: ``columns`` are user indices."""
+        return _build_csr(self.items, self.users, self.values, self.n_items)
+
+    def user_counts(self) -> np.ndarray:
+        """Ratings per user, ``int64 [n_users]``."""
+        return np.bincount(self.users, minlength=self.n_users)
+
+    def item_counts(self) -> np.ndarray:
+        return np.bincount(self.items, minlength=self.n_items)
+
+    def subset(self, rows: np.ndarray) -> Ratings:
+        """The ratings at ``rows`` (bool mask or int indices), keeping the id maps."""
+        rows = np.asarray(rows)
+        return Ratings(
+            self.users[rows], self.items[rows], self.values[rows],
+            None if self.timestamps is None else self.timestamps[rows],
+            self.user_ids, self.item_ids, self.rating_scale, self.item_titles,
+        )
+
+    def with_id_maps(self, user_ids: IdMap, item_ids: IdMap) -> Ratings:
+        """The same ratings re-indexed into (larger) maps that contain these maps' ids."""
+        u = user_ids.indices(self.user_ids.raw_ids)[self.users]
+        i = item_ids.indices(self.item_ids.raw_ids)[self.items]
+        if (u < 0).any() or (i < 0).any():
+            raise ValueError("with_id_maps: the new maps lack some ids of these ratings")
+        return Ratings(u, i, self.values, self.timestamps, user_ids, item_ids, self.rating_scale,
+                       self.item_titles)
+
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(users int64 [n], items int64 [n], values float32 [n])`` on ``device``."""
+        return (
+            torch.from_numpy(self.users).to(device),
+            torch.from_numpy(self.items).to(device),
+            torch.from_numpy(self.values).to(device),
+        )
+
+    def to_frame(self) -> pd.DataFrame:
+        """A DataFrame with raw ``user``, ``item``, ``rating`` and (if known) ``timestamp``."""
+        frame = pd.DataFrame({
+            "user": self.user_ids.raw_ids[self.users],
+            "item": self.item_ids.raw_ids[self.items],
+            "rating": self.values,
+        })
+        if self.timestamps is not None:
+            frame["timestamp"] = self.timestamps
+        return frame
+
+    def title(self, raw_item: object) -> str | None:
+        """Display title of an item, when the source has titles."""
+        return None if self.item_titles is None else self.item_titles.get(str(raw_item))
+
+    def describe(self) -> str:
+        density = len(self) / max(1, self.n_users * self.n_items)
+        return (f"{len(self):,} ratings, {self.n_users:,} users, {self.n_items:,} items, "
+                f"density {density:.4%}, scale {self.rating_scale[0]:g}..{self.rating_scale[1]:g}")
+
+    def __repr__(self) -> str:
+        return f"Ratings({self.describe()})"
+
+
+def _factorize(raw: Sequence[object] | np.ndarray, given: IdMap | None, kind: str) -> tuple[np.ndarray, IdMap]:
+    arr = np.asarray(raw)
+    if given is not None:
+        idx = given.indices(arr)
+        if (idx < 0).any():
+            raise UnknownIdError(kind, arr[np.flatnonzero(idx < 0)[0]])
+        return idx, given
+    if arr.dtype.kind in "iu":
+        codes, uniques = pd.factorize(arr, sort=True)
+        return codes.astype(np.int64), IdMap(uniques.astype(str))
+    as_str = arr.astype(str).astype(object)
+    numeric = pd.to_numeric(pd.Series(as_str), errors="coerce")
+    if numeric.notna().all() and (numeric == numeric.round()).all():
+        # integer-looking strings: sort numerically, keep the original spelling
+        order = np.unique(as_str)
+        order = order[np.argsort(pd.to_numeric(pd.Series(order)).to_numpy(), kind="stable")]
+        imap = IdMap(order)
+        return imap.indices(as_str), imap
+    codes, uniques = pd.factorize(as_str, sort=True)
+    return codes.astype(np.int64), IdMap(uniques)
+
+
+def _latest_of_duplicates(users: np.ndarray, items: np.ndarray, ts: np.ndarray | None, n_items: int) -> np.ndarray:
+    """Row indices to keep: for each (user, item), the row with the largest (timestamp, row)."""
+    key = users * np.int64(max(n_items, 1)) + items
+    row = np.arange(len(key))
+    order = np.lexsort((row, key)) if ts is None else np.lexsort((row, ts, key))
+    sorted_key = key[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = sorted_key[1:] != sorted_key[:-1]
+    return np.sort(order[last])
