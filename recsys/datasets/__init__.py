@@ -1,0 +1,34 @@
+"""Ratings data: builtin datasets (MovieLens), ratings files, and synthetic ratings.
+
+The data home (``$RECSYS_DATA``, else the user cache folder) holds downloaded datasets; see
+``data/README.md``.
+"""
+
+from recsys.datasets.builtin import (
+    RemoteArchive,
+    available_datasets,
+    dataset_splits,
+    fetch_dataset,
+    item_titles,
+    load_dataset,
+    load_split,
+)
+from recsys.datasets.home import data_home
+from recsys.datasets.readers import WHITESPACE, read_ratings
+from recsys.datasets.synthetic import load_ratings_npz, save_ratings_npz, synthetic_ratings
+
+__all__ = [
+    "WHITESPACE",
+    "RemoteArchive",
+    "available_datasets",
+    "data_home",
+    "dataset_splits",
+    "fetch_dataset",
+    "item_titles",
+    "load_dataset",
+    "load_ratings_npz",
+    "load_split",
+    "read_ratings",
+    "save_ratings_npz",
+    "synthetic_ratings",
+]

@@ -54,25 +54,40 @@ class RatingModel(nn.Module, ABC):
         """Unclipped predictions ``float32 [B]`` for index tensors ``users, items [B]``."""
 
     @abstractmethod
-    def fallback(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Predictions ``[B]`` that use only what is known of each pair (e.g. biases)."""
+    def fallback(self, users: torch.Tensor, items: torch.Tensor, user_known: torch.Tensor,
+                 item_known: torch.Tensor) -> torch.Tensor:
+        """Predictions ``[B]`` that use only what is known of each pair (e.g. biases);
+        ``user_known``/``item_known`` (bool ``[B]``) say which sides have training ratings."""
+
+    def known_mask(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bool ``[B]`` masks: does the user / the item have training ratings (``-1`` = never
+        seen, as `IdMap.indices` returns for unknown raw ids)."""
+        user_known = (users >= 0) & self.known_users[users.clamp_min(0)]
+        item_known = (items >= 0) & self.known_items[items.clamp_min(0)]
+        return user_known, item_known
 
     @torch.no_grad()
     def predict(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Clipped predictions ``float32 [B]``; pairs with an unknown user or item use the
-        fallback. Indices must lie in ``[0, n_users)`` / ``[0, n_items)``."""
+        """Clipped predictions ``float32 [B]`` for index tensors ``[B]``. Pairs whose user or
+        item has no training rating, or is ``-1`` (an id the model never saw), get the
+        fallback."""
         users = users.to(self.device)
         items = items.to(self.device)
-        known = self.known_users[users] & self.known_items[items]
-        out = self.forward(users, items)
+        if bool((users >= self.n_users).any()) or bool((items >= self.n_items).any()):
+            raise IndexError("user or item index beyond the model's tables")
+        user_known, item_known = self.known_mask(users, items)
+        known = user_known & item_known
+        safe_u, safe_i = users.clamp_min(0), items.clamp_min(0)
+        out = self.forward(safe_u, safe_i)
         if not bool(known.all()):
-            out = torch.where(known, out, self.fallback(users, items))
+            out = torch.where(known, out, self.fallback(safe_u, safe_i, user_known, item_known))
         return out.clamp(*self.rating_scale)
 
     @abstractmethod
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         """Scores of every item for each user, ``float32 [B, n_items]``, for top-k ranking
-        (higher is better; unclipped)."""
+        (higher is better; unclipped). A user index of ``-1`` or one with no training
+        rating gets the model's non-personalised ranking."""
 
     def config_dict(self) -> dict:
         """The constructor arguments, JSON-serialisable, saved with the artefact."""

@@ -1,0 +1,343 @@
+"""The ``recsys`` command line: ``train``, ``evaluate``, ``predict``, ``recommend``,
+``datasets``.
+
+Every stage is the library called from argparse; user mistakes (a bad file, an unknown id,
+a corrupt model directory) print one ``recsys: error: ...`` line and exit with status 2,
+never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recsys.artefact import load_artefact, save_artefact
+from recsys.errors import RecsysError
+from recsys.models import MODELS, build_model
+from recsys.models.base import RatingModel
+from recsys.ratings import Ratings
+from recsys.train import Trainer, TrainConfig
+
+_CANONICAL = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
+
+
+# --------------------------------------------------------------------------- data
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="builtin dataset name (see `recsys datasets`)")
+    src.add_argument("--ratings", type=Path, help="a ratings file: CSV/TSV/any separator, or Parquet")
+    g.add_argument("--sep", help="field separator of --ratings (default: sniffed)")
+    g.add_argument("--columns", default="user,item,rating",
+                   help="roles of the file's columns in order, e.g. user,item,rating,timestamp "
+                        "(use _ for a column to skip); with a header, role=name pairs")
+    header = g.add_mutually_exclusive_group()
+    header.add_argument("--header", dest="header", action="store_true", default=None,
+                        help="the file has a header line (default: detected)")
+    header.add_argument("--no-header", dest="header", action="store_false")
+    g.add_argument("--rating-scale", help="LOW,HIGH (default: the observed range)")
+    g.add_argument("--split", default=None,
+                   help="canonical fold(s) of the dataset (u1 or u1,u2,u3,u4,u5), or "
+                        "random:FRACTION[:SEED], temporal:FRACTION, cold-users:FRACTION:K[:SEED]")
+    g.add_argument("--test", type=Path, help="a second ratings file (same columns) as the test set")
+
+
+def _rating_scale(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise RecsysError(f"--rating-scale must be LOW,HIGH, got {text!r}") from None
+    return lo, hi
+
+
+def _read_file(args: argparse.Namespace, path: Path, **maps) -> Ratings:
+    from recsys.datasets import read_ratings
+
+    columns = args.columns if "=" in args.columns else args.columns.split(",")
+    return read_ratings(path, sep=args.sep, columns=columns, header=args.header,
+                        rating_scale=_rating_scale(args.rating_scale), **maps)
+
+
+def load_folds(args: argparse.Namespace) -> list[tuple[str, Ratings, Ratings | None]]:
+    """(name, train, test) for every requested split; test is None when there is no split."""
+    from recsys.datasets import dataset_splits, load_dataset, load_split
+    from recsys.splits import parse_split
+
+    if args.test is not None:
+        if args.ratings is None:
+            raise RecsysError("--test needs --ratings (the training file)")
+        if args.split:
+            raise RecsysError("give either --split or --test, not both")
+        train = _read_file(args, args.ratings)
+        # Index the test file into maps that also hold its unseen ids (they get the fallback).
+        test_raw = _read_file(args, args.test)
+        user_ids = train.user_ids.extend(test_raw.user_ids.raw_ids)
+        item_ids = train.item_ids.extend(test_raw.item_ids.raw_ids)
+        return [("test", train.with_id_maps(user_ids, item_ids), test_raw.with_id_maps(user_ids, item_ids))]
+    specs = [s.strip() for s in args.split.split(",")] if args.split else []
+    if args.dataset and specs and all(s in _CANONICAL for s in specs):
+        valid = dataset_splits(args.dataset)
+        bad = [s for s in specs if s not in valid]
+        if bad:
+            raise RecsysError(f"dataset {args.dataset!r} has no split {bad[0]!r}; it has {', '.join(valid)}")
+        return [(s, *load_split(args.dataset, s)) for s in specs]
+    ratings = load_dataset(args.dataset) if args.dataset else _read_file(args, args.ratings)
+    if not specs:
+        return [("all", ratings, None)]
+    if len(specs) != 1:
+        raise RecsysError("several splits at once are only for canonical folds (u1,u2,...)")
+    if specs[0] in _CANONICAL:
+        raise RecsysError(f"split {specs[0]!r} is a canonical fold of a builtin dataset; use --dataset")
+    split = parse_split(specs[0]).apply(ratings)
+    return [(split.name, split.train, split.test)]
+
+
+# --------------------------------------------------------------------------- model and training
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and training (defaults tuned on MovieLens-100K validation slices)")
+    g.add_argument("--model", default="mf", choices=sorted(MODELS))
+    g.add_argument("--embedding-size", type=int)
+    g.add_argument("--n-blocks", type=int, help="MF: independent factor blocks averaged (1 = classic MF)")
+    g.add_argument("--reg", type=float, help="L2 weight on factors per visit")
+    g.add_argument("--bias-reg", type=float)
+    g.add_argument("--reg-exponent", type=float, help="frequency scaling of the regularisation")
+    g.add_argument("--init-std", type=float)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float)
+    g.add_argument("--lr-decay", type=float, help="learning-rate factor per epoch")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adagrad", "sparse-adam"])
+    g.add_argument("--sampler", choices=["reshuffle", "shuffle-once", "with-replacement", "fixed"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    g.add_argument("--validation", type=float, default=0.0,
+                   help="fraction of the training ratings held out to validate every epoch and "
+                        "stop early (default 0: train the tuned number of epochs on all of them)")
+    g.add_argument("--patience", type=int, default=5)
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
+    _, config_cls = MODELS[args.model]
+    model_cfg = {f.name: getattr(args, f.name) for f in fields(config_cls)
+                 if getattr(args, f.name, None) is not None}
+    model_cfg["seed"] = args.seed
+    train_over = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                  if f.name not in ("progress", "patience") and getattr(args, f.name, None) is not None}
+    train_cfg = replace(TrainConfig(), **train_over, patience=args.patience if args.validation else None,
+                        progress=False if args.quiet else None)
+    return model_cfg, train_cfg
+
+
+def fit_model(args: argparse.Namespace, train: Ratings) -> tuple[RatingModel, Ratings, dict]:
+    """Build and train the requested model; returns it, the ratings it was fitted on and a
+    summary of the run."""
+    from recsys.splits import validation_slice
+
+    model_cfg, train_cfg = _configs(args)
+    fit_part, validation = train, None
+    if args.validation:
+        fit_part, validation = validation_slice(train, args.validation, seed=args.seed)
+    model = build_model(args.model, train.n_users, train.n_items, train.rating_scale, model_cfg)
+    result = Trainer(train_cfg).fit(model, fit_part, validation)
+    summary = {
+        "fit_seconds": result.fit_seconds,
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "best_validation_rmse": result.best_validation_rmse,
+        "step_kind": result.step_kind,
+        "model_config": model.config_dict(),
+        "train_config": asdict(train_cfg),
+    }
+    return model, fit_part, summary
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from recsys.evaluate import evaluate_ratings
+
+    folds = load_folds(args)
+    if len(folds) != 1:
+        raise RecsysError("train takes one split; use `recsys evaluate` for several folds")
+    name, train, test = folds[0]
+    _print(args, f"training {args.model} on {train.describe()}")
+    model, fit_part, summary = fit_model(args, train)
+    metrics = evaluate_ratings(model, test) if test is not None else {}
+    if args.out:
+        save_artefact(args.out, model, fit_part, {"split": name, "training": summary, "test_metrics": metrics})
+    if args.json:
+        print(json.dumps({"split": name, **summary, **metrics}))
+        return 0
+    print(f"fitted in {summary['fit_seconds']:.2f} s ({summary['epochs_run']} epochs, {summary['step_kind']} steps)")
+    if metrics:
+        print(f"held-out {name}: RMSE {metrics['rmse']:.4f}  MAE {metrics['mae']:.4f}  "
+              f"on {metrics['n_test']:,} ratings ({metrics['n_fallback']} by fallback)")
+        _show_examples(model, test)
+    if args.out:
+        print(f"saved to {args.out}")
+    return 0
+
+
+def _show_examples(model: RatingModel, test: Ratings, n: int = 5) -> None:
+    rows = np.random.default_rng(0).choice(len(test), size=min(n, len(test)), replace=False)
+    u = torch.from_numpy(test.users[rows])
+    i = torch.from_numpy(test.items[rows])
+    pred = model.predict(u, i).cpu().numpy()
+    print("examples (user, item, true rating, predicted):")
+    for k, row in enumerate(rows):
+        raw_item = test.item_ids.raw(int(test.items[row]))
+        title = test.title(raw_item) or f"item {raw_item}"
+        print(f"  user {test.user_ids.raw(int(test.users[row])):>6}  {title[:48]:<48}  "
+              f"{test.values[row]:4.1f}  {pred[k]:5.2f}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from recsys.evaluate import evaluate_ranking, evaluate_ratings
+
+    folds = load_folds(args)
+    results = []
+    for name, train, test in folds:
+        if test is None:
+            raise RecsysError("evaluate needs a test set: give --split or --test")
+        model, fit_part, summary = fit_model(args, train)
+        res = {"split": name, "n_train": len(fit_part), **evaluate_ratings(model, test),
+               "fit_seconds": summary["fit_seconds"], "epochs_run": summary["epochs_run"]}
+        if args.ranking:
+            res.update(evaluate_ranking(model, train, test, k=args.k))
+        results.append(res)
+        if not args.json:
+            print(f"{name}: RMSE {res['rmse']:.4f}  MAE {res['mae']:.4f}  fit {res['fit_seconds']:.2f} s")
+    out: dict = dict(results[0]) if len(results) == 1 else {"folds": results}
+    if len(results) > 1:
+        numeric = [k for k in results[0] if all(isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)
+                                                 for r in results)]
+        out["mean"] = {k: float(np.mean([r[k] for r in results])) for k in numeric}
+        out.update({k: out["mean"][k] for k in ("rmse", "mae", "fit_seconds")})
+        out["n_train"] = int(sum(r["n_train"] for r in results))
+        out["n_test"] = int(sum(r["n_test"] for r in results))
+    out["model"] = args.model
+    if args.json:
+        print(json.dumps(out))
+    elif len(results) > 1:
+        print(f"mean over {len(results)} folds: RMSE {out['rmse']:.4f}  MAE {out['mae']:.4f}  "
+              f"fit {out['fit_seconds']:.2f} s")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    art = load_artefact(args.model)
+    u = art.user_ids.get(args.user)
+    i = art.item_ids.get(args.item)
+    if i is None:
+        raise RecsysError(f"unknown item id {args.item!r} (the model knows {len(art.item_ids):,} items)")
+    user_index = -1 if u is None else u
+    pred = float(art.model.predict(torch.tensor([user_index]), torch.tensor([i]))[0])
+    user_known, item_known = art.model.known_mask(torch.tensor([user_index]), torch.tensor([i]))
+    path = "model" if bool(user_known & item_known) else (
+        "fallback (unknown user)" if not bool(user_known) else "fallback (item has no ratings)")
+    title = art.train.title(args.item)
+    if args.json:
+        print(json.dumps({"user": str(args.user), "item": str(args.item), "title": title,
+                          "prediction": pred, "path": path}))
+    else:
+        print(f"{pred:.3f}  (user {args.user}, item {args.item}{f' {title}' if title else ''}, {path})")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    art = load_artefact(args.model)
+    u = art.user_ids.get(args.user)
+    scores = art.model.score_all(torch.tensor([-1 if u is None else u]))[0]
+    if u is not None:  # never recommend what the user already rated
+        rated = art.train.by_user
+        scores[torch.from_numpy(rated.columns[rated.row(u)])] = -torch.inf
+    k = min(args.k, int(torch.isfinite(scores).sum()))
+    top = torch.topk(scores, k)
+    items = [{"item": art.item_ids.raw(int(i)), "title": art.train.title(art.item_ids.raw(int(i))),
+              "score": float(s)} for s, i in zip(top.values, top.indices, strict=True)]
+    if args.json:
+        print(json.dumps({"user": str(args.user), "items": items}))
+    else:
+        for rank, it in enumerate(items, 1):
+            print(f"{rank:3d}. {it['score']:5.2f}  {it['title'] or it['item']}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from recsys.datasets import available_datasets, data_home, dataset_splits
+
+    print(f"data home: {data_home()}")
+    for name in available_datasets():
+        print(f"  {name}: splits {', '.join(dataset_splits(name))}")
+    return 0
+
+
+def _print(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "json", False):
+        print(text, file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model, report held-out accuracy, save it")
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--out", type=Path, help="directory to save the trained model in")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="train and evaluate on one or more splits")
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--ranking", action="store_true", help="also precision/recall/NDCG/MAP@k")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict one rating with a saved model")
+    p.add_argument("--model", required=True, type=Path, help="model directory")
+    p.add_argument("--user", required=True)
+    p.add_argument("--item", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("recommend", help="top-k unrated items for a user with a saved model")
+    p.add_argument("--model", required=True, type=Path, help="model directory")
+    p.add_argument("--user", required=True)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("datasets", help="list builtin datasets and the data home")
+    p.set_defaults(func=cmd_datasets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (RecsysError, ValueError, FileNotFoundError) as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recsys: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

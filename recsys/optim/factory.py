@@ -1,0 +1,39 @@
+"""Optimizers by name, for configs and the command line.
+
+Embedding tables produce sparse gradients (only the rows of the batch); optimizers that
+accept them keep steps sparse. Those that need dense gradients (Adam) get the tables
+switched to dense gradients, which costs a pass over whole tables per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+#: name -> (factory(params, lr), accepts sparse gradients)
+OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], bool]] = {
+    "sgd": (lambda params, lr: torch.optim.SGD(params, lr=lr), True),
+    "adagrad": (lambda params, lr: torch.optim.Adagrad(params, lr=lr), True),
+    "sparse-adam": (lambda params, lr: torch.optim.SparseAdam(params, lr=lr), True),
+    "adam": (lambda params, lr: torch.optim.Adam(params, lr=lr), False),
+}
+
+
+def build_optimizer(name: str, model: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``model``'s parameters, switching its embeddings to dense
+    gradients when the optimizer cannot take sparse ones."""
+    try:
+        factory, sparse_ok = OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}") from None
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.sparse = sparse_ok
+    if name == "sparse-adam":
+        dense = [p for m in model.modules() if not isinstance(m, nn.Embedding)
+                 for p in m.parameters(recurse=False)]
+        if dense:
+            raise ValueError("sparse-adam takes only embedding tables; this model has dense layers too")
+    return factory([p for p in model.parameters() if p.requires_grad], learning_rate)

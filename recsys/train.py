@@ -1,0 +1,242 @@
+"""`Trainer`: epochs, example samplers, validation, early stopping and callbacks, for any
+`RatingModel` and any ``torch.optim`` optimizer.
+
+Three step implementations share the loop, chosen by `Trainer.step_kind`:
+
+- ``"kernel"``: MF with plain SGD, batch size 1, on the CPU: the compiled per-example kernel
+  (`MatrixFactorization.sgd_examples`) runs a chunk of the epoch at a time.
+- ``"closed-form"``: MF with plain SGD and larger batches, any device: gather, closed-form
+  gradient, scatter-add (`MatrixFactorization.sgd_batch`); no autograd.
+- ``"autograd"``: everything else: ``model.loss`` → ``backward`` → ``optimizer.step``.
+
+All three minimise the same objective (``model.loss``), and the tests check they agree.
+Callbacks see the example ids (rows of the training `Ratings`) of every step group, so that
+update logging (gradient rollback) plugs in without forking the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from recsys.errors import TrainingDivergedError
+from recsys.models.base import RatingModel
+from recsys.optim.factory import build_optimizer
+from recsys.optim.sampling import SAMPLERS, make_sampler
+from recsys.ratings import Ratings
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``learning_rate`` decays by ``lr_decay`` after every epoch.
+
+    ``patience``: epochs without a better validation RMSE before stopping (None: never stop
+    early); the weights of the best validation epoch are restored at the end.
+    ``chunk_size``: examples per kernel call on the compiled path (one callback call each).
+    """
+
+    epochs: int = 40
+    learning_rate: float = 0.015
+    lr_decay: float = 0.95
+    batch_size: int = 1
+    optimizer: str = "sgd"
+    sampler: str = "reshuffle"
+    patience: int | None = 5
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    chunk_size: int = 1 << 18
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    learning_rate: float
+    train_mse: float
+    validation_rmse: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    """What happened: per-epoch history, the epoch whose weights were kept, timings."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_validation_rmse: float | None = None
+    fit_seconds: float = 0.0
+    stopped_early: bool = False
+    step_kind: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Callback:
+    """Hooks into the training loop; override what you need."""
+
+    def on_train_begin(self, trainer: Trainer, model: RatingModel, train: Ratings) -> None:
+        """Before the first step, after ``model.prepare``."""
+
+    def on_batch_end(self, example_ids: np.ndarray, loss: float) -> None:
+        """After each step group: ``example_ids int64 [m]`` are the rows of the training
+        `Ratings` just applied (one batch, or one kernel chunk of per-example steps)."""
+
+    def on_epoch_end(self, record: EpochRecord) -> bool | None:
+        """After validation; return True to stop training."""
+
+    def on_train_end(self, result: TrainResult) -> None:
+        """After the best weights were restored."""
+
+
+class Trainer:
+    """Trains a `RatingModel` on a training `Ratings` (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig | None = None, *, callbacks: Sequence[Callback] = (),
+                 optimizer_factory: Callable[[RatingModel], torch.optim.Optimizer] | None = None) -> None:
+        self.config = config or TrainConfig()
+        self.callbacks = list(callbacks)
+        self.optimizer_factory = optimizer_factory
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def step_kind(self, model: RatingModel) -> str:
+        c = self.config
+        plain_sgd = c.optimizer == "sgd" and self.optimizer_factory is None
+        if plain_sgd and hasattr(model, "sgd_examples") and c.batch_size == 1 and torch.device(c.device).type == "cpu":
+            return "kernel"
+        if plain_sgd and hasattr(model, "sgd_batch"):
+            return "closed-form"
+        return "autograd"
+
+    def fit(self, model: RatingModel, train: Ratings, validation: Ratings | None = None) -> TrainResult:
+        """Train ``model`` in place on ``train``; validate on ``validation`` after every epoch
+        (early stopping needs it). Returns the history; raises `TrainingDivergedError` when
+        the loss stops being finite."""
+        c = self.config
+        if len(train) == 0:
+            raise ValueError("cannot train on an empty Ratings")
+        if validation is not None and (validation.user_ids is not train.user_ids
+                                       and validation.user_ids != train.user_ids):
+            raise ValueError("validation ratings must share the training ratings' id maps")
+        torch.manual_seed(c.seed)
+        if c.threads:
+            torch.set_num_threads(c.threads)
+            from recsys.models.mf_kernels import set_threads
+            set_threads(c.threads)
+        device = torch.device(c.device)
+        model.to(device)
+        model.prepare(train)
+        kind = self.step_kind(model)
+        result = TrainResult(step_kind=kind)
+        sampler = make_sampler(c.sampler, len(train), c.seed)
+        tensors = train.tensors(device)
+        if kind == "autograd":
+            self.optimizer = (self.optimizer_factory(model) if self.optimizer_factory
+                              else build_optimizer(c.optimizer, model, c.learning_rate))
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=c.lr_decay)
+        for cb in self.callbacks:
+            cb.on_train_begin(self, model, train)
+
+        best_state: dict[str, torch.Tensor] | None = None
+        best_rmse = math.inf
+        since_best = 0
+        start = time.perf_counter()
+        bar = tqdm(total=c.epochs * len(train), unit="rating", unit_scale=True,
+                   disable=True if c.progress is False else (None if c.progress is None else False),
+                   leave=False,
+                   desc=f"train {model.name}")
+        try:
+            for epoch in range(c.epochs):
+                t0 = time.perf_counter()
+                lr = c.learning_rate * c.lr_decay ** epoch
+                model.train()
+                order = sampler.epoch_order(epoch)
+                if kind == "kernel":
+                    step = c.chunk_size
+                else:
+                    step = c.batch_size
+                sq_sum, count = 0.0, 0
+                for batch_no, s in enumerate(range(0, len(order), step)):
+                    ids = order[s:s + step]
+                    if kind == "kernel":
+                        loss = model.sgd_examples(train, ids, lr)
+                    else:
+                        idx = torch.from_numpy(ids).to(device)
+                        u, i, r = tensors[0][idx], tensors[1][idx], tensors[2][idx]
+                        if kind == "closed-form":
+                            loss = model.sgd_batch(u, i, r, lr)
+                        else:
+                            self.optimizer.zero_grad(set_to_none=True)
+                            batch_loss = model.loss(u, i, r)
+                            batch_loss.backward()
+                            self.optimizer.step()
+                            loss = float(batch_loss.detach())
+                    if not math.isfinite(loss):
+                        raise TrainingDivergedError(
+                            f"training loss became {loss} at epoch {epoch + 1}, batch {batch_no + 1} "
+                            f"(learning rate {lr:g}); lower the learning rate or raise the regularisation"
+                        )
+                    sq_sum += loss * len(ids)
+                    count += len(ids)
+                    for cb in self.callbacks:
+                        cb.on_batch_end(ids, loss)
+                    bar.update(len(ids))
+                if kind == "autograd":
+                    scheduler.step()
+                val_rmse = self._validate(model, validation) if validation is not None else None
+                record = EpochRecord(epoch + 1, lr, sq_sum / max(count, 1), val_rmse, time.perf_counter() - t0)
+                result.history.append(record)
+                bar.set_postfix(val_rmse=f"{val_rmse:.4f}" if val_rmse is not None else "-")
+                stop = any(cb.on_epoch_end(record) for cb in self.callbacks)
+                if val_rmse is not None:
+                    if val_rmse < best_rmse - 1e-6:
+                        best_rmse, since_best = val_rmse, 0
+                        result.best_epoch, result.best_validation_rmse = epoch + 1, val_rmse
+                        if c.patience is not None and epoch + 1 < c.epochs:
+                            best_state = copy.deepcopy(model.state_dict())
+                        else:
+                            best_state = None  # the current weights are the best
+                    else:
+                        since_best += 1
+                        if c.patience is not None and since_best >= c.patience:
+                            result.stopped_early = True
+                            stop = True
+                if stop:
+                    break
+        finally:
+            bar.close()
+        if best_state is not None and result.best_epoch != len(result.history):
+            model.load_state_dict(best_state)
+        model.eval()
+        result.fit_seconds = time.perf_counter() - start
+        for cb in self.callbacks:
+            cb.on_train_end(result)
+        return result
+
+    @staticmethod
+    @torch.no_grad()
+    def _validate(model: RatingModel, validation: Ratings) -> float:
+        model.eval()
+        u, i, r = validation.tensors(model.device)
+        pred = model.predict(u, i)
+        return float(torch.sqrt(torch.mean((pred - r) ** 2)))

@@ -1,0 +1,58 @@
+"""Shared fixtures: small synthetic ratings for unit tests and MovieLens-100K (from the data
+home, ``$RECSYS_DATA``) for integration tests, which skip with a reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.ratings import Ratings
+
+
+def make_ratings(n_users: int = 30, n_items: int = 20, n: int = 300, seed: int = 0,
+                 rank: int = 3) -> Ratings:
+    """Low-rank ratings on a 1..5 scale with unique (user, item) pairs, every user and item
+    rated at least once."""
+    rng = np.random.default_rng(seed)
+    pairs = rng.choice(n_users * n_items, size=min(n, n_users * n_items), replace=False)
+    users, items = pairs // n_items, pairs % n_items
+    users[:n_users] = np.arange(n_users)
+    items[:n_items] = np.arange(n_items)
+    key = np.unique(users * n_items + items, return_index=True)[1]
+    users, items = users[np.sort(key)], items[np.sort(key)]
+    p = rng.normal(size=(n_users, rank))
+    q = rng.normal(size=(n_items, rank))
+    values = np.clip(np.round(3 + (p[users] * q[items]).sum(1) + rng.normal(0, 0.3, len(users))), 1, 5)
+    return Ratings.from_arrays(users, items, values, np.arange(len(users)) * 10, rating_scale=(1, 5))
+
+
+@pytest.fixture
+def small_ratings() -> Ratings:
+    return make_ratings()
+
+
+def ml100k_home() -> Path | None:
+    home = os.environ.get("RECSYS_DATA")
+    if home and (Path(home) / "ml-100k" / "u.data").is_file():
+        return Path(home)
+    return None
+
+
+def require_ml100k() -> None:
+    """Skip (or, in CI where ``RECSYS_REQUIRE_DATA=1``, fail) without MovieLens-100K."""
+    if ml100k_home() is None:
+        message = "MovieLens-100K not in the data home: set RECSYS_DATA to a folder holding ml-100k/"
+        if os.environ.get("RECSYS_REQUIRE_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def ml100k_u1():
+    require_ml100k()
+    from recsys.datasets import load_split
+
+    return load_split("ml-100k", "u1")
