@@ -5,7 +5,8 @@ Every figure is whole epochs through `Trainer.fit` (reshuffle, gather, update), 
 warm-up that loads the compiled kernels. Paths measured:
 
 - ``kernel``: per-example SGD, compiled (the CPU default), with 1 factor block (one thread)
-  and 2 blocks (two threads);
+  and 2 blocks (two threads), both deterministic; and ``hogwild``: the same kernel with the
+  examples split across two threads updating shared rows without locks;
 - ``closed-form``: minibatch SGD as tensor ops (gather, closed-form gradient, index_add_),
   the path that also runs on CUDA;
 - ``autograd-sparse`` / ``autograd-dense``: `model.loss` + backward + ``torch.optim.SGD``
@@ -27,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys.datasets import data_home, load_ratings_npz, save_ratings_npz, synthetic_ratings
+from recsys.datasets import cache_home, load_ratings_npz, save_ratings_npz, synthetic_ratings
 from recsys.models.mf import MatrixFactorization, MFConfig
 from recsys.ratings import Ratings
-from recsys.train import Trainer, TrainConfig
+from recsys.train import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers.client import peers_available, run_peer  # noqa: E402
@@ -39,18 +40,26 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def synthetic(n: int, n_users: int, n_items: int, seed: int = 0) -> tuple[Ratings, Path]:
-    """The synthetic set, generated once and cached in the data home as .npz."""
-    path = data_home() / "synthetic" / f"zipf-{n}-{n_users}x{n_items}-s{seed}.npz"
+    """``n`` ratings with *unique* (user, item) pairs, so that every library trains on the same
+    set (cornac drops repeated pairs); generated once and cached in `cache_home()` as .npz.
+    Skewed popularity makes raw draws repeat pairs, so more are drawn and the first
+    occurrence of each pair is kept, in generation order."""
+    path = cache_home() / "synthetic" / f"zipf-unique-{n}-{n_users}x{n_items}-s{seed}.npz"
     if path.is_file():
         return load_ratings_npz(path), path
-    ratings = synthetic_ratings(n, n_users, n_items, seed=seed)
+    raw = synthetic_ratings(int(n * 2.5), n_users, n_items, seed=seed)
+    key = raw.users * np.int64(n_items) + raw.items
+    _, first = np.unique(key, return_index=True)
+    if len(first) < n:
+        raise SystemExit(f"only {len(first):,} unique pairs among {len(raw):,} draws; lower --n or raise --users")
+    ratings = raw.subset(np.sort(first)[:n])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_ratings_npz(ratings, path)
     return ratings, path
 
 
 def measure(ratings: Ratings, *, epochs: int, device: str, n_blocks: int, batch_size: int,
-            optimizer: str = "sgd", dense: bool = False, lr: float = 0.005) -> dict:
+            optimizer: str = "sgd", dense: bool = False, lr: float = 0.005, hogwild: bool = False) -> dict:
     model = MatrixFactorization(ratings.n_users, ratings.n_items, ratings.rating_scale,
                                 MFConfig(embedding_size=64, n_blocks=n_blocks, reg=0.05))
     factory = None
@@ -59,7 +68,7 @@ def measure(ratings: Ratings, *, epochs: int, device: str, n_blocks: int, batch_
             m.sparse = False
         factory = lambda mdl: torch.optim.SGD(mdl.parameters(), lr=lr)  # noqa: E731
     trainer = Trainer(TrainConfig(epochs=epochs, learning_rate=lr, lr_decay=1.0, batch_size=batch_size,
-                                  optimizer=optimizer, device=device, progress=False),
+                                  optimizer=optimizer, device=device, hogwild=hogwild, progress=False),
                       optimizer_factory=factory)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -68,7 +77,7 @@ def measure(ratings: Ratings, *, epochs: int, device: str, n_blocks: int, batch_
         torch.cuda.synchronize()
     seconds = sum(r.seconds for r in res.history)
     return {"step_kind": res.step_kind, "device": device, "n_blocks": n_blocks, "batch_size": batch_size,
-            "dense_gradients": dense, "n_ratings": len(ratings), "epochs": epochs,
+            "dense_gradients": dense, "hogwild": hogwild, "n_ratings": len(ratings), "epochs": epochs,
             "epoch_seconds": seconds / epochs, "ratings_per_second": len(ratings) * epochs / seconds,
             "final_train_mse": res.history[-1].train_mse}
 
@@ -87,8 +96,8 @@ def main() -> None:
     print(f"data: {ratings.describe()} ({time.perf_counter() - t0:.1f} s to generate or load)", flush=True)
 
     warm = ratings.subset(np.arange(min(len(ratings), 100_000)))
-    for nb in (1, 2):  # load the compiled kernels before timing
-        measure(warm, epochs=1, device="cpu", n_blocks=nb, batch_size=1)
+    for nb, hogwild in ((1, False), (2, False), (1, True)):  # load the compiled kernels before timing
+        measure(warm, epochs=1, device="cpu", n_blocks=nb, batch_size=1, hogwild=hogwild)
 
     runs = []
 
@@ -101,6 +110,8 @@ def main() -> None:
 
     record("ours kernel, 1 block (1 thread)", epochs=args.epochs, device="cpu", n_blocks=1, batch_size=1)
     record("ours kernel, 2 blocks (2 threads)", epochs=args.epochs, device="cpu", n_blocks=2, batch_size=1)
+    record("ours kernel hogwild (2 threads)", epochs=args.epochs, device="cpu", n_blocks=1, batch_size=1,
+           hogwild=True)
     record("ours closed-form, batch 8192", epochs=1, device="cpu", n_blocks=1, batch_size=8192, lr=5.0)
     record("ours autograd sparse, batch 8192", epochs=1, device="cpu", n_blocks=1, batch_size=8192, lr=5.0)
     sub = ratings.subset(np.arange(min(len(ratings), 1_000_000)))
@@ -113,15 +124,18 @@ def main() -> None:
 
     peers = []
     if not args.no_peers and peers_available():
-        for peer in ("cornac-mf", "surprise-svd"):
-            job = {"task": "throughput", "peer": peer, "npz": str(npz), "factors": 64, "epochs": args.epochs}
+        for peer, params in (("cornac-mf", {"num_threads": 1}), ("cornac-mf", {"num_threads": 2}),
+                             ("surprise-svd", {})):
+            job = {"task": "throughput", "peer": peer, "npz": str(npz), "factors": 64,
+                   "epochs": args.epochs, "params": params}
             try:
                 res = run_peer(job)
             except RuntimeError as exc:
                 print(f"{peer}: failed ({exc})", flush=True)
                 continue
             peers.append(res)
-            print(f"{peer:<34} {res['ratings_per_second'] / 1e6:7.2f} M ratings/s (on {res['n_ratings']:,})", flush=True)
+            label = f"{peer} {params}" if params else peer
+            print(f"{label:<34} {res['ratings_per_second'] / 1e6:7.2f} M ratings/s (on {res['n_ratings']:,})", flush=True)
     best_ours = max(r["ratings_per_second"] for r in runs if r["device"] == "cpu")
     best_peer = max((p["ratings_per_second"] for p in peers), default=None)
     out = {

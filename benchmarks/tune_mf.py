@@ -24,7 +24,7 @@ from recsys.datasets import load_split
 from recsys.evaluate import evaluate_ratings
 from recsys.models import build_model
 from recsys.splits import validation_slice
-from recsys.train import Trainer, TrainConfig
+from recsys.train import TrainConfig, Trainer
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -21,7 +21,7 @@ from recsys.evaluate import evaluate_ranking, evaluate_ratings
 from recsys.models import MatrixFactorization, MFConfig, RatingModel, build_model
 from recsys.ratings import IdMap, Ratings
 from recsys.splits import Split, cold_start_users, random_split, temporal_split, validation_slice
-from recsys.train import Callback, Trainer, TrainConfig
+from recsys.train import Callback, TrainConfig, Trainer
 
 __version__ = "0.1.0"
 

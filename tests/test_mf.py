@@ -111,3 +111,31 @@ def test_fold_in_item_is_symmetric(small_ratings):
 def test_config_rejects_block_mismatch():
     with pytest.raises(ValueError, match="multiple of n_blocks"):
         MFConfig(embedding_size=10, n_blocks=3)
+
+
+def test_hogwild_kernel_trains_as_well_as_the_deterministic_one(small_ratings):
+    from recsys.train import Trainer, TrainConfig
+
+    r = small_ratings
+    errors = {}
+    for hogwild in (False, True):
+        m = fresh(r)
+        res = Trainer(TrainConfig(epochs=30, hogwild=hogwild, threads=2, progress=False)).fit(m, r)
+        errors[hogwild] = res.history[-1].train_mse
+        assert res.step_kind == ("kernel-hogwild" if hogwild else "kernel")
+    assert errors[True] == pytest.approx(errors[False], rel=0.05)
+
+
+def test_hogwild_with_one_shard_is_the_deterministic_kernel(small_ratings):
+    from recsys.models.mf_kernels import sgd_examples, sgd_examples_hogwild
+
+    r = small_ratings
+    a, b = fresh(r), fresh(r)
+    for model, kernel, sq in ((a, sgd_examples, np.zeros(2)), (b, sgd_examples_hogwild, np.zeros(1))):
+        kernel(r.users, r.items, r.values, model.user_factors.weight.data.numpy(),
+               model.item_factors.weight.data.numpy(), model.user_bias.weight.data.numpy(),
+               model.item_bias.weight.data.numpy(), float(model.global_mean), 0.05, 0.05,
+               model.reg_user.numpy(), model.reg_item.numpy(), model.bias_reg_user.numpy(),
+               model.bias_reg_item.numpy(), sq)
+    for x, y in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(x, y)

@@ -13,7 +13,7 @@ import torch
 from recsys.artefact import load_artefact, save_artefact
 from recsys.errors import ArtefactError
 from recsys.models import MODELS, build_model
-from recsys.train import Trainer, TrainConfig
+from recsys.train import TrainConfig, Trainer
 
 SMALL_CONFIGS = {"mf": {"embedding_size": 8, "n_blocks": 2}}
 

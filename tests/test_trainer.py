@@ -9,7 +9,7 @@ import torch
 from recsys.errors import TrainingDivergedError
 from recsys.models.mf import MatrixFactorization, MFConfig
 from recsys.optim.sampling import SAMPLERS, make_sampler
-from recsys.train import Callback, Trainer, TrainConfig
+from recsys.train import Callback, TrainConfig, Trainer
 
 
 def model_for(r, **cfg):

@@ -13,7 +13,7 @@ from recsys.datasets.builtin import (
     load_dataset,
     load_split,
 )
-from recsys.datasets.home import data_home
+from recsys.datasets.home import cache_home, data_home
 from recsys.datasets.readers import WHITESPACE, read_ratings
 from recsys.datasets.synthetic import load_ratings_npz, save_ratings_npz, synthetic_ratings
 
@@ -21,6 +21,7 @@ __all__ = [
     "WHITESPACE",
     "RemoteArchive",
     "available_datasets",
+    "cache_home",
     "data_home",
     "dataset_splits",
     "fetch_dataset",

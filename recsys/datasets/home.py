@@ -25,3 +25,17 @@ def data_home(path: str | Path | None = None) -> Path:
     except OSError:
         pass
     return home
+
+
+CACHE_ENV_VAR = "RECSYS_CACHE"
+
+
+def cache_home(path: str | Path | None = None) -> Path:
+    """Where recsys caches what it generates (synthetic sets for benchmarks): ``path`` if
+    given, else ``$RECSYS_CACHE``, else ``<user cache folder>/generated``. Kept apart from
+    the data home, which may be a shared, read-only copy of the datasets."""
+    if path is None:
+        path = os.environ.get(CACHE_ENV_VAR) or Path(platformdirs.user_cache_dir("recsys")) / "generated"
+    home = Path(path).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home

@@ -153,11 +153,13 @@ class MatrixFactorization(RatingModel):
 
     # ------------------------------------------------------------------ fast paths
     def sgd_examples(self, train: Ratings, order: np.ndarray, learning_rate: float,
-                     bias_learning_rate: float | None = None) -> float:
+                     bias_learning_rate: float | None = None, *, hogwild_threads: int = 0) -> float:
         """Incremental SGD over the examples ``order`` (rows of ``train``) with the compiled
         kernel, in place; returns the mean squared training error of the blocks seen in the
-        pass (before each update). CPU only: see `sgd_batch` for any device."""
-        from recsys.models.mf_kernels import sgd_examples
+        pass (before each update). Deterministic unless ``hogwild_threads > 1`` (lock-free
+        parallel updates, see `mf_kernels.sgd_examples_hogwild`). CPU only: see `sgd_batch`
+        for any device."""
+        from recsys.models.mf_kernels import sgd_examples, sgd_examples_hogwild
         from recsys.optim.shuffle import gather_examples
 
         if self.device.type != "cpu":
@@ -166,13 +168,14 @@ class MatrixFactorization(RatingModel):
         users, items = np.empty(len(order), np.int64), np.empty(len(order), np.int64)
         values = np.empty(len(order), np.float32)
         gather_examples(train.users, train.items, train.values, order, users, items, values)
-        sq = np.zeros(self.config.n_blocks, dtype=np.float64)
+        sq = np.zeros(max(hogwild_threads, 1) if hogwild_threads > 1 else self.config.n_blocks)
         lr_b = learning_rate if bias_learning_rate is None else bias_learning_rate
-        sgd_examples(
+        kernel = sgd_examples_hogwild if hogwild_threads > 1 else sgd_examples
+        kernel(
             users, items, values,
             self.user_factors.weight.data.numpy(), self.item_factors.weight.data.numpy(),
             self.user_bias.weight.data.numpy(), self.item_bias.weight.data.numpy(),
-            float(self.global_mean), float(learning_rate), float(lr_b),
+            np.float32(self.global_mean), np.float32(learning_rate), np.float32(lr_b),
             self.reg_user.numpy(), self.reg_item.numpy(),
             self.bias_reg_user.numpy(), self.bias_reg_item.numpy(), sq,
         )

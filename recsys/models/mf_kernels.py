@@ -41,6 +41,11 @@ def sgd_examples(
     """Incremental SGD over the examples in the given order, one thread per factor block."""
     n_blocks = BU.shape[1]
     d = P.shape[1] // n_blocks
+    # float32 scalars: a float64 learning rate would promote every update to float64 and
+    # cost about a quarter of the kernel's speed.
+    mu = np.float32(mu)
+    lr = np.float32(lr)
+    lr_bias = np.float32(lr_bias)
     for b in prange(n_blocks):
         lo = b * d
         hi = lo + d
@@ -72,6 +77,63 @@ def sgd_examples(
         BU[:, b] = bu
         BI[:, b] = bi
         block_sq_err[b] = sq
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def sgd_examples_hogwild(
+    users: np.ndarray,
+    items: np.ndarray,
+    values: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    BU: np.ndarray,
+    BI: np.ndarray,
+    mu: float,
+    lr: float,
+    lr_bias: float,
+    reg_u: np.ndarray,
+    reg_i: np.ndarray,
+    bias_reg_u: np.ndarray,
+    bias_reg_i: np.ndarray,
+    shard_sq_err: np.ndarray,  # float64 [n_shards] (out); one shard per thread
+) -> None:
+    """The same updates as `sgd_examples`, with the examples split into contiguous shards
+    that threads process at once, writing shared rows without locks (Hogwild!, Niu et al.,
+    arXiv 1106.5730). Rows shared by two shards at the same instant may lose an update, so
+    results vary from run to run; on sparse data the effect on accuracy is negligible and
+    the speed-up is close to the number of threads (memory latency, not arithmetic, is the
+    limit at scale)."""
+    n_shards = len(shard_sq_err)
+    n_blocks = BU.shape[1]
+    d = P.shape[1] // n_blocks
+    mu = np.float32(mu)
+    lr = np.float32(lr)
+    lr_bias = np.float32(lr_bias)
+    n = len(users)
+    step = (n + n_shards - 1) // n_shards
+    for s in prange(n_shards):
+        sq = 0.0
+        for k in range(s * step, min(n, (s + 1) * step)):
+            u = users[k]
+            i = items[k]
+            ru = reg_u[u]
+            ri = reg_i[i]
+            for b in range(n_blocks):
+                pu = P[u, b * d:(b + 1) * d]
+                qi = Q[i, b * d:(b + 1) * d]
+                dot = np.float32(0.0)
+                for f in range(d):
+                    dot += pu[f] * qi[f]
+                e = values[k] - (mu + BU[u, b] + BI[i, b] + dot)
+                sq += e * e
+                BU[u, b] += lr_bias * (e - bias_reg_u[u] * BU[u, b])
+                BI[i, b] += lr_bias * (e - bias_reg_i[i] * BI[i, b])
+                for f in range(d):
+                    pf = pu[f]
+                    qf = qi[f]
+                    pu[f] = pf + lr * (e * qf - ru * pf)
+                    qi[f] = qf + lr * (e * pf - ri * qf)
+        shard_sq_err[s] = sq
 
 
 def set_threads(n: int | None) -> None:
