@@ -114,7 +114,7 @@ def test_config_rejects_block_mismatch():
 
 
 def test_hogwild_kernel_trains_as_well_as_the_deterministic_one(small_ratings):
-    from recsys.train import Trainer, TrainConfig
+    from recsys.train import TrainConfig, Trainer
 
     r = small_ratings
     errors = {}
