@@ -83,7 +83,7 @@ def test_prediction_is_mean_of_blocks_and_clipped(small_ratings):
 def test_fold_in_recovers_a_user_from_noise_free_ratings():
     torch.manual_seed(0)
     n_items, d = 200, 4
-    m = MatrixFactorization(1, n_items, (-100, 100), MFConfig(embedding_size=d, n_blocks=1, reg=1e-6, bias_reg=1e-6))
+    m = MatrixFactorization(1, n_items, (-100, 100), MFConfig(embedding_size=d, n_blocks=1, fold_in_reg=1e-6, fold_in_bias_reg=1e-6))
     m.global_mean.fill_(3.0)
     with torch.no_grad():
         m.item_factors.weight.normal_()

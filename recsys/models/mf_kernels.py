@@ -139,3 +139,153 @@ def sgd_examples_hogwild(
 def set_threads(n: int | None) -> None:
     """Use ``n`` threads for the kernels (default: all cores numba sees)."""
     numba.set_num_threads(n or numba.config.NUMBA_NUM_THREADS)
+
+
+# --------------------------------------------------------------------------- logged kernels
+# The same updates as the kernels above, and in the same floating-point order (so the weights
+# come out bit-for-bit the same), plus an update log for gradient rollback
+# (`recsys.explain.rollback`): every update an example applies to its user row, item row and
+# the two biases is also added to that example's row of the log. The log is block-major
+# (``[n_blocks, n_examples, block_size]`` and ``[n_blocks, n_examples]``) so that each block's
+# thread writes only its own contiguous memory (no false sharing on the small bias slots).
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def sgd_examples_logged(
+    users: np.ndarray,  # int64 [m]
+    items: np.ndarray,  # int64 [m]
+    values: np.ndarray,  # float32 [m]
+    example_ids: np.ndarray,  # int64 [m]: the log row (training example id) of each visit
+    P: np.ndarray,
+    Q: np.ndarray,
+    BU: np.ndarray,
+    BI: np.ndarray,
+    mu: float,
+    lr: float,
+    lr_bias: float,
+    reg_u: np.ndarray,
+    reg_i: np.ndarray,
+    bias_reg_u: np.ndarray,
+    bias_reg_i: np.ndarray,
+    block_sq_err: np.ndarray,
+    log_p: np.ndarray,  # float32 [n_blocks, n_examples, block_size] (accumulated in place)
+    log_q: np.ndarray,  # float32 [n_blocks, n_examples, block_size]
+    log_bu: np.ndarray,  # float32 [n_blocks, n_examples]
+    log_bi: np.ndarray,  # float32 [n_blocks, n_examples]
+) -> None:
+    """`sgd_examples` that also accumulates each example's own updates into the log."""
+    n_blocks = BU.shape[1]
+    d = P.shape[1] // n_blocks
+    mu = np.float32(mu)
+    lr = np.float32(lr)
+    lr_bias = np.float32(lr_bias)
+    for b in prange(n_blocks):
+        lo = b * d
+        hi = lo + d
+        bu = BU[:, b].copy()
+        bi = BI[:, b].copy()
+        lbu = log_bu[b]
+        lbi = log_bi[b]
+        sq = 0.0
+        for k in range(len(users)):
+            u = users[k]
+            i = items[k]
+            z = example_ids[k]
+            pu = P[u, lo:hi]
+            qi = Q[i, lo:hi]
+            lp = log_p[b, z]
+            lq = log_q[b, z]
+            dot = np.float32(0.0)
+            for f in range(d):
+                dot += pu[f] * qi[f]
+            e = values[k] - (mu + bu[u] + bi[i] + dot)
+            sq += e * e
+            dbu = lr_bias * (e - bias_reg_u[u] * bu[u])
+            dbi = lr_bias * (e - bias_reg_i[i] * bi[i])
+            bu[u] += dbu
+            bi[i] += dbi
+            lbu[z] += dbu
+            lbi[z] += dbi
+            ru = reg_u[u]
+            ri = reg_i[i]
+            for f in range(d):
+                pf = pu[f]
+                qf = qi[f]
+                dp = lr * (e * qf - ru * pf)
+                dq = lr * (e * pf - ri * qf)
+                pu[f] = pf + dp
+                qi[f] = qf + dq
+                lp[f] += dp
+                lq[f] += dq
+        BU[:, b] = bu
+        BI[:, b] = bi
+        block_sq_err[b] = sq
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def sgd_examples_hogwild_logged(
+    users: np.ndarray,
+    items: np.ndarray,
+    values: np.ndarray,
+    example_ids: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    BU: np.ndarray,
+    BI: np.ndarray,
+    mu: float,
+    lr: float,
+    lr_bias: float,
+    reg_u: np.ndarray,
+    reg_i: np.ndarray,
+    bias_reg_u: np.ndarray,
+    bias_reg_i: np.ndarray,
+    shard_sq_err: np.ndarray,
+    log_p: np.ndarray,
+    log_q: np.ndarray,
+    log_bu: np.ndarray,
+    log_bi: np.ndarray,
+) -> None:
+    """`sgd_examples_hogwild` that also logs each example's updates (an example is visited by
+    one thread, so its log row is never written concurrently; the weights it reads may be)."""
+    n_shards = len(shard_sq_err)
+    n_blocks = BU.shape[1]
+    d = P.shape[1] // n_blocks
+    mu = np.float32(mu)
+    lr = np.float32(lr)
+    lr_bias = np.float32(lr_bias)
+    n = len(users)
+    step = (n + n_shards - 1) // n_shards
+    for s in prange(n_shards):
+        sq = 0.0
+        for k in range(s * step, min(n, (s + 1) * step)):
+            u = users[k]
+            i = items[k]
+            z = example_ids[k]
+            ru = reg_u[u]
+            ri = reg_i[i]
+            for b in range(n_blocks):
+                pu = P[u, b * d:(b + 1) * d]
+                qi = Q[i, b * d:(b + 1) * d]
+                lp = log_p[b, z]
+                lq = log_q[b, z]
+                dot = np.float32(0.0)
+                for f in range(d):
+                    dot += pu[f] * qi[f]
+                e = values[k] - (mu + BU[u, b] + BI[i, b] + dot)
+                sq += e * e
+                dbu = lr_bias * (e - bias_reg_u[u] * BU[u, b])
+                dbi = lr_bias * (e - bias_reg_i[i] * BI[i, b])
+                BU[u, b] += dbu
+                BI[i, b] += dbi
+                log_bu[b, z] += dbu
+                log_bi[b, z] += dbi
+                for f in range(d):
+                    pf = pu[f]
+                    qf = qi[f]
+                    dp = lr * (e * qf - ru * pf)
+                    dq = lr * (e * pf - ri * qf)
+                    pu[f] = pf + dp
+                    qi[f] = qf + dq
+                    lp[f] += dp
+                    lq[f] += dq
+        shard_sq_err[s] = sq
