@@ -8,6 +8,8 @@ Layout of an artefact directory::
     ratings.safetensors     the training ratings (users, items, values[, timestamps]):
                             row k is training example k, for explanations and serving
     ids.json                raw user and item ids in index order, item titles
+    rollback.safetensors    optional: the gradient-rollback update log
+                            (`recsys.explain.rollback.RollbackLog`), row k = example k
 
 Writes go to a temporary sibling directory that is renamed into place, so a crash never
 leaves a half-written artefact under the final name.
@@ -21,6 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,8 +35,12 @@ from recsys.models import MODELS, build_model
 from recsys.models.base import RatingModel
 from recsys.ratings import IdMap, Ratings
 
+if TYPE_CHECKING:
+    from recsys.explain.rollback import RollbackLog
+
 FORMAT_VERSION = 1
 _FILES = ("model.json", "weights.safetensors", "ratings.safetensors", "ids.json")
+_ROLLBACK = "rollback.safetensors"
 
 
 @dataclass
@@ -43,6 +50,7 @@ class Artefact:
     model: RatingModel
     train: Ratings
     metadata: dict = field(default_factory=dict)
+    rollback: RollbackLog | None = None
 
     @property
     def user_ids(self) -> IdMap:
@@ -53,11 +61,15 @@ class Artefact:
         return self.train.item_ids
 
 
-def save_artefact(path: str | Path, model: RatingModel, train: Ratings, metadata: dict | None = None) -> Path:
-    """Write ``model`` trained on ``train`` to directory ``path`` (replaced atomically)."""
+def save_artefact(path: str | Path, model: RatingModel, train: Ratings, metadata: dict | None = None,
+                  rollback: RollbackLog | None = None) -> Path:
+    """Write ``model`` trained on ``train`` (and its rollback log, if given) to directory
+    ``path`` (replaced atomically)."""
     path = Path(path)
     if model.n_users != train.n_users or model.n_items != train.n_items:
         raise ValueError("model and training ratings disagree on the number of users or items")
+    if rollback is not None and rollback.n_examples != len(train):
+        raise ValueError(f"rollback log has {rollback.n_examples} rows, the training ratings {len(train)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -87,7 +99,9 @@ def save_artefact(path: str | Path, model: RatingModel, train: Ratings, metadata
             **(metadata or {}),
         }
         (tmp / "model.json").write_text(json.dumps(meta, indent=2))
-        for name in _FILES:
+        if rollback is not None:
+            rollback.save(tmp / _ROLLBACK)
+        for name in _FILES + ((_ROLLBACK,) if rollback is not None else ()):
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
         if path.exists():
@@ -139,10 +153,21 @@ def load_artefact(path: str | Path, *, device: str | torch.device = "cpu") -> Ar
         )
         model = build_model(name, train.n_users, train.n_items, train.rating_scale, meta["config"])
         model.load_state_dict(state, strict=True)
+        model.bind_ratings(train)
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise ArtefactError(f"{path}: weights do not match the saved model description ({exc})") from None
     model.to(device).eval()
-    return Artefact(model, train, meta)
+    rollback = None
+    if (path / _ROLLBACK).is_file():
+        from recsys.explain.rollback import RollbackLog
+
+        try:
+            rollback = RollbackLog.load(path / _ROLLBACK, device=device)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ArtefactError(f"{path}: corrupt rollback log ({exc})") from None
+        if rollback.n_examples != len(train):
+            raise ArtefactError(f"{path}: rollback log has {rollback.n_examples} rows, the training ratings {len(train)}")
+    return Artefact(model, train, meta, rollback)
 
 
 def artefact_size_bytes(path: str | Path) -> int:

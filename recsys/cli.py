@@ -111,6 +111,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bias-reg", type=float)
     g.add_argument("--reg-exponent", type=float, help="frequency scaling of the regularisation")
     g.add_argument("--init-std", type=float)
+    g.add_argument("--prototypes", type=int, help="REC: users and items with free vectors (the most rated)")
+    g.add_argument("--fanouts", type=_int_list, help="REC: neighbours sampled per depth, e.g. 16,8,4")
+    g.add_argument("--hidden-size", type=int, help="REC: width of the message networks")
+    g.add_argument("--evidence-dropout", type=float, help="REC: training-time evidence truncation rate")
+    g.add_argument("--eval-passes", type=int, help="REC: samplings averaged per prediction")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float)
     g.add_argument("--lr-decay", type=float, help="learning-rate factor per epoch")
@@ -129,19 +134,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
 def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
-    _, config_cls = MODELS[args.model]
+    model_cls, config_cls = MODELS[args.model]
     model_cfg = {f.name: getattr(args, f.name) for f in fields(config_cls)
                  if getattr(args, f.name, None) is not None}
     model_cfg["seed"] = args.seed
     train_over = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                   if f.name not in ("progress", "patience") and getattr(args, f.name, None) is not None}
-    train_cfg = replace(TrainConfig(), **train_over, patience=args.patience if args.validation else None,
+    # the model's own training defaults (e.g. REC: Adam, batches), then explicit flags
+    train_cfg = replace(TrainConfig(), **{**model_cls.training_defaults, **train_over},
+                        patience=args.patience if args.validation else None,
                         progress=False if args.quiet else None)
     return model_cfg, train_cfg
 
 
-def fit_model(args: argparse.Namespace, train: Ratings) -> tuple[RatingModel, Ratings, dict]:
+def fit_model(args: argparse.Namespace, train: Ratings, callbacks: Sequence = ()) -> tuple[RatingModel, Ratings, dict]:
     """Build and train the requested model; returns it, the ratings it was fitted on and a
     summary of the run."""
     from recsys.splits import validation_slice
@@ -151,7 +165,7 @@ def fit_model(args: argparse.Namespace, train: Ratings) -> tuple[RatingModel, Ra
     if args.validation:
         fit_part, validation = validation_slice(train, args.validation, seed=args.seed)
     model = build_model(args.model, train.n_users, train.n_items, train.rating_scale, model_cfg)
-    result = Trainer(train_cfg).fit(model, fit_part, validation)
+    result = Trainer(train_cfg, callbacks=callbacks).fit(model, fit_part, validation)
     summary = {
         "fit_seconds": result.fit_seconds,
         "epochs_run": len(result.history),
@@ -173,10 +187,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise RecsysError("train takes one split; use `recsys evaluate` for several folds")
     name, train, test = folds[0]
     _print(args, f"training {args.model} on {train.describe()}")
-    model, fit_part, summary = fit_model(args, train)
+    rollback = _rollback_callback(args)
+    model, fit_part, summary = fit_model(args, train, [rollback] if rollback else [])
     metrics = evaluate_ratings(model, test) if test is not None else {}
     if args.out:
-        save_artefact(args.out, model, fit_part, {"split": name, "training": summary, "test_metrics": metrics})
+        save_artefact(args.out, model, fit_part, {"split": name, "training": summary, "test_metrics": metrics},
+                      rollback=rollback.log if rollback else None)
     if args.json:
         print(json.dumps({"split": name, **summary, **metrics}))
         return 0
@@ -275,6 +291,94 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import Settings, create_app
+
+    overrides = {"model": args.model}
+    if args.db is not None:
+        overrides["db"] = args.db
+    settings = Settings(**overrides)
+    from recsys.artefact import load_artefact as _check  # fail fast, with a one-line error
+
+    _check(settings.model)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, workers=1,
+                log_level="warning" if args.quiet else "info")
+    return 0
+
+
+# --------------------------------------------------------------------------- explanations
+def _rollback_callback(args: argparse.Namespace):
+    if not getattr(args, "rollback", False):
+        return None
+    from recsys.explain.rollback import RollbackCallback
+
+    return RollbackCallback(torch.float16 if args.rollback_float16 else torch.float32)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from recsys.explain.influence import explain
+
+    art = load_artefact(args.model)
+    if args.method == "rollback" and art.rollback is None:
+        raise RecsysError(f"{args.model} has no rollback log; train it with `recsys train --rollback`")
+    exp = explain(art.model, art.rollback, art.train, args.user, args.item, args.k, args.method)
+    if args.json:
+        print(json.dumps(exp.to_dict()))
+        return 0
+    print(f"user {exp.user}, item {exp.item}{f' {exp.title}' if exp.title else ''}: predicted "
+          f"{exp.prediction:.3f}; {len(exp.contributions)} of {exp.n_candidates} training ratings "
+          f"by effect ({exp.method}, {exp.units})")
+    for c in exp.contributions:
+        what = c.title or f"item {c.item}"
+        print(f"  {c.effect:+.4f}  user {c.user:>6} rated {what[:44]:<44} {c.rating:3.1f}  (shares {c.shares})")
+    return 0
+
+
+def cmd_explain_eval(args: argparse.Namespace) -> int:
+    from recsys.explain.faithfulness import summary_run
+
+    folds = load_folds(args)
+    if len(folds) != 1 or folds[0][2] is None:
+        raise RecsysError("explain-eval needs one split with a test set, e.g. --dataset ml-100k --split u1")
+    if args.model != "mf":
+        raise RecsysError(f"explain-eval measures MF explanations; got --model {args.model}")
+    _, train, test = folds[0]
+    out = summary_run(train, test, optimizer=args.optimizer, n_pairs=args.pairs, n_candidates=args.candidates,
+                      seed=args.seed)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for key, value in out.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def _add_explain_parsers(sub) -> None:
+    from recsys.explain.influence import METHODS
+
+    p = sub.add_parser("explain", help="the training ratings behind one prediction of a saved model")
+    p.add_argument("--model", required=True, type=Path, help="model directory")
+    p.add_argument("--user", required=True)
+    p.add_argument("--item", required=True)
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="newton (default: most faithful in explain-eval), rollback (needs the log), fia")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("explain-eval", help="faithfulness of MF explanations against exact leave-one-out")
+    _add_data_args(p)
+    p.add_argument("--model", default="mf")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adagrad", "sparse-adam"])
+    p.add_argument("--pairs", type=int, default=6, help="test predictions for the leave-one-out test")
+    p.add_argument("--candidates", type=int, default=10, help="candidates per prediction")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain_eval)
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from recsys.datasets import available_datasets, data_home, dataset_splits
 
@@ -297,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--out", type=Path, help="directory to save the trained model in")
+    p.add_argument("--rollback", action="store_true",
+                   help="record the gradient-rollback log (saved with the model, for `recsys explain`)")
+    p.add_argument("--rollback-float16", action="store_true", help="store the rollback log in float16")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_train)
 
@@ -321,6 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (FastAPI + uvicorn)")
+    p.add_argument("--model", required=True, type=Path, help="model directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", type=Path, help="SQLite rating store (default: $RECSYS_DB or ./recsys-ratings.sqlite3)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
+    _add_explain_parsers(sub)
 
     p = sub.add_parser("datasets", help="list builtin datasets and the data home")
     p.set_defaults(func=cmd_datasets)

@@ -98,7 +98,15 @@ class TrainResult:
 
 
 class Callback:
-    """Hooks into the training loop; override what you need."""
+    """Hooks into the training loop; override what you need.
+
+    ``update_log``: a callback that records per-example updates (gradient rollback) sets it
+    to its log; the trainer then hands the log to fused step implementations (the compiled
+    kernel, closed-form minibatch SGD), which record each example's update while applying
+    it. None (the default) for callbacks that only observe.
+    """
+
+    update_log: object | None = None
 
     def on_train_begin(self, trainer: Trainer, model: RatingModel, train: Ratings) -> None:
         """Before the first step, after ``model.prepare``."""
@@ -162,6 +170,8 @@ class Trainer:
             scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=c.lr_decay)
         for cb in self.callbacks:
             cb.on_train_begin(self, model, train)
+        update_log = next((cb.update_log for cb in self.callbacks if cb.update_log is not None), None)
+        log_kw = {} if update_log is None or kind == "autograd" else {"log": update_log}
 
         best_state: dict[str, torch.Tensor] | None = None
         best_rmse = math.inf
@@ -185,12 +195,13 @@ class Trainer:
                 for batch_no, s in enumerate(range(0, len(order), step)):
                     ids = order[s:s + step]
                     if kind == "kernel":
-                        loss = model.sgd_examples(train, ids, lr, hogwild_threads=hogwild_threads)
+                        loss = model.sgd_examples(train, ids, lr, hogwild_threads=hogwild_threads, **log_kw)
                     else:
                         idx = torch.from_numpy(ids).to(device)
                         u, i, r = tensors[0][idx], tensors[1][idx], tensors[2][idx]
                         if kind == "closed-form":
-                            loss = model.sgd_batch(u, i, r, lr)
+                            loss = model.sgd_batch(u, i, r, lr, **log_kw,
+                                                   **({"example_ids": idx} if log_kw else {}))
                         else:
                             self.optimizer.zero_grad(set_to_none=True)
                             batch_loss = model.loss(u, i, r)

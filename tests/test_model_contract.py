@@ -15,7 +15,8 @@ from recsys.errors import ArtefactError
 from recsys.models import MODELS, build_model
 from recsys.train import TrainConfig, Trainer
 
-SMALL_CONFIGS = {"mf": {"embedding_size": 8, "n_blocks": 2}}
+SMALL_CONFIGS = {"mf": {"embedding_size": 8, "n_blocks": 2},
+                 "rec": {"embedding_size": 8, "hidden_size": 16, "prototypes": 4, "fanouts": (4, 2)}}
 
 
 @pytest.fixture(params=sorted(MODELS))

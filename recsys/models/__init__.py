@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 from recsys.models.base import RatingModel
+from recsys.models.evidence_chain import EvidenceChainModel, RECConfig
 from recsys.models.mf import MatrixFactorization, MFConfig
 
 MODELS: dict[str, tuple[type[RatingModel], type]] = {
     "mf": (MatrixFactorization, MFConfig),
+    "rec": (EvidenceChainModel, RECConfig),
 }
 
 
@@ -27,4 +29,5 @@ def build_model(name: str, n_users: int, n_items: int, rating_scale: tuple[float
     return cls(n_users, n_items, rating_scale, config_cls(**(config or {})))
 
 
-__all__ = ["MODELS", "MFConfig", "MatrixFactorization", "RatingModel", "build_model"]
+__all__ = ["MODELS", "EvidenceChainModel", "MFConfig", "MatrixFactorization", "RECConfig", "RatingModel",
+           "build_model"]

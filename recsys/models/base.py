@@ -27,6 +27,9 @@ class RatingModel(nn.Module, ABC):
 
     #: Short name used on the command line and in artefacts (``mf``, ``rec``).
     name: ClassVar[str]
+    #: `TrainConfig` fields this model trains best with (e.g. an optimizer and batch size);
+    #: the command line starts from them, explicit flags override them.
+    training_defaults: ClassVar[dict[str, object]] = {}
 
     def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float]) -> None:
         super().__init__()
@@ -48,6 +51,12 @@ class RatingModel(nn.Module, ABC):
         self.known_users.copy_(torch.from_numpy(train.user_counts() > 0))
         self.known_items.copy_(torch.from_numpy(train.item_counts() > 0))
         self.global_mean.fill_(train.global_mean)
+        self.bind_ratings(train)
+
+    def bind_ratings(self, ratings: Ratings) -> None:
+        """Give the model the ratings it predicts from (called by `prepare` and, after the
+        weights are loaded, by `recsys.artefact.load_artefact`). Models whose vectors are
+        computed from the live ratings (``rec``) keep them; the default does nothing."""
 
     @abstractmethod
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

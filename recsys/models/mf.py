@@ -17,6 +17,7 @@ rows of its batch), scaled by row frequency: a row seen ``n`` times gets
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from torch import nn
 
 from recsys.models.base import RatingModel
 from recsys.ratings import Ratings
+
+if TYPE_CHECKING:
+    from recsys.explain.rollback import RollbackLog
 
 
 @dataclass(frozen=True)
@@ -158,14 +162,25 @@ class MatrixFactorization(RatingModel):
 
     # ------------------------------------------------------------------ fast paths
     def sgd_examples(self, train: Ratings, order: np.ndarray, learning_rate: float,
-                     bias_learning_rate: float | None = None, *, hogwild_threads: int = 0) -> float:
+                     bias_learning_rate: float | None = None, *, hogwild_threads: int = 0,
+                     log: RollbackLog | None = None) -> float:
         """Incremental SGD over the examples ``order`` (rows of ``train``) with the compiled
         kernel, in place; returns the mean squared training error of the blocks seen in the
         pass (before each update). Deterministic unless ``hogwild_threads > 1`` (lock-free
         parallel updates, see `mf_kernels.sgd_examples_hogwild`). CPU only: see `sgd_batch`
-        for any device."""
-        from recsys.models.mf_kernels import sgd_examples, sgd_examples_hogwild
-        from recsys.optim.shuffle import gather_examples
+        for any device.
+
+        ``log``: a gradient-rollback log (`recsys.explain.rollback.RollbackLog`, float32 on
+        the CPU) whose row ``order[k]`` receives the updates of visit ``k`` (the same weights as
+        without a log, up to float32 rounding)."""
+        from recsys.models.mf_kernels import (
+            sgd_examples,
+            sgd_examples_hogwild,
+            sgd_examples_hogwild_logged,
+            sgd_examples_logged,
+            sgd_examples_serial,
+        )
+        from recsys.optim.shuffle import PARALLEL_FROM, gather_examples
 
         if self.device.type != "cpu":
             raise RuntimeError("the compiled SGD kernel runs on the CPU; use sgd_batch on other devices")
@@ -175,24 +190,34 @@ class MatrixFactorization(RatingModel):
         gather_examples(train.users, train.items, train.values, order, users, items, values)
         sq = np.zeros(max(hogwild_threads, 1) if hogwild_threads > 1 else self.config.n_blocks)
         lr_b = learning_rate if bias_learning_rate is None else bias_learning_rate
-        kernel = sgd_examples_hogwild if hogwild_threads > 1 else sgd_examples
-        kernel(
-            users, items, values,
+        tables = (
             self.user_factors.weight.data.numpy(), self.item_factors.weight.data.numpy(),
             self.user_bias.weight.data.numpy(), self.item_bias.weight.data.numpy(),
             np.float32(self.global_mean), np.float32(learning_rate), np.float32(lr_b),
             self.reg_user.numpy(), self.reg_item.numpy(),
             self.bias_reg_user.numpy(), self.bias_reg_item.numpy(), sq,
         )
+        if log is None:
+            kernel = sgd_examples_hogwild if hogwild_threads > 1 else sgd_examples
+            if len(order) < PARALLEL_FROM and hogwild_threads <= 1:
+                kernel = sgd_examples_serial
+            kernel(users, items, values, *tables)
+        else:
+            kernel = sgd_examples_hogwild_logged if hogwild_threads > 1 else sgd_examples_logged
+            kernel(users, items, values, order, *tables, log.kernel_array(self))
         return float(sq.sum() / max(1, len(order) * self.config.n_blocks))
 
     @torch.no_grad()
     def sgd_batch(self, users: torch.Tensor, items: torch.Tensor, values: torch.Tensor,
-                  learning_rate: float, bias_learning_rate: float | None = None) -> float:
+                  learning_rate: float, bias_learning_rate: float | None = None, *,
+                  log: RollbackLog | None = None, example_ids: torch.Tensor | None = None) -> float:
         """One minibatch SGD step on ``loss`` without autograd, on any device: gathers the
         batch's rows, computes their gradients in closed form and scatter-adds them
         (duplicate rows in a batch accumulate, as with autograd). Returns the batch's mean
-        squared block error."""
+        squared block error.
+
+        ``log`` with ``example_ids [B]`` (training example ids of the batch): also add each
+        example's share of the step, ``lr·(−∇ℓ_b)/B`` on its gathered rows, to its log row."""
         k, d = self.config.n_blocks, self.block_size
         lr_b = learning_rate if bias_learning_rate is None else bias_learning_rate
         P, Q = self.user_factors.weight, self.item_factors.weight
@@ -204,10 +229,17 @@ class MatrixFactorization(RatingModel):
         scale = 1.0 / len(users)
         grad_p = (err.unsqueeze(-1) * qb).view(-1, k * d) - self.reg_user[users, None] * p
         grad_q = (err.unsqueeze(-1) * pb).view(-1, k * d) - self.reg_item[items, None] * q
+        grad_bu = err - self.bias_reg_user[users, None] * bu
+        grad_bi = err - self.bias_reg_item[items, None] * bi
         P.index_add_(0, users, grad_p, alpha=learning_rate * scale)
         Q.index_add_(0, items, grad_q, alpha=learning_rate * scale)
-        BU.index_add_(0, users, err - self.bias_reg_user[users, None] * bu, alpha=lr_b * scale)
-        BI.index_add_(0, items, err - self.bias_reg_item[items, None] * bi, alpha=lr_b * scale)
+        BU.index_add_(0, users, grad_bu, alpha=lr_b * scale)
+        BI.index_add_(0, items, grad_bi, alpha=lr_b * scale)
+        if log is not None:
+            if example_ids is None or len(example_ids) != len(users):
+                raise ValueError("sgd_batch with a log needs example_ids, one per rating of the batch")
+            log.add(example_ids, grad_p * (learning_rate * scale), grad_bu * (lr_b * scale),
+                    grad_q * (learning_rate * scale), grad_bi * (lr_b * scale))
         return float(err.square().mean())
 
     # ------------------------------------------------------------------ fold-in
@@ -249,6 +281,31 @@ class MatrixFactorization(RatingModel):
         self.user_factors.weight[user] = factors.to(self.device)
         self.user_bias.weight[user] = bias.to(self.device)
         self.known_users[user] = True
+
+    @torch.no_grad()
+    def grow(self, n_users: int, n_items: int) -> None:
+        """Enlarge the tables to at least ``n_users`` / ``n_items`` rows (never shrinks). New
+        rows are zero and unknown until a fold-in or an online update fills them."""
+        n_users, n_items = max(n_users, self.n_users), max(n_items, self.n_items)
+        if (n_users, n_items) == (self.n_users, self.n_items):
+            return
+
+        def extend(t: torch.Tensor, n: int, fill: float = 0.0) -> torch.Tensor:
+            extra = torch.full((n - t.shape[0], *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+            return torch.cat([t, extra])
+
+        c = self.config
+        for emb, n in ((self.user_factors, n_users), (self.item_factors, n_items),
+                       (self.user_bias, n_users), (self.item_bias, n_items)):
+            emb.weight = nn.Parameter(extend(emb.weight.data, n))
+            emb.num_embeddings = n
+        self.known_users = extend(self.known_users, n_users, False)
+        self.known_items = extend(self.known_items, n_items, False)
+        self.reg_user = extend(self.reg_user, n_users, c.reg)
+        self.reg_item = extend(self.reg_item, n_items, c.reg)
+        self.bias_reg_user = extend(self.bias_reg_user, n_users, c.bias_reg)
+        self.bias_reg_item = extend(self.bias_reg_item, n_items, c.bias_reg)
+        self.n_users, self.n_items = n_users, n_items
 
     @torch.no_grad()
     def set_item(self, item: int, factors: torch.Tensor, bias: torch.Tensor) -> None:

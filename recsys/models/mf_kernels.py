@@ -142,12 +142,12 @@ def set_threads(n: int | None) -> None:
 
 
 # --------------------------------------------------------------------------- logged kernels
-# The same updates as the kernels above, and in the same floating-point order (so the weights
-# come out bit-for-bit the same), plus an update log for gradient rollback
-# (`recsys.explain.rollback`): every update an example applies to its user row, item row and
-# the two biases is also added to that example's row of the log. The log is block-major
-# (``[n_blocks, n_examples, block_size]`` and ``[n_blocks, n_examples]``) so that each block's
-# thread writes only its own contiguous memory (no false sharing on the small bias slots).
+# The same updates as the kernels above (the weights agree up to float32 rounding: fastmath
+# lets the compiler order the arithmetic differently), plus an update log for gradient
+# rollback (`recsys.explain.rollback`): every update an example applies to its user row, item
+# row and the two bias slots is also added to that example's log row. The log is block-major,
+# ``log[b, z] = [Δp (d) | Δq (d) | Δb_u | Δb_i]``, so a visit touches one contiguous stretch of
+# ``2d+2`` floats per block and each block's thread writes only its own memory.
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -168,12 +168,9 @@ def sgd_examples_logged(
     bias_reg_u: np.ndarray,
     bias_reg_i: np.ndarray,
     block_sq_err: np.ndarray,
-    log_p: np.ndarray,  # float32 [n_blocks, n_examples, block_size] (accumulated in place)
-    log_q: np.ndarray,  # float32 [n_blocks, n_examples, block_size]
-    log_bu: np.ndarray,  # float32 [n_blocks, n_examples]
-    log_bi: np.ndarray,  # float32 [n_blocks, n_examples]
+    log: np.ndarray,  # float32 [n_blocks, n_examples, 2 * block_size + 2] (accumulated in place)
 ) -> None:
-    """`sgd_examples` that also accumulates each example's own updates into the log."""
+    """`sgd_examples` that also accumulates each example's own updates into ``log``."""
     n_blocks = BU.shape[1]
     d = P.shape[1] // n_blocks
     mu = np.float32(mu)
@@ -184,17 +181,14 @@ def sgd_examples_logged(
         hi = lo + d
         bu = BU[:, b].copy()
         bi = BI[:, b].copy()
-        lbu = log_bu[b]
-        lbi = log_bi[b]
+        lb = log[b]
         sq = 0.0
         for k in range(len(users)):
             u = users[k]
             i = items[k]
-            z = example_ids[k]
+            row = lb[example_ids[k]]
             pu = P[u, lo:hi]
             qi = Q[i, lo:hi]
-            lp = log_p[b, z]
-            lq = log_q[b, z]
             dot = np.float32(0.0)
             for f in range(d):
                 dot += pu[f] * qi[f]
@@ -204,8 +198,8 @@ def sgd_examples_logged(
             dbi = lr_bias * (e - bias_reg_i[i] * bi[i])
             bu[u] += dbu
             bi[i] += dbi
-            lbu[z] += dbu
-            lbi[z] += dbi
+            row[2 * d] += dbu
+            row[2 * d + 1] += dbi
             ru = reg_u[u]
             ri = reg_i[i]
             for f in range(d):
@@ -215,8 +209,8 @@ def sgd_examples_logged(
                 dq = lr * (e * pf - ri * qf)
                 pu[f] = pf + dp
                 qi[f] = qf + dq
-                lp[f] += dp
-                lq[f] += dq
+                row[f] += dp
+                row[d + f] += dq
         BU[:, b] = bu
         BI[:, b] = bi
         block_sq_err[b] = sq
@@ -240,10 +234,7 @@ def sgd_examples_hogwild_logged(
     bias_reg_u: np.ndarray,
     bias_reg_i: np.ndarray,
     shard_sq_err: np.ndarray,
-    log_p: np.ndarray,
-    log_q: np.ndarray,
-    log_bu: np.ndarray,
-    log_bi: np.ndarray,
+    log: np.ndarray,  # float32 [n_blocks, n_examples, 2 * block_size + 2]
 ) -> None:
     """`sgd_examples_hogwild` that also logs each example's updates (an example is visited by
     one thread, so its log row is never written concurrently; the weights it reads may be)."""
@@ -266,8 +257,7 @@ def sgd_examples_hogwild_logged(
             for b in range(n_blocks):
                 pu = P[u, b * d:(b + 1) * d]
                 qi = Q[i, b * d:(b + 1) * d]
-                lp = log_p[b, z]
-                lq = log_q[b, z]
+                row = log[b, z]
                 dot = np.float32(0.0)
                 for f in range(d):
                     dot += pu[f] * qi[f]
@@ -277,8 +267,8 @@ def sgd_examples_hogwild_logged(
                 dbi = lr_bias * (e - bias_reg_i[i] * BI[i, b])
                 BU[u, b] += dbu
                 BI[i, b] += dbi
-                log_bu[b, z] += dbu
-                log_bi[b, z] += dbi
+                row[2 * d] += dbu
+                row[2 * d + 1] += dbi
                 for f in range(d):
                     pf = pu[f]
                     qf = qi[f]
@@ -286,6 +276,11 @@ def sgd_examples_hogwild_logged(
                     dq = lr * (e * pf - ri * qf)
                     pu[f] = pf + dp
                     qi[f] = qf + dq
-                    lp[f] += dp
-                    lq[f] += dq
+                    row[f] += dp
+                    row[d + f] += dq
         shard_sq_err[s] = sq
+
+
+#: `sgd_examples` on the calling thread alone: for short sequences (online updates), where
+#: waking a thread team costs more than the work.
+sgd_examples_serial = njit(fastmath=True, cache=True, nogil=True)(sgd_examples.py_func)

@@ -64,13 +64,26 @@ def random_permutation(n: int, seed: int, stream: int = 0) -> np.ndarray:
     return _bucket_shuffle(n, key, n_buckets)
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def gather_examples(users: np.ndarray, items: np.ndarray, values: np.ndarray, ids: np.ndarray,
-                    out_users: np.ndarray, out_items: np.ndarray, out_values: np.ndarray) -> None:
-    """``out_*[k] = *[ids[k]]`` in parallel: the visiting order made contiguous, so that the
-    training kernel streams through memory instead of making three random reads per rating."""
+def _gather(users: np.ndarray, items: np.ndarray, values: np.ndarray, ids: np.ndarray,
+            out_users: np.ndarray, out_items: np.ndarray, out_values: np.ndarray) -> None:
     for k in prange(len(ids)):
         j = ids[k]
         out_users[k] = users[j]
         out_items[k] = items[j]
         out_values[k] = values[j]
+
+
+_gather_parallel = njit(parallel=True, nogil=True, cache=True)(_gather)
+_gather_serial = njit(nogil=True, cache=True)(_gather)
+
+#: below this many examples, waking a thread team costs more than it saves (and on a busy
+#: machine a parallel region waits for its slowest thread to be scheduled)
+PARALLEL_FROM = 1 << 15
+
+
+def gather_examples(users: np.ndarray, items: np.ndarray, values: np.ndarray, ids: np.ndarray,
+                    out_users: np.ndarray, out_items: np.ndarray, out_values: np.ndarray) -> None:
+    """``out_*[k] = *[ids[k]]``: the visiting order made contiguous, so that the training
+    kernel streams through memory instead of making three random reads per rating."""
+    gather = _gather_parallel if len(ids) >= PARALLEL_FROM else _gather_serial
+    gather(users, items, values, ids, out_users, out_items, out_values)

@@ -1,0 +1,253 @@
+"""Recursive evidence chains, sampled level by level over the live ratings graph.
+
+The ratings form a bipartite graph on ``N = n_users + n_items`` *nodes*: user ``u`` is node
+``u``, item ``i`` is node ``n_users + i`` (a "global id"). `EvidenceGraph` holds it as one CSR
+over nodes whose rows list a node's rated neighbours with the **prototype neighbours first**,
+then the others in a fixed random order.
+
+`sample_chains` expands a batch of root nodes breadth first, one *level* per fanout, with no
+Python loop over nodes or ratings:
+
+- Every non-prototype node of a level draws up to ``fanout`` neighbours (prototypes first,
+  then the others) by *stratified sampling with a random rotation* over its CSR row: slot
+  ``j`` of ``k`` takes one random entry of the ``j``-th of ``k`` equal strata, so the draw is
+  without replacement, each entry is equally likely, and a row no longer than the fanout is
+  taken whole. Prototypes are never expanded: they have free vectors.
+- At the last level only prototype neighbours are drawn, because a non-prototype at depth 0
+  has no evidence and would be dropped anyway.
+- Edges whose (user, item) pair is in ``exclude`` (the batch's target ratings) are removed
+  everywhere, so a target rating is never evidence for its own prediction.
+- The children of a level are de-duplicated (``torch.unique``): a node reached from several
+  parents is expanded and computed once per level ("memoisation within a batch").
+
+The immediate-parent skip is done at aggregation time (see `Level.reverse_edge`), because a
+memoised node is shared by all its parents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from recsys.ratings import Ratings
+
+
+@dataclass(frozen=True)
+class EvidenceGraph:
+    """The live ratings as a node CSR with prototype neighbours first.
+
+    Attributes (``N = n_users + n_items`` nodes, ``2n`` directed edges for ``n`` ratings):
+        indptr: ``int64 [N+1]``; row ``g`` is ``indptr[g]:indptr[g+1]``.
+        neighbours: ``int64 [2n]`` global ids of the rated neighbours.
+        values: ``float32 [2n]`` the ratings.
+        examples: ``int64 [2n]`` row of each rating in the live `Ratings`.
+        n_proto: ``int64 [N]`` how many of a row's neighbours are prototypes (at the front).
+        proto_slot: ``int64 [N]`` row of the node in the prototype table (user prototypes
+            ``0..p_u-1``, item prototypes ``p_u..p_u+p_i-1``), ``-1`` for other nodes.
+        n_users, n_items: sizes of the two sides.
+    """
+
+    indptr: torch.Tensor
+    neighbours: torch.Tensor
+    values: torch.Tensor
+    examples: torch.Tensor
+    n_proto: torch.Tensor
+    proto_slot: torch.Tensor
+    n_users: int
+    n_items: int
+
+    @property
+    def n_nodes(self) -> int:
+        return self.n_users + self.n_items
+
+    @property
+    def device(self) -> torch.device:
+        return self.indptr.device
+
+    def degrees(self) -> torch.Tensor:
+        """Ratings per node, ``int64 [N]``."""
+        return self.indptr[1:] - self.indptr[:-1]
+
+    def to(self, device: torch.device | str) -> EvidenceGraph:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device)
+        return EvidenceGraph(**moved)
+
+    @classmethod
+    def build(cls, ratings: Ratings, prototype_users: np.ndarray, prototype_items: np.ndarray,
+              *, seed: int = 0, device: torch.device | str = "cpu") -> EvidenceGraph:
+        """The graph of ``ratings`` with the given prototypes (user and item indices, each
+        ``int64 [p]``); the order of non-prototype neighbours within a row is a fixed random
+        permutation drawn from ``seed``."""
+        nu, ni = ratings.n_users, ratings.n_items
+        n_nodes = nu + ni
+        slot = np.full(n_nodes, -1, dtype=np.int64)
+        slot[np.asarray(prototype_users, dtype=np.int64)] = np.arange(len(prototype_users))
+        slot[nu + np.asarray(prototype_items, dtype=np.int64)] = len(prototype_users) + np.arange(len(prototype_items))
+        n = len(ratings)
+        rows = np.concatenate([ratings.users, nu + ratings.items])
+        cols = np.concatenate([nu + ratings.items, ratings.users])
+        vals = np.concatenate([ratings.values, ratings.values]).astype(np.float32)
+        examples = np.concatenate([np.arange(n), np.arange(n)]).astype(np.int64)
+        non_proto = slot[cols] < 0
+        shuffle = np.random.default_rng(seed).random(2 * n)
+        order = np.lexsort((shuffle, non_proto, rows))
+        indptr = np.zeros(n_nodes + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n_nodes), out=indptr[1:])
+        n_proto = np.bincount(rows[~non_proto], minlength=n_nodes).astype(np.int64)
+        t = torch.from_numpy
+        return cls(t(indptr), t(cols[order]), t(vals[order]), t(examples[order]), t(n_proto),
+                   t(slot), nu, ni).to(device)
+
+    def pair_keys(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """One ``int64`` key per (user index, item index) pair, as `sample_neighbours`
+        computes for edges."""
+        return users * self.n_items + items
+
+
+@dataclass(frozen=True)
+class Edges:
+    """Sampled edges of one level: ``parent [E]`` (position in the level's nodes),
+    ``child [E]`` (global id of the neighbour), ``values [E]`` and ``examples [E]``."""
+
+    parent: torch.Tensor
+    child: torch.Tensor
+    values: torch.Tensor
+    examples: torch.Tensor
+
+
+def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int,
+                      generator: torch.Generator, *, prototypes_only: bool = False,
+                      exclude: torch.Tensor | None = None,
+                      evidence_dropout: float = 0.0) -> Edges:
+    """Up to ``fanout`` neighbours of each of ``nodes`` (global ids ``int64 [n]``).
+
+    ``exclude``: sorted pair keys (`EvidenceGraph.pair_keys`) of ratings never to return.
+    ``evidence_dropout``: probability that a node keeps only a uniformly random ``1..m`` of
+    its ``m`` sampled neighbours (training only: teaches the model what little evidence
+    looks like). Returns the valid edges, parents as positions into ``nodes``.
+    """
+    dev = graph.device
+    n = len(nodes)
+    if n == 0 or fanout < 1:
+        empty = torch.empty(0, dtype=torch.int64, device=dev)
+        return Edges(empty, empty, torch.empty(0, device=dev), empty)
+    start = graph.indptr[nodes]
+    n_proto = graph.n_proto[nodes]
+    n_other = torch.zeros_like(n_proto) if prototypes_only else graph.indptr[nodes + 1] - start - n_proto
+    kp = n_proto.clamp(max=fanout)
+    ko = n_other.clamp(max=fanout - kp)
+    slots = torch.arange(fanout, device=dev).unsqueeze(0)  # [1, F]
+    jitter = torch.rand(n, fanout, generator=generator, device=dev)
+    rot = torch.rand(n, 2, generator=generator, device=dev)
+    # prototype segment: slots 0..kp-1; other segment: slots kp..kp+ko-1
+    off_p = _stratified(slots, jitter, n_proto, kp, rot[:, 0])
+    off_o = n_proto.unsqueeze(1) + _stratified((slots - kp.unsqueeze(1)).clamp(min=0), jitter, n_other, ko, rot[:, 1])
+    in_proto = slots < kp.unsqueeze(1)
+    pos = start.unsqueeze(1) + torch.where(in_proto, off_p, off_o)
+    taken = kp + ko
+    if evidence_dropout > 0:
+        drop = torch.rand(n, generator=generator, device=dev) < evidence_dropout
+        keep = (torch.rand(n, generator=generator, device=dev) * taken).long() + 1
+        taken = torch.where(drop, torch.minimum(keep, taken), taken)
+    valid = slots < taken.unsqueeze(1)
+    parent = torch.arange(n, device=dev).unsqueeze(1).expand(n, fanout)[valid]
+    pos = pos[valid]
+    child = graph.neighbours[pos]
+    if exclude is not None and len(exclude):
+        g = nodes[parent]
+        user, other = torch.minimum(g, child), torch.maximum(g, child)
+        keys = graph.pair_keys(user, other - graph.n_users)
+        keep = ~torch.isin(keys, exclude)
+        parent, pos, child = parent[keep], pos[keep], child[keep]
+    return Edges(parent, child, graph.values[pos], graph.examples[pos])
+
+
+def _stratified(slots: torch.Tensor, jitter: torch.Tensor, size: torch.Tensor, k: torch.Tensor,
+                rotation: torch.Tensor) -> torch.Tensor:
+    """Offsets ``[n, F]`` into segments of ``size [n]`` entries: slot ``j < k`` takes a
+    uniformly random entry of the ``j``-th of ``k`` near-equal strata (integer bounds, so
+    distinct), then all are rotated by ``floor(rotation·size)`` modulo ``size``."""
+    size_ = size.clamp(min=1).unsqueeze(1)
+    k_ = k.clamp(min=1).unsqueeze(1)
+    lo = slots * size_ // k_
+    width = (slots + 1) * size_ // k_ - lo
+    off = lo + torch.minimum((jitter * width).long(), (width - 1).clamp(min=0))
+    return (off + (rotation.unsqueeze(1) * size_).long()) % size_
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of sampled chains.
+
+    ``nodes [n_l]``: unique global ids at this level; ``parent [E]``: position of each edge's
+    parent in ``nodes``; ``child [E]``: position of its child in the next level's nodes;
+    ``values [E]``, ``examples [E]``: the rating on the edge and its row in the live ratings;
+    ``reverse_edge [E]``: for the parent-skip, the index among the *next* level's edges of
+    the edge child -> parent (the child's message from this parent), ``-1`` when the child
+    did not sample its parent.
+    """
+
+    nodes: torch.Tensor
+    parent: torch.Tensor
+    child: torch.Tensor
+    values: torch.Tensor
+    examples: torch.Tensor
+    reverse_edge: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Chains:
+    """Sampled chains of a batch: ``levels[d]`` expands the nodes at depth ``d`` (roots at
+    ``d = 0``); ``leaves [n_D]`` are the global ids at the last depth (only prototypes
+    reach it)."""
+
+    levels: list[Level]
+    leaves: torch.Tensor
+
+    def nodes(self, depth: int) -> torch.Tensor:
+        return self.levels[depth].nodes if depth < len(self.levels) else self.leaves
+
+
+def sample_chains(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int, ...],
+                  generator: torch.Generator, *, exclude: torch.Tensor | None = None,
+                  evidence_dropout: float = 0.0) -> Chains:
+    """Evidence chains under the unique global ids ``roots [n_0]`` with ``fanouts[d]``
+    neighbours per node at depth ``d`` (see the module docstring)."""
+    dev = graph.device
+    nodes = roots
+    if exclude is not None:
+        exclude = torch.sort(exclude).values
+    raw: list[tuple[torch.Tensor, Edges]] = []
+    for depth, fanout in enumerate(fanouts):
+        expand = torch.nonzero(graph.proto_slot[nodes] < 0).squeeze(1)
+        edges = sample_neighbours(graph, nodes[expand], fanout, generator,
+                                  prototypes_only=depth == len(fanouts) - 1, exclude=exclude,
+                                  evidence_dropout=evidence_dropout)
+        edges = Edges(expand[edges.parent], edges.child, edges.values, edges.examples)
+        raw.append((nodes, edges))
+        nodes = torch.unique(edges.child)
+    leaves = nodes
+    levels: list[Level] = []
+    n_nodes = graph.n_nodes
+    for depth, (level_nodes, edges) in enumerate(raw):
+        next_nodes = raw[depth + 1][0] if depth + 1 < len(raw) else leaves
+        child_pos = torch.searchsorted(next_nodes, edges.child)
+        reverse = torch.full_like(child_pos, -1)
+        if depth + 1 < len(raw) and len(edges.child):
+            nxt = raw[depth + 1][1]
+            # key of an edge (parent position p, child global id c): p * N + c
+            next_keys = nxt.parent * n_nodes + nxt.child
+            order = torch.argsort(next_keys)
+            sorted_keys = next_keys[order]
+            want = child_pos * n_nodes + level_nodes[edges.parent]
+            hit = torch.searchsorted(sorted_keys, want).clamp(max=max(len(sorted_keys) - 1, 0))
+            if len(sorted_keys):
+                found = sorted_keys[hit] == want
+                reverse = torch.where(found, order[hit], reverse)
+        levels.append(Level(level_nodes, edges.parent, child_pos, edges.values, edges.examples, reverse))
+    return Chains(levels, leaves.to(dev))

@@ -1,0 +1,538 @@
+"""The evidence-chain model (REC), after Tragas, Luo, Gazeau, Luk, Duvenaud, "Scalable
+Recommender Systems through Recursive Evidence Chains" (arXiv 1807.02150).
+
+``r̂(u, i) = μ + b_u + b_i + u · v`` where only the ``p`` most-rated users and items
+(*prototypes*) have free vectors. Every other vector is generated on demand from the live
+ratings by recursive evidence chains: a non-prototype user's vector at depth ``d`` is the
+mean, over at most ``fanouts[d]`` sampled items it rated (prototypes first), of a message
+``φ_U([v_item^(d+1) ; enc(r) ; r - μ - b_u - b_i])``; items are symmetric with ``φ_V``.
+Non-prototypes at the last depth have no evidence and drop out of their parent's mean; a node
+whose every message dropped out drops out too, and a root (the user or item of a prediction)
+with no evidence at all takes a learned fallback vector. A learned gate on the evidence count
+``n`` shrinks a generated vector towards the fallback, ``g(n)·mean + (1-g(n))·fallback``,
+``g(n) = σ(a·log n + c)``, so that a vector built from one rating is not trusted like one
+built from sixteen.
+
+The biases ``b_u, b_i`` are not parameters: they are a regularised baseline fitted to the live
+ratings (alternating ridge sweeps, ``bias_reg``), recomputed when the model is bound to
+ratings and updated locally when ratings are inserted. So the parameter count is fixed:
+``2·p·K`` prototype entries, two MLPs, two fallback vectors and the gates (see
+`EvidenceChainModel.parameter_count`); it does not grow with users, items or ratings.
+
+The target rating is never its own evidence: a batch's (user, item) pairs are removed from the
+graph for the whole batch's chains. The immediate parent is skipped at every hop: a memoised
+child shared by several parents gets, for each parent, its mean with that parent's message
+subtracted (exact, see `recsys.models.chains`). Sampling is level by level and vectorised on
+the device of the model's tensors (`recsys.models.chains.sample_chains`).
+
+Cold start and online learning: `EvidenceChainModel.add_ratings` (and `add_user`/`add_item`)
+insert into the live ratings, growing the id maps, and the next prediction uses them with no
+parameter update. `EvidenceChainModel.explain` returns the evidence ratings of a prediction
+with their shares.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from recsys.models.base import RatingModel
+from recsys.models.chains import Chains, EvidenceGraph, sample_chains
+from recsys.ratings import Ratings
+
+
+@dataclass(frozen=True)
+class RECConfig:
+    """Hyper-parameters of `EvidenceChainModel` (defaults chosen on a validation slice of
+    MovieLens-100K u1.base; see ``docs/evidence_chain.md``).
+
+    ``embedding_size``: K, size of every user/item vector. ``hidden_size``: width of the
+    message MLPs. ``prototypes``: p users and p items with free vectors (the most rated).
+    ``fanouts``: neighbours sampled per node at each depth (its length is the depth).
+    ``reg``: L2 weight on the mean squared norm of the prototype vectors; ``mlp_reg``: L2 on
+    the MLP weights. ``dropout``: on the MLPs' hidden layer. ``evidence_dropout``: in
+    training, probability that a node keeps only a random 1..m of its m sampled neighbours.
+    ``bias_reg``: ridge weight of the baseline biases. ``rating_levels``: the rating is
+    encoded on that many evenly spaced levels of the scale (hat functions; one-hot for
+    integer 1..5 ratings with 5 levels). ``eval_passes``: independent samplings averaged at
+    prediction time. ``seed``: initialisation and sampling.
+    """
+
+    embedding_size: int = 32
+    hidden_size: int = 64
+    prototypes: int = 100
+    fanouts: tuple[int, ...] = (16, 8, 4)
+    reg: float = 0.05
+    mlp_reg: float = 0.0
+    dropout: float = 0.0
+    evidence_dropout: float = 0.2
+    bias_reg: float = 10.0
+    rating_levels: int = 5
+    eval_passes: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fanouts", tuple(int(f) for f in self.fanouts))
+        if self.embedding_size < 1 or self.hidden_size < 1 or self.prototypes < 1:
+            raise ValueError("embedding_size, hidden_size and prototypes must be positive")
+        if not self.fanouts or min(self.fanouts) < 1:
+            raise ValueError(f"fanouts must be one or more positive integers, got {self.fanouts}")
+        if self.reg < 0 or self.mlp_reg < 0 or self.bias_reg < 0:
+            raise ValueError("reg, mlp_reg and bias_reg must be >= 0")
+        if not 0 <= self.dropout < 1 or not 0 <= self.evidence_dropout <= 1:
+            raise ValueError("dropout must be in [0, 1) and evidence_dropout in [0, 1]")
+        if self.rating_levels < 2 or self.eval_passes < 1:
+            raise ValueError("rating_levels must be >= 2 and eval_passes >= 1")
+
+
+def fit_baseline(users: np.ndarray, items: np.ndarray, values: np.ndarray, n_users: int,
+                 n_items: int, mean: float, reg: float, sweeps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Regularised baseline biases ``(b_u float64 [n_users], b_i float64 [n_items])`` by
+    alternating ridge solves of ``r ≈ mean + b_u + b_i`` (each sweep: items then users)."""
+    cu = np.bincount(users, minlength=n_users)
+    ci = np.bincount(items, minlength=n_items)
+    bu = np.zeros(n_users)
+    bi = np.zeros(n_items)
+    resid = values.astype(np.float64) - mean
+    for _ in range(sweeps):
+        bi = np.bincount(items, weights=resid - bu[users], minlength=n_items) / (reg + ci)
+        bu = np.bincount(users, weights=resid - bi[items], minlength=n_users) / (reg + cu)
+    return bu, bi
+
+
+class _Message(nn.Sequential):
+    """φ: ``[B, K + L + 1] -> [B, K]``, one hidden ReLU layer."""
+
+    def __init__(self, n_in: int, hidden: int, n_out: int, dropout: float) -> None:
+        super().__init__(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_out))
+
+
+class EvidenceChainModel(RatingModel):
+    """REC; see the module docstring.
+
+    Parameters (``K = embedding_size``, ``p_u = min(p, n_users)``, ``p_i = min(p, n_items)``):
+        prototype_vectors ``[p_u + p_i, K]`` (user prototypes first), phi_user / phi_item
+        (item->user and user->item message MLPs), fallback_vectors ``[2, K]`` (user, item),
+        gate ``[2, 2]`` (per side: slope and offset on log evidence count).
+    Buffers: prototype_users ``int64 [p_u]``, prototype_items ``int64 [p_i]`` (which users and
+    items are prototypes; chosen by `prepare`), plus the base class's known masks and mean.
+    Live state (not in the state dict, rebuilt by `bind_ratings`): the ratings, their graph
+    and the baseline biases.
+    """
+
+    name = "rec"
+    training_defaults: ClassVar[dict[str, object]] = {
+        "optimizer": "adam", "learning_rate": 2e-3, "batch_size": 256, "epochs": 15, "lr_decay": 0.96,
+    }
+
+    def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float],
+                 config: RECConfig | None = None) -> None:
+        super().__init__(n_users, n_items, rating_scale)
+        self.config = c = config or RECConfig()
+        gen = torch.Generator().manual_seed(c.seed)
+        self.p_users, self.p_items = min(c.prototypes, n_users), min(c.prototypes, n_items)
+        k, n_in = c.embedding_size, c.embedding_size + c.rating_levels + 1
+        torch.manual_seed(c.seed)  # the MLPs' default initialisation draws from the global stream
+        self.phi_user = _Message(n_in, c.hidden_size, k, c.dropout)
+        self.phi_item = _Message(n_in, c.hidden_size, k, c.dropout)
+        self.prototype_vectors = nn.Parameter(torch.randn(self.p_users + self.p_items, k, generator=gen) * 0.1)
+        self.fallback_vectors = nn.Parameter(torch.randn(2, k, generator=gen) * 0.1)
+        self.gate = nn.Parameter(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
+        self.register_buffer("prototype_users", torch.arange(self.p_users, dtype=torch.int64))
+        self.register_buffer("prototype_items", torch.arange(self.p_items, dtype=torch.int64))
+        lo, hi = self.rating_scale
+        self.register_buffer("rating_levels", torch.linspace(lo, hi, c.rating_levels), persistent=False)
+        self.ratings: Ratings | None = None
+        self._graph: EvidenceGraph | None = None
+        self._node_bias: torch.Tensor | None = None  # float32 [n_users + n_items]
+        self._train_generator: torch.Generator | None = None
+
+    def config_dict(self) -> dict:
+        d = asdict(self.config)
+        d["fanouts"] = list(self.config.fanouts)
+        return d
+
+    def parameter_count(self) -> int:
+        """Number of trained scalars (independent of the number of users, items, ratings)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ live ratings
+    def prepare(self, train: Ratings) -> None:
+        """Choose the prototypes (the most-rated users and items of ``train``, ties by index),
+        then bind to ``train`` (known masks, mean, graph, baseline biases)."""
+        order_u = np.argsort(-train.user_counts(), kind="stable")[: self.p_users]
+        order_i = np.argsort(-train.item_counts(), kind="stable")[: self.p_items]
+        self.prototype_users.copy_(torch.from_numpy(order_u.astype(np.int64)))
+        self.prototype_items.copy_(torch.from_numpy(order_i.astype(np.int64)))
+        super().prepare(train)
+        self._train_generator = None
+
+    def bind_ratings(self, ratings: Ratings) -> None:
+        """Make ``ratings`` the live ratings: rebuild the graph, refit the baseline biases
+        (with the model's global mean) and the known masks. Their id maps may be larger than
+        the model's (new users/items), never smaller."""
+        if ratings.n_users < self.n_users or ratings.n_items < self.n_items:
+            raise ValueError(f"live ratings have {ratings.n_users} users and {ratings.n_items} items; "
+                             f"the model already has {self.n_users} and {self.n_items}")
+        if ratings.rating_scale != self.rating_scale:
+            raise ValueError(f"live ratings are on the scale {ratings.rating_scale}, the model on {self.rating_scale}")
+        self._set_ratings(ratings)
+        bu, bi = fit_baseline(ratings.users, ratings.items, ratings.values, ratings.n_users,
+                              ratings.n_items, float(self.global_mean), self.config.bias_reg)
+        self._node_bias = torch.from_numpy(np.concatenate([bu, bi]).astype(np.float32)).to(self.device)
+
+    def _set_ratings(self, ratings: Ratings) -> None:
+        dev = self.device
+        if ratings.n_users != self.n_users or ratings.n_items != self.n_items:
+            self.n_users, self.n_items = ratings.n_users, ratings.n_items
+        self.known_users = torch.from_numpy(ratings.user_counts() > 0).to(dev)
+        self.known_items = torch.from_numpy(ratings.item_counts() > 0).to(dev)
+        self.ratings = ratings
+        self._graph = EvidenceGraph.build(ratings, self.prototype_users.cpu().numpy(),
+                                          self.prototype_items.cpu().numpy(), seed=self.config.seed, device=dev)
+
+    def _live(self) -> tuple[EvidenceGraph, torch.Tensor]:
+        if self._graph is None or self._node_bias is None:
+            raise RuntimeError("the evidence-chain model has no live ratings: train it, or call "
+                               "prepare/bind_ratings, or load it with recsys.artefact.load_artefact")
+        if self._graph.device != self.device:
+            self._graph = self._graph.to(self.device)
+            self._node_bias = self._node_bias.to(self.device)
+        return self._graph, self._node_bias
+
+    def add_user(self, raw_id: object) -> int:
+        """Index of user ``raw_id``, adding it (with no ratings: fallback) when new."""
+        return self._add_ids([raw_id], [])[0]
+
+    def add_item(self, raw_id: object) -> int:
+        """Index of item ``raw_id``, adding it (with no ratings: fallback) when new."""
+        return self._add_ids([], [raw_id])[1]
+
+    def _add_ids(self, users: Sequence[object], items: Sequence[object]) -> tuple[int, int]:
+        r = self._require_ratings()
+        user_ids, item_ids = r.user_ids.extend(users), r.item_ids.extend(items)
+        if user_ids is not r.user_ids or item_ids is not r.item_ids:
+            self._regrow(r.with_id_maps(user_ids, item_ids))
+        return (user_ids.index(users[0]) if users else -1, item_ids.index(items[0]) if items else -1)
+
+    def _regrow(self, ratings: Ratings) -> None:
+        old_n = self.n_users
+        _, bias = self._live()
+        self._set_ratings(ratings)
+        bu = torch.zeros(ratings.n_users, device=self.device)
+        bu[:old_n] = bias[:old_n]
+        bi = torch.zeros(ratings.n_items, device=self.device)
+        bi[: len(bias) - old_n] = bias[old_n:]
+        self._node_bias = torch.cat([bu, bi])
+
+    def _require_ratings(self) -> Ratings:
+        if self.ratings is None:
+            self._live()
+        assert self.ratings is not None
+        return self.ratings
+
+    def add_ratings(self, users: Sequence[object], items: Sequence[object],
+                    values: Sequence[float] | np.ndarray, timestamps: Sequence[int] | None = None) -> dict:
+        """Insert ratings (raw ids; new users and items are added) into the live ratings with
+        no parameter update; the next prediction uses them. A (user, item) pair already rated
+        takes the new value. The baseline biases of the touched users, then items, are
+        re-solved with the others fixed. Returns counts ``{"added", "replaced", "new_users",
+        "new_items"}``."""
+        r = self._require_ratings()
+        vals = np.asarray(values, dtype=np.float64)
+        if not (len(users) == len(items) == len(vals)):
+            raise ValueError("add_ratings: users, items and values must have the same length")
+        lo, hi = self.rating_scale
+        if len(vals) and (not np.isfinite(vals).all() or vals.min() < lo or vals.max() > hi):
+            raise ValueError(f"add_ratings: ratings must be finite and within the scale {lo:g}..{hi:g}")
+        user_ids, item_ids = r.user_ids.extend(users), r.item_ids.extend(items)
+        new_users, new_items = len(user_ids) - r.n_users, len(item_ids) - r.n_items
+        base = r if (new_users == 0 and new_items == 0) else r.with_id_maps(user_ids, item_ids)
+        u, i = user_ids.indices(users), item_ids.indices(items)
+        ni = base.n_items
+        new_keys = u * ni + i
+        # the last occurrence of a pair within the insertion wins
+        _, last = np.unique(new_keys[::-1], return_index=True)
+        pick = np.sort(len(new_keys) - 1 - last)
+        u, i, vals, new_keys = u[pick], i[pick], vals[pick], new_keys[pick]
+        old_keys = base.users * ni + base.items
+        order = np.argsort(old_keys, kind="stable")
+        at = np.searchsorted(old_keys, new_keys, sorter=order).clip(max=max(len(order) - 1, 0))
+        exists = (len(order) > 0) & (old_keys[order[at]] == new_keys)
+        values_all = base.values.copy()
+        values_all[order[at[exists]]] = vals[exists]
+        fresh = ~exists
+        ts = None
+        if base.timestamps is not None:
+            now = np.full(int(fresh.sum()), int(time.time()), dtype=np.int64)
+            if timestamps is not None:
+                now = np.asarray(timestamps, dtype=np.int64)[pick][fresh]
+            ts = np.concatenate([base.timestamps, now])
+        live = Ratings(np.concatenate([base.users, u[fresh]]), np.concatenate([base.items, i[fresh]]),
+                       np.concatenate([values_all, vals[fresh].astype(np.float32)]), ts, user_ids, item_ids,
+                       base.rating_scale, base.item_titles)
+        self._regrow(live)
+        self._update_biases(np.unique(u), np.unique(i))
+        return {"added": int(fresh.sum()), "replaced": int(exists.sum()), "new_users": int(new_users),
+                "new_items": int(new_items)}
+
+    def _update_biases(self, users: np.ndarray, items: np.ndarray) -> None:
+        """Re-solve the baseline biases of ``users`` (item biases fixed), then ``items``."""
+        r = self._require_ratings()
+        _, bias = self._live()
+        b = bias.cpu().numpy().astype(np.float64)
+        nu, mu, lam = r.n_users, float(self.global_mean), self.config.bias_reg
+        for side, rows in (("user", users), ("item", items)):
+            if len(rows) == 0:
+                continue
+            keys, other = (r.users, nu + r.items) if side == "user" else (r.items, r.users)
+            mask = np.isin(keys, rows)
+            size = nu if side == "user" else r.n_items
+            resid = np.bincount(keys[mask], weights=r.values[mask] - mu - b[other[mask]], minlength=size)
+            count = np.bincount(keys[mask], minlength=size)
+            offset = 0 if side == "user" else nu
+            b[offset + rows] = resid[rows] / (lam + count[rows])
+        self._node_bias = torch.from_numpy(b.astype(np.float32)).to(self.device)
+
+    # ------------------------------------------------------------------ vectors
+    def _generator(self, fresh: bool) -> torch.Generator:
+        """The sampling stream: in training one stream continued across steps; otherwise a
+        fresh stream per call, so the same query always gets the same answer."""
+        if fresh:
+            return torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
+        if self._train_generator is None or self._train_generator.device != self.device:
+            self._train_generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        return self._train_generator
+
+    def _encode(self, values: torch.Tensor) -> torch.Tensor:
+        """Hat-function encoding of ratings ``[E] -> [E, L]``."""
+        step = self.rating_levels[1] - self.rating_levels[0]
+        return (1 - (values.unsqueeze(1) - self.rating_levels).abs() / step).clamp(min=0)
+
+    def _gated(self, mean: torch.Tensor, count: torch.Tensor, is_item: torch.Tensor) -> torch.Tensor:
+        """Shrink generated vectors ``mean [n, K]`` with evidence ``count [n]`` towards the
+        fallback of their side (``is_item [n]`` bool)."""
+        side = is_item.long()
+        a, c = self.gate[side, 0], self.gate[side, 1]
+        g = torch.sigmoid(a * torch.log(count.clamp(min=1)) + c).unsqueeze(1)
+        return g * mean + (1 - g) * self.fallback_vectors[side]
+
+    def _aggregate(self, chains: Chains, record: dict | None = None) -> torch.Tensor:
+        """Vectors ``[n_0, K]`` of the chains' root nodes, computed from the leaves up: one
+        message-MLP call per side and level, scatter-mean to the parents, the immediate
+        parent's message removed from a child's mean. ``record``, when given, collects
+        ``(level, messages [E, K], used [E] bool)`` under ``"levels"`` and the roots' evidence
+        counts under ``"root_counts"``, for `explain`."""
+        graph, bias = self._live()
+        nu, k = graph.n_users, self.config.embedding_size
+        protos = self.prototype_vectors
+
+        def free(nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            slot = graph.proto_slot[nodes]
+            return protos[slot.clamp(min=0)], slot >= 0
+
+        vec, valid = free(chains.leaves)
+        vec = vec * valid.unsqueeze(1)
+        below: tuple[torch.Tensor, ...] | None = None  # sums, counts, messages, edge validity
+        depth = len(chains.levels)
+        for d in reversed(range(depth)):
+            lvl = chains.levels[d]
+            child_vec, child_ok = vec[lvl.child], valid[lvl.child]
+            if below is not None and len(lvl.child) and len(below[2]):
+                sums, counts, msgs, edge_ok = below
+                has = lvl.reverse_edge >= 0
+                rev = lvl.reverse_edge.clamp(min=0)
+                used = (edge_ok[rev] & has).float()
+                cnt = counts[lvl.child] - used
+                mean = (sums[lvl.child] - msgs[rev] * used.unsqueeze(1)) / cnt.clamp(min=1).unsqueeze(1)
+                child_nodes = chains.nodes(d + 1)[lvl.child]
+                skipped = self._gated(mean, cnt, child_nodes >= nu)
+                is_proto = graph.proto_slot[child_nodes] >= 0
+                swap = has & ~is_proto
+                child_vec = torch.where(swap.unsqueeze(1), skipped, child_vec)
+                child_ok = torch.where(swap, cnt > 0, child_ok)
+            parents = lvl.nodes[lvl.parent]
+            children = chains.nodes(d + 1)[lvl.child]
+            resid = lvl.values - self.global_mean - bias[parents] - bias[children]
+            x = torch.cat([child_vec, self._encode(lvl.values), resid.unsqueeze(1)], dim=1)
+            into_item = parents >= nu
+            msg = torch.zeros(len(x), k, device=x.device, dtype=x.dtype)
+            for net, rows in ((self.phi_user, ~into_item), (self.phi_item, into_item)):
+                idx = torch.nonzero(rows).squeeze(1)
+                if len(idx):
+                    msg = msg.index_put((idx,), net(x[idx]))
+            ok = child_ok.float()
+            msg = msg * ok.unsqueeze(1)
+            n_l = len(lvl.nodes)
+            sums = torch.zeros(n_l, k, device=x.device, dtype=x.dtype).index_add(0, lvl.parent, msg)
+            counts = torch.zeros(n_l, device=x.device).index_add(0, lvl.parent, ok)
+            node_is_item = lvl.nodes >= nu
+            generated = self._gated(sums / counts.clamp(min=1).unsqueeze(1), counts, node_is_item)
+            pv, is_proto = free(lvl.nodes)
+            vec = torch.where(is_proto.unsqueeze(1), pv, generated)
+            valid = is_proto | (counts > 0)
+            if record is not None:
+                record["levels"].append((d, msg, ok * ~is_proto[lvl.parent]))
+                record["root_counts"] = counts
+            below = (sums, counts, msg, child_ok)
+        # roots with no evidence at all take their side's fallback vector
+        roots_item = chains.levels[0].nodes >= nu if depth else chains.leaves >= nu
+        return torch.where(valid.unsqueeze(1), vec, self.fallback_vectors[roots_item.long()])
+
+    def _pair_scores(self, users: torch.Tensor, items: torch.Tensor, generator: torch.Generator,
+                     record: dict | None = None) -> tuple[torch.Tensor, Chains, torch.Tensor, torch.Tensor]:
+        """One sampling pass: predictions ``[B]`` (unclipped), the chains, and the root
+        vectors of the users and items ``[B, K]`` each."""
+        graph, bias = self._live()
+        nu = graph.n_users
+        roots, inverse = torch.unique(torch.cat([users, items + nu]), return_inverse=True)
+        chains = sample_chains(graph, roots, self.config.fanouts, generator,
+                               exclude=graph.pair_keys(users, items),
+                               evidence_dropout=self.config.evidence_dropout if self.training else 0.0)
+        vec = self._aggregate(chains, record)
+        b = len(users)
+        vu, vi = vec[inverse[:b]], vec[inverse[b:]]
+        pred = self.global_mean + bias[users] + bias[nu + items] + (vu * vi).sum(-1)
+        return pred, chains, vu, vi
+
+    # ------------------------------------------------------------------ RatingModel
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Predictions ``[B]``: one sampling pass in training, the mean of ``eval_passes``
+        passes otherwise (deterministic for a given batch and live ratings)."""
+        if len(users) == 0:
+            return torch.zeros(0, device=self.device)
+        passes = 1 if self.training else self.config.eval_passes
+        gen = self._generator(fresh=not self.training)
+        out = self._pair_scores(users, items, gen)[0]
+        for _ in range(passes - 1):
+            out = out + self._pair_scores(users, items, gen)[0]
+        return out / passes
+
+    def fallback(self, users: torch.Tensor, items: torch.Tensor, user_known: torch.Tensor,
+                 item_known: torch.Tensor) -> torch.Tensor:
+        """μ plus the baseline bias of whichever side has live ratings."""
+        graph, bias = self._live()
+        return self.global_mean + bias[users] * user_known + bias[graph.n_users + items] * item_known
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``0.5 (mean squared error + reg·mean|prototype|² + mlp_reg·Σ|W|²)`` of one batch,
+        each rating predicted from chains that exclude the batch's own ratings."""
+        err = values - self.forward(users, items)
+        c = self.config
+        penalty = c.reg * self.prototype_vectors.square().sum(-1).mean()
+        if c.mlp_reg:
+            penalty = penalty + c.mlp_reg * sum(m.weight.square().sum() for m in self.modules()
+                                                if isinstance(m, nn.Linear))
+        return 0.5 * (err.square().mean() + penalty)
+
+    @torch.no_grad()
+    def node_vectors(self, nodes: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:
+        """Vectors ``[n, K]`` of global node ids (users ``u``, items ``n_users + i``), averaged
+        over ``eval_passes`` samplings, with no rating excluded."""
+        graph, _ = self._live()
+        gen = self._generator(fresh=True)
+        out = torch.zeros(len(nodes), self.config.embedding_size, device=self.device)
+        for s in range(0, len(nodes), chunk):
+            part = nodes[s:s + chunk]
+            roots, inverse = torch.unique(part, return_inverse=True)
+            for _ in range(self.config.eval_passes):
+                chains = sample_chains(graph, roots, self.config.fanouts, gen)
+                out[s:s + chunk] += self._aggregate(chains)[inverse]
+        return out / self.config.eval_passes
+
+    @torch.no_grad()
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        graph, bias = self._live()
+        nu = graph.n_users
+        users = users.to(self.device)
+        known = (users >= 0) & self.known_users[users.clamp_min(0)]
+        users = users.clamp_min(0)
+        items = torch.arange(graph.n_items, device=self.device)
+        vi = self.node_vectors(items + nu)
+        vu = self.node_vectors(users)
+        item_bias = bias[nu:] + self.global_mean
+        scores = vu @ vi.T + bias[users].unsqueeze(1) + item_bias
+        return torch.where(known.unsqueeze(1), scores, item_bias.expand_as(scores))
+
+    # ------------------------------------------------------------------ explanation
+    def explain(self, user: object, item: object, *, top: int | None = 10) -> dict:
+        """Why the model predicts what it does for raw ids ``(user, item)``.
+
+        Returns ``prediction`` (as `predict` gives it), ``path`` (``"model"`` or
+        ``"fallback (...)"``), the baseline ``terms`` (``global_mean``, ``user_bias``,
+        ``item_bias``, ``prior``: the part of ``u·v`` from the fallback vectors) and
+        ``evidence``: dicts ``{hop, user, item, rating, example, share}`` with raw ids, the
+        rating, its row in the live ratings and its share of the prediction, largest first
+        (at most ``top`` per hop). Shares of hop 1 plus ``prior`` plus the terms sum to the
+        unclipped prediction exactly (``u·v`` is split half to each side's messages, exact
+        for a bilinear form); deeper hops get first-order (gradient × input) shares on the
+        same scale, which say how much of the hop-1 evidence came from each deeper rating.
+        Shares are averaged over the ``eval_passes`` samplings.
+        """
+        r = self._require_ratings()
+        graph, bias = self._live()
+        u, i = r.user_ids.get(user), r.item_ids.get(item)
+        uidx = torch.tensor([-1 if u is None else u], device=self.device)
+        iidx = torch.tensor([-1 if i is None else i], device=self.device)
+        prediction = float(self.predict(uidx, iidx)[0])
+        user_known, item_known = (bool(x) for x in self.known_mask(uidx, iidx))
+        terms = {"global_mean": float(self.global_mean),
+                 "user_bias": float(bias[u]) if user_known else 0.0,
+                 "item_bias": float(bias[graph.n_users + i]) if item_known else 0.0,
+                 "prior": 0.0, "prototype": 0.0}
+        if not (user_known and item_known):
+            path = "fallback (unknown user)" if not user_known else "fallback (item has no ratings)"
+            return {"user": str(user), "item": str(item), "prediction": prediction, "path": path,
+                    "terms": terms, "evidence": []}
+        was_training = self.training
+        self.eval()
+        shares: dict[tuple[int, int], float] = {}
+        gen = self._generator(fresh=True)
+        passes = self.config.eval_passes
+        try:
+            for _ in range(passes):
+                record: dict = {"levels": []}
+                with torch.enable_grad():
+                    _, chains, vu, vi = self._pair_scores(uidx, iidx, gen, record)
+                    score = (vu * vi).sum()
+                    msgs = [m for _, m, _ in record["levels"]]
+                    grads = torch.autograd.grad(score, msgs, allow_unused=True)
+                for (d, msg, weight), grad in zip(record["levels"], grads, strict=True):
+                    if grad is None or len(msg) == 0:
+                        continue
+                    share = 0.5 * (grad * msg).sum(1).detach()
+                    examples = chains.levels[d].examples
+                    nz = torch.nonzero(weight > 0).squeeze(1)
+                    for ex, s in zip(examples[nz].tolist(), share[nz].tolist(), strict=True):
+                        shares[(d + 1, ex)] = shares.get((d + 1, ex), 0.0) + s / passes
+                # what is not hop-1 evidence: the fallback part of a generated root vector, or
+                # a prototype's free vector; half of u·v belongs to each side
+                roots = chains.levels[0].nodes
+                counts = record["root_counts"]
+                for side, (node, own, other) in enumerate(((int(uidx[0]), vu[0], vi[0]),
+                                                           (graph.n_users + int(iidx[0]), vi[0], vu[0]))):
+                    pos = int(torch.searchsorted(roots, torch.tensor(node, device=self.device)))
+                    half = 0.5 * float((own @ other).detach())
+                    if int(graph.proto_slot[node]) >= 0:
+                        terms["prototype"] += half / passes
+                        continue
+                    n = float(counts[pos])
+                    g = 0.0 if n == 0 else float(torch.sigmoid(self.gate[side, 0] * np.log(n) + self.gate[side, 1]).detach())
+                    terms["prior"] += (1 - g) * 0.5 * float((self.fallback_vectors[side] @ other).detach()) / passes
+        finally:
+            self.train(was_training)
+        evidence = []
+        for hop in sorted({h for h, _ in shares}):
+            rows = sorted(((ex, s) for (h, ex), s in shares.items() if h == hop), key=lambda t: -abs(t[1]))
+            for ex, s in rows[:top] if top else rows:
+                evidence.append({"hop": hop, "user": r.user_ids.raw(int(r.users[ex])),
+                                 "item": r.item_ids.raw(int(r.items[ex])), "rating": float(r.values[ex]),
+                                 "example": int(ex), "share": s})
+        return {"user": str(user), "item": str(item), "prediction": prediction, "path": "model",
+                "terms": terms, "evidence": evidence}

@@ -1,0 +1,244 @@
+"""`RatingStore`: the durable log of ratings received online, in SQLite (stdlib ``sqlite3``).
+
+A rating is acknowledged only after the transaction holding it is committed with
+``journal_mode=WAL`` and ``synchronous=FULL``: the WAL is fsynced at every commit, so an
+acknowledged rating survives a killed process and a power cut (with ``NORMAL`` a power cut
+could lose the last commits; we choose ``FULL``). Writers are serialised by one lock per
+process plus an exclusive file lock across processes (SQLite's own busy-retry makes tail
+latencies explode under contention). Concurrent single-rating writes are *group
+committed*: a writer thread gathers what arrives within ``group_window_s`` into one
+transaction and acknowledges each caller after it commits.
+
+Idempotency: a client-supplied ``event_id`` is unique; re-sending it returns the original
+row instead of storing a duplicate.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsys.errors import RecsysError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ratings (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    user        TEXT NOT NULL,
+    item        TEXT NOT NULL,
+    rating      REAL NOT NULL,
+    timestamp   INTEGER NOT NULL,
+    event_id    TEXT UNIQUE,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS users (
+    user        TEXT PRIMARY KEY,
+    created_at  REAL NOT NULL
+);
+"""
+
+
+class StoreClosedError(RecsysError):
+    """The store was closed; nothing more can be written."""
+
+
+@dataclass(frozen=True)
+class StoredRating:
+    """One rating as stored: ``seq`` is its position in the log (1-based, increasing)."""
+
+    seq: int
+    user: str
+    item: str
+    rating: float
+    timestamp: int
+    event_id: str | None
+    duplicate: bool = False  # True when this event_id had already been stored
+
+
+@dataclass(frozen=True)
+class NewRating:
+    user: str
+    item: str
+    rating: float
+    timestamp: int | None = None
+    event_id: str | None = None
+
+
+class RatingStore:
+    """A durable, append-only rating log (see the module docstring)."""
+
+    def __init__(self, path: str | Path, *, group_window_s: float = 0.002, max_group: int = 10_000) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+b")  # noqa: SIM115
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+        self._read = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._read_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._group_window_s = group_window_s
+        self._max_group = max_group
+        self._queue: queue.Queue[tuple[list[NewRating], Future] | None] = queue.Queue()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="rating-store-writer", daemon=True)
+        self._writer.start()
+
+    # ------------------------------------------------------------------ writing
+    def add(self, ratings: Sequence[NewRating], timeout: float | None = 30.0) -> list[StoredRating]:
+        """Store ``ratings`` durably; returns them as stored (in order), after the commit.
+        Ratings whose ``event_id`` was seen before come back with ``duplicate=True`` and the
+        original values."""
+        if self._closed:
+            raise StoreClosedError("the rating store is closed")
+        if not ratings:
+            return []
+        for r in ratings:
+            if not math.isfinite(r.rating):
+                raise ValueError(f"rating must be a finite number, got {r.rating!r}")
+        fut: Future = Future()
+        self._queue.put((list(ratings), fut))
+        return fut.result(timeout=timeout)
+
+    def add_user(self, user: str) -> bool:
+        """Record a user created with no ratings; False if the user already existed."""
+        with self._exclusive():
+            cur = self._conn.execute("INSERT OR IGNORE INTO users(user, created_at) VALUES (?, ?)",
+                                     (user, time.time()))
+            return cur.rowcount == 1
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            n = len(first[0])
+            deadline = time.monotonic() + self._group_window_s
+            while n < self._max_group:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=max(remaining, 0)) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # close after this group
+                    break
+                batch.append(item)
+                n += len(item[0])
+            try:
+                results = self._commit([r for r, _ in batch])
+            except BaseException as exc:  # every waiter learns the group failed; nothing was acked
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            for (_, fut), res in zip(batch, results, strict=True):
+                fut.set_result(res)
+
+    def _commit(self, groups: list[list[NewRating]]) -> list[list[StoredRating]]:
+        """One transaction for all groups: look up known event ids in bulk, number the new
+        rows explicitly (we hold the only write lock, so numbers are consecutive), insert
+        them with one ``executemany``."""
+        now = time.time()
+        with self._exclusive():
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                events = list({r.event_id for g in groups for r in g if r.event_id is not None})
+                known: dict[str, StoredRating] = {}
+                for start in range(0, len(events), 500):
+                    chunk = events[start:start + 500]
+                    rows = cur.execute(
+                        "SELECT seq, user, item, rating, timestamp, event_id FROM ratings WHERE event_id IN "
+                        f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                    known.update({row[5]: StoredRating(*row, duplicate=True) for row in rows})
+                row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'ratings'").fetchone()
+                seq = row[0] if row else 0
+                out: list[list[StoredRating]] = []
+                inserts = []
+                for group in groups:
+                    stored = []
+                    for r in group:
+                        if r.event_id is not None and r.event_id in known:
+                            stored.append(known[r.event_id])
+                            continue
+                        seq += 1
+                        ts = int(now) if r.timestamp is None else int(r.timestamp)
+                        s = StoredRating(seq, r.user, r.item, float(r.rating), ts, r.event_id)
+                        if r.event_id is not None:  # a repeat later in this same batch is a duplicate
+                            known[r.event_id] = StoredRating(seq, r.user, r.item, float(r.rating), ts,
+                                                             r.event_id, duplicate=True)
+                        inserts.append((seq, r.user, r.item, float(r.rating), ts, r.event_id, now))
+                        stored.append(s)
+                    out.append(stored)
+                cur.executemany("INSERT INTO ratings(seq, user, item, rating, timestamp, event_id, received_at) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?)", inserts)
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return out
+
+    class _FileLock:
+        def __init__(self, store: RatingStore) -> None:
+            self.store = store
+
+        def __enter__(self) -> None:
+            self.store._write_lock.acquire()
+            fcntl.flock(self.store._lock_file.fileno(), fcntl.LOCK_EX)
+
+        def __exit__(self, *exc: object) -> None:
+            fcntl.flock(self.store._lock_file.fileno(), fcntl.LOCK_UN)
+            self.store._write_lock.release()
+
+    def _exclusive(self) -> RatingStore._FileLock:
+        return RatingStore._FileLock(self)
+
+    # ------------------------------------------------------------------ reading
+    def replay(self, after_seq: int = 0, batch: int = 10_000) -> Iterator[StoredRating]:
+        """Every stored rating with ``seq > after_seq``, in log order."""
+        last = after_seq
+        while True:
+            with self._read_lock:
+                rows = self._read.execute(
+                    "SELECT seq, user, item, rating, timestamp, event_id FROM ratings WHERE seq > ? "
+                    "ORDER BY seq LIMIT ?", (last, batch)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield StoredRating(*row)
+            last = rows[-1][0]
+
+    def users(self) -> list[str]:
+        """Users created through `add_user`, in creation order."""
+        with self._read_lock:
+            return [u for (u,) in self._read.execute("SELECT user FROM users ORDER BY created_at, user")]
+
+    def count(self) -> int:
+        with self._read_lock:
+            return int(self._read.execute("SELECT COUNT(*) FROM ratings").fetchone()[0])
+
+    def close(self) -> None:
+        """Finish pending writes and close."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._writer.join(timeout=30)
+        self._conn.close()
+        self._read.close()
+        self._lock_file.close()
+
+    def __enter__(self) -> RatingStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

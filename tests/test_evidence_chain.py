@@ -1,0 +1,290 @@
+"""The evidence-chain model (REC): sampled chains, prototypes, target exclusion, online
+insertion, fallback, artefacts, gradients, explanations. Small synthetic data only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.artefact import load_artefact, save_artefact
+from recsys.models import build_model
+from recsys.models.chains import sample_chains, sample_neighbours
+from recsys.models.evidence_chain import EvidenceChainModel, RECConfig, fit_baseline
+from recsys.train import TrainConfig, Trainer
+from tests.conftest import make_ratings
+
+SMALL = {"embedding_size": 8, "hidden_size": 16, "prototypes": 4, "fanouts": (6, 4, 3), "eval_passes": 2}
+
+
+@pytest.fixture(scope="module")
+def ratings():
+    return make_ratings(n_users=40, n_items=25, n=500, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(ratings):
+    model = build_model("rec", ratings.n_users, ratings.n_items, ratings.rating_scale, SMALL)
+    Trainer(TrainConfig(epochs=4, optimizer="adam", learning_rate=0.01, batch_size=64, progress=False)).fit(model, ratings)
+    return model
+
+
+def fresh(ratings, **over) -> EvidenceChainModel:
+    model = build_model("rec", ratings.n_users, ratings.n_items, ratings.rating_scale, {**SMALL, **over})
+    model.prepare(ratings)
+    return model
+
+
+def graph_of(model):
+    return model._live()[0]
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_graph_rows_put_prototype_neighbours_first(ratings):
+    model = fresh(ratings)
+    g = graph_of(model)
+    for node in range(g.n_nodes):
+        lo, hi, k = int(g.indptr[node]), int(g.indptr[node + 1]), int(g.n_proto[node])
+        slots = g.proto_slot[g.neighbours[lo:hi]]
+        assert (slots[:k] >= 0).all() and (slots[k:] < 0).all()
+    assert int(g.degrees().sum()) == 2 * len(ratings)
+
+
+def test_sampled_neighbours_are_distinct_real_edges_prototypes_first(ratings):
+    model = fresh(ratings)
+    g = graph_of(model)
+    nodes = torch.arange(g.n_nodes)
+    edges = sample_neighbours(g, nodes, 5, torch.Generator().manual_seed(0))
+    deg, n_proto = g.degrees(), g.n_proto
+    counts = torch.bincount(edges.parent, minlength=len(nodes))
+    assert torch.equal(counts, deg.clamp(max=5))
+    for node in range(g.n_nodes):
+        got = edges.child[edges.parent == node]
+        row = set(g.neighbours[int(g.indptr[node]):int(g.indptr[node + 1])].tolist())
+        assert len(set(got.tolist())) == len(got) and set(got.tolist()) <= row
+        want_protos = min(int(n_proto[node]), 5)
+        assert int((g.proto_slot[got] >= 0).sum()) == want_protos
+
+
+def test_chains_have_the_right_shapes_and_are_deterministic_for_a_seed(ratings):
+    model = fresh(ratings)
+    g = graph_of(model)
+    roots = torch.tensor([0, 3, g.n_users + 2])
+    a = sample_chains(g, roots, (6, 4, 3), torch.Generator().manual_seed(7))
+    b = sample_chains(g, roots, (6, 4, 3), torch.Generator().manual_seed(7))
+    c = sample_chains(g, roots, (6, 4, 3), torch.Generator().manual_seed(8))
+    assert len(a.levels) == 3
+    for la, lb in zip(a.levels, b.levels, strict=True):
+        for name in ("nodes", "parent", "child", "values", "examples", "reverse_edge"):
+            assert torch.equal(getattr(la, name), getattr(lb, name))
+    assert any(not torch.equal(x.examples, y.examples) for x, y in zip(a.levels, c.levels, strict=True)
+               if len(x.examples) == len(y.examples)) or any(len(x.examples) != len(y.examples)
+                                                            for x, y in zip(a.levels, c.levels, strict=True))
+    for d, lvl in enumerate(a.levels):
+        fan = (6, 4, 3)[d]
+        assert torch.equal(lvl.nodes, torch.unique(lvl.nodes))  # memoised: unique per level
+        assert int(torch.bincount(lvl.parent, minlength=len(lvl.nodes)).max()) <= fan
+        assert (g.proto_slot[lvl.nodes[lvl.parent]] < 0).all()  # prototypes are never expanded
+        nxt = a.nodes(d + 1)
+        assert len(lvl.child) == 0 or int(lvl.child.max()) < len(nxt)
+    assert (g.proto_slot[a.leaves] >= 0).all()  # only prototypes reach the last depth
+
+
+def test_reverse_edges_point_back_to_the_parent(ratings):
+    model = fresh(ratings, prototypes=1)
+    g = graph_of(model)
+    ch = sample_chains(g, torch.arange(10), (8, 8, 8), torch.Generator().manual_seed(0))
+    found = 0
+    for d in range(2):
+        lvl, nxt = ch.levels[d], ch.levels[d + 1]
+        for e in torch.nonzero(lvl.reverse_edge >= 0).squeeze(1).tolist():
+            r = int(lvl.reverse_edge[e])
+            assert int(nxt.parent[r]) == int(lvl.child[e])
+            assert int(ch.nodes(d + 2)[nxt.child[r]]) == int(lvl.nodes[lvl.parent[e]])
+            found += 1
+    assert found > 0
+
+
+def test_the_target_rating_is_never_its_own_evidence(ratings):
+    model = fresh(ratings, prototypes=1, fanouts=(30, 30, 30))
+    g = graph_of(model)
+    users, items = torch.from_numpy(ratings.users[:20]), torch.from_numpy(ratings.items[:20])
+    roots = torch.unique(torch.cat([users, items + g.n_users]))
+    target_rows = set(range(20))
+    ch = sample_chains(g, roots, (30, 30, 30), torch.Generator().manual_seed(0),
+                       exclude=g.pair_keys(users, items))
+    for lvl in ch.levels:
+        assert not target_rows & set(lvl.examples.tolist())
+    ch = sample_chains(g, roots, (30, 30, 30), torch.Generator().manual_seed(0))  # without exclusion
+    assert target_rows & set(ch.levels[0].examples.tolist())
+
+
+# ---------------------------------------------------------------------------- parameters
+def test_only_prototypes_have_free_vectors_and_the_size_is_fixed(ratings):
+    model = fresh(ratings)
+    counts = ratings.user_counts()
+    top = set(np.argsort(-counts, kind="stable")[:4].tolist())
+    assert set(model.prototype_users.tolist()) == top
+    assert model.prototype_vectors.shape == (8, 8)
+    big = build_model("rec", 10 * ratings.n_users, 10 * ratings.n_items, (1, 5), SMALL)
+    assert big.parameter_count() == model.parameter_count()
+    assert all(p.shape[0] != ratings.n_users and p.shape[0] != ratings.n_items for p in model.parameters())
+    # a prototype's vector is its free vector, whatever its ratings
+    g = graph_of(model)
+    proto = int(model.prototype_users[0])
+    vec = model.node_vectors(torch.tensor([proto]))
+    assert torch.allclose(vec[0], model.prototype_vectors[int(g.proto_slot[proto])])
+
+
+def test_gradients_reach_prototypes_and_both_message_networks(ratings):
+    model = fresh(ratings)
+    model.train()
+    u, i, v = ratings.tensors()
+    # a batch's own ratings are never evidence, so take a batch of a tenth of them
+    model.loss(u[:50], i[:50], v[:50]).backward()
+    for name in ("prototype_vectors", "fallback_vectors", "gate"):
+        assert getattr(model, name).grad is not None and getattr(model, name).grad.abs().sum() > 0, name
+    for net in (model.phi_user, model.phi_item):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_training_lowers_the_error(ratings):
+    model = fresh(ratings)
+    model.eval()
+    u, i, v = ratings.tensors()
+    before = float(((model.predict(u, i) - v) ** 2).mean())
+    Trainer(TrainConfig(epochs=6, optimizer="adam", learning_rate=0.02, batch_size=64, progress=False)).fit(model, ratings)
+    after = float(((model.predict(u, i) - v) ** 2).mean())
+    assert after < before
+
+
+# ---------------------------------------------------------------------------- online and cold start
+def test_a_new_user_gets_a_prediction_that_moves_when_a_rating_is_added(trained, ratings):
+    model = trained
+    item_ids = ratings.item_ids.raw_ids
+    assert model.add_user("newcomer") == ratings.n_users
+    target = torch.tensor([model.ratings.item_ids.index(item_ids[0])])
+    idx = torch.tensor([model.ratings.user_ids.index("newcomer")])
+    before = model.explain("newcomer", item_ids[0])
+    assert before["path"] == "fallback (unknown user)" and before["evidence"] == []
+    fallback = float(model.predict(idx, target)[0])
+    out = model.add_ratings(["newcomer", "newcomer"], [item_ids[1], item_ids[2]], [5.0, 4.0])
+    assert out == {"added": 2, "replaced": 0, "new_users": 0, "new_items": 0}
+    first = float(model.predict(idx, target)[0])
+    assert model.known_users[idx].item() and first != fallback
+    model.add_ratings(["newcomer"], [item_ids[3]], [1.0])
+    second = float(model.predict(idx, target)[0])
+    assert second != first
+    # replacing a rating changes it too; a brand-new item with a rating is predicted by the model
+    assert model.add_ratings(["newcomer"], [item_ids[3]], [5.0])["replaced"] == 1
+    assert float(model.predict(idx, target)[0]) != second
+    assert model.add_ratings(["0"], ["new-item"], [4.0])["new_items"] == 1
+    assert model.explain("newcomer", "new-item")["path"] == "model"
+
+
+def test_add_ratings_checks_its_input(trained):
+    with pytest.raises(ValueError, match="within the scale"):
+        trained.add_ratings(["0"], ["0"], [9.0])
+    with pytest.raises(ValueError, match="same length"):
+        trained.add_ratings(["0"], ["0", "1"], [3.0])
+
+
+def test_zero_evidence_falls_back_to_the_baseline_and_says_so(ratings):
+    model = fresh(ratings)
+    model.add_user("ghost")
+    model.add_item("ghost-item")
+    g, bias = model._live()
+    u = torch.tensor([model.ratings.user_ids.index("ghost"), 0, -1])
+    i = torch.tensor([0, model.ratings.item_ids.index("ghost-item"), 0])
+    pred = model.predict(u, i)
+    mu = float(model.global_mean)
+    assert float(pred[0]) == pytest.approx(mu + float(bias[g.n_users + 0]))
+    assert float(pred[1]) == pytest.approx(mu + float(bias[0]))
+    assert float(pred[2]) == pytest.approx(float(pred[0]))
+    assert model.explain("0", "ghost-item")["path"] == "fallback (item has no ratings)"
+
+
+def test_baseline_biases_are_the_ridge_solution():
+    users, items = np.array([0, 0, 1]), np.array([0, 1, 1])
+    values = np.array([5.0, 3.0, 1.0])
+    bu, bi = fit_baseline(users, items, values, 2, 2, 3.0, reg=0.0, sweeps=200)
+    pred = 3.0 + bu[users] + bi[items]
+    assert np.allclose(pred, values, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- artefacts, explanations
+def test_artefact_round_trip_keeps_predictions_and_live_ratings(trained, tmp_path):
+    model = trained
+    save_artefact(tmp_path / "rec", model, model.ratings)
+    art = load_artefact(tmp_path / "rec")
+    assert art.model.ratings is art.train
+    u, i, _ = art.train.tensors()
+    assert torch.equal(art.model.predict(u, i), fresh_copy_predict(model, u, i))
+    assert art.model.config == model.config
+
+
+def fresh_copy_predict(model, u, i):
+    # a model re-bound to its own live ratings (what loading does) predicts the same
+    clone = build_model("rec", model.n_users, model.n_items, model.rating_scale, model.config_dict())
+    clone.load_state_dict(model.state_dict())
+    clone.bind_ratings(model.ratings)
+    clone.eval()
+    return clone.predict(u, i)
+
+
+def test_explanations_sum_to_the_prediction(trained, ratings):
+    model = trained
+    for user, item in [("1", "2"), ("5", "7")]:
+        ex = model.explain(user, item, top=None)
+        assert ex["path"] == "model"
+        hop1 = sum(e["share"] for e in ex["evidence"] if e["hop"] == 1)
+        total = hop1 + sum(ex["terms"].values())
+        assert total == pytest.approx(ex["prediction"], abs=1e-4) or not 1 < ex["prediction"] < 5
+        assert {e["hop"] for e in ex["evidence"]} <= {1, 2, 3}
+        for e in ex["evidence"]:
+            r = model.ratings
+            assert float(r.values[e["example"]]) == e["rating"]
+            assert r.user_ids.raw(int(r.users[e["example"]])) == e["user"]
+        first = [e for e in ex["evidence"] if e["hop"] == 1]
+        assert first and all(e["user"] == user or e["item"] == item for e in first)
+        assert not any(e["user"] == user and e["item"] == item for e in ex["evidence"])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="fanouts"):
+        RECConfig(fanouts=())
+    assert RECConfig(fanouts=[4, 2]).fanouts == (4, 2)
+    with pytest.raises(ValueError, match="unknown rec config keys"):
+        build_model("rec", 2, 2, (1, 5), {"fanout": 3})
+
+
+def test_same_code_runs_on_cuda_when_available(ratings):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = fresh(ratings).to("cuda")
+    u, i, _ = ratings.tensors("cuda")
+    pred = model.predict(u, i)
+    assert pred.device.type == "cuda" and torch.isfinite(pred).all()
+
+
+# ---------------------------------------------------------------------------- command line
+def test_command_line_trains_evaluates_and_predicts_rec(tmp_path, capsys):
+    from recsys.cli import main
+
+    frame = make_ratings(n_users=40, n_items=30, n=600).to_frame()
+    path = tmp_path / "ratings.csv"
+    frame[["user", "item", "rating", "timestamp"]].to_csv(path, index=False, header=False)
+    common = ["--ratings", str(path), "--columns", "user,item,rating,timestamp", "--model", "rec",
+              "--epochs", "2", "--batch-size", "32", "--fanouts", "4,2", "--prototypes", "5", "--quiet"]
+    assert main(["evaluate", *common, "--split", "random:0.2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "rec" and 0 < out["rmse"] < 2
+    assert main(["train", *common, "--out", str(tmp_path / "m"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["train_config"]["optimizer"] == "adam"  # REC's training defaults
+    assert summary["model_config"]["fanouts"] == [4, 2]
+    assert main(["predict", "--model", str(tmp_path / "m"), "--user", "1", "--item", "2", "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["path"] == "model" and 1 <= pred["prediction"] <= 5
