@@ -81,6 +81,16 @@ class Recommender:
         lr, decay, epochs = cfg.get("learning_rate", 0.01), cfg.get("lr_decay", 1.0), cfg.get("epochs", 1)
         self._online_lr = float(lr) * float(decay) ** max(0, int(epochs) - 1)
         self.loaded_at = time.time()
+        self.newton = None
+        if isinstance(self.model, MatrixFactorization):
+            from recsys.explain.influence import NewtonInfluence
+
+            self.newton = NewtonInfluence(self.model, self.train)
+            if len(self.train) <= self.warm_below:
+                self.newton.warm()
+
+    #: precompute every row's explanation vectors at load when the training set is this small
+    warm_below = 200_000
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "cpu") -> Recommender:
@@ -158,15 +168,43 @@ class Recommender:
         return [torch.from_numpy(a) for a in out if len(a)]
 
     def _explain(self, u: int, i: int, k: int) -> tuple[list[dict] | None, str | None]:
-        """Top-k training ratings behind a prediction; None until the model's artefact carries
-        an explanation source (see `explainer`)."""
-        if self.explainer is None or u < 0:
-            return None, None
-        return self.explainer(u, i, k)
+        """The ``k`` training ratings with the largest estimated effect on a prediction, and
+        the method that estimated them; ``(None, reason)`` where none applies."""
+        if u < 0 or not bool(self.model.known_users[u]):
+            return None, "none: the prediction uses no rating of this user (fallback)"
+        if isinstance(self.model, MatrixFactorization):
+            if u >= self.train.n_users or self._train_counts[u] == 0:
+                return None, "none: fold-in users are not explained yet"
+            from recsys.explain.influence import estimate_effects
 
-    #: ``callable(user_index, item_index, k) -> (list of effects, method name)``, set by
-    #: `recsys.explain` when the artefact has a rollback log.
-    explainer = None
+            method = self.explain_method if (self.explain_method != "rollback" or self.artefact.rollback) else "newton"
+            if method == "newton":
+                ids, effects = self.newton.effects(u, i)
+            else:
+                ids, effects, _, _ = estimate_effects(self.model, self.train, u, i, method, self.artefact.rollback)
+            top = np.argsort(-np.abs(effects), kind="stable")[:k]
+            rows = [(int(ids[j]), float(effects[j])) for j in top]
+            ratings = self.train
+        elif hasattr(self.model, "explain"):
+            res = self.model.explain(self.user_ids.raw(u), self.item_ids.raw(i), top=k)
+            first_hop = [e for e in res["evidence"] if e["hop"] == 1]
+            rows = [(int(e["example"]), float(e["share"])) for e in first_hop[:k]]
+            ratings, method = self.model.ratings, "evidence-chain shares (first hop)"
+        else:
+            return None, None
+        out = []
+        for z, effect in rows:
+            raw_item = ratings.item_ids.raw(int(ratings.items[z]))
+            out.append({"user": ratings.user_ids.raw(int(ratings.users[z])), "item": raw_item,
+                        "title": self.title(raw_item), "rating": float(ratings.values[z]),
+                        "timestamp": None if ratings.timestamps is None else int(ratings.timestamps[z]),
+                        "effect": effect})
+        return out, method
+
+    #: MF explanation method (`recsys.explain.influence.METHODS`); the default is the one the
+    #: faithfulness harness found most faithful. ``rollback`` needs a model trained with
+    #: ``--rollback``.
+    explain_method = "newton"
 
     def user_info(self, user: object) -> UserInfo:
         with self._lock:
@@ -263,6 +301,7 @@ class Recommender:
         in_train = users < len(self._train_counts)
         trained[in_train] = self._train_counts[users[in_train]] > 0
         if trained.any():
+            self.newton.invalidate(users[trained], items[trained])  # their rows move
             live = Ratings(users[trained], items[trained], values[trained], None, self.user_ids, self.item_ids,
                            model.rating_scale)
             order = np.arange(len(live), dtype=np.int64)

@@ -6,7 +6,8 @@ acknowledged rating survives a killed process and a power cut (with ``NORMAL`` a
 could lose the last commits; we choose ``FULL``). Writers are serialised by one lock per
 process plus an exclusive file lock across processes (SQLite's own busy-retry makes tail
 latencies explode under contention). Concurrent single-rating writes are *group
-committed*: a writer thread gathers what arrives within ``group_window_s`` into one
+committed*: a writer thread takes everything queued while the previous commit was running
+(plus what arrives within ``group_window_s``, default 0: no added delay) into one
 transaction and acknowledges each caller after it commits.
 
 Idempotency: a client-supplied ``event_id`` is unique; re-sending it returns the original
@@ -74,7 +75,7 @@ class NewRating:
 class RatingStore:
     """A durable, append-only rating log (see the module docstring)."""
 
-    def __init__(self, path: str | Path, *, group_window_s: float = 0.002, max_group: int = 10_000) -> None:
+    def __init__(self, path: str | Path, *, group_window_s: float = 0.0, max_group: int = 10_000) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+b")  # noqa: SIM115

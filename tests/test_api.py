@@ -216,3 +216,16 @@ def test_evidence_chain_model_serves_new_users_without_retraining(rec_model_dir,
         assert len(recs["items"]) == 3 and {"1", "2"}.isdisjoint(p["item"] for p in recs["items"])
     with make_client(rec_model_dir, tmp_path / "db") as c:  # restart: replayed into the live ratings
         assert c.get("/v1/predict", params={"user": "rec-new", "item": "3"}).json() == after
+
+
+def test_predictions_and_recommendations_carry_explanations(client):
+    res = client.get("/v1/predict", params={"user": "0", "item": "1", "explain": 3}).json()
+    assert res["explanation_method"] == "newton" and 1 <= len(res["explanation"]) <= 3
+    effects = [e["effect"] for e in res["explanation"]]
+    assert effects == sorted(effects, key=abs, reverse=True)
+    for e in res["explanation"]:
+        assert e["user"] == "0" or e["item"] == "1"  # only ratings sharing the user or the item
+    recs = client.get("/v1/users/0/recommendations", params={"k": 2, "explain": 2}).json()
+    assert all(len(p["explanation"]) == 2 for p in recs["items"])
+    fallback = client.get("/v1/predict", params={"user": "stranger", "item": "1", "explain": 3}).json()
+    assert fallback["explanation"] is None and "fallback" in fallback["explanation_method"]

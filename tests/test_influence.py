@@ -147,3 +147,28 @@ def test_recommendations_are_explained_and_exclude_rated_items(small_ratings):
     rated = {r.item_ids.raw(int(i)) for i in r.items[r.users == 2]}
     assert len(exps) == 3 and not ({e.item for e in exps} & rated)
     assert all(len(e.contributions) == 2 for e in exps)
+
+
+def test_cached_newton_equals_the_direct_estimate_and_follows_invalidation(small_ratings):
+    from recsys.explain.influence import NewtonInfluence, estimate_effects
+    from recsys.models import build_model
+    from recsys.train import TrainConfig, Trainer
+
+    r = small_ratings
+    model = build_model("mf", r.n_users, r.n_items, r.rating_scale, {"embedding_size": 8, "n_blocks": 2})
+    Trainer(TrainConfig(epochs=5, progress=False)).fit(model, r)
+    cache = NewtonInfluence(model, r)
+    pairs = [(int(r.users[z]), int(r.items[z])) for z in range(0, len(r), 37)] + [(0, r.n_items - 1), (3, 4)]
+    for u, i in pairs:
+        ids, direct = estimate_effects(model, r, u, i, "newton")[:2]
+        ids2, cached = cache.effects(u, i)
+        np.testing.assert_array_equal(ids, ids2)
+        np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-7)
+    u, i = pairs[0]
+    with torch.no_grad():
+        model.user_factors.weight[u] += 0.5
+    stale = cache.effects(u, i)[1]
+    cache.invalidate(users=[u])
+    fresh = cache.effects(u, i)[1]
+    np.testing.assert_allclose(fresh, estimate_effects(model, r, u, i, "newton")[1], rtol=1e-4, atol=1e-7)
+    assert not np.allclose(stale, fresh)

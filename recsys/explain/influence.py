@@ -200,6 +200,105 @@ def _newton(model: RatingModel, train: Ratings, user: int, item: int, ids: np.nd
     return eff
 
 
+class NewtonInfluence:
+    """The ``newton`` estimate with per-row precomputation, for serving.
+
+    The effect of candidate ``z`` on row ``r`` (user or item) is linear in the prediction's
+    coefficients ``x̃`` on that row: ``−(A⁻¹ u_z)·x̃`` with ``u_z = ∇ℓ_z + x_z (z_zᵀ∇ℓ_z)/(1 −
+    z_zᵀx_z)`` (the Sherman–Morrison form of `_row_newton`). So the vectors ``s_z = A⁻¹u_z``
+    (``[K, d+1]`` per rating of the row) are computed once per row, on first use, and every
+    later explanation touching that row is a gather and a dot product. Call `invalidate` for
+    rows whose parameters changed (online updates)."""
+
+    def __init__(self, model: RatingModel, train: Ratings) -> None:
+        self.model, self.train = model, train
+        self._rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def invalidate(self, users: np.ndarray | list[int] = (), items: np.ndarray | list[int] = ()) -> None:
+        """Forget rows made stale by changed parameters of ``users`` / ``items``: their own
+        rows and the rows of everyone they rated or were rated by (whose systems hold them)."""
+        by_user, by_item = self.train.by_user, self.train.by_item
+        for u in set(int(x) for x in users):
+            self._rows.pop(("user", u), None)
+            if 0 <= u < self.train.n_users:
+                for j in by_user.columns[by_user.row(u)]:
+                    self._rows.pop(("item", int(j)), None)
+        for i in set(int(x) for x in items):
+            self._rows.pop(("item", i), None)
+            if 0 <= i < self.train.n_items:
+                for v in by_item.columns[by_item.row(i)]:
+                    self._rows.pop(("user", int(v)), None)
+
+    def _row(self, side: str, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(example ids [m] sorted, s [m, K, d+1])`` of one user or item row."""
+        key = (side, row)
+        if key in self._rows:
+            return self._rows[key]
+        model, train = self.model, self.train
+        k = model.config.n_blocks
+        csr = train.by_user if side == "user" else train.by_item
+        z = np.sort(csr.examples[csr.row(row)])
+        if len(z) == 0:
+            out = (z, np.zeros((0, k, model.block_size + 1)))
+            self._rows[key] = out
+            return out
+        r = _Rows(model, train.users[z], train.items[z])
+        resid = train.values[z].astype(np.float64)[None, :] - (
+            float(model.global_mean) + r.BU + r.BI + np.einsum("kmd,kmd->km", r.P, r.Q))
+        ones = np.ones((k, len(z), 1))
+        if side == "user":
+            theta = np.concatenate([r.P[:, 0], r.BU[:, :1]], axis=1)
+            X = np.concatenate([r.Q, ones], axis=2)
+            lam = np.r_[np.full(model.block_size, float(model.reg_user[row])), float(model.bias_reg_user[row])]
+        else:
+            theta = np.concatenate([r.Q[:, 0], r.BI[:, :1]], axis=1)
+            X = np.concatenate([r.P, ones], axis=2)
+            lam = np.r_[np.full(model.block_size, float(model.reg_item[row])), float(model.bias_reg_item[row])]
+        m = X.shape[1]
+        A = np.einsum("kmi,kmj->kij", X, X)
+        A[:, np.arange(len(lam)), np.arange(len(lam))] += max(m - 1, 1) * lam
+        G = -resid[..., None] * X + (lam * theta)[:, None, :]
+        Z = np.linalg.solve(A, X.transpose(0, 2, 1)).transpose(0, 2, 1)  # A⁻¹ x_z  [K, m, d+1]
+        t_g = np.einsum("kmj,kmj->km", Z, G)
+        t_x = np.einsum("kmj,kmj->km", Z, X)
+        denom = 1.0 - t_x
+        denom = np.where(np.abs(denom) < 1e-9, 1e-9, denom)
+        U = G + X * (t_g / denom)[..., None]
+        S = np.linalg.solve(A, U.transpose(0, 2, 1)).transpose(2, 0, 1)  # [m, K, d+1]
+        out = (z, np.ascontiguousarray(S, dtype=np.float32))  # float32 halves the cache
+        self._rows[key] = out
+        return out
+
+    def warm(self) -> None:
+        """Precompute every row (about 1 s and 85 MB for MovieLens-100K at D=128)."""
+        for u in np.flatnonzero(self.train.user_counts()):
+            self._row("user", int(u))
+        for i in np.flatnonzero(self.train.item_counts()):
+            self._row("item", int(i))
+
+    def effects(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(example ids [m], effects [m])`` like `estimate_effects(..., "newton")`."""
+        ids, su, si = candidates(self.train, user, item)
+        eff = np.zeros(len(ids))
+        if len(ids) == 0:
+            return ids, eff
+        model = self.model
+        k, d = model.config.n_blocks, model.block_size
+        ones = np.ones((k, 1), dtype=np.float32)
+        # the prediction's coefficients on each row, read straight from the (CPU) tables
+        p = model.user_factors.weight.detach().cpu().numpy()[user].reshape(k, d)
+        q = model.item_factors.weight.detach().cpu().numpy()[item].reshape(k, d)
+        for side, mask, target in (("user", su, np.concatenate([q, ones], axis=1)),
+                                   ("item", si, np.concatenate([p, ones], axis=1))):
+            sel = np.flatnonzero(mask)
+            if len(sel) == 0:
+                continue
+            row_ids, S = self._row(side, user if side == "user" else item)
+            pos = np.searchsorted(row_ids, ids[sel])
+            eff[sel] -= np.einsum("mkj,kj->m", S[pos], target) / k
+        return ids, eff
+
+
 def _fia(model: RatingModel, train: Ratings, user: int, item: int, ids: np.ndarray,
          su: np.ndarray, si: np.ndarray) -> np.ndarray:
     """FIA: ``−∇_θ f(x)ᵀ H⁻¹ ∇_θ ℓ_z`` with θ = (p_u, q_i) per block, exact Hessian of the
@@ -279,5 +378,6 @@ def explain_recommendations(model: RatingModel, log: RollbackLog | None, train: 
     return [explain(model, log, train, user, train.item_ids.raw(int(i)), k, method) for i in top]
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "UNITS", "Contribution", "Explanation", "UnknownIdError", "candidates",
+__all__ = ["DEFAULT_METHOD", "METHODS", "UNITS", "Contribution", "Explanation", "NewtonInfluence", "UnknownIdError",
+           "candidates",
            "estimate_effects", "explain", "explain_recommendations"]
