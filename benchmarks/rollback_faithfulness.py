@@ -24,6 +24,7 @@ from recsys.datasets import load_split
 from recsys.explain.faithfulness import (
     agreement,
     default_setup,
+    cached_newton_latency,
     explain_latency,
     fit_logged,
     removal,
@@ -78,6 +79,7 @@ def main() -> None:
     cb = RollbackCallback()
     Trainer(TrainConfig(patience=None, progress=False), callbacks=[cb]).fit(big, train)
     latency = {m: explain_latency(big, cb.log, train, test, n=300, method=m) for m in METHODS}
+    latency["newton-cached"] = cached_newton_latency(big, train, test, n=300)
     out["C"] = {**cost, "latency": latency}
     print(f"== C overhead {cost['overhead_ratio']:.2f}x ({cost['plain_seconds']} vs {cost['logged_seconds']}), "
           f"{cost['log_bytes_per_example_float32']:.0f} B/example float32")

@@ -74,6 +74,12 @@ class Recommender:
         self._lock = threading.RLock()
         self._train_counts = self.train.user_counts()
         self._live: dict[int, tuple[list[int], list[float]]] = {}  # user -> (items, ratings)
+        # every rating applied online, in order: (user, item, rating, timestamp); they become
+        # explanation candidates after the training ratings (example ids len(train), ...)
+        self._live_log: list[tuple[int, int, float, int]] = []
+        self._explained: Ratings | None = None
+        self._stale_users: set[int] = set()
+        self._stale_items: set[int] = set()
         self._created: set[int] = set()
         self._seen_seq = 0
         self.n_ingested = 0
@@ -173,18 +179,22 @@ class Recommender:
         if u < 0 or not bool(self.model.known_users[u]):
             return None, "none: the prediction uses no rating of this user (fallback)"
         if isinstance(self.model, MatrixFactorization):
-            if u >= self.train.n_users or self._train_counts[u] == 0:
-                return None, "none: fold-in users are not explained yet"
             from recsys.explain.influence import estimate_effects
 
-            method = self.explain_method if (self.explain_method != "rollback" or self.artefact.rollback) else "newton"
+            live = bool(self._live_log)
+            method = self.explain_method
+            if method == "rollback" and (self.artefact.rollback is None or live):
+                method = "newton"  # the log covers training only; Newton needs no log
             if method == "newton":
+                ratings = self._explained_ratings()
                 ids, effects = self.newton.effects(u, i)
             else:
+                ratings = self.train
+                if u >= self.train.n_users:
+                    return None, f"none: {method} explains training users only"
                 ids, effects, _, _ = estimate_effects(self.model, self.train, u, i, method, self.artefact.rollback)
             top = np.argsort(-np.abs(effects), kind="stable")[:k]
             rows = [(int(ids[j]), float(effects[j])) for j in top]
-            ratings = self.train
         elif hasattr(self.model, "explain"):
             res = self.model.explain(self.user_ids.raw(u), self.item_ids.raw(i), top=k)
             first_hop = [e for e in res["evidence"] if e["hop"] == 1]
@@ -200,6 +210,26 @@ class Recommender:
                         "timestamp": None if ratings.timestamps is None else int(ratings.timestamps[z]),
                         "effect": effect})
         return out, method
+
+    def _explained_ratings(self) -> Ratings:
+        """Training plus live ratings (rebuilt lazily after ingestion): the candidates of
+        explanations, so that ratings received online explain later predictions too."""
+        if self._explained is None:
+            if self._live_log:
+                u, i, v, t = (np.asarray(c) for c in zip(*self._live_log, strict=True))
+                ts = None if self.train.timestamps is None else np.concatenate([self.train.timestamps, t.astype(np.int64)])
+                self._explained = Ratings(
+                    np.concatenate([self.train.users, u.astype(np.int64)]),
+                    np.concatenate([self.train.items, i.astype(np.int64)]),
+                    np.concatenate([self.train.values, v.astype(np.float32)]), ts,
+                    self.user_ids, self.item_ids, self.train.rating_scale, self.train.item_titles)
+            else:
+                self._explained = self.train
+            self.newton.train = self._explained
+            self.newton.invalidate(sorted(self._stale_users), sorted(self._stale_items))
+            self._stale_users.clear()
+            self._stale_items.clear()
+        return self._explained
 
     #: MF explanation method (`recsys.explain.influence.METHODS`); the default is the one the
     #: faithfulness harness found most faithful. ``rollback`` needs a model trained with
@@ -259,8 +289,10 @@ class Recommender:
                 vals.append(float(r.rating))
                 if hasattr(r, "seq"):
                     self._seen_seq = max(self._seen_seq, r.seq)
+            now = int(time.time())
             self._apply(users, np.asarray(items, dtype=np.int64),
-                        np.asarray([r.rating for r in batch], dtype=np.float32))
+                        np.asarray([r.rating for r in batch], dtype=np.float32),
+                        np.asarray([now if r.timestamp is None else r.timestamp for r in batch], dtype=np.int64))
             self.n_ingested += len(batch)
             return len(batch)
 
@@ -292,7 +324,7 @@ class Recommender:
                 raise NotImplementedError(f"{type(self.model).__name__} cannot take new users")
             self.model.grow(max(len(self.user_ids), 2 * self.model.n_users), self.model.n_items)
 
-    def _apply(self, users: np.ndarray, items: np.ndarray, values: np.ndarray) -> None:
+    def _apply(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, timestamps: np.ndarray) -> None:
         """Apply new ratings (already appended to ``_live``) to the model: online SGD over
         the trained users' ratings in arrival order (one kernel pass per ``online_passes``),
         and a fresh fold-in for every other user who rated."""
@@ -300,8 +332,11 @@ class Recommender:
         trained = np.zeros(len(users), dtype=bool)
         in_train = users < len(self._train_counts)
         trained[in_train] = self._train_counts[users[in_train]] > 0
+        self._live_log.extend(zip(users.tolist(), items.tolist(), values.tolist(), timestamps.tolist(), strict=True))
+        self._explained = None  # candidates and cached rows are rebuilt on the next explanation
+        self._stale_users.update(users.tolist())
+        self._stale_items.update(items.tolist())
         if trained.any():
-            self.newton.invalidate(users[trained], items[trained])  # their rows move
             live = Ratings(users[trained], items[trained], values[trained], None, self.user_ids, self.item_ids,
                            model.rating_scale)
             order = np.arange(len(live), dtype=np.int64)

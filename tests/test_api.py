@@ -229,3 +229,24 @@ def test_predictions_and_recommendations_carry_explanations(client):
     assert all(len(p["explanation"]) == 2 for p in recs["items"])
     fallback = client.get("/v1/predict", params={"user": "stranger", "item": "1", "explain": 3}).json()
     assert fallback["explanation"] is None and "fallback" in fallback["explanation_method"]
+
+
+def test_ratings_received_online_explain_later_predictions(client):
+    client.post("/v1/ratings", headers=AUTH, json={"ratings": [
+        {"user": "explained", "item": "1", "rating": 5, "timestamp": 1700000000},
+        {"user": "explained", "item": "2", "rating": 1, "timestamp": 1700000001}]})
+    res = client.get("/v1/predict", params={"user": "explained", "item": "3", "explain": 5}).json()
+    assert res["path"] == "fold-in" and res["explanation_method"] == "newton"
+    own = [e for e in res["explanation"] if e["user"] == "explained"]
+    assert {(e["item"], e["rating"], e["timestamp"]) for e in own} == {("1", 5.0, 1700000000), ("2", 1.0, 1700000001)}
+    client.post("/v1/ratings", headers=AUTH, json={"ratings": [{"user": "0", "item": "3", "rating": 5}]})
+    res = client.get("/v1/predict", params={"user": "0", "item": "4", "explain": 50}).json()
+    assert res["path"] == "online" and any(e["item"] == "3" and e["user"] == "0" for e in res["explanation"])
+
+
+def test_not_ready_until_model_and_store_are_open(model_dir, tmp_path):
+    app = create_app(Settings(model=model_dir, db=tmp_path / "db", api_key=KEY))
+    c = TestClient(app)  # no lifespan: nothing loaded yet
+    assert c.get("/health").status_code == 200
+    assert c.get("/ready").status_code == 503
+    assert c.get("/v1/predict", params={"user": "0", "item": "1"}).status_code == 503

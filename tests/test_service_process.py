@@ -75,6 +75,11 @@ def test_real_server_answers_over_http(model_dir, tmp_path):
             res = http.post("/v1/ratings", headers=AUTH, json={"ratings": [{"user": "web", "item": "1", "rating": 4}]})
             assert res.status_code == 200
             assert http.get("/v1/users/web").json()["n_ratings"] == 1
+            # SIGHUP reloads the model (replaying the store) instead of ending the process
+            server.proc.send_signal(signal.SIGHUP)
+            time.sleep(1.5)
+            assert server.proc.poll() is None
+            assert http.get("/v1/users/web").json()["n_ratings"] == 1
     finally:
         server.kill()
 
