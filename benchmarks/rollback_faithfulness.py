@@ -23,8 +23,8 @@ import torch
 from recsys.datasets import load_split
 from recsys.explain.faithfulness import (
     agreement,
-    default_setup,
     cached_newton_latency,
+    default_setup,
     explain_latency,
     fit_logged,
     removal,
