@@ -120,7 +120,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float)
     g.add_argument("--lr-decay", type=float, help="learning-rate factor per epoch")
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--optimizer", choices=["sgd", "adam", "adagrad", "sparse-adam"])
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adagrad", "sparse-adam", "cov-noise",
+                                           "kfac", "ekfac", "tkfac", "tekfac"])
+    g.add_argument("--salr", action="store_true", default=None,
+                   help="scale the learning rate by local sharpness / median sharpness (SALR)")
+    g.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default="none",
+                   help="scale the (default or given) learning rate from the model's default batch "
+                        "size to --batch-size: linear (SGD), sqrt (adaptive)")
+    g.add_argument("--noise-batch", type=int, help="cov-noise: the small batch whose gradient noise is restored")
+    g.add_argument("--noise-structure", choices=["diag", "full", "isotropic"], help="cov-noise: noise covariance")
+    g.add_argument("--noise-scale", type=float, help="cov-noise: multiplier on the noise's standard deviation")
     g.add_argument("--sampler", choices=["reshuffle", "shuffle-once", "with-replacement", "fixed"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -152,6 +161,13 @@ def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     train_cfg = replace(TrainConfig(), **{**model_cls.training_defaults, **train_over},
                         patience=args.patience if args.validation else None,
                         progress=False if args.quiet else None)
+    scaling = getattr(args, "lr_scaling", "none")
+    if scaling != "none":
+        from recsys.optim.scaling import scale_lr
+
+        base_batch = int(model_cls.training_defaults.get("batch_size", TrainConfig().batch_size))
+        train_cfg = replace(train_cfg, learning_rate=scale_lr(train_cfg.learning_rate, base_batch,
+                                                              train_cfg.batch_size, scaling))
     return model_cfg, train_cfg
 
 

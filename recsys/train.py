@@ -16,6 +16,7 @@ update logging (gradient rollback) plugs in without forking the loop.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -29,7 +30,8 @@ from tqdm.auto import tqdm
 
 from recsys.errors import TrainingDivergedError
 from recsys.models.base import RatingModel
-from recsys.optim.factory import build_optimizer
+from recsys.optim.factory import build_optimizer, build_preconditioner
+from recsys.optim.salr import SALR
 from recsys.optim.sampling import SAMPLERS, make_sampler
 from recsys.ratings import Ratings
 
@@ -59,6 +61,13 @@ class TrainConfig:
     chunk_size: int = 1 << 18
     hogwild: bool = False
     progress: bool | None = None
+    #: wrap the optimizer in `recsys.optim.salr.SALR` (autograd path)
+    salr: bool = False
+    salr_every: int = 10
+    #: ``cov-noise``: the small batch whose noise is restored, the noise structure and scale
+    noise_batch: int = 256
+    noise_structure: str = "diag"
+    noise_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -71,6 +80,10 @@ class TrainConfig:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if self.noise_structure not in ("diag", "full", "isotropic"):
+            raise ValueError(f"noise_structure must be diag, full or isotropic, got {self.noise_structure!r}")
+        if self.noise_batch < 1 or self.noise_scale < 0 or self.salr_every < 1:
+            raise ValueError("need noise_batch >= 1, noise_scale >= 0, salr_every >= 1")
 
 
 @dataclass
@@ -131,10 +144,12 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.optimizer_factory = optimizer_factory
         self.optimizer: torch.optim.Optimizer | None = None
+        #: the K-FAC-family preconditioner of the last autograd fit (None otherwise)
+        self.preconditioner = None
 
     def step_kind(self, model: RatingModel) -> str:
         c = self.config
-        plain_sgd = c.optimizer == "sgd" and self.optimizer_factory is None
+        plain_sgd = c.optimizer == "sgd" and self.optimizer_factory is None and not c.salr
         if plain_sgd and hasattr(model, "sgd_examples") and c.batch_size == 1 and torch.device(c.device).type == "cpu":
             return "kernel"
         if plain_sgd and hasattr(model, "sgd_batch"):
@@ -164,10 +179,17 @@ class Trainer:
         hogwild_threads = (c.threads or numba.get_num_threads()) if c.hogwild else 0
         sampler = make_sampler(c.sampler, len(train), c.seed)
         tensors = train.tensors(device)
+        self.preconditioner = None
         if kind == "autograd":
             self.optimizer = (self.optimizer_factory(model) if self.optimizer_factory
-                              else build_optimizer(c.optimizer, model, c.learning_rate))
+                              else build_optimizer(c.optimizer, model, c.learning_rate,
+                                                   noise_batch=c.noise_batch, noise_structure=c.noise_structure,
+                                                   noise_scale=c.noise_scale, seed=c.seed))
+            if self.optimizer_factory is None:
+                self.preconditioner = build_preconditioner(c.optimizer, model)
             scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=c.lr_decay)
+            if c.salr:
+                self.optimizer = SALR(self.optimizer, every=c.salr_every)
         for cb in self.callbacks:
             cb.on_train_begin(self, model, train)
         update_log = next((cb.update_log for cb in self.callbacks if cb.update_log is not None), None)
@@ -206,7 +228,12 @@ class Trainer:
                             self.optimizer.zero_grad(set_to_none=True)
                             batch_loss = model.loss(u, i, r)
                             batch_loss.backward()
-                            self.optimizer.step()
+                            if self.preconditioner is not None:
+                                self.preconditioner.step()
+                            if c.salr:
+                                self.optimizer.step(self._closure(model, u, i, r))
+                            else:
+                                self.optimizer.step()
                             loss = float(batch_loss.detach())
                     if not math.isfinite(loss):
                         raise TrainingDivergedError(
@@ -242,6 +269,9 @@ class Trainer:
                     break
         finally:
             bar.close()
+            for hooked in (self.preconditioner, getattr(self.optimizer, "base", self.optimizer)):
+                if hasattr(hooked, "remove_hooks"):
+                    hooked.remove_hooks()
         if best_state is not None and result.best_epoch != len(result.history):
             model.load_state_dict(best_state)
         model.eval()
@@ -249,6 +279,22 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(result)
         return result
+
+    def _closure(self, model: RatingModel, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor):
+        """Re-evaluates the batch loss with gradients (for SALR's extra passes), without
+        feeding the statistics of hooked preconditioners/optimizers."""
+        hooked = [h for h in (self.preconditioner, getattr(self.optimizer, "base", None))
+                  if hasattr(h, "paused")]
+
+        def closure() -> torch.Tensor:
+            with contextlib.ExitStack() as stack:
+                for h in hooked:
+                    stack.enter_context(h.paused())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = model.loss(u, i, r)
+                loss.backward()
+            return loss.detach()
+        return closure
 
     @staticmethod
     @torch.no_grad()

@@ -21,13 +21,34 @@ OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], bool]] = {
 }
 
 
-def build_optimizer(name: str, model: nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+#: names that are a Kronecker-factored preconditioner (`recsys.optim.kfac`) over plain SGD
+PRECONDITIONED = ("kfac", "ekfac", "tkfac", "tekfac")
+#: every name `build_optimizer` takes
+NAMES = (*OPTIMIZERS, "cov-noise", *PRECONDITIONED)
+
+
+def build_optimizer(name: str, model: nn.Module, learning_rate: float, *, noise_batch: int = 256,
+                    noise_structure: str = "diag", noise_scale: float = 1.0,
+                    seed: int = 0) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``model``'s parameters, switching its embeddings to dense
-    gradients when the optimizer cannot take sparse ones."""
+    gradients when the optimizer cannot take sparse ones. For the K-FAC family this is the
+    base SGD; build the preconditioner with `build_preconditioner`. ``noise_*`` and ``seed``
+    configure ``cov-noise`` (`recsys.optim.noise.CovNoiseSGD`, hooked to ``model``)."""
+    if name in PRECONDITIONED:
+        name = "sgd"
+    if name == "cov-noise":
+        from recsys.optim.noise import CovNoiseSGD
+
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                module.sparse = True
+        return CovNoiseSGD([p for p in model.parameters() if p.requires_grad], learning_rate,
+                           noise_batch=noise_batch, structure=noise_structure, noise_scale=noise_scale,
+                           model=model, seed=seed)
     try:
         factory, sparse_ok = OPTIMIZERS[name]
     except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}") from None
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(NAMES)}") from None
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             module.sparse = sparse_ok
@@ -37,3 +58,13 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float) -> torch.
         if dense:
             raise ValueError("sparse-adam takes only embedding tables; this model has dense layers too")
     return factory([p for p in model.parameters() if p.requires_grad], learning_rate)
+
+
+def build_preconditioner(name: str, model: nn.Module, **options):
+    """The `recsys.optim.kfac.KFACPreconditioner` of kind ``name`` hooked to ``model`` (options:
+    its keyword arguments), or None when ``name`` is not in `PRECONDITIONED`."""
+    if name not in PRECONDITIONED:
+        return None
+    from recsys.optim.kfac import KFACPreconditioner
+
+    return KFACPreconditioner(model, name, **options)

@@ -1,0 +1,358 @@
+"""K-FAC, EKFAC, TKFAC and TEKFAC: one Kronecker-factored preconditioner family for
+``nn.Linear`` layers and ``nn.Embedding`` tables.
+
+`KFACPreconditioner` hooks the modules, records their inputs ``a`` and output gradients
+during ``backward``, and its `step` rewrites their ``.grad`` in place; any torch optimizer
+(SGD by default, see `recsys.optim.factory`) then steps. Parameters of other modules are left
+alone (plain gradient).
+
+Statistics (per recorded row ``n``; ``δ_n = scale · ∂L/∂out_n`` with ``scale`` the batch size,
+so that ``δ_n`` is the per-example output gradient of a mean loss; this is the *empirical*
+Fisher: the real residuals, no sampled targets):
+
+- ``kfac``: ``A = E[a aᵀ]``, ``G = E[δ δᵀ]``;
+  ``ΔW = (G + γ_G I)⁻¹ ∇W (A + γ_A I)⁻¹`` in the eigenbases of A and G.
+- ``tkfac`` (Gao et al. 2020): ``F ≈ δ Φ⊗Ψ`` with ``δ = E[|a|²|g|²]``, ``Φ = E[|g|² a aᵀ]/δ``,
+  ``Ψ = E[|a|² g gᵀ]/δ``, which keeps ``tr F``; used as K-FAC with ``A = √δ Φ``, ``G = √δ Ψ``.
+- ``ekfac`` (George et al. 2018) / ``tekfac``: the eigenbases of the K-FAC / TKFAC factors and a
+  per-entry running second moment ``s`` of the per-row gradients in that basis:
+  ``ΔW = Q_G [(Q_Gᵀ ∇W Q_A) / (s + λ)] Q_Aᵀ``. When the basis is refreshed, ``s`` is carried
+  into the new basis (``diag(Rᵀ diag(s) R)``, ``R = Q_oldᵀ Q_new``) rather than dropped.
+
+Damping is relative (scale invariant): ``γ_A = damping · mean eig(A)``, ``γ_G = damping ·
+mean eig(G)``, ``λ = damping · mean(s)``. Factors are zero-initialised running averages with
+decay ``factor_decay`` and bias correction ``1 - β^n``; eigenbases are refreshed every
+``update_freq`` steps (fp64, symmetrised, jittered ``eigh``; on failure or non-finite factors
+the previous basis is kept).
+
+Embedding tables (one index per row of the lookup): the input factor is diagonal, ``A =
+diag(f)`` with ``f_v`` the running frequency of row ``v`` (TKFAC: ``E[1{x=v}|g|²]/√δ``), so
+row ``r`` is updated by ``(G + γ_G I)⁻¹ g_r / (ã_r + γ_A)``: state O(rows + d²), cost
+O(touched rows · d²) per step, nothing densified. Per-row statistics are lazy: a row stores
+its running value and the step it was last touched; its decay over the untouched steps is
+applied when it is next touched (exactly the dense running average). Rare rows are not
+amplified by ``1/damping``: ``γ_A`` is relative to the mean frequency (``1/rows``) and
+``ã_r`` is floored at ``row_floor ×`` the row's frequency in the current batch, which bounds
+a row's step by ``1/row_floor`` times its mean per-example gradient. With ``row_floor=0`` the
+embedding path equals dense K-FAC on a one-hot ``nn.Linear`` (tested). EKFAC's ``s`` for a
+table is per row and dimension (O(rows · d), like Adam) and is updated only for touched rows
+(with a per-row bias correction), so it does not decay to zero for rare rows; it therefore
+differs from a dense EKFAC on one-hot inputs, by design. For tables the ``Q_A`` basis is the
+identity, so TEKFAC equals EKFAC there. Sparse embedding gradients (``sparse=True``) are
+handled: coalesced, only the present rows rewritten, kept sparse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+KINDS = ("kfac", "ekfac", "tkfac", "tekfac")
+
+
+def stable_eigh(matrix: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor] | None = None,
+                jitter: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(eigenvalues >= 0, eigenvectors, ok)`` of a symmetric PSD factor, in fp64,
+    symmetrised and jittered by ``jitter × mean diagonal``. When that fails (non-finite input,
+    LinAlgError) returns ``previous`` (or the identity basis with the clamped diagonal) and
+    ``ok=False``. Results are fresh tensors in ``matrix``'s dtype."""
+    m = matrix.detach().double()
+    m = 0.5 * (m + m.T)
+    if bool(torch.isfinite(m).all()):
+        scale = float(m.diagonal().abs().mean().clamp_min(1e-300))
+        eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+        try:
+            vals, vecs = torch.linalg.eigh(m + jitter * scale * eye)
+            if bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all()):
+                vals = (vals - jitter * scale).clamp_min(0)
+                return vals.to(matrix.dtype), vecs.to(matrix.dtype), True
+        except RuntimeError:
+            pass
+    if previous is not None:
+        return previous[0].clone(), previous[1].clone(), False
+    diag = torch.nan_to_num(matrix.detach().diagonal(), nan=0.0, posinf=0.0).clamp_min(0)
+    return diag.clone(), torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device), False
+
+
+class KFACPreconditioner:
+    """Kronecker-factored preconditioner (see the module docstring) over ``model``'s
+    ``nn.Linear`` and ``nn.Embedding`` modules with trainable weights.
+
+    Use: ``loss.backward(); pre.step(); optimizer.step()``. Follows ``torch.optim``
+    conventions: ``param_groups`` (one group holding the hyperparameters, which may be changed
+    between steps), ``step(closure)``, ``zero_grad``, ``state_dict`` / ``load_state_dict``
+    (resumes bit-for-bit). `remove_hooks` detaches it from the model; `paused` suspends
+    recording (extra forward/backward passes, e.g. SALR's).
+    """
+
+    def __init__(self, model: nn.Module, kind: str = "kfac", *, damping: float = 0.1,
+                 factor_decay: float = 0.95, update_freq: int = 10, row_floor: float = 0.5,
+                 jitter: float = 1e-10) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+        if damping < 0 or not 0 <= factor_decay < 1 or update_freq < 1 or row_floor < 0:
+            raise ValueError("need damping >= 0, 0 <= factor_decay < 1, update_freq >= 1, row_floor >= 0")
+        self.kind = kind
+        self.modules: dict[str, nn.Module] = {
+            name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.requires_grad}
+        params = [p for m in self.modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
+        self.defaults = dict(damping=damping, factor_decay=factor_decay, update_freq=update_freq,
+                             row_floor=row_floor, jitter=jitter)
+        self.param_groups = [dict(params=params, **self.defaults)]
+        self.state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.modules}
+        self.steps = 0
+        self._records: dict[str, list[list]] = {name: [] for name in self.modules}
+        self._capturing = True
+        self._handles = [m.register_forward_hook(self._make_hook(name)) for name, m in self.modules.items()]
+
+    # ------------------------------------------------------------------ recording
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not (self._capturing and module.training and torch.is_grad_enabled() and output.requires_grad):
+                return
+            entry = [inputs[0].detach(), None]
+            self._records[name].append(entry)
+
+            def grad_hook(g: torch.Tensor) -> None:
+                entry[1] = g.detach() if entry[1] is None else entry[1] + g.detach()
+            output.register_hook(grad_hook)
+        return hook
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward/backward passes inside do not feed the statistics."""
+        old, self._capturing = self._capturing, False
+        try:
+            yield
+        finally:
+            self._capturing = old
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._records = {name: [] for name in self.modules}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.param_groups[0]["params"]:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Update the statistics from the recorded pass and precondition the gradients."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        self.steps += 1
+        for name, module in self.modules.items():
+            records = [(a, g) for a, g in self._records[name] if g is not None]
+            self._records[name] = []
+            if not records or module.weight.grad is None:
+                continue
+            if isinstance(module, nn.Embedding):
+                self._step_embedding(name, module, records, group)
+            else:
+                self._step_linear(name, module, records, group)
+        return loss
+
+    def _linear_rows(self, module: nn.Linear, records) -> tuple[torch.Tensor, torch.Tensor]:
+        a_all, d_all = [], []
+        for a, g in records:
+            scale = a.shape[0] if a.dim() > 2 else a.reshape(-1, a.shape[-1]).shape[0]
+            a2 = a.reshape(-1, a.shape[-1]).to(module.weight.dtype)
+            if module.bias is not None:
+                a2 = torch.cat([a2, a2.new_ones(a2.shape[0], 1)], 1)
+            a_all.append(a2)
+            d_all.append(g.reshape(-1, g.shape[-1]).to(module.weight.dtype) * scale)
+        return torch.cat(a_all), torch.cat(d_all)
+
+    def _ema(self, st: dict, key: str, value: torch.Tensor, beta: float) -> None:
+        if key not in st:
+            st[key] = torch.zeros_like(value)
+        st[key].mul_(beta).add_(value, alpha=1 - beta)
+
+    def _step_linear(self, name: str, module: nn.Linear, records, group: dict) -> None:
+        st = self.state[name]
+        beta, damping = group["factor_decay"], group["damping"]
+        a, d = self._linear_rows(module, records)
+        n = a.shape[0]
+        trace_kind = self.kind in ("tkfac", "tekfac")
+        if trace_kind:
+            na, nd = a.square().sum(1), d.square().sum(1)
+            self._ema(st, "A", (a * nd[:, None]).T @ a / n, beta)
+            self._ema(st, "G", (d * na[:, None]).T @ d / n, beta)
+            self._ema(st, "delta", (na * nd).mean(), beta)
+        else:
+            self._ema(st, "A", a.T @ a / n, beta)
+            self._ema(st, "G", d.T @ d / n, beta)
+        st["n"] = st.get("n", torch.zeros((), dtype=torch.long)) + 1
+        if "QA" not in st or (self.steps - 1) % group["update_freq"] == 0:
+            self._refresh_linear(st, beta, group["jitter"])
+        grad = module.weight.grad
+        if module.bias is not None:
+            grad = torch.cat([grad, module.bias.grad[:, None]], 1)
+        v = st["QG"].T @ grad @ st["QA"]
+        if self.kind in ("ekfac", "tekfac"):
+            s_batch = (d @ st["QG"]).square().T @ (a @ st["QA"]).square() / n
+            self._ema(st, "S", s_batch, beta)
+            st["nS"] = st.get("nS", torch.zeros((), dtype=torch.long)) + 1
+            s = st["S"] / (1 - beta ** int(st["nS"]))
+            v = v / (s + damping * s.mean())
+        else:
+            da, dg = st["dA"], st["dG"]
+            v = v / ((dg + damping * dg.mean())[:, None] * (da + damping * da.mean())[None, :])
+        new = st["QG"] @ v @ st["QA"].T
+        if module.bias is not None:
+            module.weight.grad.copy_(new[:, :-1])
+            module.bias.grad.copy_(new[:, -1])
+        else:
+            module.weight.grad.copy_(new)
+
+    def _effective(self, st: dict, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        corr = 1 - beta ** int(st["n"])
+        a, g = st["A"] / corr, st["G"] / corr
+        if "delta" in st:
+            root = (st["delta"] / corr).clamp_min(1e-30).sqrt()
+            a, g = a / root, g / root
+        return a, g
+
+    def _refresh_linear(self, st: dict, beta: float, jitter: float) -> None:
+        a, g = self._effective(st, beta)
+        old = (st.get("QA"), st.get("QG"))
+        prev_a = (st["dA"], st["QA"]) if "QA" in st else None
+        prev_g = (st["dG"], st["QG"]) if "QG" in st else None
+        st["dA"], st["QA"], _ = stable_eigh(a, prev_a, jitter)
+        st["dG"], st["QG"], _ = stable_eigh(g, prev_g, jitter)
+        if "S" in st and old[0] is not None:
+            ra, rg = (old[0].T @ st["QA"]).square(), (old[1].T @ st["QG"]).square()
+            st["S"] = rg.T @ st["S"] @ ra
+
+    def _step_embedding(self, name: str, module: nn.Embedding, records, group: dict) -> None:
+        st = self.state[name]
+        beta, damping, floor = group["factor_decay"], group["damping"], group["row_floor"]
+        weight = module.weight
+        n_rows, dim = weight.shape
+        # merge lookups of the same indices (e.g. MF looks each table up twice per loss)
+        merged: list[list[torch.Tensor]] = []
+        for idx, g in records:
+            for m in merged:
+                if m[0].shape == idx.shape and torch.equal(m[0], idx):
+                    m[1] = m[1] + g
+                    break
+            else:
+                merged.append([idx, g])
+        idx = torch.cat([i.reshape(-1) for i, _ in merged])
+        d = torch.cat([g.reshape(-1, dim) * (i.shape[0]) for i, g in merged]).to(weight.dtype)
+        n = idx.numel()
+        rows, inverse = torch.unique(idx, return_inverse=True)
+        dev, dt = weight.device, weight.dtype
+        if "row" not in st:
+            st["row"] = torch.zeros(n_rows, dtype=dt, device=dev)
+            st["row_last"] = torch.zeros(n_rows, dtype=torch.long, device=dev)
+            st["row_sum"] = torch.zeros((), dtype=dt, device=dev)
+            st["n"] = torch.zeros((), dtype=torch.long)
+        trace_kind = self.kind in ("tkfac", "tekfac")
+        nd = d.square().sum(1)
+        u = torch.zeros(rows.numel(), dtype=dt, device=dev).index_add_(
+            0, inverse, nd if trace_kind else torch.ones_like(nd)) / n
+        self._ema(st, "G", d.T @ d / n, beta)
+        if trace_kind:
+            self._ema(st, "delta", nd.mean(), beta)
+        st["n"] += 1
+        step_n = int(st["n"])
+        # lazy per-row running average: decay over the untouched steps, then add this batch
+        gap = (step_n - st["row_last"][rows]).to(dt)
+        st["row"][rows] = st["row"][rows] * beta ** gap + (1 - beta) * u
+        st["row_last"][rows] = step_n
+        st["row_sum"].mul_(beta).add_(u.sum(), alpha=1 - beta)
+        corr = 1 - beta ** step_n
+        root = (st["delta"] / corr).clamp_min(1e-30).sqrt() if trace_kind else 1.0
+        if "QG" not in st or (self.steps - 1) % group["update_freq"] == 0:
+            old_q = st.get("QG")
+            prev = (st["dG"], st["QG"]) if old_q is not None else None
+            st["dG"], st["QG"], _ = stable_eigh(st["G"] / corr / root, prev, group["jitter"])
+            if "S" in st and old_q is not None:
+                st["S"] = st["S"] @ (old_q.T @ st["QG"]).square()
+        grad = weight.grad
+        sparse = grad.is_sparse
+        if sparse:
+            grad = grad.coalesce()
+            g_rows, g_vals = grad.indices()[0], grad.values()
+            if not torch.equal(g_rows, rows):  # rows present in the gradient but not recorded
+                full = torch.zeros(n_rows, dim, dtype=dt, device=dev).index_add_(0, g_rows, g_vals)
+                g_rows = torch.unique(torch.cat([g_rows, rows]))
+                g_vals = full[g_rows]
+        else:
+            g_rows = rows
+            g_vals = grad[rows]
+        # statistics for the gradient's rows (recorded rows are a subset or equal)
+        pos = torch.searchsorted(rows, g_rows).clamp_max(rows.numel() - 1)
+        present = rows[pos] == g_rows
+        proj = g_vals @ st["QG"]
+        if self.kind in ("ekfac", "tekfac"):
+            if "S" not in st:
+                st["S"] = torch.zeros(n_rows, dim, dtype=dt, device=dev)
+                st["S_count"] = torch.zeros(n_rows, dtype=torch.long, device=dev)
+            s_batch = torch.zeros(rows.numel(), dim, dtype=dt, device=dev).index_add_(
+                0, inverse, (d @ st["QG"]).square()) / n
+            st["S"][rows] = st["S"][rows] * beta + (1 - beta) * s_batch
+            st["S_count"][rows] += 1
+            count = st["S_count"][g_rows].clamp_min(1).to(dt)
+            s = st["S"][g_rows] / (1 - beta ** count)[:, None]
+            lam = damping * s[present].mean() if bool(present.any()) else s.new_tensor(1.0)
+            proj = proj / (s + lam).clamp_min(1e-30)
+        else:
+            dg = st["dG"]
+            a_rows = st["row"][g_rows] / corr / root
+            batch_floor = torch.zeros_like(a_rows)
+            batch_floor[present] = floor * u[pos[present]] / root
+            mean_a = st["row_sum"] / corr / root / n_rows
+            a_eff = torch.maximum(a_rows, batch_floor) + damping * mean_a
+            proj = proj / (dg + damping * dg.mean())[None, :] / a_eff[:, None].clamp_min(1e-30)
+        new_vals = proj @ st["QG"].T
+        if sparse:
+            weight.grad = torch.sparse_coo_tensor(g_rows[None], new_vals, grad.shape, check_invariants=False).coalesce()
+        else:
+            weight.grad[g_rows] = new_vals
+
+    # ------------------------------------------------------------------ inspection
+    def kronecker_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current (bias-corrected, undamped) factors ``(A, G)`` of module ``name`` with
+        ``F ≈ A ⊗ G`` (TKFAC: ``√δΦ, √δΨ``); for an embedding ``A`` is the vector of the
+        diagonal (rows' values as of their last touch, decay not applied)."""
+        st = self.state[name]
+        beta = self.param_groups[0]["factor_decay"]
+        corr = 1 - beta ** int(st["n"])
+        root = (st["delta"] / corr).clamp_min(1e-30).sqrt() if "delta" in st else 1.0
+        if "row" in st:
+            return st["row"] / corr / root, st["G"] / corr / root
+        return self._effective(st, beta)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return {"kind": self.kind, "steps": self.steps, "param_groups": groups,
+                "state": {name: {k: v.clone() for k, v in st.items()} for name, st in self.state.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict["kind"] != self.kind:
+            raise ValueError(f"state of a {state_dict['kind']!r} preconditioner, this is {self.kind!r}")
+        if set(state_dict["state"]) != set(self.state):
+            raise ValueError("the state's modules do not match this model's")
+        self.steps = int(state_dict["steps"])
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            group.update(copy.deepcopy(saved))
+        for name, st in state_dict["state"].items():
+            device = self.modules[name].weight.device
+            self.state[name] = {k: v.clone().to(device) if v.dim() else v.clone() for k, v in st.items()}

@@ -1,0 +1,198 @@
+"""K-FAC family: exact natural gradient on a Kronecker-factored problem, EKFAC, TKFAC's trace,
+the embedding special case against dense K-FAC, eigh failures, state round trip, training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from recsys.models.mf import MatrixFactorization, MFConfig
+from recsys.optim.kfac import KFACPreconditioner, stable_eigh
+from recsys.train import TrainConfig, Trainer
+
+
+def kronecker_regression(n_in=3, n_out=2, n_x=6, n_d=5, seed=0):
+    """A linear layer (with bias) and data whose empirical Fisher is exactly A ⊗ G: every
+    input x_i paired with every residual d_j (targets y_ij = W x_i − d_j)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(n_in, n_out).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n_out, n_in, generator=g, dtype=torch.double))
+        layer.bias.copy_(torch.randn(n_out, generator=g, dtype=torch.double))
+    xs = torch.randn(n_x, n_in, generator=g, dtype=torch.double)
+    ds = torch.randn(n_d, n_out, generator=g, dtype=torch.double)
+    x = xs.repeat_interleave(n_d, 0)
+    d = ds.repeat(n_x, 1)
+    with torch.no_grad():
+        y = layer(x) - d
+    return layer, x, y
+
+
+def loss_of(layer, x, y):
+    return 0.5 * (layer(x) - y).square().sum(1).mean()
+
+
+def exact_natural_gradient(layer, x, y):
+    """F⁻¹ ∇L with F the empirical Fisher of the per-example gradients, [W | b] row-major."""
+    with torch.no_grad():
+        resid = layer(x) - y
+    a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    per = torch.einsum("no,ni->noi", resid, a).reshape(len(x), -1)
+    fisher = per.T @ per / len(x)
+    grad = per.mean(0)
+    return torch.linalg.solve(fisher, grad).reshape(resid.shape[1], -1), fisher, per
+
+
+def preconditioned(layer, x, y, kind, **kw):
+    pre = KFACPreconditioner(layer, kind, damping=1e-10, **kw)
+    layer.zero_grad()
+    loss_of(layer, x, y).backward()
+    pre.step()
+    return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1), pre
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac"])
+def test_kfac_and_ekfac_equal_the_exact_natural_gradient(kind):
+    layer, x, y = kronecker_regression()
+    expected, _, _ = exact_natural_gradient(layer, x, y)
+    got, _ = preconditioned(layer, x, y, kind)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_tkfac_keeps_the_trace_of_the_fisher():
+    layer, _, _ = kronecker_regression()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 3, generator=g, dtype=torch.double) * torch.linspace(0.2, 3, 40, dtype=torch.double)[:, None]
+    y = torch.randn(40, 2, generator=g, dtype=torch.double)
+    _, fisher, _ = exact_natural_gradient(layer, x, y)
+    _, pre = preconditioned(layer, x, y, "tkfac")
+    a, gg = pre.kronecker_factors("")
+    assert float(torch.trace(a) * torch.trace(gg)) == pytest.approx(float(torch.trace(fisher)), rel=1e-9)
+    _, pre_k = preconditioned(copy.deepcopy(layer), x, y, "kfac")
+    a, gg = pre_k.kronecker_factors("")
+    assert float(torch.trace(a) * torch.trace(gg)) != pytest.approx(float(torch.trace(fisher)), rel=1e-3)
+
+
+def test_embedding_matches_dense_kfac_on_one_hot_linear():
+    torch.manual_seed(0)
+    rows, dim = 7, 3
+    emb = nn.Embedding(rows, dim, sparse=True).double()
+    lin = nn.Linear(rows, dim, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(emb.weight.T)
+    target = torch.randn(dim, dtype=torch.double)
+    kw = dict(damping=0.3, factor_decay=0.8, update_freq=1, row_floor=0.0)
+    pe, pl = KFACPreconditioner(emb, "kfac", **kw), KFACPreconditioner(lin, "kfac", **kw)
+    opt_e = torch.optim.SGD(emb.parameters(), lr=0.05)
+    opt_l = torch.optim.SGD(lin.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        idx = torch.randint(0, rows - 2, (9,), generator=g)  # the last two rows never seen
+        for module, pre, opt, inp in ((emb, pe, opt_e, idx),
+                                      (lin, pl, opt_l, nn.functional.one_hot(idx, rows).double())):
+            opt.zero_grad()
+            (0.5 * (module(inp) * target).sum(1).sub(1).square().mean()).backward()
+            pre.step()
+            opt.step()
+        torch.testing.assert_close(emb.weight.grad.to_dense(), lin.weight.grad.T, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(emb.weight, lin.weight.T, rtol=1e-6, atol=1e-9)
+
+
+def rare_to_common_step(row_floor):
+    """Row 0 in every example for 30 steps, row 999 once at the end: the ratio of their
+    preconditioned step norms (same per-example gradient)."""
+    emb = nn.Embedding(1000, 4, sparse=True)
+    pre = KFACPreconditioner(emb, "kfac", damping=1e-3, row_floor=row_floor)
+    for step in range(30):
+        idx = torch.zeros(64, dtype=torch.long)
+        if step == 29:
+            idx[-1] = 999
+        emb.zero_grad()
+        emb(idx).sum().div(64).backward()
+        pre.step()
+    new = emb.weight.grad.to_dense()
+    assert torch.isfinite(new).all()
+    return float(new[999].norm() / new[0].norm())
+
+
+def test_rare_rows_are_not_amplified_by_the_damping():
+    # the floor bounds a rare row's step by 1/row_floor times a frequent row's
+    assert rare_to_common_step(0.5) <= 2.05
+    assert rare_to_common_step(0.0) > 10  # what the floor prevents
+
+
+def test_eigh_failure_keeps_the_previous_basis():
+    m = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    vals, vecs, ok = stable_eigh(m)
+    assert ok and torch.allclose(vecs @ torch.diag(vals) @ vecs.T, m, atol=1e-5)
+    vals2, vecs2, ok2 = stable_eigh(torch.full((2, 2), float("nan")), (vals, vecs))
+    assert not ok2 and torch.equal(vals2, vals) and torch.equal(vecs2, vecs)
+    _, eye, ok3 = stable_eigh(torch.full((2, 2), float("inf")))
+    assert not ok3 and torch.equal(eye, torch.eye(2))
+
+
+def test_cached_eigenvalues_are_not_mutated_by_damping():
+    layer, x, y = kronecker_regression()
+    pre = KFACPreconditioner(layer, "kfac", damping=0.5, update_freq=100)
+    for _ in range(3):
+        layer.zero_grad()
+        loss_of(layer, x, y).backward()
+        pre.step()
+        if _ == 0:
+            d_a = pre.state[""]["dA"].clone()
+    assert torch.equal(pre.state[""]["dA"], d_a)
+
+
+def mf(r, **cfg):
+    return MatrixFactorization(r.n_users, r.n_items, r.rating_scale,
+                               MFConfig(**{"embedding_size": 8, "n_blocks": 2, **cfg}))
+
+
+def rmse(m, r):
+    u, i, v = r.tensors()
+    return float(((m.predict(u, i) - v) ** 2).mean().sqrt())
+
+
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "tkfac", "tekfac"])
+def test_state_dict_round_trip_resumes_identically(small_ratings, kind):
+    u, i, v = small_ratings.tensors()
+    model = mf(small_ratings)
+    model.prepare(small_ratings)
+    pre = KFACPreconditioner(model, kind, update_freq=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = [torch.arange(s, s + 32) for s in range(0, 256, 32)]
+
+    def run(m, p, o, bs):
+        for b in bs:
+            o.zero_grad()
+            m.loss(u[b], i[b], v[b]).backward()
+            p.step()
+            o.step()
+
+    run(model, pre, opt, batches[:3])
+    saved_model, saved_pre, saved_opt = (copy.deepcopy(model.state_dict()), copy.deepcopy(pre.state_dict()),
+                                         copy.deepcopy(opt.state_dict()))
+    run(model, pre, opt, batches[3:])
+    other = mf(small_ratings)
+    other.load_state_dict(saved_model)
+    pre2 = KFACPreconditioner(other, kind, update_freq=2)
+    pre2.load_state_dict(saved_pre)
+    opt2 = torch.optim.SGD(other.parameters(), lr=0.01)
+    opt2.load_state_dict(saved_opt)
+    run(other, pre2, opt2, batches[3:])
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("kind", "lr"), [("kfac", 1e-3), ("tkfac", 5e-3), ("ekfac", 0.02), ("tekfac", 0.02)])
+def test_every_kind_trains_mf_through_the_trainer(small_ratings, kind, lr):
+    model = mf(small_ratings)
+    model.prepare(small_ratings)
+    before = rmse(model, small_ratings)
+    trainer = Trainer(TrainConfig(epochs=5, batch_size=32, optimizer=kind, learning_rate=lr, progress=False))
+    trainer.fit(model, small_ratings)
+    assert trainer.preconditioner is not None and not trainer.preconditioner._handles
+    assert rmse(model, small_ratings) < before
