@@ -194,5 +194,5 @@ def test_every_kind_trains_mf_through_the_trainer(small_ratings, kind, lr):
     before = rmse(model, small_ratings)
     trainer = Trainer(TrainConfig(epochs=5, batch_size=32, optimizer=kind, learning_rate=lr, progress=False))
     trainer.fit(model, small_ratings)
-    assert trainer.preconditioner is not None and not trainer.preconditioner._handles
+    assert trainer.preconditioner is not None and not trainer.preconditioner.capture.active
     assert rmse(model, small_ratings) < before

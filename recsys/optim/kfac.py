@@ -44,12 +44,12 @@ handled: coalesced, only the present rows rewritten, kept sparse.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from recsys.optim.capture import LayerCapture
 
 KINDS = ("kfac", "ekfac", "tkfac", "tekfac")
 
@@ -106,37 +106,14 @@ class KFACPreconditioner:
         self.param_groups = [dict(params=params, **self.defaults)]
         self.state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.modules}
         self.steps = 0
-        self._records: dict[str, list[list]] = {name: [] for name in self.modules}
-        self._capturing = True
-        self._handles = [m.register_forward_hook(self._make_hook(name)) for name, m in self.modules.items()]
+        self.capture = LayerCapture(self.modules.items())
 
-    # ------------------------------------------------------------------ recording
-    def _make_hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if not (self._capturing and module.training and torch.is_grad_enabled() and output.requires_grad):
-                return
-            entry = [inputs[0].detach(), None]
-            self._records[name].append(entry)
-
-            def grad_hook(g: torch.Tensor) -> None:
-                entry[1] = g.detach() if entry[1] is None else entry[1] + g.detach()
-            output.register_hook(grad_hook)
-        return hook
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self):
         """Forward/backward passes inside do not feed the statistics."""
-        old, self._capturing = self._capturing, False
-        try:
-            yield
-        finally:
-            self._capturing = old
+        return self.capture.paused()
 
     def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._records = {name: [] for name in self.modules}
+        self.capture.remove()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.param_groups[0]["params"]:
@@ -156,8 +133,7 @@ class KFACPreconditioner:
         group = self.param_groups[0]
         self.steps += 1
         for name, module in self.modules.items():
-            records = [(a, g) for a, g in self._records[name] if g is not None]
-            self._records[name] = []
+            records = self.capture.take(name)
             if not records or module.weight.grad is None:
                 continue
             if isinstance(module, nn.Embedding):

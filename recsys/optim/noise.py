@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from recsys.optim.capture import LayerCapture
 
 STRUCTURES = ("diag", "full", "isotropic")
 
@@ -46,9 +47,7 @@ class CovNoiseSGD(torch.optim.Optimizer):
         first = self.param_groups[0]["params"][0]
         self.generator = torch.Generator(device=first.device).manual_seed(seed)
         self._per_example: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._records: dict[nn.Module, list[list]] = {}
-        self._handles: list = []
-        self._capturing = True
+        self.capture: LayerCapture | None = None
         if model is not None:
             self.attach(model)
 
@@ -65,38 +64,25 @@ class CovNoiseSGD(torch.optim.Optimizer):
 
     def attach(self, model: nn.Module) -> None:
         """Hook ``model``'s embeddings and linear layers to collect per-example gradients."""
-        for m in model.modules():
-            if isinstance(m, (nn.Embedding, nn.Linear)) and m.weight.requires_grad:
-                self._records[m] = []
-                self._handles.append(m.register_forward_hook(self._hook))
+        if self.capture is not None:
+            self.capture.remove()
+        self.capture = LayerCapture((m, m) for m in model.modules()
+                                    if isinstance(m, (nn.Embedding, nn.Linear)) and m.weight.requires_grad)
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if not (self._capturing and module.training and torch.is_grad_enabled() and output.requires_grad):
-            return
-        entry = [inputs[0].detach(), None]
-        self._records[module].append(entry)
-
-        def grad_hook(g: torch.Tensor) -> None:
-            entry[1] = g.detach() if entry[1] is None else entry[1] + g.detach()
-        output.register_hook(grad_hook)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        old, self._capturing = self._capturing, False
-        try:
-            yield
-        finally:
-            self._capturing = old
+    def paused(self):
+        """Forward/backward passes inside record nothing."""
+        return self.capture.paused() if self.capture is not None else contextlib.nullcontext()
 
     def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._records = [], {}
+        if self.capture is not None:
+            self.capture.remove()
+            self.capture = None
 
     def _collect(self) -> None:
-        for module, records in self._records.items():
-            records = [(a, g) for a, g in records if g is not None]
-            self._records[module] = []
+        if self.capture is None:
+            return
+        for module in self.capture.modules:
+            records = self.capture.take(module)
             if not records:
                 continue
             if isinstance(module, nn.Embedding):

@@ -1,0 +1,63 @@
+"""`LayerCapture`: what curvature and noise optimizers need from a layer's forward and backward.
+
+For every hooked ``nn.Linear`` / ``nn.Embedding`` it records, per forward call in training
+mode, the layer's input ``a`` (features, or embedding indices) and the gradient of the loss
+with respect to its output ``g`` (summed if the output is used several times). K-FAC builds
+its factors from these pairs; covariance-noise SGD builds per-example gradients from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+class LayerCapture:
+    """Forward hooks that record ``(input, output gradient)`` pairs per module key."""
+
+    def __init__(self, modules: Iterable[tuple[object, nn.Module]]) -> None:
+        self.modules = dict(modules)
+        self.records: dict[object, list[list]] = {key: [] for key in self.modules}
+        self._capturing = True
+        self._handles = [m.register_forward_hook(self._make_hook(key)) for key, m in self.modules.items()]
+
+    def _make_hook(self, key: object):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not (self._capturing and module.training and torch.is_grad_enabled() and output.requires_grad):
+                return
+            entry = [inputs[0].detach(), None]
+            self.records[key].append(entry)
+
+            def grad_hook(g: torch.Tensor) -> None:
+                entry[1] = g.detach() if entry[1] is None else entry[1] + g.detach()
+            output.register_hook(grad_hook)
+        return hook
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still attached to the modules."""
+        return bool(self._handles)
+
+    def take(self, key: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The pairs recorded for ``key`` since the last call whose backward has run."""
+        pairs = [(a, g) for a, g in self.records[key] if g is not None]
+        self.records[key] = []
+        return pairs
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward/backward passes inside record nothing (e.g. SALR's extra passes)."""
+        old, self._capturing = self._capturing, False
+        try:
+            yield
+        finally:
+            self._capturing = old
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.records = {key: [] for key in self.modules}
