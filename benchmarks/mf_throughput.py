@@ -4,9 +4,9 @@ Zipf-skewed ratings, beside cornac and Surprise measured in the same run.
 Every figure is whole epochs through `Trainer.fit` (reshuffle, gather, update), after a
 warm-up that loads the compiled kernels. Paths measured:
 
-- ``kernel``: per-example SGD, compiled (the CPU default), with 1 factor block (one thread)
-  and 2 blocks (two threads), both deterministic; and ``hogwild``: the same kernel with the
-  examples split across two threads updating shared rows without locks;
+- ``kernel``: per-example SGD, compiled (the CPU default: one thread, deterministic), with 1
+  and 2 factor blocks; and ``hogwild``: the same updates with the examples split across two
+  threads updating shared rows without locks;
 - ``closed-form``: minibatch SGD as tensor ops (gather, closed-form gradient, index_add_),
   the path that also runs on CUDA;
 - ``autograd-sparse`` / ``autograd-dense``: `model.loss` + backward + ``torch.optim.SGD``
@@ -108,8 +108,8 @@ def main() -> None:
         print(f"{label:<34} {res['ratings_per_second'] / 1e6:7.2f} M ratings/s "
               f"({res['epoch_seconds']:.2f} s/epoch on {res['n_ratings']:,})", flush=True)
 
-    record("ours kernel, 1 block (1 thread)", epochs=args.epochs, device="cpu", n_blocks=1, batch_size=1)
-    record("ours kernel, 2 blocks (2 threads)", epochs=args.epochs, device="cpu", n_blocks=2, batch_size=1)
+    record("ours kernel, 1 block", epochs=args.epochs, device="cpu", n_blocks=1, batch_size=1)
+    record("ours kernel, 2 blocks", epochs=args.epochs, device="cpu", n_blocks=2, batch_size=1)
     record("ours kernel hogwild (2 threads)", epochs=args.epochs, device="cpu", n_blocks=1, batch_size=1,
            hogwild=True)
     record("ours closed-form, batch 8192", epochs=1, device="cpu", n_blocks=1, batch_size=8192, lr=5.0)

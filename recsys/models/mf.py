@@ -167,21 +167,20 @@ class MatrixFactorization(RatingModel):
                      log: RollbackLog | None = None) -> float:
         """Incremental SGD over the examples ``order`` (rows of ``train``) with the compiled
         kernel, in place; returns the mean squared training error of the blocks seen in the
-        pass (before each update). Deterministic unless ``hogwild_threads > 1`` (lock-free
-        parallel updates, see `mf_kernels.sgd_examples_hogwild`). CPU only: see `sgd_batch`
-        for any device.
+        pass (before each update). Deterministic (`mf_kernels.sgd_examples_interleaved`, one
+        thread) unless ``hogwild_threads > 1`` (lock-free parallel updates, see
+        `mf_kernels.sgd_examples_hogwild`). CPU only: see `sgd_batch` for any device.
 
         ``log``: a gradient-rollback log (`recsys.explain.rollback.RollbackLog`, float32 on
         the CPU) whose row ``order[k]`` receives the updates of visit ``k`` (the same weights as
         without a log, up to float32 rounding)."""
         from recsys.models.mf_kernels import (
-            sgd_examples,
             sgd_examples_hogwild,
             sgd_examples_hogwild_logged,
+            sgd_examples_interleaved,
             sgd_examples_logged,
-            sgd_examples_serial,
         )
-        from recsys.optim.shuffle import PARALLEL_FROM, gather_examples
+        from recsys.optim.shuffle import gather_examples
 
         if self.device.type != "cpu":
             raise RuntimeError("the compiled SGD kernel runs on the CPU; use sgd_batch on other devices")
@@ -189,7 +188,9 @@ class MatrixFactorization(RatingModel):
         users, items = np.empty(len(order), np.int64), np.empty(len(order), np.int64)
         values = np.empty(len(order), np.float32)
         gather_examples(train.users, train.items, train.values, order, users, items, values)
-        sq = np.zeros(max(hogwild_threads, 1) if hogwild_threads > 1 else self.config.n_blocks)
+        # one squared-error slot per thread shard (Hogwild), per block (block-parallel logged
+        # kernel), or a single one (the interleaved default)
+        sq = np.zeros(hogwild_threads if hogwild_threads > 1 else (self.config.n_blocks if log is not None else 1))
         lr_b = learning_rate if bias_learning_rate is None else bias_learning_rate
         tables = (
             self.user_factors.weight.data.numpy(), self.item_factors.weight.data.numpy(),
@@ -199,10 +200,10 @@ class MatrixFactorization(RatingModel):
             self.bias_reg_user.numpy(), self.bias_reg_item.numpy(), sq,
         )
         if log is None:
-            kernel = sgd_examples_hogwild if hogwild_threads > 1 else sgd_examples
-            if len(order) < PARALLEL_FROM and hogwild_threads <= 1:
-                kernel = sgd_examples_serial
-            kernel(users, items, values, *tables)
+            if hogwild_threads > 1:
+                sgd_examples_hogwild(users, items, values, *tables)
+            else:  # deterministic; one pass over the examples, every block of each in turn
+                sgd_examples_interleaved(users, items, values, *tables)
         else:
             kernel = sgd_examples_hogwild_logged if hogwild_threads > 1 else sgd_examples_logged
             kernel(users, items, values, order, *tables, log.kernel_array(self))
