@@ -47,6 +47,25 @@ class LayerCapture:
         self.records[key] = []
         return pairs
 
+    def take_embedding(self, key: object, dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The recorded lookups of an embedding table as per-example rows and gradients:
+        ``(rows int64 [n], grads [n, dim])``, or None when nothing was recorded. Lookups of
+        the same indices in one pass (MF reads each table twice per loss) are one example;
+        gradients of a mean loss are scaled by the batch size to be per-example."""
+        merged: list[list[torch.Tensor]] = []
+        for idx, g in self.take(key):
+            for m in merged:
+                if m[0].shape == idx.shape and torch.equal(m[0], idx):
+                    m[1] = m[1] + g
+                    break
+            else:
+                merged.append([idx, g])
+        if not merged:
+            return None
+        rows = torch.cat([i.reshape(-1) for i, _ in merged])
+        grads = torch.cat([g.reshape(-1, dim) * i.shape[0] for i, g in merged])
+        return rows, grads
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Forward/backward passes inside record nothing (e.g. SALR's extra passes)."""

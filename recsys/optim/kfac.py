@@ -133,13 +133,17 @@ class KFACPreconditioner:
         group = self.param_groups[0]
         self.steps += 1
         for name, module in self.modules.items():
-            records = self.capture.take(name)
-            if not records or module.weight.grad is None:
+            if module.weight.grad is None:
+                self.capture.take(name)  # drop what this pass recorded
                 continue
             if isinstance(module, nn.Embedding):
-                self._step_embedding(name, module, records, group)
+                examples = self.capture.take_embedding(name, module.embedding_dim)
+                if examples is not None:
+                    self._step_embedding(name, module, examples, group)
             else:
-                self._step_linear(name, module, records, group)
+                records = self.capture.take(name)
+                if records:
+                    self._step_linear(name, module, records, group)
         return loss
 
     def _linear_rows(self, module: nn.Linear, records) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,22 +218,14 @@ class KFACPreconditioner:
             ra, rg = (old[0].T @ st["QA"]).square(), (old[1].T @ st["QG"]).square()
             st["S"] = rg.T @ st["S"] @ ra
 
-    def _step_embedding(self, name: str, module: nn.Embedding, records, group: dict) -> None:
+    def _step_embedding(self, name: str, module: nn.Embedding, examples: tuple[torch.Tensor, torch.Tensor],
+                        group: dict) -> None:
         st = self.state[name]
         beta, damping, floor = group["factor_decay"], group["damping"], group["row_floor"]
         weight = module.weight
         n_rows, dim = weight.shape
-        # merge lookups of the same indices (e.g. MF looks each table up twice per loss)
-        merged: list[list[torch.Tensor]] = []
-        for idx, g in records:
-            for m in merged:
-                if m[0].shape == idx.shape and torch.equal(m[0], idx):
-                    m[1] = m[1] + g
-                    break
-            else:
-                merged.append([idx, g])
-        idx = torch.cat([i.reshape(-1) for i, _ in merged])
-        d = torch.cat([g.reshape(-1, dim) * (i.shape[0]) for i, g in merged]).to(weight.dtype)
+        idx, d = examples
+        d = d.to(weight.dtype)
         n = idx.numel()
         rows, inverse = torch.unique(idx, return_inverse=True)
         dev, dt = weight.device, weight.dtype

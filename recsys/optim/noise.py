@@ -82,36 +82,29 @@ class CovNoiseSGD(torch.optim.Optimizer):
         if self.capture is None:
             return
         for module in self.capture.modules:
+            if isinstance(module, nn.Embedding):
+                examples = self.capture.take_embedding(module, module.embedding_dim)
+                if examples is not None:
+                    rows, grads = examples
+                    self.set_per_example_grads(module.weight, grads, rows)
+                continue
             records = self.capture.take(module)
             if not records:
                 continue
-            if isinstance(module, nn.Embedding):
-                merged: list[list[torch.Tensor]] = []
-                for idx, g in records:
-                    for m in merged:
-                        if m[0].shape == idx.shape and torch.equal(m[0], idx):
-                            m[1] = m[1] + g
-                            break
-                    else:
-                        merged.append([idx, g])
-                rows = torch.cat([i.reshape(-1) for i, _ in merged])
-                grads = torch.cat([g.reshape(-1, module.embedding_dim) * i.shape[0] for i, g in merged])
-                self.set_per_example_grads(module.weight, grads, rows)
-            else:
-                w = b = None
-                for a, g in records:
-                    batch = a.shape[0]
-                    a3 = a.reshape(batch, -1, a.shape[-1]).to(g.dtype)
-                    g3 = g.reshape(batch, -1, g.shape[-1]) * batch
-                    wi, bi = torch.einsum("bko,bki->boi", g3, a3), g3.sum(1)
-                    if w is not None and w.shape != wi.shape:
-                        w = None  # calls over different example sets: no per-example gradient
-                        break
-                    w, b = (wi, bi) if w is None else (w + wi, b + bi)
-                if w is not None:
-                    self.set_per_example_grads(module.weight, w)
-                    if module.bias is not None and module.bias.requires_grad:
-                        self.set_per_example_grads(module.bias, b)
+            w = b = None
+            for a, g in records:
+                batch = a.shape[0]
+                a3 = a.reshape(batch, -1, a.shape[-1]).to(g.dtype)
+                g3 = g.reshape(batch, -1, g.shape[-1]) * batch
+                wi, bi = torch.einsum("bko,bki->boi", g3, a3), g3.sum(1)
+                if w is not None and w.shape != wi.shape:
+                    w = None  # calls over different example sets: no per-example gradient
+                    break
+                w, b = (wi, bi) if w is None else (w + wi, b + bi)
+            if w is not None:
+                self.set_per_example_grads(module.weight, w)
+                if module.bias is not None and module.bias.requires_grad:
+                    self.set_per_example_grads(module.bias, b)
 
     # ------------------------------------------------------------------ noise
     def _coef(self, group: dict, batch: int) -> float:
