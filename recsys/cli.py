@@ -130,6 +130,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-batch", type=int, help="cov-noise: the small batch whose gradient noise is restored")
     g.add_argument("--noise-structure", choices=["diag", "full", "isotropic"], help="cov-noise: noise covariance")
     g.add_argument("--noise-scale", type=float, help="cov-noise: multiplier on the noise's standard deviation")
+    g.add_argument("--noise-estimator", choices=["per-example", "sub-batch"],
+                   help="cov-noise: covariance from per-example gradients (SGD; MF) or from sub-batch "
+                        "gradients (any --noise-base; REC)")
+    g.add_argument("--noise-base", choices=["sgd", "adam", "adagrad"],
+                   help="cov-noise with --noise-estimator sub-batch: the optimizer that steps")
+    g.add_argument("--damping", type=float, help="kfac/ekfac/tkfac/tekfac: relative damping (default 1.0)")
     g.add_argument("--sampler", choices=["reshuffle", "shuffle-once", "with-replacement", "fixed"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -157,8 +163,9 @@ def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     model_cfg["seed"] = args.seed
     train_over = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                   if f.name not in ("progress", "patience") and getattr(args, f.name, None) is not None}
-    # the model's own training defaults (e.g. REC: Adam, batches), then explicit flags
-    train_cfg = replace(TrainConfig(), **{**model_cls.training_defaults, **train_over},
+    # the model's own training defaults (e.g. REC: Adam, batches), those of the optimizer
+    # chosen instead of the model's own, then explicit flags
+    train_cfg = replace(TrainConfig.for_model(model_cls, **train_over),
                         patience=args.patience if args.validation else None,
                         progress=False if args.quiet else None)
     scaling = getattr(args, "lr_scaling", "none")
@@ -171,9 +178,11 @@ def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     return model_cfg, train_cfg
 
 
-def fit_model(args: argparse.Namespace, train: Ratings, callbacks: Sequence = ()) -> tuple[RatingModel, Ratings, dict]:
+def fit_model(args: argparse.Namespace, train: Ratings, callbacks: Sequence = (),
+              parallel=None) -> tuple[RatingModel, Ratings, dict]:
     """Build and train the requested model; returns it, the ratings it was fitted on and a
-    summary of the run."""
+    summary of the run. ``parallel``: this rank's `recsys.distributed.DataParallel` when
+    training data-parallel."""
     from recsys.splits import validation_slice
 
     model_cfg, train_cfg = _configs(args)
@@ -181,7 +190,7 @@ def fit_model(args: argparse.Namespace, train: Ratings, callbacks: Sequence = ()
     if args.validation:
         fit_part, validation = validation_slice(train, args.validation, seed=args.seed)
     model = build_model(args.model, train.n_users, train.n_items, train.rating_scale, model_cfg)
-    result = Trainer(train_cfg, callbacks=callbacks).fit(model, fit_part, validation)
+    result = Trainer(train_cfg, callbacks=callbacks, parallel=parallel).fit(model, fit_part, validation)
     summary = {
         "fit_seconds": result.fit_seconds,
         "epochs_run": len(result.history),
@@ -191,20 +200,91 @@ def fit_model(args: argparse.Namespace, train: Ratings, callbacks: Sequence = ()
         "model_config": model.config_dict(),
         "train_config": asdict(train_cfg),
     }
+    if parallel is not None:
+        summary["world_size"] = parallel.world_size
+        summary["backend"] = parallel.backend
     return model, fit_part, summary
 
 
 # --------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
+    """``recsys train``: one process, or data-parallel over ``--nproc`` processes spawned here,
+    or over the processes of a ``torchrun`` launch (see `recsys.distributed`)."""
+    from recsys.distributed import env_world_size, init_from_env
+
+    nproc, world = getattr(args, "nproc", 1), env_world_size()
+    if nproc < 1:
+        raise RecsysError(f"--nproc must be >= 1, got {nproc}")
+    if world > 1 and nproc not in (1, world):
+        raise RecsysError(f"--nproc {nproc} under a launcher with WORLD_SIZE={world}: give one or the other")
+    if nproc > 1 and world <= 1:
+        return _spawn_train(args, nproc)
+    parallel = init_from_env(args.device) if world > 1 else None
+    try:
+        return _train(args, parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _spawn_train(args: argparse.Namespace, nproc: int) -> int:
+    """Run `_train` data-parallel in ``nproc`` local processes (gloo on the CPU, NCCL on CUDA);
+    returns rank 0's exit status."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    from recsys.distributed import spawn
+
+    _, train_cfg = _configs(args)
+    if train_cfg.batch_size == 1:
+        raise RecsysError(f"--nproc {nproc} needs minibatches (each process takes a slice of every batch); "
+                          "give --batch-size, e.g. --batch-size 1024 --lr-scaling linear (the compiled "
+                          "batch-1 SGD kernel is single-process)")
+    if args.threads is None:  # share the cores between the processes
+        args.threads = max(1, (os.cpu_count() or 1) // nproc)
+    try:
+        spawn(_train_worker, nproc, args, threads=args.threads)
+    except mp.ProcessExitedException as exc:
+        return int(exc.exit_code) if exc.exit_code and exc.exit_code > 0 else 1
+    except mp.ProcessRaisedException as exc:
+        raise RecsysError(f"a training process failed:\n{exc}") from None
+    return 0
+
+
+def _train_worker(args: argparse.Namespace) -> None:
+    """One spawned rank of `_spawn_train`: a user error is one ``recsys: error:`` line (from
+    rank 0) and exit status 2, as in one process."""
+    from recsys.distributed import init_from_env
+
+    parallel = init_from_env(args.device)
+    try:
+        code = _train(args, parallel)
+    except (RecsysError, ValueError, FileNotFoundError) as exc:
+        if parallel is None or parallel.is_main:
+            print(f"recsys: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if code:
+        raise SystemExit(code)
+
+
+def _train(args: argparse.Namespace, parallel=None) -> int:
     from recsys.evaluate import evaluate_ratings
 
+    main = parallel is None or parallel.is_main
     folds = load_folds(args)
     if len(folds) != 1:
         raise RecsysError("train takes one split; use `recsys evaluate` for several folds")
     name, train, test = folds[0]
-    _print(args, f"training {args.model} on {train.describe()}")
+    if main:
+        _print(args, f"training {args.model} on {train.describe()}"
+                     + (f" with {parallel.world_size} {parallel.backend} processes" if parallel else ""))
     rollback = _rollback_callback(args)
-    model, fit_part, summary = fit_model(args, train, [rollback] if rollback else [])
+    model, fit_part, summary = fit_model(args, train, [rollback] if rollback else [], parallel)
+    if parallel is not None and rollback is not None and rollback.log is not None:
+        parallel.merge_rollback_log(rollback.log)  # each rank logged its own examples
+    if not main:
+        return 0
     metrics = evaluate_ratings(model, test) if test is not None else {}
     if args.out:
         save_artefact(args.out, model, fit_part, {"split": name, "training": summary, "test_metrics": metrics},
@@ -330,7 +410,8 @@ def _rollback_callback(args: argparse.Namespace):
         return None
     from recsys.explain.rollback import RollbackCallback
 
-    return RollbackCallback(torch.float16 if args.rollback_float16 else torch.float32)
+    return RollbackCallback(torch.float16 if args.rollback_float16 else torch.float32,
+                            mode="exact" if getattr(args, "rollback_exact", False) else "compact")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -420,6 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback", action="store_true",
                    help="record the gradient-rollback log (saved with the model, for `recsys explain`)")
     p.add_argument("--rollback-float16", action="store_true", help="store the rollback log in float16")
+    p.add_argument("--rollback-exact", action="store_true",
+                   help="record the exact per-example log (2.2x training time) instead of the compact "
+                        "one (per-visit errors + table snapshots, ~1.1x; see docs/explanations.md)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train data-parallel in N local processes (torch.distributed: gloo on the CPU, "
+                        "NCCL on CUDA; needs --batch-size > 1; or launch with torchrun --nproc-per-node N "
+                        "-m recsys.cli train ...)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_train)
 

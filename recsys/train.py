@@ -12,6 +12,12 @@ Three step implementations share the loop, chosen by `Trainer.step_kind`:
 All three minimise the same objective (``model.loss``), and the tests check they agree.
 Callbacks see the example ids (rows of the training `Ratings`) of every step group, so that
 update logging (gradient rollback) plugs in without forking the loop.
+
+Data-parallel training (``Trainer(parallel=...)``, see `recsys.distributed`): every rank
+visits the same order and takes its contiguous slice of every global batch; the closed-form
+and autograd steps then sum their updates or gradients over the ranks, so the result is that
+of one process on the same global batches (up to rounding). The compiled batch-1 kernel stays
+single-process. Callbacks see their rank's slice of each batch (not called when it is empty).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
@@ -31,9 +38,13 @@ from tqdm.auto import tqdm
 from recsys.errors import TrainingDivergedError
 from recsys.models.base import RatingModel
 from recsys.optim.factory import build_optimizer, build_preconditioner
+from recsys.optim.noise import SubBatchNoise
 from recsys.optim.salr import SALR
 from recsys.optim.sampling import SAMPLERS, make_sampler
 from recsys.ratings import Ratings
+
+if TYPE_CHECKING:
+    from recsys.distributed import DataParallel
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,24 @@ class TrainConfig:
     noise_batch: int = 256
     noise_structure: str = "diag"
     noise_scale: float = 1.0
+    #: ``cov-noise``: where the noise comes from (``per-example`` gradients: SGD only, see
+    #: `recsys.optim.noise.CovNoiseSGD`; ``sub-batch`` gradients: any ``noise_base``, see
+    #: `recsys.optim.noise.SubBatchNoise`) and the optimizer that steps
+    noise_estimator: str = "per-example"
+    noise_base: str = "sgd"
+    #: K-FAC family: damping relative to the factors' mean eigenvalue (see `recsys.optim.kfac`)
+    damping: float = 1.0
+
+    @classmethod
+    def for_model(cls, model: type[RatingModel] | RatingModel, **overrides: object) -> TrainConfig:
+        """The config a model trains with by default: these defaults, then the model's
+        ``training_defaults``, then its ``optimizer_defaults`` for the chosen optimizer (when
+        ``overrides`` names one other than the model's own), then ``overrides``."""
+        base = dict(model.training_defaults)
+        optimizer = overrides.get("optimizer", base.get("optimizer", cls.optimizer))
+        if optimizer != base.get("optimizer", cls.optimizer):
+            base.update(model.optimizer_defaults.get(optimizer, {}))
+        return cls(**{**base, **overrides})
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -84,6 +113,10 @@ class TrainConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
         if self.noise_structure not in ("diag", "full", "isotropic"):
             raise ValueError(f"noise_structure must be diag, full or isotropic, got {self.noise_structure!r}")
+        if self.noise_estimator not in ("per-example", "sub-batch"):
+            raise ValueError(f"noise_estimator must be per-example or sub-batch, got {self.noise_estimator!r}")
+        if not self.damping > 0:
+            raise ValueError(f"damping must be > 0, got {self.damping}")
         if self.noise_batch < 1 or self.noise_scale < 0 or self.salr_every < 1:
             raise ValueError("need noise_batch >= 1, noise_scale >= 0, salr_every >= 1")
 
@@ -138,16 +171,24 @@ class Callback:
 
 
 class Trainer:
-    """Trains a `RatingModel` on a training `Ratings` (see the module docstring)."""
+    """Trains a `RatingModel` on a training `Ratings` (see the module docstring).
+
+    ``parallel``: this rank's `recsys.distributed.DataParallel` for data-parallel training
+    (every rank runs ``fit`` with the same data and config); None for one process.
+    """
 
     def __init__(self, config: TrainConfig | None = None, *, callbacks: Sequence[Callback] = (),
-                 optimizer_factory: Callable[[RatingModel], torch.optim.Optimizer] | None = None) -> None:
+                 optimizer_factory: Callable[[RatingModel], torch.optim.Optimizer] | None = None,
+                 parallel: DataParallel | None = None) -> None:
         self.config = config or TrainConfig()
         self.callbacks = list(callbacks)
         self.optimizer_factory = optimizer_factory
+        self.parallel = parallel
         self.optimizer: torch.optim.Optimizer | None = None
         #: the K-FAC-family preconditioner of the last autograd fit (None otherwise)
         self.preconditioner = None
+        #: the sub-batch covariance-noise source of the last fit (None otherwise)
+        self.sub_batch_noise = None
 
     def step_kind(self, model: RatingModel) -> str:
         c = self.config
@@ -177,18 +218,36 @@ class Trainer:
         model.to(device)
         model.prepare(train)
         kind = self.step_kind(model)
+        dp = self.parallel
+        if dp is not None:
+            if c.batch_size == 1:
+                raise ValueError(f"data-parallel training ({dp.world_size} processes) needs minibatches: each "
+                                 "rank takes a slice of every batch; give a batch size > 1 (the compiled "
+                                 "batch-1 SGD kernel is single-process)")
+            dp.check_same("the training", examples=len(train), batch_size=c.batch_size, seed=c.seed,
+                          epochs=c.epochs, learning_rate=c.learning_rate)
+            dp.broadcast_module(model)
         result = TrainResult(step_kind=kind + ("-hogwild" if kind == "kernel" and c.hogwild else ""))
         hogwild_threads = (c.threads or numba.get_num_threads()) if c.hogwild else 0
         sampler = make_sampler(c.sampler, len(train), c.seed)
         tensors = train.tensors(device)
         self.preconditioner = None
+        self.sub_batch_noise = None
         if kind == "autograd":
             self.optimizer = (self.optimizer_factory(model) if self.optimizer_factory
                               else build_optimizer(c.optimizer, model, c.learning_rate,
                                                    noise_batch=c.noise_batch, noise_structure=c.noise_structure,
-                                                   noise_scale=c.noise_scale, seed=c.seed))
+                                                   noise_scale=c.noise_scale, noise_base=c.noise_base,
+                                                   noise_estimator=c.noise_estimator, seed=c.seed))
             if self.optimizer_factory is None:
-                self.preconditioner = build_preconditioner(c.optimizer, model)
+                self.preconditioner = build_preconditioner(c.optimizer, model, damping=c.damping, seed=c.seed)
+            if c.optimizer == "cov-noise" and c.noise_estimator == "sub-batch":
+                if dp is not None:
+                    raise ValueError("sub-batch covariance noise is single-process; use the per-example "
+                                     "estimator (MF) for data-parallel training")
+                self.sub_batch_noise = SubBatchNoise(model.parameters(), noise_batch=c.noise_batch,
+                                                     structure=c.noise_structure, noise_scale=c.noise_scale,
+                                                     seed=c.seed)
             scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=c.lr_decay)
             if c.salr:
                 self.optimizer = SALR(self.optimizer, every=c.salr_every)
@@ -202,7 +261,8 @@ class Trainer:
         since_best = 0
         start = time.perf_counter()
         bar = tqdm(total=c.epochs * len(train), unit="rating", unit_scale=True,
-                   disable=True if c.progress is False else (None if c.progress is None else False),
+                   disable=True if c.progress is False or (dp is not None and not dp.is_main)
+                   else (None if c.progress is None else False),
                    leave=False,
                    desc=f"train {model.name}")
         try:
@@ -218,25 +278,30 @@ class Trainer:
                 sq_sum, count = 0.0, 0
                 for batch_no, s in enumerate(range(0, len(order), step)):
                     ids = order[s:s + step]
+                    # this rank's slice of the global batch and its share of the batch mean
+                    mine, weight = (ids, 1.0) if dp is None else dp.shard(ids)
                     if kind == "kernel":
                         loss = model.sgd_examples(train, ids, lr, hogwild_threads=hogwild_threads, **log_kw)
                     else:
-                        idx = torch.from_numpy(ids).to(device)
+                        idx = torch.from_numpy(mine).to(device)
                         u, i, r = tensors[0][idx], tensors[1][idx], tensors[2][idx]
-                        if kind == "closed-form":
+                        if kind == "closed-form" and dp is not None:
+                            loss = dp.sgd_batch_step(model, u, i, r, lr, weight, log=update_log, example_ids=idx)
+                        elif kind == "closed-form":
                             loss = model.sgd_batch(u, i, r, lr, **log_kw,
                                                    **({"example_ids": idx} if log_kw else {}))
                         else:
                             self.optimizer.zero_grad(set_to_none=True)
-                            batch_loss = model.loss(u, i, r)
-                            batch_loss.backward()
+                            sampling = model.sampling_state() if c.salr else None
+                            loss = self._backward(model, u, i, r, weight)
                             if self.preconditioner is not None:
+                                # KL clipping needs the step's learning rate
+                                self.preconditioner.param_groups[0]["lr"] = self.optimizer.param_groups[0]["lr"]
                                 self.preconditioner.step()
                             if c.salr:
-                                self.optimizer.step(self._closure(model, u, i, r))
+                                self.optimizer.step(self._closure(model, u, i, r, weight, sampling))
                             else:
                                 self.optimizer.step()
-                            loss = float(batch_loss.detach())
                     if not math.isfinite(loss):
                         raise TrainingDivergedError(
                             f"training loss became {loss} at epoch {epoch + 1}, batch {batch_no + 1} "
@@ -244,8 +309,9 @@ class Trainer:
                         )
                     sq_sum += loss * len(ids)
                     count += len(ids)
-                    for cb in self.callbacks:
-                        cb.on_batch_end(ids, loss)
+                    if len(mine):
+                        for cb in self.callbacks:
+                            cb.on_batch_end(mine, loss)
                     bar.update(len(ids))
                 if kind == "autograd":
                     scheduler.step()
@@ -282,9 +348,61 @@ class Trainer:
             cb.on_train_end(result)
         return result
 
-    def _closure(self, model: RatingModel, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor):
+    def _backward(self, model: RatingModel, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor,
+                  weight: float = 1.0, *, statistics: bool = True) -> float:
+        """The batch's (``u, i, r [n]``) loss and ``backward`` (through the preconditioner's,
+        which also records its statistics, when there is one and ``statistics``); returns the
+        batch loss. Data-parallel: this rank's loss and outputs are scaled by its share
+        ``weight`` of the global batch, the recorded curvature/noise statistics gathered over
+        the ranks, the gradients summed over them, and the global batch's loss returned."""
+        dp, pre = self.parallel, self.preconditioner if statistics else None
+        local = 0.0
+        if statistics and self.sub_batch_noise is not None:
+            return self._sub_batch_backward(model, u, i, r)
+        if dp is None or len(u):
+            if pre is not None:
+                outputs, batch_loss = model.loss_terms(u, i, r)
+                if dp is not None:
+                    outputs, batch_loss = outputs * weight, batch_loss * weight
+                pre.backward(outputs, batch_loss)
+            else:
+                batch_loss = model.loss(u, i, r)
+                if dp is not None:
+                    batch_loss = batch_loss * weight
+                batch_loss.backward()
+            local = float(batch_loss.detach())
+        if dp is None:
+            return local
+        if statistics:
+            hooked = (self.preconditioner, getattr(self.optimizer, "base", self.optimizer))
+            dp.gather_captures([h.capture for h in hooked if getattr(h, "capture", None) is not None])
+        tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        return dp.reduce_gradients([p for p in model.parameters() if p.requires_grad], local, row_tables=tables)
+
+    def _sub_batch_backward(self, model: RatingModel, u: torch.Tensor, i: torch.Tensor,
+                            r: torch.Tensor) -> float:
+        """Back-propagate the batch as sub-batches of ``noise_batch`` ratings and leave their
+        mean gradient plus covariance noise (`SubBatchNoise`) in ``.grad``; returns the batch's
+        mean loss."""
+        noise = self.sub_batch_noise
+        total = 0.0
+        for s in range(0, len(u), noise.noise_batch):
+            sub = slice(s, s + noise.noise_batch)
+            n = len(u[sub])
+            loss = model.loss(u[sub], i[sub], r[sub])
+            loss.backward()
+            noise.record(n)
+            total += float(loss.detach()) * n
+        noise.apply()
+        return total / len(u)
+
+    def _closure(self, model: RatingModel, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor,
+                 weight: float = 1.0, sampling: object | None = None):
         """Re-evaluates the batch loss with gradients (for SALR's extra passes), without
-        feeding the statistics of hooked preconditioners/optimizers."""
+        feeding the statistics of hooked preconditioners/optimizers. ``sampling``: the
+        model's sampling state before the step's own forward (`RatingModel.sampling_state`),
+        restored for every pass so that a stochastic model (REC's chains) is compared with
+        itself on the same samples."""
         hooked = [h for h in (self.preconditioner, getattr(self.optimizer, "base", None))
                   if hasattr(h, "paused")]
 
@@ -293,9 +411,10 @@ class Trainer:
                 for h in hooked:
                     stack.enter_context(h.paused())
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = model.loss(u, i, r)
-                loss.backward()
-            return loss.detach()
+                if sampling is not None:
+                    model.set_sampling_state(sampling)
+                loss = self._backward(model, u, i, r, weight, statistics=False)
+            return torch.tensor(loss)
         return closure
 
     @staticmethod

@@ -160,6 +160,25 @@ def test_training_lowers_the_error(ratings):
     assert after < before
 
 
+@pytest.mark.parametrize(("settings"), [
+    dict(optimizer="sgd", learning_rate=0.5),
+    dict(optimizer="adagrad", learning_rate=0.05),
+    dict(optimizer="adam", learning_rate=0.05, salr=True),
+    dict(optimizer="cov-noise", noise_estimator="sub-batch", noise_base="adam", noise_batch=16, learning_rate=0.02),
+    *(dict(optimizer=kind, learning_rate=0.01) for kind in ("kfac", "ekfac", "tkfac", "tekfac")),
+], ids=lambda s: s["optimizer"] + ("+salr" if s.get("salr") else ""))
+def test_every_shared_optimizer_trains_rec(ratings, settings):
+    """The optimizers shared with MF train REC's networks and prototypes through the same
+    trainer (K-FAC family: its nn.Linear message layers; other parameters plain)."""
+    model = fresh(ratings)
+    model.eval()
+    u, i, v = ratings.tensors()
+    before = float(((model.predict(u, i) - v) ** 2).mean())
+    Trainer(TrainConfig(epochs=3, batch_size=64, progress=False, **settings)).fit(model, ratings)
+    after = float(((model.predict(u, i) - v) ** 2).mean())
+    assert after < before
+
+
 # ---------------------------------------------------------------------------- online and cold start
 def test_a_new_user_gets_a_prediction_that_moves_when_a_rating_is_added(trained, ratings):
     model = trained

@@ -52,6 +52,10 @@ def test_notebook_runs_in_quick_mode(path: Path, monkeypatch: pytest.MonkeyPatch
     # The kernel inherits this process's environment: quick mode, and one thread per
     # library, since pytest -n 2 runs two notebooks (or a notebook and other tests) at once.
     monkeypatch.setenv("RECSYS_QUICK", "1")
+    # the kernel runs in notebooks/: a relative data home (the README's ../shared/data) must
+    # be made absolute first
+    if os.environ.get("RECSYS_DATA"):
+        monkeypatch.setenv("RECSYS_DATA", str(Path(os.environ["RECSYS_DATA"]).resolve()))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         monkeypatch.setenv(var, "1")
     nb = nbformat.read(path, as_version=4)

@@ -47,7 +47,7 @@ def exact_natural_gradient(layer, x, y):
 
 
 def preconditioned(layer, x, y, kind, **kw):
-    pre = KFACPreconditioner(layer, kind, damping=1e-10, **kw)
+    pre = KFACPreconditioner(layer, kind, damping=1e-10, statistic="empirical", kl_clip=None, **kw)
     layer.zero_grad()
     loss_of(layer, x, y).backward()
     pre.step()
@@ -84,7 +84,7 @@ def test_embedding_matches_dense_kfac_on_one_hot_linear():
     with torch.no_grad():
         lin.weight.copy_(emb.weight.T)
     target = torch.randn(dim, dtype=torch.double)
-    kw = dict(damping=0.3, factor_decay=0.8, update_freq=1, row_floor=0.0)
+    kw = dict(damping=0.3, factor_decay=0.8, update_freq=1, row_floor=0.0, statistic="empirical", kl_clip=None)
     pe, pl = KFACPreconditioner(emb, "kfac", **kw), KFACPreconditioner(lin, "kfac", **kw)
     opt_e = torch.optim.SGD(emb.parameters(), lr=0.05)
     opt_l = torch.optim.SGD(lin.parameters(), lr=0.05)
@@ -105,7 +105,7 @@ def rare_to_common_step(row_floor):
     """Row 0 in every example for 30 steps, row 999 once at the end: the ratio of their
     preconditioned step norms (same per-example gradient)."""
     emb = nn.Embedding(1000, 4, sparse=True)
-    pre = KFACPreconditioner(emb, "kfac", damping=1e-3, row_floor=row_floor)
+    pre = KFACPreconditioner(emb, "kfac", damping=1e-3, row_floor=row_floor, statistic="empirical")
     for step in range(30):
         idx = torch.zeros(64, dtype=torch.long)
         if step == 29:
@@ -136,7 +136,7 @@ def test_eigh_failure_keeps_the_previous_basis():
 
 def test_cached_eigenvalues_are_not_mutated_by_damping():
     layer, x, y = kronecker_regression()
-    pre = KFACPreconditioner(layer, "kfac", damping=0.5, update_freq=100)
+    pre = KFACPreconditioner(layer, "kfac", damping=0.5, update_freq=100, statistic="empirical")
     for _ in range(3):
         layer.zero_grad()
         loss_of(layer, x, y).backward()
@@ -168,7 +168,7 @@ def test_state_dict_round_trip_resumes_identically(small_ratings, kind):
     def run(m, p, o, bs):
         for b in bs:
             o.zero_grad()
-            m.loss(u[b], i[b], v[b]).backward()
+            p.backward(*m.loss_terms(u[b], i[b], v[b]))
             p.step()
             o.step()
 
@@ -196,3 +196,35 @@ def test_every_kind_trains_mf_through_the_trainer(small_ratings, kind, lr):
     trainer.fit(model, small_ratings)
     assert trainer.preconditioner is not None and not trainer.preconditioner.capture.active
     assert rmse(model, small_ratings) < before
+
+
+@pytest.mark.parametrize("residual_scale", [0.1, 10.0])
+def test_fisher_statistic_is_the_gauss_newton_matrix_whatever_the_residuals(residual_scale):
+    """Squared loss on a linear layer: the Fisher of its Gaussian likelihood is E[aaᵀ] ⊗ I
+    (output factor: identity), however large or small the residuals; the empirical statistic
+    follows the residuals instead."""
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(3, 2, bias=False).double()
+    x = torch.randn(40000, 3, generator=g, dtype=torch.double)
+    y = (layer(x) + residual_scale * torch.randn(40000, 2, generator=g, dtype=torch.double)).detach()
+    factors = {}
+    for statistic in ("fisher", "empirical"):
+        pre = KFACPreconditioner(layer, "kfac", statistic=statistic)
+        layer.zero_grad()
+        outputs = layer(x)
+        pre.backward(outputs, 0.5 * (outputs - y).square().sum(1).mean())
+        pre.step()
+        factors[statistic] = pre.kronecker_factors("")
+        pre.remove_hooks()
+    a, gg = factors["fisher"]
+    torch.testing.assert_close(gg, torch.eye(2, dtype=torch.double), atol=0.03, rtol=0)
+    torch.testing.assert_close(a[:3, :3], x.T @ x / len(x))
+    assert float(factors["empirical"][1].trace()) == pytest.approx(2 * residual_scale ** 2, rel=0.05)
+
+
+def test_fisher_statistic_refuses_a_plain_backward():
+    layer, x, y = kronecker_regression()
+    pre = KFACPreconditioner(layer, "kfac")
+    loss_of(layer, x, y).backward()
+    with pytest.raises(RuntimeError, match="sampled-target pass"):
+        pre.step()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from recsys.models.mf import MatrixFactorization, MFConfig
-from recsys.optim.noise import CovNoiseSGD
+from recsys.optim.factory import build_optimizer
+from recsys.optim.noise import CovNoiseSGD, SubBatchNoise
 from recsys.train import TrainConfig, Trainer
 
 B, B_S, DIM = 8, 2, 4
@@ -112,3 +113,80 @@ def test_cov_noise_trains_mf_through_the_trainer(small_ratings, structure):
     Trainer(TrainConfig(epochs=5, batch_size=64, optimizer="cov-noise", learning_rate=0.5, noise_batch=16,
                         noise_structure=structure, progress=False)).fit(model, small_ratings)
     assert float(((model.predict(u, i) - v) ** 2).mean().sqrt()) < before
+
+
+# ---------------------------------------------------------------------- sub-batch estimator
+def sub_batch_source(structure, grads, scale=1.0):
+    """A `SubBatchNoise` over one 4-vector parameter holding ``grads [m, 4]`` as recorded."""
+    p = torch.zeros(DIM, dtype=torch.double, requires_grad=True)
+    source = SubBatchNoise([p], noise_batch=B_S, structure=structure, noise_scale=scale, seed=1)
+    for g in grads:
+        p.grad = g.clone()
+        source.record()
+    return p, source
+
+
+@pytest.mark.parametrize("structure", ["diag", "full", "isotropic"])
+def test_sub_batch_noise_has_a_small_batch_deviations_covariance(structure):
+    """m recorded sub-batch gradients g_j: the noise's covariance is (1 − 1/m)·Cov(g_j) (full),
+    its diagonal (diag) or its mean variance (isotropic), around their mean."""
+    grads = per_example(seed=2)  # 8 sub-batch gradients
+    m = len(grads)
+    cov = torch.cov(grads.T)  # unbiased, (m − 1) denominator
+    target = {"full": cov, "diag": torch.diag(cov.diagonal()),
+              "isotropic": cov.trace() / DIM * torch.eye(DIM, dtype=torch.double)}[structure] * (1 - 1 / m)
+    draws = []
+    p, source = sub_batch_source(structure, grads)
+    for _ in range(20000):
+        source._grads, source._sizes = list(grads), [B_S] * m
+        source.apply()
+        draws.append(p.grad - grads.mean(0))
+    noise = torch.stack(draws)
+    emp = noise.T @ noise / len(noise)
+    torch.testing.assert_close(emp, target, rtol=0.06, atol=0.04 * float(target.diagonal().max()))
+
+
+def test_sub_batch_noise_without_noise_is_the_size_weighted_mean_gradient():
+    grads = per_example()[:3]
+    p = torch.zeros(DIM, dtype=torch.double, requires_grad=True)
+    source = SubBatchNoise([p], noise_batch=4, noise_scale=0.0)
+    for g, n in zip(grads, (4, 4, 2), strict=True):
+        p.grad = g.clone()
+        source.record(n)
+        assert p.grad is None  # cleared for the next sub-batch
+    source.apply()
+    torch.testing.assert_close(p.grad, (4 * grads[0] + 4 * grads[1] + 2 * grads[2]) / 10)
+
+
+def test_sub_batch_noise_at_scale_zero_trains_like_the_plain_large_batch(small_ratings):
+    """MF's loss is a mean over ratings, so sub-batch passes without noise are the large
+    batch's gradient: the same weights as plain SGD through autograd."""
+    u, i, v = small_ratings.tensors()
+    models = []
+    for cfg in (dict(optimizer="cov-noise", noise_estimator="sub-batch", noise_scale=0.0, noise_batch=16),
+                dict(optimizer="sgd")):
+        model = mf(small_ratings)
+        trainer = Trainer(TrainConfig(epochs=2, batch_size=64, learning_rate=0.5, progress=False, **cfg),
+                          optimizer_factory=None if cfg["optimizer"] == "cov-noise"
+                          else (lambda m: torch.optim.SGD(m.parameters(), lr=0.5)))
+        trainer.fit(model, small_ratings)
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sub_batch_noise_puts_covariance_noise_under_adam(small_ratings):
+    model = mf(small_ratings)
+    model.prepare(small_ratings)
+    u, i, v = small_ratings.tensors()
+    before = float(((model.predict(u, i) - v) ** 2).mean().sqrt())
+    trainer = Trainer(TrainConfig(epochs=4, batch_size=64, optimizer="cov-noise", noise_estimator="sub-batch",
+                                  noise_base="adam", noise_batch=16, learning_rate=0.01, progress=False))
+    trainer.fit(model, small_ratings)
+    assert isinstance(trainer.optimizer, torch.optim.Adam) and trainer.sub_batch_noise is not None
+    assert float(((model.predict(u, i) - v) ** 2).mean().sqrt()) < before
+
+
+def test_per_example_noise_refuses_another_base():
+    with pytest.raises(ValueError, match="sub-batch"):
+        build_optimizer("cov-noise", torch.nn.Linear(2, 1), 0.1, noise_base="adam")

@@ -111,3 +111,14 @@ def test_callbacks_see_every_training_example_each_epoch(small_ratings):
         Trainer(config, callbacks=[Record()]).fit(model_for(small_ratings), small_ratings)
         ids = np.concatenate(seen)
         assert np.array_equal(np.bincount(ids, minlength=len(small_ratings)), np.full(len(small_ratings), 2))
+
+
+def test_for_model_layers_model_then_optimizer_defaults_then_overrides():
+    from recsys.models import EvidenceChainModel, MatrixFactorization
+
+    assert TrainConfig.for_model(MatrixFactorization) == TrainConfig()
+    adam = TrainConfig.for_model(MatrixFactorization, optimizer="adam")
+    assert (adam.batch_size, adam.learning_rate) == (256, MatrixFactorization.optimizer_defaults["adam"]["learning_rate"])
+    assert TrainConfig.for_model(MatrixFactorization, optimizer="adam", learning_rate=0.5).learning_rate == 0.5
+    rec = TrainConfig.for_model(EvidenceChainModel)
+    assert rec.optimizer == EvidenceChainModel.training_defaults["optimizer"]

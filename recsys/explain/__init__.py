@@ -1,3 +1,9 @@
-from recsys.explain.rollback import RollbackCallback, RollbackLog, append_ratings, online_sgd
+from recsys.explain.rollback import (
+    CompactRollbackLog,
+    RollbackCallback,
+    RollbackLog,
+    append_ratings,
+    online_sgd,
+)
 
-__all__ = ["RollbackCallback", "RollbackLog", "append_ratings", "online_sgd"]
+__all__ = ["CompactRollbackLog", "RollbackCallback", "RollbackLog", "append_ratings", "online_sgd"]

@@ -8,7 +8,8 @@ candidate ``z`` at once, the effect ``f(x; θ) − f(x; θ_{−z})`` in rating p
 Methods (all one vectorised closed form per prediction, no weight copies):
 
 - ``rollback`` (plain gradient rollback, Lawrence et al., arXiv 2010.05516): ``θ_{−z} = θ − Δ_z``
-  with Δ_z from the `RollbackLog`: the same-trajectory removal estimate. Path-aware, works
+  with Δ_z from the `RollbackLog` (or reconstructed from the `CompactRollbackLog`, only the
+  terms each candidate's shared row needs): the same-trajectory removal estimate. Path-aware, works
   for any optimizer and online updates; with SGD its sizes are too large, because the log sums
   every epoch's updates while, in retraining, the row's other ratings pull it back.
 - ``newton`` (one-row Newton influence): for the row ``z`` shares with ``x`` (user or item),
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from recsys.errors import UnknownIdError
-from recsys.explain.rollback import RollbackLog
+from recsys.explain.rollback import CompactRollbackLog, RollbackLog
 from recsys.models.base import RatingModel
 from recsys.ratings import Ratings
 
@@ -107,7 +108,8 @@ class _Rows:
 
 
 def estimate_effects(model: RatingModel, train: Ratings, user: int, item: int, method: str = DEFAULT_METHOD,
-                     log: RollbackLog | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     log: RollbackLog | CompactRollbackLog | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Estimated effects of every candidate on the prediction of ``(user, item)`` (indices).
 
     Returns ``(example_ids [m], effects float64 [m] in rating points, shares_user [m],
@@ -131,18 +133,20 @@ def estimate_effects(model: RatingModel, train: Ratings, user: int, item: int, m
     return ids, eff, su, si
 
 
-def _rollback(model: RatingModel, log: RollbackLog, user: int, item: int, ids: np.ndarray,
+def _rollback(model: RatingModel, log: RollbackLog | CompactRollbackLog, user: int, item: int, ids: np.ndarray,
               su: np.ndarray, si: np.ndarray) -> np.ndarray:
-    """Plain GR: ``f(θ) − f(θ − Δ_z)`` exactly, per block, for the rows shared with x."""
+    """Plain GR: ``f(θ) − f(θ − Δ_z)`` exactly, per block, for the rows shared with x (from
+    the exact log, or from the compact log's reconstruction of Δ_z)."""
     k, d = model.config.n_blocks, model.block_size
     x = _Rows(model, np.array([user]), np.array([item]))
     p, q = x.P[:, 0], x.Q[:, 0]  # [K, d]
-    rows = log.rows(ids)  # [K, m, 2d+2]
-    dp, dq, dbu, dbi = rows[..., :d], rows[..., d:2 * d], rows[..., 2 * d], rows[..., 2 * d + 1]
+    dpq, pdq, dbu, dbi = log.projected(ids, su, si, user, item, p, q)  # each [K, m]
     a, b = su.astype(np.float64), si.astype(np.float64)
-    per_block = (a * (np.einsum("kmd,kd->km", dp, q) + dbu)
-                 + b * (np.einsum("kd,kmd->km", p, dq) + dbi)
-                 - a * b * np.einsum("kmd,kmd->km", dp, dq))
+    per_block = a * (dpq + dbu) + b * (pdq + dbi)
+    both = np.flatnonzero(su & si)
+    if len(both):  # the prediction's own rating moved both rows: the bilinear term
+        rows = log.rows(ids[both])
+        per_block[:, both] -= np.einsum("kmd,kmd->km", rows[..., :d], rows[..., d:2 * d])
     return per_block.sum(0) / k
 
 
@@ -336,7 +340,7 @@ def _index(train: Ratings, user: object, item: object) -> tuple[int, int]:
     return train.user_ids.index(user, "user"), train.item_ids.index(item, "item")
 
 
-def explain(model: RatingModel, log: RollbackLog | None, train: Ratings, user: object, item: object,
+def explain(model: RatingModel, log: RollbackLog | CompactRollbackLog | None, train: Ratings, user: object, item: object,
             k: int = 5, method: str | None = None) -> Explanation:
     """The ``k`` training ratings with the largest estimated effect (by absolute value) on the
     prediction of raw ``user`` for raw ``item``.
@@ -365,7 +369,7 @@ def explain(model: RatingModel, log: RollbackLog | None, train: Ratings, user: o
                        attribution=attribution)
 
 
-def explain_recommendations(model: RatingModel, log: RollbackLog | None, train: Ratings, user: object,
+def explain_recommendations(model: RatingModel, log: RollbackLog | CompactRollbackLog | None, train: Ratings, user: object,
                             n: int = 10, k: int = 5, method: str | None = None) -> list[Explanation]:
     """Explanations for the ``n`` top-scored items ``user`` has not rated (the `recommend`
     list), each with its ``k`` largest contributions. The ``prediction`` field holds the

@@ -30,6 +30,9 @@ class RatingModel(nn.Module, ABC):
     #: `TrainConfig` fields this model trains best with (e.g. an optimizer and batch size);
     #: the command line starts from them, explicit flags override them.
     training_defaults: ClassVar[dict[str, object]] = {}
+    #: per optimizer name, `TrainConfig` fields that override ``training_defaults`` when that
+    #: optimizer is chosen instead of the model's own (see `TrainConfig.for_model`)
+    optimizer_defaults: ClassVar[dict[str, dict[str, object]]] = {}
 
     def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float]) -> None:
         super().__init__()
@@ -91,6 +94,26 @@ class RatingModel(nn.Module, ABC):
         if not bool(known.all()):
             out = torch.where(known, out, self.fallback(safe_u, safe_i, user_known, item_known))
         return out.clamp(*self.rating_scale)
+
+    def sampling_state(self) -> object | None:
+        """The state of the randomness of a training forward pass (None: deterministic
+        model); `set_sampling_state` with it makes the next forward draw the same samples."""
+        return None
+
+    def set_sampling_state(self, state: object | None) -> None:
+        """Restore a `sampling_state`."""
+
+    def loss_terms(self, users: torch.Tensor, items: torch.Tensor,
+                   values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(outputs [B, m], loss)``: the training loss of a batch and the model outputs it
+        is a Gaussian likelihood of, ``loss = 0.5·mean_b Σ_m (values_b − outputs_bm)² +
+        penalties`` (``m`` outputs per rating). The K-FAC family's Fisher statistic
+        (`recsys.optim.kfac`) back-propagates sampled targets through ``outputs``."""
+        raise NotImplementedError(f"{type(self).__name__} does not define loss_terms")
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The batch's scalar training loss (see `loss_terms`)."""
+        return self.loss_terms(users, items, values)[1]
 
     @abstractmethod
     def score_all(self, users: torch.Tensor) -> torch.Tensor:

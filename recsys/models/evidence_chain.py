@@ -130,6 +130,13 @@ class EvidenceChainModel(RatingModel):
     training_defaults: ClassVar[dict[str, object]] = {
         "optimizer": "adam", "learning_rate": 2e-3, "batch_size": 256, "epochs": 15, "lr_decay": 0.96,
     }
+    #: ``cov-noise`` on REC: Adam at batch 4096 (lr scaled by √16) fed the batch's gradient plus
+    #: noise estimated from its 256-rating sub-batches (`recsys.optim.noise.SubBatchNoise`):
+    #: REC has no per-rating gradients. See `benchmarks/optim_noise.py --model rec`.
+    optimizer_defaults: ClassVar[dict[str, dict[str, object]]] = {
+        "cov-noise": {"batch_size": 4096, "learning_rate": 8e-3, "noise_estimator": "sub-batch",
+                      "noise_base": "adam", "noise_batch": 256, "noise_scale": 1.0},
+    }
 
     def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float],
                  config: RECConfig | None = None) -> None:
@@ -310,6 +317,14 @@ class EvidenceChainModel(RatingModel):
             self._train_generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         return self._train_generator
 
+    def sampling_state(self) -> torch.Tensor:
+        """The training sampling stream's state (chains are drawn from it)."""
+        return self._generator(fresh=False).get_state()
+
+    def set_sampling_state(self, state: object | None) -> None:
+        if state is not None:
+            self._generator(fresh=False).set_state(state)
+
     def _encode(self, values: torch.Tensor) -> torch.Tensor:
         """Hat-function encoding of ratings ``[E] -> [E, L]``."""
         step = self.rating_levels[1] - self.rating_levels[0]
@@ -420,16 +435,19 @@ class EvidenceChainModel(RatingModel):
         graph, bias = self._live()
         return self.global_mean + bias[users] * user_known + bias[graph.n_users + items] * item_known
 
-    def loss(self, users: torch.Tensor, items: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``0.5 (mean squared error + reg·mean|prototype|² + mlp_reg·Σ|W|²)`` of one batch,
-        each rating predicted from chains that exclude the batch's own ratings."""
-        err = values - self.forward(users, items)
+    def loss_terms(self, users: torch.Tensor, items: torch.Tensor,
+                   values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(predictions [B, 1], loss)``, the loss ``0.5 (mean squared error +
+        reg·mean|prototype|² + mlp_reg·Σ|W|²)`` of one batch, each rating predicted from chains
+        that exclude the batch's own ratings."""
+        outputs = self.forward(users, items)
+        err = values - outputs
         c = self.config
         penalty = c.reg * self.prototype_vectors.square().sum(-1).mean()
         if c.mlp_reg:
             penalty = penalty + c.mlp_reg * sum(m.weight.square().sum() for m in self.modules()
                                                 if isinstance(m, nn.Linear))
-        return 0.5 * (err.square().mean() + penalty)
+        return outputs.unsqueeze(-1), 0.5 * (err.square().mean() + penalty)
 
     @torch.no_grad()
     def node_vectors(self, nodes: torch.Tensor, *, chunk: int = 4096) -> torch.Tensor:

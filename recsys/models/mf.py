@@ -18,7 +18,7 @@ rows of its batch), scaled by row frequency: a row seen ``n`` times gets
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -70,6 +70,18 @@ class MatrixFactorization(RatingModel):
     """
 
     name = "mf"
+    #: Each optimizer's own starting point on MF (minibatches for the autograd optimizers);
+    #: chosen on a validation slice of u1 (`benchmarks/optim_curvature.py`, `optim_noise.py`).
+    optimizer_defaults: ClassVar[dict[str, dict[str, object]]] = {
+        "adam": {"batch_size": 256, "learning_rate": 3e-3, "epochs": 20, "lr_decay": 0.9},
+        "sparse-adam": {"batch_size": 256, "learning_rate": 3e-3, "epochs": 20, "lr_decay": 0.9},
+        "adagrad": {"batch_size": 256, "learning_rate": 0.1, "epochs": 20, "lr_decay": 0.9},
+        **{kind: {"batch_size": 256, "learning_rate": 0.01, "epochs": 20, "lr_decay": 0.9}
+           for kind in ("kfac", "ekfac", "tkfac", "tekfac")},
+        # noise 0.1: the largest scale within the seed spread of the plain batch on validation
+        # (`benchmarks/results/optim_noise_mf_scales.json`); noise did not help MF
+        "cov-noise": {"batch_size": 4096, "learning_rate": 32.0, "epochs": 40, "lr_decay": 1.0, "noise_scale": 0.1},
+    }
 
     def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float],
                  config: MFConfig | None = None) -> None:
@@ -144,13 +156,14 @@ class MatrixFactorization(RatingModel):
         q = self.item_factors(items).view(-1, k, d)
         return self.global_mean + self.user_bias(users) + self.item_bias(items) + (p * q).sum(-1)
 
-    def loss(self, users: torch.Tensor, items: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Mean over the batch of the per-example objective
-        ``0.5 Σ_blocks [(r - r̂_b)² + reg_u|p_u,b|² + reg_i|q_i,b|² + bias terms]``.
-
-        Its gradient for a batch of one is exactly the update of the compiled SGD kernel.
-        """
-        err = values.unsqueeze(-1) - self.block_predictions(users, items)
+    def loss_terms(self, users: torch.Tensor, items: torch.Tensor,
+                   values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(block predictions [B, K], loss)`` with the loss the mean over the batch of the
+        per-example objective ``0.5 Σ_blocks [(r - r̂_b)² + reg_u|p_u,b|² + reg_i|q_i,b|² +
+        bias terms]``. Its gradient for a batch of one is exactly the update of the compiled
+        SGD kernel."""
+        outputs = self.block_predictions(users, items)
+        err = values.unsqueeze(-1) - outputs
         p = self.user_factors(users)
         q = self.item_factors(items)
         penalty = (
@@ -159,7 +172,7 @@ class MatrixFactorization(RatingModel):
             + self.bias_reg_user[users] * self.user_bias(users).square().sum(-1)
             + self.bias_reg_item[items] * self.item_bias(items).square().sum(-1)
         )
-        return 0.5 * (err.square().sum(-1) + penalty).mean()
+        return outputs, 0.5 * (err.square().sum(-1) + penalty).mean()
 
     # ------------------------------------------------------------------ fast paths
     def sgd_examples(self, train: Ratings, order: np.ndarray, learning_rate: float,
@@ -171,15 +184,10 @@ class MatrixFactorization(RatingModel):
         thread) unless ``hogwild_threads > 1`` (lock-free parallel updates, see
         `mf_kernels.sgd_examples_hogwild`). CPU only: see `sgd_batch` for any device.
 
-        ``log``: a gradient-rollback log (`recsys.explain.rollback.RollbackLog`, float32 on
-        the CPU) whose row ``order[k]`` receives the updates of visit ``k`` (the same weights as
-        without a log, up to float32 rounding)."""
-        from recsys.models.mf_kernels import (
-            sgd_examples_hogwild,
-            sgd_examples_hogwild_logged,
-            sgd_examples_interleaved,
-            sgd_examples_logged,
-        )
+        ``log``: a gradient-rollback log (`recsys.explain.rollback.RollbackLog`, exact, or
+        `~recsys.explain.rollback.CompactRollbackLog`) that records the updates of visit ``k``
+        as example ``order[k]``'s (the same weights as without a log, up to float32 rounding)."""
+        from recsys.models.mf_kernels import sgd_examples_hogwild, sgd_examples_interleaved
         from recsys.optim.shuffle import gather_examples
 
         if self.device.type != "cpu":
@@ -188,9 +196,8 @@ class MatrixFactorization(RatingModel):
         users, items = np.empty(len(order), np.int64), np.empty(len(order), np.int64)
         values = np.empty(len(order), np.float32)
         gather_examples(train.users, train.items, train.values, order, users, items, values)
-        # one squared-error slot per thread shard (Hogwild), per block (block-parallel logged
-        # kernel), or a single one (the interleaved default)
-        sq = np.zeros(hogwild_threads if hogwild_threads > 1 else (self.config.n_blocks if log is not None else 1))
+        # one squared-error slot per thread shard (Hogwild) or a single one (the interleaved default)
+        sq = np.zeros(hogwild_threads if hogwild_threads > 1 else 1)
         lr_b = learning_rate if bias_learning_rate is None else bias_learning_rate
         tables = (
             self.user_factors.weight.data.numpy(), self.item_factors.weight.data.numpy(),
@@ -204,9 +211,8 @@ class MatrixFactorization(RatingModel):
                 sgd_examples_hogwild(users, items, values, *tables)
             else:  # deterministic; one pass over the examples, every block of each in turn
                 sgd_examples_interleaved(users, items, values, *tables)
-        else:
-            kernel = sgd_examples_hogwild_logged if hogwild_threads > 1 else sgd_examples_logged
-            kernel(users, items, values, order, *tables, log.kernel_array(self))
+        else:  # the log runs its logged twin of the kernel (exact or compact, see RollbackLog.record)
+            log.record(self, users, items, values, order, tables, hogwild_threads=hogwild_threads)
         return float(sq.sum() / max(1, len(order) * self.config.n_blocks))
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ class LayerCapture:
         self.modules = dict(modules)
         self.records: dict[object, list[list]] = {key: [] for key in self.modules}
         self._capturing = True
+        self._grads_on = True
         self._handles = [m.register_forward_hook(self._make_hook(key)) for key, m in self.modules.items()]
 
     def _make_hook(self, key: object):
@@ -32,6 +33,8 @@ class LayerCapture:
             self.records[key].append(entry)
 
             def grad_hook(g: torch.Tensor) -> None:
+                if not self._grads_on:
+                    return
                 entry[1] = g.detach() if entry[1] is None else entry[1] + g.detach()
             output.register_hook(grad_hook)
         return hook
@@ -74,6 +77,17 @@ class LayerCapture:
             yield
         finally:
             self._capturing = old
+
+    @contextlib.contextmanager
+    def grads_paused(self) -> Iterator[None]:
+        """Backward passes inside leave the recorded output gradients as they are (the
+        K-FAC Fisher statistic records sampled-target gradients, then back-propagates the
+        real loss without them being overwritten)."""
+        old, self._grads_on = self._grads_on, False
+        try:
+            yield
+        finally:
+            self._grads_on = old
 
     def remove(self) -> None:
         for h in self._handles:

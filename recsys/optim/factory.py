@@ -27,15 +27,29 @@ PRECONDITIONED = ("kfac", "ekfac", "tkfac", "tekfac")
 NAMES = (*OPTIMIZERS, "cov-noise", *PRECONDITIONED)
 
 
+NOISE_ESTIMATORS = ("per-example", "sub-batch")
+
+
 def build_optimizer(name: str, model: nn.Module, learning_rate: float, *, noise_batch: int = 256,
-                    noise_structure: str = "diag", noise_scale: float = 1.0,
-                    seed: int = 0) -> torch.optim.Optimizer:
+                    noise_structure: str = "diag", noise_scale: float = 1.0, noise_base: str = "sgd",
+                    noise_estimator: str = "per-example", seed: int = 0) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``model``'s parameters, switching its embeddings to dense
     gradients when the optimizer cannot take sparse ones. For the K-FAC family this is the
     base SGD; build the preconditioner with `build_preconditioner`. ``noise_*`` and ``seed``
-    configure ``cov-noise`` (`recsys.optim.noise.CovNoiseSGD`, hooked to ``model``)."""
+    configure ``cov-noise``: with the ``per-example`` estimator, `recsys.optim.noise.CovNoiseSGD`
+    hooked to ``model`` (SGD only); with ``sub-batch``, the ``noise_base`` optimizer, and the
+    trainer feeds it gradients from `recsys.optim.noise.SubBatchNoise`."""
     if name in PRECONDITIONED:
         name = "sgd"
+    if name == "cov-noise" and noise_estimator not in NOISE_ESTIMATORS:
+        raise ValueError(f"unknown noise estimator {noise_estimator!r}; choose one of {NOISE_ESTIMATORS}")
+    if name == "cov-noise" and noise_estimator == "sub-batch":
+        if noise_base not in OPTIMIZERS:
+            raise ValueError(f"unknown noise base {noise_base!r}; choose one of {sorted(OPTIMIZERS)}")
+        return build_optimizer(noise_base, model, learning_rate)
+    if name == "cov-noise" and noise_base != "sgd":
+        raise ValueError("per-example covariance noise steps with SGD; use noise_estimator='sub-batch' "
+                         f"to put the noise under {noise_base!r}")
     if name == "cov-noise":
         from recsys.optim.noise import CovNoiseSGD
 

@@ -7,8 +7,15 @@ during ``backward``, and its `step` rewrites their ``.grad`` in place; any torch
 alone (plain gradient).
 
 Statistics (per recorded row ``n``; ``δ_n = scale · ∂L/∂out_n`` with ``scale`` the batch size,
-so that ``δ_n`` is the per-example output gradient of a mean loss; this is the *empirical*
-Fisher: the real residuals, no sampled targets):
+so that ``δ_n`` is the per-example output gradient of a mean loss). Which loss, ``statistic``:
+
+- ``"fisher"`` (default): the true Fisher of the model's Gaussian rating likelihood, by one
+  Monte-Carlo sample: targets ``ŷ = outputs + z``, ``z ~ N(0, I)``, back-propagated through the
+  model's ``outputs`` (`RatingModel.loss_terms`), so ``δ_n = J_nᵀ z_n`` and ``E[δδᵀ]`` is the
+  Gauss–Newton matrix, whatever the residuals. Costs one extra backward per step
+  (`backward`).
+- ``"empirical"``: the real loss's gradients (the residuals): no extra pass, but the factors
+  shrink with the residuals, so steps grow as the fit improves (unstable at ordinary rates).
 
 - ``kfac``: ``A = E[a aᵀ]``, ``G = E[δ δᵀ]``;
   ``ΔW = (G + γ_G I)⁻¹ ∇W (A + γ_A I)⁻¹`` in the eigenbases of A and G.
@@ -52,6 +59,7 @@ from torch import nn
 from recsys.optim.capture import LayerCapture
 
 KINDS = ("kfac", "ekfac", "tkfac", "tekfac")
+STATISTICS = ("fisher", "empirical")
 
 
 def stable_eigh(matrix: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -82,31 +90,60 @@ class KFACPreconditioner:
     """Kronecker-factored preconditioner (see the module docstring) over ``model``'s
     ``nn.Linear`` and ``nn.Embedding`` modules with trainable weights.
 
-    Use: ``loss.backward(); pre.step(); optimizer.step()``. Follows ``torch.optim``
+    Use: ``outputs, loss = model.loss_terms(u, i, r); pre.backward(outputs, loss); pre.step();
+    optimizer.step()`` (with ``statistic="empirical"``, ``loss.backward()`` may replace
+    `backward`). Follows ``torch.optim``
     conventions: ``param_groups`` (one group holding the hyperparameters, which may be changed
     between steps), ``step(closure)``, ``zero_grad``, ``state_dict`` / ``load_state_dict``
     (resumes bit-for-bit). `remove_hooks` detaches it from the model; `paused` suspends
     recording (extra forward/backward passes, e.g. SALR's).
     """
 
-    def __init__(self, model: nn.Module, kind: str = "kfac", *, damping: float = 0.1,
+    def __init__(self, model: nn.Module, kind: str = "kfac", *, damping: float = 1.0,
                  factor_decay: float = 0.95, update_freq: int = 10, row_floor: float = 0.5,
-                 jitter: float = 1e-10) -> None:
+                 jitter: float = 1e-10, statistic: str = "fisher", seed: int = 0,
+                 kl_clip: float | None = 1e-3, lr: float = 1.0) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown statistic {statistic!r}; choose one of {STATISTICS}")
         if damping < 0 or not 0 <= factor_decay < 1 or update_freq < 1 or row_floor < 0:
             raise ValueError("need damping >= 0, 0 <= factor_decay < 1, update_freq >= 1, row_floor >= 0")
         self.kind = kind
+        self.statistic = statistic
         self.modules: dict[str, nn.Module] = {
             name: m for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.requires_grad}
         params = [p for m in self.modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
+        if kl_clip is not None and kl_clip <= 0:
+            raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
         self.defaults = dict(damping=damping, factor_decay=factor_decay, update_freq=update_freq,
-                             row_floor=row_floor, jitter=jitter)
+                             row_floor=row_floor, jitter=jitter, kl_clip=kl_clip, lr=lr)
         self.param_groups = [dict(params=params, **self.defaults)]
         self.state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.modules}
         self.steps = 0
         self.capture = LayerCapture(self.modules.items())
+        device = params[0].device if params else torch.device("cpu")
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._sampled = False  # whether the recorded pass carries sampled-target gradients
+        self._examples: int | None = None  # examples (ratings) of the recorded pass, when known
+        self.last_clip = 1.0  # the KL-clipping factor of the last step
+
+    def backward(self, outputs: torch.Tensor, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` into ``.grad`` and record the statistics: for the Fisher
+        statistic, first sampled Gaussian targets through ``outputs [B, m]`` (into the
+        statistics only), then the loss with the recorded gradients left alone."""
+        self._examples = outputs.shape[0]
+        if self.statistic == "empirical" or not self.capture.active:
+            loss.backward()
+            return
+        z = torch.randn(outputs.shape, generator=self.generator, device=outputs.device, dtype=outputs.dtype)
+        weights = [m.weight for m in self.modules.values()]
+        torch.autograd.grad(outputs, weights, grad_outputs=z / outputs.shape[0], retain_graph=True,
+                            allow_unused=True)
+        with self.capture.grads_paused():
+            loss.backward()
+        self._sampled = True
 
     def paused(self):
         """Forward/backward passes inside do not feed the statistics."""
@@ -130,8 +167,15 @@ class KFACPreconditioner:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.statistic == "fisher" and not self._sampled and self.capture.active:
+            raise RuntimeError("the Fisher statistic needs the sampled-target pass: call "
+                               "pre.backward(outputs, loss) (outputs, loss = model.loss_terms(...)) instead "
+                               "of loss.backward(), or build the preconditioner with statistic='empirical'")
+        self._sampled = False
         group = self.param_groups[0]
         self.steps += 1
+        raw = {p: p.grad.clone() for m in self.modules.values() if isinstance(m, nn.Linear)
+               for p in m.parameters(recurse=False) if p.grad is not None} if group["kl_clip"] else {}
         for name, module in self.modules.items():
             if module.weight.grad is None:
                 self.capture.take(name)  # drop what this pass recorded
@@ -144,18 +188,42 @@ class KFACPreconditioner:
                 records = self.capture.take(name)
                 if records:
                     self._step_linear(name, module, records, group)
+        self._examples = None
+        if raw:
+            self._clip(raw, group)
         return loss
+
+    def _clip(self, raw: dict[torch.Tensor, torch.Tensor], group: dict) -> None:
+        """KL clipping (Ba, Grosse & Martens 2017) of the dense layers: scale their
+        preconditioned gradients by ``ν = min(1, sqrt(kl_clip / (lr² Σ ⟨Δ, g⟩)))``, so that the
+        step's predicted change of the model's distribution stays bounded where the curvature
+        is tiny (a layer whose outputs barely move the prediction, as REC's message layers
+        early on). Embedding tables are not clipped: their rows are bounded by the row
+        floor, and one step moves many rows, each by a Newton-like step of its own."""
+        total = sum(float((p.grad * g).sum()) for p, g in raw.items())
+        quadratic = group["lr"] ** 2 * abs(total)
+        self.last_clip = 1.0 if quadratic <= group["kl_clip"] else (group["kl_clip"] / quadratic) ** 0.5
+        if self.last_clip < 1.0:
+            for p in raw:
+                p.grad = p.grad * self.last_clip
 
     def _linear_rows(self, module: nn.Linear, records) -> tuple[torch.Tensor, torch.Tensor]:
         a_all, d_all = [], []
         for a, g in records:
-            scale = a.shape[0] if a.dim() > 2 else a.reshape(-1, a.shape[-1]).shape[0]
+            # per-example output gradients of a mean loss: times the number of examples (the
+            # model's outputs when known: a layer may run on more rows, e.g. REC's messages)
+            scale = self._examples or (a.shape[0] if a.dim() > 2 else a.reshape(-1, a.shape[-1]).shape[0])
             a2 = a.reshape(-1, a.shape[-1]).to(module.weight.dtype)
             if module.bias is not None:
                 a2 = torch.cat([a2, a2.new_ones(a2.shape[0], 1)], 1)
             a_all.append(a2)
             d_all.append(g.reshape(-1, g.shape[-1]).to(module.weight.dtype) * scale)
-        return torch.cat(a_all), torch.cat(d_all)
+        a, d = torch.cat(a_all), torch.cat(d_all)
+        if self._examples and a.shape[0] != self._examples:
+            # weight sharing (T = rows / examples rows per example, e.g. REC's messages at every
+            # depth): F ≈ T·E[aaᵀ] ⊗ E[δδᵀ] over rows (KFC, Grosse & Martens 2016), folded into δ
+            d = d * (a.shape[0] / self._examples) ** 0.5
+        return a, d
 
     def _ema(self, st: dict, key: str, value: torch.Tensor, beta: float) -> None:
         if key not in st:
@@ -314,7 +382,7 @@ class KFACPreconditioner:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        return {"kind": self.kind, "steps": self.steps, "param_groups": groups,
+        return {"kind": self.kind, "steps": self.steps, "param_groups": groups, "rng": self.generator.get_state(),
                 "state": {name: {k: v.clone() for k, v in st.items()} for name, st in self.state.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -323,6 +391,8 @@ class KFACPreconditioner:
         if set(state_dict["state"]) != set(self.state):
             raise ValueError("the state's modules do not match this model's")
         self.steps = int(state_dict["steps"])
+        if "rng" in state_dict:
+            self.generator.set_state(state_dict["rng"])
         for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
             group.update(copy.deepcopy(saved))
         for name, st in state_dict["state"].items():

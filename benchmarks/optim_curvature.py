@@ -1,0 +1,238 @@
+"""Curvature optimizers against SGD and Adam on MF, MovieLens-100K u1 (issue: shared optimizers).
+
+``--part speed``: epochs and training seconds until the validation RMSE reaches ``--target``
+(0.93) for SGD, Adam, K-FAC, EKFAC, TKFAC and TEKFAC, each with and without SALR, at batch
+``--batch`` (256). Every optimizer gets a learning-rate grid (seed 0, constant lr) and reports
+its fastest lr (fewest epochs, then fewest seconds); seconds per step are measured in the same
+run, so the step-cost ratios to Adam are comparable. A run stops at the target or after
+``--max-epochs``.
+
+``--part steps``: milliseconds per step of every optimizer (± SALR) at the same batch, in
+interleaved rounds on one thread (the step-cost ratio to Adam; a busy machine slows all alike).
+
+``--part defaults``: every optimizer with its defaults (`MatrixFactorization.optimizer_defaults`,
+what ``recsys train --optimizer NAME`` uses) trained once on u1.base minus the 5% validation
+slice: its validation RMSE and its u1.test RMSE, and the test gap to the best optimizer
+(target: every one within 0.01 of the best). (Trained on 95% of u1.base, so every test RMSE
+is a little above a whole-fold fit's; the comparison between optimizers is like for like.)
+
+The validation slice is 5% of u1.base (seed 0); u1.test is only read by ``--part defaults``.
+
+    RECSYS_DATA=../shared/data python benchmarks/optim_curvature.py --part speed|steps|defaults [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recsys.datasets import load_split
+from recsys.errors import TrainingDivergedError
+from recsys.evaluate import evaluate_ratings
+from recsys.models import MatrixFactorization, build_model
+from recsys.splits import validation_slice
+from recsys.train import Callback, TrainConfig, Trainer
+
+RESULTS = Path(__file__).parent / "results"
+OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac", "tkfac", "tekfac")
+#: learning-rate grids at batch 256 (mean loss): SGD's rate is per batch-mean gradient
+GRIDS = {"sgd": [2.0, 4.0, 8.0], "adam": [0.003, 0.01, 0.03],
+         **{k: [0.003, 0.01, 0.03] for k in ("kfac", "ekfac", "tkfac", "tekfac")}}
+
+
+class StopAt(Callback):
+    """Stops training once the validation RMSE reaches ``target``; counts steps."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+        self.steps = 0
+        self.reached_epoch: int | None = None
+        self.reached_seconds: float | None = None
+        self._seconds = 0.0
+
+    def on_batch_end(self, example_ids, loss) -> None:
+        self.steps += 1
+
+    def on_epoch_end(self, record) -> bool:
+        self._seconds += record.seconds
+        if record.validation_rmse is not None and record.validation_rmse <= self.target:
+            self.reached_epoch, self.reached_seconds = record.epoch, self._seconds
+            return True
+        return False
+
+
+def speed_run(fit, val, optimizer: str, lr: float, salr: bool, batch: int, target: float,
+              max_epochs: int) -> dict:
+    model = build_model("mf", fit.n_users, fit.n_items, fit.rating_scale, {})
+    stop = StopAt(target)
+    cfg = TrainConfig(optimizer=optimizer, learning_rate=lr, batch_size=batch, epochs=max_epochs, lr_decay=1.0,
+                      patience=None, salr=salr, progress=False, seed=0)
+    out = {"optimizer": optimizer, "salr": salr, "lr": lr}
+    try:
+        res = Trainer(cfg, callbacks=[stop]).fit(model, fit, val)
+    except TrainingDivergedError as e:
+        return {**out, "diverged": str(e).split(";")[0]}
+    train_seconds = sum(h.seconds for h in res.history)
+    return {**out, "diverged": False, "step_kind": res.step_kind,
+            "epochs_to_target": stop.reached_epoch, "seconds_to_target": stop.reached_seconds,
+            "validation_curve": [round(h.validation_rmse, 5) for h in res.history],
+            "best_validation_rmse": min(h.validation_rmse for h in res.history),
+            "ms_per_step": 1000 * train_seconds / max(stop.steps, 1), "epochs_run": len(res.history)}
+
+
+def part_speed(args, fit, val) -> dict:
+    rows = []
+    for optimizer in OPTIMIZERS:
+        for salr in (False, True):
+            grid = GRIDS[optimizer][1:2] if args.quick else GRIDS[optimizer]
+            for lr in grid:
+                row = speed_run(fit, val, optimizer, lr, salr, args.batch, args.target, args.max_epochs)
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "validation_curve"}), flush=True)
+    best = {}
+    for optimizer in OPTIMIZERS:
+        for salr in (False, True):
+            mine = [r for r in rows if r["optimizer"] == optimizer and r["salr"] == salr and not r["diverged"]]
+            reached = [r for r in mine if r["epochs_to_target"] is not None]
+            key = optimizer + (" + SALR" if salr else "")
+            if reached:
+                b = min(reached, key=lambda r: (r["epochs_to_target"], r["seconds_to_target"]))
+            elif mine:
+                b = min(mine, key=lambda r: r["best_validation_rmse"])
+            else:
+                best[key] = {"diverged": True}
+                continue
+            best[key] = {k: b[k] for k in ("lr", "epochs_to_target", "seconds_to_target", "ms_per_step",
+                                           "best_validation_rmse", "step_kind")}
+    adam_ms = best.get("adam", {}).get("ms_per_step")
+    for v in best.values():
+        if adam_ms and "ms_per_step" in v:
+            v["step_cost_vs_adam"] = v["ms_per_step"] / adam_ms
+    return {"rows": rows, "best": best}
+
+
+def part_steps(args, fit) -> dict:
+    """Milliseconds per training step (forward, backward, preconditioner, optimizer) of each
+    optimizer through the Trainer's autograd path, measured in interleaved rounds so that a
+    busy machine slows them alike; the median round per optimizer."""
+    from recsys.optim.factory import build_optimizer, build_preconditioner
+
+    u, i, r = fit.tensors("cpu")
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, len(u), (args.batch,), generator=gen) for _ in range(args.step_count)]
+    setups = {}
+    for optimizer in OPTIMIZERS:
+        for salr in (False, True):
+            model = build_model("mf", fit.n_users, fit.n_items, fit.rating_scale, {})
+            model.prepare(fit)
+            cfg = TrainConfig(optimizer=optimizer, batch_size=args.batch, learning_rate=1e-4, salr=salr,
+                              progress=False)
+            trainer = Trainer(cfg)
+            trainer.optimizer = build_optimizer(optimizer, model, 1e-4)
+            trainer.preconditioner = build_preconditioner(optimizer, model)
+            if salr:
+                from recsys.optim.salr import SALR
+
+                trainer.optimizer = SALR(trainer.optimizer, every=cfg.salr_every)
+            setups[optimizer + (" + SALR" if salr else "")] = (model, trainer, salr)
+
+    def one_round(model, trainer, salr) -> float:
+        t0 = time.perf_counter()
+        for b in batches:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            sampling = model.sampling_state() if salr else None
+            trainer._backward(model, u[b], i[b], r[b])
+            if trainer.preconditioner is not None:
+                trainer.preconditioner.step()
+            trainer.optimizer.step(trainer._closure(model, u[b], i[b], r[b], 1.0, sampling)) if salr \
+                else trainer.optimizer.step()
+        return 1000 * (time.perf_counter() - t0) / len(batches)
+
+    times: dict[str, list[float]] = {k: [] for k in setups}
+    for _ in range(args.rounds):
+        for key, setup in setups.items():
+            times[key].append(one_round(*setup))
+    out = {k: {"ms_per_step": float(np.median(v)), "rounds": [round(x, 3) for x in v]} for k, v in times.items()}
+    adam = out["adam"]["ms_per_step"]
+    for v in out.values():
+        v["vs_adam"] = v["ms_per_step"] / adam
+    for key, v in out.items():
+        print(f"{key:16s} {v['ms_per_step']:7.2f} ms/step  {v['vs_adam']:.2f}x Adam", flush=True)
+    return {"batch": args.batch, "steps_per_round": args.step_count, "best": out}
+
+
+def part_defaults(args, test, fit, val) -> dict:
+    rows = {}
+    names = args.only.split(",") if args.only else (*OPTIMIZERS, "adagrad", "sparse-adam", "cov-noise")
+    path = RESULTS / "optim_curvature_defaults.json"
+    if args.only and path.exists():  # refresh some rows of the last full run
+        rows = json.loads(path.read_text())["rows"]
+    for optimizer in names:
+        cfg = TrainConfig.for_model(MatrixFactorization, optimizer=optimizer, progress=False, patience=None)
+        if args.quick:
+            cfg = replace(cfg, epochs=2)
+        out = {"train_config": {k: getattr(cfg, k) for k in ("batch_size", "learning_rate", "epochs", "lr_decay",
+                                                             "noise_scale")}}
+        model = build_model("mf", fit.n_users, fit.n_items, fit.rating_scale, {})
+        try:
+            res = Trainer(cfg).fit(model, fit)
+        except TrainingDivergedError as e:
+            out.update(validation_rmse=None, test_rmse=None, diverged=str(e).split(";")[0])
+        else:
+            out.update(validation_rmse=evaluate_ratings(model, val)["rmse"], test_rmse=evaluate_ratings(model, test)["rmse"],
+                       fit_seconds=res.fit_seconds, step_kind=res.step_kind)
+        rows[optimizer] = out
+        print(optimizer, json.dumps(out), flush=True)
+    scored = {k: v["test_rmse"] for k, v in rows.items() if v.get("test_rmse") is not None}
+    best = min(scored.values())
+    for v in rows.values():
+        v["gap_to_best"] = None if v.get("test_rmse") is None else v["test_rmse"] - best
+        v["within_0.01"] = v["gap_to_best"] is not None and v["gap_to_best"] <= 0.01
+    return {"rows": rows, "best_test_rmse": best, "best": min(scored, key=scored.get)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("speed", "steps", "defaults"), default="speed")
+    parser.add_argument("--rounds", type=int, default=7, help="--part steps: interleaved rounds")
+    parser.add_argument("--step-count", type=int, default=40, help="--part steps: steps per round")
+    parser.add_argument("--target", type=float, default=0.93)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--max-epochs", type=int, default=8)
+    parser.add_argument("--only", default="", help="--part defaults: only these optimizers (comma-separated), "
+                                                   "merged into the last results file")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.quick:
+        args.max_epochs = 2
+    train, test = load_split("ml-100k", "u1")
+    fit, val = validation_slice(train, 0.05, seed=0)
+    started = time.time()
+    if args.part == "speed":
+        result = part_speed(args, fit, val)
+    elif args.part == "steps":
+        result = part_steps(args, fit)
+    else:
+        result = part_defaults(args, test, fit, val)
+    out = {"benchmark": f"optim_curvature_{args.part}", "dataset": "ml-100k u1 (5% validation slice, seed 0)",
+           "target_validation_rmse": args.target, "batch": args.batch, "max_epochs": args.max_epochs,
+           "quick": args.quick, "wall_seconds": time.time() - started,
+           "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "device": "cpu"}, **result}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"optim_curvature_{args.part}{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(result.get("best"), indent=1))
+    print("wrote", path, f"({np.round(time.time() - started)} s)")
+
+
+if __name__ == "__main__":
+    main()
