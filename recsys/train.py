@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from recsys.errors import TrainingDivergedError
 from recsys.models.base import RatingModel
-from recsys.optim.factory import build_optimizer, build_preconditioner
+from recsys.optim.factory import NOISE_ESTIMATORS, build_optimizer, build_preconditioner
 from recsys.optim.noise import SubBatchNoise
 from recsys.optim.salr import SALR
 from recsys.optim.sampling import SAMPLERS, make_sampler
@@ -113,8 +113,8 @@ class TrainConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
         if self.noise_structure not in ("diag", "full", "isotropic"):
             raise ValueError(f"noise_structure must be diag, full or isotropic, got {self.noise_structure!r}")
-        if self.noise_estimator not in ("per-example", "sub-batch"):
-            raise ValueError(f"noise_estimator must be per-example or sub-batch, got {self.noise_estimator!r}")
+        if self.noise_estimator not in NOISE_ESTIMATORS:
+            raise ValueError(f"noise_estimator must be one of {NOISE_ESTIMATORS}, got {self.noise_estimator!r}")
         if not self.damping > 0:
             raise ValueError(f"damping must be > 0, got {self.damping}")
         if self.noise_batch < 1 or self.noise_scale < 0 or self.salr_every < 1:
@@ -293,7 +293,7 @@ class Trainer:
                         else:
                             self.optimizer.zero_grad(set_to_none=True)
                             sampling = model.sampling_state() if c.salr else None
-                            loss = self._backward(model, u, i, r, weight)
+                            loss = self._backward(model, u, i, r, weight, examples=len(ids))
                             if self.preconditioner is not None:
                                 # KL clipping needs the step's learning rate
                                 self.preconditioner.param_groups[0]["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -349,12 +349,13 @@ class Trainer:
         return result
 
     def _backward(self, model: RatingModel, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor,
-                  weight: float = 1.0, *, statistics: bool = True) -> float:
+                  weight: float = 1.0, *, statistics: bool = True, examples: int | None = None) -> float:
         """The batch's (``u, i, r [n]``) loss and ``backward`` (through the preconditioner's,
         which also records its statistics, when there is one and ``statistics``); returns the
         batch loss. Data-parallel: this rank's loss and outputs are scaled by its share
-        ``weight`` of the global batch, the recorded curvature/noise statistics gathered over
-        the ranks, the gradients summed over them, and the global batch's loss returned."""
+        ``weight`` of the global batch (``examples`` ratings), the recorded curvature/noise
+        statistics gathered over the ranks, the gradients summed over them, and the global
+        batch's loss returned."""
         dp, pre = self.parallel, self.preconditioner if statistics else None
         local = 0.0
         if statistics and self.sub_batch_noise is not None:
@@ -376,6 +377,8 @@ class Trainer:
         if statistics:
             hooked = (self.preconditioner, getattr(self.optimizer, "base", self.optimizer))
             dp.gather_captures([h.capture for h in hooked if getattr(h, "capture", None) is not None])
+            if self.preconditioner is not None:
+                self.preconditioner.records_gathered(examples if examples is not None else len(u))
         tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
         return dp.reduce_gradients([p for p in model.parameters() if p.requires_grad], local, row_tables=tables)
 
@@ -385,16 +388,16 @@ class Trainer:
         mean gradient plus covariance noise (`SubBatchNoise`) in ``.grad``; returns the batch's
         mean loss."""
         noise = self.sub_batch_noise
-        total = 0.0
+        total = torch.zeros((), device=u.device)
         for s in range(0, len(u), noise.noise_batch):
             sub = slice(s, s + noise.noise_batch)
             n = len(u[sub])
             loss = model.loss(u[sub], i[sub], r[sub])
             loss.backward()
             noise.record(n)
-            total += float(loss.detach()) * n
+            total += loss.detach() * n
         noise.apply()
-        return total / len(u)
+        return float(total) / len(u)  # one device sync per step, not one per sub-batch
 
     def _closure(self, model: RatingModel, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor,
                  weight: float = 1.0, sampling: object | None = None):

@@ -228,3 +228,35 @@ def test_fisher_statistic_refuses_a_plain_backward():
     loss_of(layer, x, y).backward()
     with pytest.raises(RuntimeError, match="sampled-target pass"):
         pre.step()
+
+
+def test_records_gathered_from_ranks_give_the_single_process_factors():
+    """Data-parallel training: two ranks each back-propagate half the batch (loss weighted by
+    its share) and the records are concatenated; told the global batch size, the factors are
+    those of one process on the whole batch."""
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(3, 2).double()
+    x = torch.randn(8, 3, generator=g, dtype=torch.double)
+    y = torch.randn(8, 2, generator=g, dtype=torch.double)
+
+    def loss(out, target, share=1.0):
+        return 0.5 * (out - target).square().sum(1).mean() * share
+
+    single = KFACPreconditioner(layer, "kfac", statistic="empirical", kl_clip=None)
+    out = layer(x)
+    single.backward(out, loss(out, y))
+    single.step()
+    expected = single.kronecker_factors("")
+    single.remove_hooks()
+
+    layer.zero_grad()
+    sharded = KFACPreconditioner(layer, "kfac", statistic="empirical", kl_clip=None)
+    for part in (slice(0, 4), slice(4, 8)):
+        out = layer(x[part])
+        sharded.backward(out, loss(out, y[part], share=0.5))
+    (a1, g1), (a2, g2) = sharded.capture.records[""]
+    sharded.capture.records[""] = [[torch.cat([a1, a2]), torch.cat([g1, g2])]]
+    sharded.records_gathered(8)
+    sharded.step()
+    for got, want in zip(sharded.kronecker_factors(""), expected, strict=True):
+        torch.testing.assert_close(got, want)

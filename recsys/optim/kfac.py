@@ -159,6 +159,14 @@ class KFACPreconditioner:
             elif p.grad is not None:
                 p.grad.zero_()
 
+    def records_gathered(self, examples: int) -> None:
+        """Data-parallel training replaced this step's records by every rank's (rank order):
+        they now cover ``examples`` ratings, the global batch, not this rank's share, and carry
+        the sampled-target gradients of the ranks that ran `backward` (a rank whose share of a
+        small batch is empty has none of its own)."""
+        self._examples = examples
+        self._sampled = True
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure=None):
@@ -200,7 +208,7 @@ class KFACPreconditioner:
         is tiny (a layer whose outputs barely move the prediction, as REC's message layers
         early on). Embedding tables are not clipped: their rows are bounded by the row
         floor, and one step moves many rows, each by a Newton-like step of its own."""
-        total = sum(float((p.grad * g).sum()) for p, g in raw.items())
+        total = float(sum((p.grad * g).sum() for p, g in raw.items()))  # one device sync
         quadratic = group["lr"] ** 2 * abs(total)
         self.last_clip = 1.0 if quadratic <= group["kl_clip"] else (group["kl_clip"] / quadratic) ** 0.5
         if self.last_clip < 1.0:
