@@ -5,7 +5,16 @@
 ``--batch`` (256). Every optimizer gets a learning-rate grid (seed 0, constant lr) and reports
 its fastest lr (fewest epochs, then fewest seconds); seconds per step are measured in the same
 run, so the step-cost ratios to Adam are comparable. A run stops at the target or after
-``--max-epochs``.
+``--max-epochs``. Everything but the schedule is the optimizer's default on MF
+(`MatrixFactorization.optimizer_defaults`, e.g. the K-FAC family's damping); ``--only``
+reruns some optimizers and merges them into the last results file.
+
+``--checks-per-epoch 4`` validates four times per epoch and ranks by the first quarter-epoch
+at the target (integer epochs cannot separate optimizers that both need "2"); with ``--lrs``
+every optimizer gets the same, finer grid and ``--out`` keeps the results apart:
+
+    python benchmarks/optim_curvature.py --part speed --only adam,kfac,ekfac,tkfac,tekfac --no-salr \
+        --checks-per-epoch 4 --lrs 0.003,0.005,0.01,0.02,0.03 --max-epochs 3 --out optim_curvature_speed_fine.json
 
 ``--part steps``: milliseconds per step of every optimizer (± SALR) at the same batch, in
 interleaved rounds on one thread (the step-cost ratio to Adam; a busy machine slows all alike).
@@ -48,32 +57,68 @@ GRIDS = {"sgd": [2.0, 4.0, 8.0], "adam": [0.003, 0.01, 0.03],
 
 
 class StopAt(Callback):
-    """Stops training once the validation RMSE reaches ``target``; counts steps."""
+    """Stops training once the validation RMSE reaches ``target``; counts steps. With
+    ``checks > 1`` it also validates ``checks`` times per epoch (after every ``1/checks`` of
+    the epoch's steps) and records the first fraction of an epoch at which the target was
+    reached (``reached_fraction``) and the training seconds until then (validation time
+    excluded); training stops at the end of that epoch."""
 
-    def __init__(self, target: float) -> None:
+    def __init__(self, target: float, val=None, steps_per_epoch: int = 1, checks: int = 1) -> None:
         self.target = target
         self.steps = 0
         self.reached_epoch: int | None = None
         self.reached_seconds: float | None = None
+        self.reached_fraction: float | None = None
+        self.fraction_seconds: float | None = None
+        self.curve: list[tuple[float, float]] = []
         self._seconds = 0.0
+        self._val, self._per_epoch, self._checks = val, steps_per_epoch, checks
+        self._model = None
+        self._clock = 0.0
+        self._paused = 0.0
+
+    def on_train_begin(self, trainer, model, train) -> None:
+        self._model = model
+        self._clock = time.perf_counter()
 
     def on_batch_end(self, example_ids, loss) -> None:
         self.steps += 1
+        if self._checks <= 1 or self._val is None or self.reached_fraction is not None:
+            return
+        within = self.steps % self._per_epoch
+        marks = {round(k * self._per_epoch / self._checks) for k in range(1, self._checks)}
+        if within not in marks:
+            return
+        t0 = time.perf_counter()
+        rmse = Trainer._validate(self._model, self._val)
+        self._model.train()
+        epoch = self.steps / self._per_epoch
+        self.curve.append((round(epoch, 3), round(rmse, 5)))
+        if rmse <= self.target:
+            self.reached_fraction = epoch
+            self.fraction_seconds = t0 - self._clock - self._paused
+        self._paused += time.perf_counter() - t0
 
     def on_epoch_end(self, record) -> bool:
         self._seconds += record.seconds
+        if self._checks > 1 and record.validation_rmse is not None:
+            self.curve.append((float(record.epoch), round(record.validation_rmse, 5)))
+            if self.reached_fraction is None and record.validation_rmse <= self.target:
+                self.reached_fraction = float(record.epoch)
+                self.fraction_seconds = self._seconds
         if record.validation_rmse is not None and record.validation_rmse <= self.target:
             self.reached_epoch, self.reached_seconds = record.epoch, self._seconds
             return True
-        return False
+        return self.reached_fraction is not None
 
 
 def speed_run(fit, val, optimizer: str, lr: float, salr: bool, batch: int, target: float,
-              max_epochs: int) -> dict:
+              max_epochs: int, checks: int = 1) -> dict:
     model = build_model("mf", fit.n_users, fit.n_items, fit.rating_scale, {})
-    stop = StopAt(target)
-    cfg = TrainConfig(optimizer=optimizer, learning_rate=lr, batch_size=batch, epochs=max_epochs, lr_decay=1.0,
-                      patience=None, salr=salr, progress=False, seed=0)
+    stop = StopAt(target, val, -(-len(fit) // batch), checks)
+    # the optimizer's own defaults on MF (e.g. the K-FAC family's damping) under this schedule
+    cfg = TrainConfig.for_model(MatrixFactorization, optimizer=optimizer, learning_rate=lr, batch_size=batch,
+                                epochs=max_epochs, lr_decay=1.0, patience=None, salr=salr, progress=False, seed=0)
     out = {"optimizer": optimizer, "salr": salr, "lr": lr}
     try:
         res = Trainer(cfg, callbacks=[stop]).fit(model, fit, val)
@@ -84,25 +129,39 @@ def speed_run(fit, val, optimizer: str, lr: float, salr: bool, batch: int, targe
             "epochs_to_target": stop.reached_epoch, "seconds_to_target": stop.reached_seconds,
             "validation_curve": [round(h.validation_rmse, 5) for h in res.history],
             "best_validation_rmse": min(h.validation_rmse for h in res.history),
-            "ms_per_step": 1000 * train_seconds / max(stop.steps, 1), "epochs_run": len(res.history)}
+            "ms_per_step": 1000 * train_seconds / max(stop.steps, 1), "epochs_run": len(res.history),
+            **({"checks_per_epoch": checks, "fraction_to_target": stop.reached_fraction,
+                "seconds_to_fraction": stop.fraction_seconds, "fine_curve": stop.curve} if checks > 1 else {})}
 
 
 def part_speed(args, fit, val) -> dict:
     rows = []
-    for optimizer in OPTIMIZERS:
-        for salr in (False, True):
-            grid = GRIDS[optimizer][1:2] if args.quick else GRIDS[optimizer]
+    names = args.only.split(",") if args.only else OPTIMIZERS
+    path = RESULTS / (args.out or "optim_curvature_speed.json")
+    if args.only and path.exists():  # refresh some optimizers' rows of the last full run
+        rows = [r for r in json.loads(path.read_text())["rows"] if r["optimizer"] not in names]
+    for optimizer in names:
+        for salr in (False,) if args.no_salr else (False, True):
+            grid = ([float(x) for x in args.lrs.split(",")] if args.lrs
+                    else GRIDS[optimizer][1:2] if args.quick else GRIDS[optimizer])
             for lr in grid:
-                row = speed_run(fit, val, optimizer, lr, salr, args.batch, args.target, args.max_epochs)
+                row = speed_run(fit, val, optimizer, lr, salr, args.batch, args.target, args.max_epochs,
+                                args.checks_per_epoch)
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "validation_curve"}), flush=True)
     best = {}
     for optimizer in OPTIMIZERS:
         for salr in (False, True):
-            mine = [r for r in rows if r["optimizer"] == optimizer and r["salr"] == salr and not r["diverged"]]
+            ran = [r for r in rows if r["optimizer"] == optimizer and r["salr"] == salr]
+            if not ran:
+                continue
+            mine = [r for r in ran if not r["diverged"]]
             reached = [r for r in mine if r["epochs_to_target"] is not None]
             key = optimizer + (" + SALR" if salr else "")
-            if reached:
+            fine = [r for r in mine if r.get("fraction_to_target") is not None]
+            if fine:  # fastest at the finer resolution
+                b = min(fine, key=lambda r: (r["fraction_to_target"], r["seconds_to_fraction"]))
+            elif reached:
                 b = min(reached, key=lambda r: (r["epochs_to_target"], r["seconds_to_target"]))
             elif mine:
                 b = min(mine, key=lambda r: r["best_validation_rmse"])
@@ -110,7 +169,8 @@ def part_speed(args, fit, val) -> dict:
                 best[key] = {"diverged": True}
                 continue
             best[key] = {k: b[k] for k in ("lr", "epochs_to_target", "seconds_to_target", "ms_per_step",
-                                           "best_validation_rmse", "step_kind")}
+                                           "best_validation_rmse", "step_kind", "fraction_to_target",
+                                           "seconds_to_fraction") if k in b}
     adam_ms = best.get("adam", {}).get("ms_per_step")
     for v in best.values():
         if adam_ms and "ms_per_step" in v:
@@ -179,7 +239,7 @@ def part_defaults(args, test, fit, val) -> dict:
         if args.quick:
             cfg = replace(cfg, epochs=2)
         out = {"train_config": {k: getattr(cfg, k) for k in ("batch_size", "learning_rate", "epochs", "lr_decay",
-                                                             "noise_scale")}}
+                                                             "noise_scale", "damping")}}
         model = build_model("mf", fit.n_users, fit.n_items, fit.rating_scale, {})
         try:
             res = Trainer(cfg).fit(model, fit)
@@ -206,8 +266,15 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.93)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--max-epochs", type=int, default=8)
-    parser.add_argument("--only", default="", help="--part defaults: only these optimizers (comma-separated), "
-                                                   "merged into the last results file")
+    parser.add_argument("--only", default="", help="--part defaults / speed: only these optimizers "
+                                                   "(comma-separated), merged into the last results file")
+    parser.add_argument("--checks-per-epoch", type=int, default=1,
+                        help="--part speed: validate this many times per epoch and report the first "
+                             "fraction of an epoch at which the target is reached")
+    parser.add_argument("--no-salr", action="store_true", help="--part speed: without the SALR rows")
+    parser.add_argument("--lrs", default="", help="--part speed: this learning-rate grid (comma-separated) "
+                                                  "for every optimizer run, instead of GRIDS")
+    parser.add_argument("--out", default="", help="results file name (default optim_curvature_PART.json)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -228,7 +295,7 @@ def main() -> None:
            "machine": {"platform": platform.platform(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "device": "cpu"}, **result}
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"optim_curvature_{args.part}{'_quick' if args.quick else ''}.json"
+    path = RESULTS / (args.out or f"optim_curvature_{args.part}{'_quick' if args.quick else ''}.json")
     path.write_text(json.dumps(out, indent=1))
     print(json.dumps(result.get("best"), indent=1))
     print("wrote", path, f"({np.round(time.time() - started)} s)")

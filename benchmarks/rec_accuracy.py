@@ -8,7 +8,10 @@ is not evidence at test time either (the live ratings are what it was fitted on)
 with its own defaults on the whole training fold, as in ``mf_vs_surprise.py``.
 
     RECSYS_DATA=../shared/data python benchmarks/rec_accuracy.py [--folds u1,u2] [--epochs 30]
-        [--config '{"fanouts": [32, 8, 4]}'] [--threads 2]
+        [--config '{"fanouts": [32, 8, 4]}'] [--threads 2] [--jobs 1]
+
+``--jobs N`` runs N folds at once in separate processes of ``--threads`` threads each (same
+figures as one by one: each fold is seeded on its own).
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ from recsys.train import TrainConfig, Trainer
 RESULTS = Path(__file__).parent / "results"
 
 
+def quiet_numba_threads() -> None:
+    """With numba's default OpenMP threading layer, the trainer's parallel shuffle
+    (`recsys.optim.shuffle`) left the OpenMP runtime shared with torch on numba's threads:
+    every later torch step of REC then cost ~25x the CPU time (and slowed the other jobs on
+    the machine). Use numba's workqueue layer (the shuffle is the same on any layer); a guard
+    beside `recsys.threads`, which restores torch's thread count. Call before training."""
+    import numba
+
+    numba.config.THREADING_LAYER = "workqueue"
+
+
 def fit_mf(train, test) -> dict:
     model = build_model("mf", train.n_users, train.n_items, train.rating_scale, {})
     res = Trainer(TrainConfig(progress=False)).fit(model, train)
@@ -51,6 +65,17 @@ def fit_rec(train, test, config: dict, train_over: dict, validation: float, pati
             "evaluate_seconds": time.perf_counter() - t0, "parameters": model.parameter_count()}
 
 
+def run_fold(fold: str, config: dict, train_over: dict, validation: float, patience: int, seed: int,
+             threads: int, with_mf: bool) -> dict:
+    torch.set_num_threads(threads)
+    quiet_numba_threads()
+    train, test = load_split("ml-100k", fold)
+    row = {"fold": fold, "rec": fit_rec(train, test, config, train_over, validation, patience, seed)}
+    if with_mf:
+        row["mf"] = fit_mf(train, test)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folds", default="u1,u2,u3,u4,u5")
@@ -61,24 +86,39 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=1, help="folds run at once, one process each")
     parser.add_argument("--no-mf", action="store_true", help="skip MF (for quick REC-only trials)")
     parser.add_argument("--out", type=Path, default=RESULTS / "rec_accuracy.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    quiet_numba_threads()
     config = json.loads(args.config)
     train_over = json.loads(args.train)
     if args.epochs:
         train_over["epochs"] = args.epochs
-    rows = []
-    for fold in args.folds.split(","):
-        train, test = load_split("ml-100k", fold)
-        row = {"fold": fold, "rec": fit_rec(train, test, config, train_over, args.validation, args.patience, args.seed)}
-        if not args.no_mf:
-            row["mf"] = fit_mf(train, test)
-        rows.append(row)
-        print(f"{fold}: REC {row['rec']['rmse']:.4f} ({row['rec']['fit_seconds']:.0f} s, "
+    folds = args.folds.split(",")
+    task = (config, train_over, args.validation, args.patience, args.seed, args.threads, not args.no_mf)
+
+    def report(row: dict) -> None:
+        print(f"{row['fold']}: REC {row['rec']['rmse']:.4f} ({row['rec']['fit_seconds']:.0f} s, "
               f"{row['rec']['epochs_run']} epochs)" + (f"  MF {row['mf']['rmse']:.4f}" if "mf" in row else ""),
               flush=True)
+
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_fold, fold, *task) for fold in folds]
+            rows = []
+            for f in futures:
+                rows.append(f.result())
+                report(rows[-1])
+    else:
+        rows = []
+        for fold in folds:
+            rows.append(run_fold(fold, *task))
+            report(rows[-1])
     models = ["rec"] + ([] if args.no_mf else ["mf"])
     mean = {m: {k: float(np.mean([r[m][k] for r in rows])) for k in ("rmse", "mae", "fit_seconds")} for m in models}
     out = {
@@ -87,7 +127,7 @@ def main() -> None:
         "rec_train_config": {**EvidenceChainModel.training_defaults, **train_over},
         "validation": args.validation, "patience": args.patience, "seed": args.seed,
         "parameters": rows[0]["rec"]["parameters"], "per_fold": rows, "mean": mean,
-        "target_rmse": 0.915, "threads": args.threads, "machine": platform.processor() or platform.machine(),
+        "target_rmse": 0.915, "threads": args.threads, "jobs": args.jobs, "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -189,13 +189,19 @@ def main() -> None:
     ap.add_argument("--optimizers", default="sgd,adam")
     ap.add_argument("--overhead-only", action="store_true",
                     help="only test C (training overhead, latency) and the compact log's reconstruction error")
+    ap.add_argument("--no-overhead", action="store_true",
+                    help="skip test C (only the faithfulness tests A and B of --optimizers)")
     ap.add_argument("--reps", type=int, default=5, help="fits per mode for the overhead (alternating)")
     ap.add_argument("--out", type=Path, default=RESULTS / "rollback_faithfulness.json")
     args = ap.parse_args()
     train, test = load_split("ml-100k", "u1")
     torch.set_num_threads(2)
     sizes = {"sgd": dict(b_pairs=15, cands=15, reseed=5, a_pairs=20, ks=(1, 10)),
-             "adam": dict(b_pairs=4, cands=8, reseed=0, a_pairs=6, ks=(1,))}
+             "adam": dict(b_pairs=4, cands=8, reseed=0, a_pairs=6, ks=(1,)),
+             # the K-FAC family and cov-noise: a re-seeded retrain measures the floor that
+             # their sampled Fisher targets / injected noise put under a leave-one-out change
+             **{o: dict(b_pairs=5, cands=8, reseed=2, a_pairs=6, ks=(1,))
+                for o in ("kfac", "ekfac", "tkfac", "tekfac", "cov-noise")}}
     if args.quick:
         sizes = {k: dict(b_pairs=3, cands=6, reseed=1, a_pairs=3, ks=(1,)) for k in sizes}
     out: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}
@@ -228,6 +234,11 @@ def main() -> None:
                   f"sign {v['sign_agreement']:.2f} slope {v['slope']:.2f} p@5 {v['precision_at_5']:.2f}")
         for name, v in a.strategies.items():
             print(f"  A {name:20s} direction {v['direction_rate']:.2f} mean change along {v['mean_change_along_predicted']:+.4f}")
+    if args.no_overhead:
+        out["last_run"] = {"parts": updated, "date": time.strftime("%Y-%m-%d")}
+        args.out.write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.out}")
+        return
     # Test C at the default MF config (D=128, 4 blocks, compiled kernel), one thread.
     torch.set_num_threads(1)
     numba.set_num_threads(1)

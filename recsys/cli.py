@@ -135,7 +135,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "gradients (any --noise-base; REC)")
     g.add_argument("--noise-base", choices=["sgd", "adam", "adagrad"],
                    help="cov-noise with --noise-estimator sub-batch: the optimizer that steps")
-    g.add_argument("--damping", type=float, help="kfac/ekfac/tkfac/tekfac: relative damping (default 1.0)")
+    g.add_argument("--damping", type=float, help="kfac/ekfac/tkfac/tekfac: relative damping (default: the model's for the optimizer; MF 0.01, REC 1.0)")
     g.add_argument("--sampler", choices=["reshuffle", "shuffle-once", "with-replacement", "fixed"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")

@@ -151,7 +151,8 @@ class Callback:
     ``update_log``: a callback that records per-example updates (gradient rollback) sets it
     to its log; the trainer then hands the log to fused step implementations (the compiled
     kernel, closed-form minibatch SGD), which record each example's update while applying
-    it. None (the default) for callbacks that only observe.
+    it. None (the default) for callbacks that only observe. A callback with a ``paused()``
+    context manager is paused during the trainer's extra passes (SALR's closure).
     """
 
     update_log: object | None = None
@@ -406,7 +407,7 @@ class Trainer:
         model's sampling state before the step's own forward (`RatingModel.sampling_state`),
         restored for every pass so that a stochastic model (REC's chains) is compared with
         itself on the same samples."""
-        hooked = [h for h in (self.preconditioner, getattr(self.optimizer, "base", None))
+        hooked = [h for h in (self.preconditioner, getattr(self.optimizer, "base", None), *self.callbacks)
                   if hasattr(h, "paused")]
 
         def closure() -> torch.Tensor:

@@ -84,7 +84,8 @@ def test_embedding_matches_dense_kfac_on_one_hot_linear():
     with torch.no_grad():
         lin.weight.copy_(emb.weight.T)
     target = torch.randn(dim, dtype=torch.double)
-    kw = dict(damping=0.3, factor_decay=0.8, update_freq=1, row_floor=0.0, statistic="empirical", kl_clip=None)
+    kw = dict(damping=0.3, factor_decay=0.8, update_freq=1, row_floor=0.0, statistic="empirical", kl_clip=None,
+              visit_gain=None)
     pe, pl = KFACPreconditioner(emb, "kfac", **kw), KFACPreconditioner(lin, "kfac", **kw)
     opt_e = torch.optim.SGD(emb.parameters(), lr=0.05)
     opt_l = torch.optim.SGD(lin.parameters(), lr=0.05)
@@ -105,7 +106,8 @@ def rare_to_common_step(row_floor):
     """Row 0 in every example for 30 steps, row 999 once at the end: the ratio of their
     preconditioned step norms (same per-example gradient)."""
     emb = nn.Embedding(1000, 4, sparse=True)
-    pre = KFACPreconditioner(emb, "kfac", damping=1e-3, row_floor=row_floor, statistic="empirical")
+    pre = KFACPreconditioner(emb, "kfac", damping=1e-3, row_floor=row_floor, statistic="empirical",
+                             visit_gain=None)
     for step in range(30):
         idx = torch.zeros(64, dtype=torch.long)
         if step == 29:

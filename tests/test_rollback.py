@@ -94,6 +94,48 @@ def test_adam_credit_is_the_gradient_through_the_preconditioner():
         torch.testing.assert_close(sums[n], getattr(model, n).weight.detach() - init[n], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("optimizer,extra", [
+    ("kfac", {}), ("ekfac", {}), ("tkfac", {}), ("tekfac", {}),
+    ("kfac", {"salr": True, "salr_every": 2}),
+    ("cov-noise", {"noise_scale": 0.0, "noise_batch": 2}),
+    ("sgd", {"salr": True, "salr_every": 2}),
+])
+def test_preconditioned_credits_sum_to_every_rows_change(small_ratings, optimizer, extra):
+    # The K-FAC family's row preconditioner is linear in the row's gradient, so crediting each
+    # example its own gradient through it splits every step exactly; over a whole fit the
+    # credits of a row's examples sum to the row's change. Covariance noise at scale 0 and
+    # SALR's rescaled rate (its extra passes are not logged) split exactly too.
+    r = small_ratings
+    model = _model(r)
+    init = {n: getattr(model, n).weight.detach().clone() for n in SLOT_NAMES}
+    cb = RollbackCallback()
+    lr = 0.005 if optimizer in ("kfac", "ekfac", "tkfac", "tekfac") else 0.02
+    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=lr, optimizer=optimizer, patience=None,
+                      progress=False, **extra)
+    result = Trainer(cfg, callbacks=[cb]).fit(model, r)
+    assert result.step_kind == "autograd"
+    sums = cb.log.row_sums(r, r.n_users, r.n_items)
+    for n in SLOT_NAMES:
+        change = getattr(model, n).weight.detach() - init[n]
+        assert change.abs().max() > 1e-4
+        torch.testing.assert_close(sums[n], change, atol=2e-6, rtol=1e-4)
+
+
+def test_injected_covariance_noise_is_credited_to_no_example(small_ratings):
+    r = small_ratings
+    model = _model(r)
+    init = {n: getattr(model, n).weight.detach().clone() for n in SLOT_NAMES}
+    cb = RollbackCallback()
+    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=0.02, optimizer="cov-noise", noise_batch=2,
+                      noise_scale=1.0, patience=None, progress=False)
+    Trainer(cfg, callbacks=[cb]).fit(model, r)
+    assert "noise is not attributed" in cb.log.attribution
+    sums = cb.log.row_sums(r, r.n_users, r.n_items)
+    change = model.user_factors.weight.detach() - init["user_factors"]
+    residual = (change - sums["user_factors"]).abs().max()
+    assert residual > 1e-4  # the noise is in the weights, not in the log
+
+
 def test_log_round_trips_through_the_artefact_and_compacts_to_float16(small_ratings, tmp_path):
     r = small_ratings
     model = _model(r)

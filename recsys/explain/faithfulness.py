@@ -32,7 +32,7 @@ from scipy import stats
 from recsys.explain.influence import DEFAULT_METHOD, METHODS, candidates, estimate_effects, explain
 from recsys.explain.rollback import RollbackCallback, RollbackLog
 from recsys.models.mf import MatrixFactorization, MFConfig
-from recsys.optim.factory import build_optimizer
+from recsys.optim.factory import build_optimizer, build_preconditioner
 from recsys.optim.sampling import make_sampler
 from recsys.ratings import Ratings
 from recsys.train import TrainConfig, Trainer
@@ -58,9 +58,12 @@ def default_setup(optimizer: str = "sgd", *, seed: int = 0) -> Setup:
         train = TrainConfig(epochs=20, learning_rate=0.015, lr_decay=0.95, batch_size=1, patience=None,
                             progress=False, seed=seed)
     else:
-        lr = {"adam": 0.003, "sparse-adam": 0.003, "adagrad": 0.05}.get(optimizer, 0.003)
+        lr = {"adam": 0.003, "sparse-adam": 0.003, "adagrad": 0.05, "cov-noise": 8.0}.get(optimizer, 0.003)
+        if optimizer in ("kfac", "ekfac", "tkfac", "tekfac"):
+            lr = 0.02  # the family's default 0.01 at batch 256, square-root scaled to 1024
+        extra = {"noise_scale": 0.1} if optimizer == "cov-noise" else {}
         train = TrainConfig(epochs=10, learning_rate=lr, lr_decay=1.0, batch_size=1024, optimizer=optimizer,
-                            patience=None, progress=False, seed=seed)
+                            patience=None, progress=False, seed=seed, **extra)
     return Setup(model, train)
 
 
@@ -95,8 +98,12 @@ def retrain(train: Ratings, setup: Setup, removed: Sequence[int] | np.ndarray = 
     sampler = make_sampler(c.sampler, len(train), c.seed)
     kind = Trainer(c).step_kind(model)
     tensors = train.tensors()
+    pre = None
     if kind == "autograd":
-        optimizer = build_optimizer(c.optimizer, model, c.learning_rate)
+        optimizer = build_optimizer(c.optimizer, model, c.learning_rate, noise_batch=c.noise_batch,
+                                    noise_structure=c.noise_structure, noise_scale=c.noise_scale,
+                                    noise_base=c.noise_base, noise_estimator=c.noise_estimator, seed=c.seed)
+        pre = build_preconditioner(c.optimizer, model, damping=c.damping, seed=c.seed)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=c.lr_decay)
     for epoch in range(c.epochs):
         lr = c.learning_rate * c.lr_decay ** epoch
@@ -116,14 +123,27 @@ def retrain(train: Ratings, setup: Setup, removed: Sequence[int] | np.ndarray = 
                     model.sgd_batch(u, i, r, lr * share)
                 continue
             optimizer.zero_grad(set_to_none=True)
-            if len(kept):
-                loss = model.loss(u, i, r) if share == 1.0 else model.loss(u, i, r) * share
-            else:  # an emptied batch still takes its (momentum-only) optimizer step
-                loss = sum((p * 0).sum() for p in model.parameters())
-            loss.backward()
+            if pre is not None and len(kept):
+                # the K-FAC family: the kept examples keep the Fisher target noise they drew in
+                # the full run (the whole batch's is drawn, the removed examples' dropped)
+                outputs, loss = model.loss_terms(u, i, r)
+                loss = loss * share  # the kept examples' gradients keep their 1/|B| weight
+                z = pre.draw_targets((len(ids), *outputs.shape[1:]), outputs)[torch.from_numpy(keep[ids])]
+                pre.backward(outputs, loss, z=z)
+                pre.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"]
+                pre.step()
+            else:
+                if len(kept):
+                    loss = model.loss(u, i, r) if share == 1.0 else model.loss(u, i, r) * share
+                else:  # an emptied batch still takes its (momentum-only) optimizer step
+                    loss = sum((p * 0).sum() for p in model.parameters())
+                loss.backward()
             optimizer.step()
         if kind == "autograd":
             scheduler.step()
+    for hooked in (pre, optimizer if kind == "autograd" else None):
+        if hasattr(hooked, "remove_hooks"):
+            hooked.remove_hooks()
     model.eval()
     return model
 

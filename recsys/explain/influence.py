@@ -95,25 +95,39 @@ class _Rows:
 
     def __init__(self, model: RatingModel, users: np.ndarray, items: np.ndarray) -> None:
         k, d = model.config.n_blocks, model.block_size
-        u = torch.as_tensor(users, device=model.device)
-        i = torch.as_tensor(items, device=model.device)
-
-        def take(table: torch.Tensor, idx: torch.Tensor) -> np.ndarray:
-            return table.detach().index_select(0, idx).cpu().numpy().astype(np.float64)
+        if model.device.type == "cpu":  # numpy views of the tables: no tensor dispatch per query
+            def take(table: torch.Tensor, idx: np.ndarray) -> np.ndarray:
+                return table.detach().numpy()[idx].astype(np.float64)
+            u, i = np.asarray(users), np.asarray(items)
+        else:
+            def take(table: torch.Tensor, idx: torch.Tensor) -> np.ndarray:
+                return table.detach().index_select(0, idx).cpu().numpy().astype(np.float64)
+            u = torch.as_tensor(users, device=model.device)
+            i = torch.as_tensor(items, device=model.device)
 
         self.P = take(model.user_factors.weight, u).reshape(-1, k, d).transpose(1, 0, 2)  # [K, m, d]
         self.Q = take(model.item_factors.weight, i).reshape(-1, k, d).transpose(1, 0, 2)
         self.BU = take(model.user_bias.weight, u).T  # [K, m]
         self.BI = take(model.item_bias.weight, i).T
 
+    def prediction(self, model: RatingModel, b: int = 0) -> float:
+        """The clipped prediction of pair ``b`` (`RatingModel.predict` for a pair whose user
+        and item both have training ratings), from the rows already gathered."""
+        k = self.P.shape[0]
+        raw = (float(model.global_mean) + self.BU[:, b].mean() + self.BI[:, b].mean()
+               + float(np.einsum("kd,kd->", self.P[:, b], self.Q[:, b])) / k)
+        lo, hi = model.rating_scale
+        return min(max(raw, lo), hi)
+
 
 def estimate_effects(model: RatingModel, train: Ratings, user: int, item: int, method: str = DEFAULT_METHOD,
-                     log: RollbackLog | CompactRollbackLog | None = None
+                     log: RollbackLog | CompactRollbackLog | None = None, *, rows: _Rows | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Estimated effects of every candidate on the prediction of ``(user, item)`` (indices).
 
     Returns ``(example_ids [m], effects float64 [m] in rating points, shares_user [m],
-    shares_item [m])``. ``rollback`` needs ``log``."""
+    shares_item [m])``. ``rollback`` needs ``log``. ``rows``: the pair's rows, when the caller
+    has gathered them already."""
     if method not in METHODS:
         raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
     ids, su, si = candidates(train, user, item)
@@ -125,20 +139,20 @@ def estimate_effects(model: RatingModel, train: Ratings, user: int, item: int, m
         if log.n_examples < len(train):
             raise ValueError(f"the rollback log covers {log.n_examples} examples, the training ratings "
                              f"{len(train)}; extend it after online updates")
-        eff = _rollback(model, log, user, item, ids, su, si)
+        eff = _rollback(model, log, user, item, ids, su, si, rows)
     elif method == "newton":
-        eff = _newton(model, train, user, item, ids, su, si)
+        eff = _newton(model, train, user, item, ids, su, si, rows)
     else:
-        eff = _fia(model, train, user, item, ids, su, si)
+        eff = _fia(model, train, user, item, ids, su, si, rows)
     return ids, eff, su, si
 
 
 def _rollback(model: RatingModel, log: RollbackLog | CompactRollbackLog, user: int, item: int, ids: np.ndarray,
-              su: np.ndarray, si: np.ndarray) -> np.ndarray:
+              su: np.ndarray, si: np.ndarray, x: _Rows | None = None) -> np.ndarray:
     """Plain GR: ``f(θ) − f(θ − Δ_z)`` exactly, per block, for the rows shared with x (from
     the exact log, or from the compact log's reconstruction of Δ_z)."""
     k, d = model.config.n_blocks, model.block_size
-    x = _Rows(model, np.array([user]), np.array([item]))
+    x = x or _Rows(model, np.array([user]), np.array([item]))
     p, q = x.P[:, 0], x.Q[:, 0]  # [K, d]
     dpq, pdq, dbu, dbi = log.projected(ids, su, si, user, item, p, q)  # each [K, m]
     a, b = su.astype(np.float64), si.astype(np.float64)
@@ -176,10 +190,10 @@ def _row_newton(theta: np.ndarray, target: np.ndarray, X: np.ndarray, resid: np.
 
 
 def _newton(model: RatingModel, train: Ratings, user: int, item: int, ids: np.ndarray,
-            su: np.ndarray, si: np.ndarray) -> np.ndarray:
+            su: np.ndarray, si: np.ndarray, x: _Rows | None = None) -> np.ndarray:
     k = model.config.n_blocks
     mu = float(model.global_mean)
-    x = _Rows(model, np.array([user]), np.array([item]))
+    x = x or _Rows(model, np.array([user]), np.array([item]))
     eff = np.zeros(len(ids))
     for side, mask in (("user", su), ("item", si)):
         sel = np.flatnonzero(mask)
@@ -304,12 +318,12 @@ class NewtonInfluence:
 
 
 def _fia(model: RatingModel, train: Ratings, user: int, item: int, ids: np.ndarray,
-         su: np.ndarray, si: np.ndarray) -> np.ndarray:
+         su: np.ndarray, si: np.ndarray, x: _Rows | None = None) -> np.ndarray:
     """FIA: ``−∇_θ f(x)ᵀ H⁻¹ ∇_θ ℓ_z`` with θ = (p_u, q_i) per block, exact Hessian of the
     training loss restricted to θ (block-diagonal unless (u, i) is itself a training rating)."""
     k, d = model.config.n_blocks, model.block_size
     mu = float(model.global_mean)
-    x = _Rows(model, np.array([user]), np.array([item]))
+    x = x or _Rows(model, np.array([user]), np.array([item]))
     p, q = x.P[:, 0], x.Q[:, 0]
     r = _Rows(model, train.users[ids], train.items[ids])
     resid = train.values[ids].astype(np.float64)[None, :] - (
@@ -351,8 +365,12 @@ def explain(model: RatingModel, log: RollbackLog | CompactRollbackLog | None, tr
         raise ValueError(f"k must be >= 0, got {k}")
     method = method or DEFAULT_METHOD
     u, i = _index(train, user, item)
-    ids, eff, su, si = estimate_effects(model, train, u, i, method, log)
-    pred = float(model.predict(torch.tensor([u]), torch.tensor([i]))[0])
+    rows = _Rows(model, np.array([u]), np.array([i]))
+    ids, eff, su, si = estimate_effects(model, train, u, i, method, log, rows=rows)
+    if bool(model.known_users[u]) and bool(model.known_items[i]):
+        pred = rows.prediction(model)
+    else:
+        pred = float(model.predict(torch.tensor([u]), torch.tensor([i]))[0])
     top = np.argsort(-np.abs(eff), kind="stable")[:k]
     contribs = []
     for j in top:

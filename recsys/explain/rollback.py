@@ -20,6 +20,13 @@ Attribution per optimizer (what a step's update is split into):
   under a different ``v̂``, bias correction is ignored, and momentum carried into rows that
   no example of the current batch touches (dense Adam moves every row every step) is
   attributed to nobody but the example that created it.
+- The K-FAC family (`recsys.optim.kfac`, over plain SGD): ``−lr · P_r(∇ℓ_b/|B|)`` with ``P_r``
+  the step's preconditioner of row ``r`` (`KFACPreconditioner.precondition_rows`), which is
+  linear in the row's gradient: exact per step given the factors (the factors themselves,
+  estimated from every example's statistics, are not attributed).
+- Covariance-noise SGD (``cov-noise``): ``−lr·∇ℓ_b/|B|``, as SGD; with the sub-batch
+  estimator, the base optimizer's rule. The injected noise belongs to no example.
+- SALR: the base optimizer's rule at the step's scaled learning rate.
 
 Never attributed to any example: weight decay applied to whole tables, injected noise,
 momentum of ``torch.optim.SGD(momentum>0)`` beyond the current step, and anything done to
@@ -48,6 +55,7 @@ Two storages (`RollbackCallback(mode=...)`):
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +66,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from recsys.models.base import RatingModel
+from recsys.optim.noise import CovNoiseSGD
 from recsys.ratings import Ratings
 from recsys.train import Callback, EpochRecord, Trainer, TrainResult
 
@@ -73,6 +82,9 @@ ATTRIBUTION = {
     "adam": "approximate: -lr*grad/|B|/(sqrt(v_hat_t)+eps), momentum credited at its step",
     "adamw": "approximate: as adam; decoupled weight decay not attributed",
     "sparse-adam": "approximate: -lr*grad/|B|/(sqrt(v_hat_t)+eps), momentum credited at its step",
+    **{kind: "exact per step given the factors: -lr*P_row(grad/|B|), the step's row preconditioner"
+       for kind in ("kfac", "ekfac", "tkfac", "tekfac")},
+    "cov-noise": "as sgd (or the sub-batch estimator's base optimizer); the injected noise is not attributed",
 }
 
 
@@ -343,6 +355,7 @@ class CompactRollbackLog:
         self._visits = 0
         self._live: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._stacked: tuple[np.ndarray, ...] | None = None
+        self._alpha_cache: np.ndarray | None = None
 
     @classmethod
     def for_model(cls, model: RatingModel, train: Ratings, *, optimizer: str = "sgd",
@@ -556,6 +569,11 @@ class CompactRollbackLog:
             self._stacked = (*tables, segments)
         return self._stacked
 
+    def _alpha_array(self) -> np.ndarray:
+        if self._alpha_cache is None or len(self._alpha_cache) != len(self.alpha):
+            self._alpha_cache = np.asarray(self.alpha, dtype=np.float64)
+        return self._alpha_cache
+
     def _coefficients(self, ids: np.ndarray) -> np.ndarray:
         """``[J, m, K+1]`` float64: ``c_{z,j}`` per block and ``v_{z,j}`` for ``ids < n_base``."""
         out = np.zeros((len(self.segments) + 1, len(ids), self.n_blocks + 1))
@@ -620,28 +638,28 @@ class CompactRollbackLog:
             from recsys.models.mf_kernels import compact_projection
 
             *tables, segments = self._tables()
-            alpha = np.asarray(self.alpha, dtype=np.float64)
-            reg_u, reg_i, breg_u, breg_i = self.regs
+            base = ids < self.n_base
+            sel_u = np.flatnonzero(np.asarray(shares_user, dtype=bool) & base)
+            sel_i = np.flatnonzero(np.asarray(shares_item, dtype=bool) & base)
+            z = np.concatenate([ids[sel_u], ids[sel_i]])
+            other_rows = np.concatenate([self.items[ids[sel_u]], self.users[ids[sel_i]]]).astype(np.int64)
+            side = np.zeros(len(z), dtype=np.bool_)
+            side[len(sel_u):] = True
+            p32 = np.ascontiguousarray(p, dtype=np.float32)
+            q32 = np.ascontiguousarray(q, dtype=np.float32)
             n_knots = len(self.knots)
-            for side, mask in (("user", shares_user), ("item", shares_item)):
-                sel = np.flatnonzero(np.asarray(mask, dtype=bool) & (ids < self.n_base))
-                if not len(sel):
-                    continue
-                z = ids[sel]
-                if side == "user":  # Δp_z·q + Δb_u,z: the items' knot rows dotted with q; the user's own row
-                    other, other_rows, x = tables[1], self.items[z], q
-                    own, own_bias = tables[0][user], tables[2][user]
-                    reg, breg, dot_t, bias_t = float(reg_u[user]), float(breg_u[user]), terms[0], terms[2]
-                else:
-                    other, other_rows, x = tables[0], self.users[z], p
-                    own, own_bias = tables[1][item], tables[3][item]
-                    reg, breg, dot_t, bias_t = float(reg_i[item]), float(breg_i[item]), terms[1], terms[3]
-                dots, sums, v = np.empty((k, len(z))), np.empty((k, len(z))), np.empty((n_knots, len(z)))
-                compact_projection(z, other_rows.astype(np.int64), other, np.ascontiguousarray(x, dtype=np.float32),
-                                   segments, alpha, dots, sums, v)
-                own_dot = np.einsum("jkd,kd->jk", own.reshape(n_knots, k, d).astype(np.float64), x)
-                dot_t[:, sel] = dots - reg * (own_dot.T @ v)
-                bias_t[:, sel] = self.bias_ratio * (sums - breg * (own_bias.T.astype(np.float64) @ v))
+            own_p = tables[0][user].reshape(n_knots, k, d).astype(np.float64)
+            own_q = tables[1][item].reshape(n_knots, k, d).astype(np.float64)
+            own_dot = np.stack([np.einsum("jkd,kd->jk", own_p, q32), np.einsum("jkd,kd->jk", own_q, p32)])
+            own_bias = np.stack([tables[2][user], tables[3][item]]).astype(np.float64)
+            reg_u, reg_i, breg_u, breg_i = self.regs
+            own_reg = np.array([[reg_u[user], breg_u[user]], [reg_i[item], breg_i[item]]], dtype=np.float64)
+            dots, biases = np.empty((k, len(z))), np.empty((k, len(z)))
+            compact_projection(z, other_rows, side, tables[0], tables[1], p32, q32, own_dot, own_bias, own_reg,
+                               segments, self._alpha_array(), float(self.bias_ratio), dots, biases)
+            n_u = len(sel_u)
+            terms[0][:, sel_u], terms[2][:, sel_u] = dots[:, :n_u], biases[:, :n_u]
+            terms[1][:, sel_i], terms[3][:, sel_i] = dots[:, n_u:], biases[:, n_u:]
         hit, rows = self._overlay_hits(ids)
         if len(hit):
             extra = self.overlay[rows].astype(np.float64)  # [h, K, 2d+2]
@@ -779,6 +797,7 @@ class RollbackCallback(Callback):
         self._model: RatingModel | None = None
         self._kind = ""
         self._warned_restore = False
+        self._paused = False
 
     def on_train_begin(self, trainer: Trainer, model: RatingModel, train: Ratings) -> None:
         self._trainer, self._model = trainer, model
@@ -803,11 +822,27 @@ class RollbackCallback(Callback):
             self._captured[name] = []
 
             def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
-                if torch.is_grad_enabled() and output.requires_grad and mod.training:
-                    output.retain_grad()
-                    self._captured[name].append((inputs[0], output))
+                if torch.is_grad_enabled() and output.requires_grad and mod.training and not self._paused:
+                    entry = [inputs[0], None]
+
+                    def keep(grad: torch.Tensor, entry: list = entry) -> None:
+                        # the last gradient delivered is the loss's: K-FAC's sampled-target
+                        # (Fisher) pass back-propagates through the same lookups before it
+                        entry[1] = grad
+
+                    output.register_hook(keep)
+                    self._captured[name].append(entry)
 
             self._hooks.append(module.register_forward_hook(hook))
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Lookups inside are not logged (the trainer's extra passes, e.g. SALR's)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     @torch.no_grad()
     def on_batch_end(self, example_ids: np.ndarray, loss: float) -> None:
@@ -820,14 +855,21 @@ class RollbackCallback(Callback):
             captured = self._captured[name]
             if not captured:
                 raise RuntimeError(f"rollback: the step never looked up {name}")
-            rows = captured[0][0]
-            grad = torch.zeros_like(captured[0][1])
-            for idx, out in captured:
-                if out.grad is None or len(idx) != len(ids) or not torch.equal(idx, rows):
-                    raise RuntimeError(f"rollback: {name} lookups do not follow the batch's examples")
-                grad += out.grad
-            param = getattr(self._model, name).weight
-            updates.append(-_preconditioner(self._trainer.optimizer, param, rows) * grad)
+            if any(grad is None for _, grad in captured):
+                raise RuntimeError(f"rollback: a lookup of {name} got no gradient")
+            # the lookups of one forward pass (the loss may look a row up more than once) are
+            # summed; sub-batches (covariance noise) come as passes in turn, in batch order
+            passes: list[list[torch.Tensor]] = []
+            for idx, g in captured:
+                if passes and len(passes[-1][0]) == len(idx) and torch.equal(passes[-1][0], idx):
+                    passes[-1][1] = passes[-1][1] + g
+                else:
+                    passes.append([idx, g])
+            rows = torch.cat([idx for idx, _ in passes])
+            grad = torch.cat([g for _, g in passes])
+            if len(rows) != len(ids):
+                raise RuntimeError(f"rollback: {name} lookups do not follow the batch's examples")
+            updates.append(-_credit(self._trainer, name, getattr(self._model, name).weight, rows, grad))
             captured.clear()
         self.log.add(ids, *updates)
 
@@ -851,8 +893,21 @@ class RollbackCallback(Callback):
 
 def _optimizer_name(optimizer: torch.optim.Optimizer | None) -> str:
     names = {torch.optim.SGD: "sgd", torch.optim.Adagrad: "adagrad", torch.optim.Adam: "adam",
-             torch.optim.AdamW: "adamw", torch.optim.SparseAdam: "sparse-adam"}
+             torch.optim.AdamW: "adamw", torch.optim.SparseAdam: "sparse-adam", CovNoiseSGD: "cov-noise"}
     return names.get(type(optimizer), type(optimizer).__name__.lower())
+
+
+def _credit(trainer: Trainer, name: str, param: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The step of table ``name`` credited to each example: the gradients ``grad [B, width]``
+    of its gathered rows ``rows [B]`` passed through the trainer's preconditioner (if any)
+    and optimizer as they stood at this step (read after it; see the module docstring)."""
+    optimizer, scale = trainer.optimizer, 1.0
+    if optimizer is not None and hasattr(optimizer, "base") and hasattr(optimizer, "ratio"):  # SALR
+        optimizer, scale = optimizer.base, float(optimizer.ratio)
+    pre = trainer.preconditioner
+    if pre is not None and name in getattr(pre, "last_rows", {}):
+        grad = pre.precondition_rows(name, rows, grad).to(grad.dtype)
+    return scale * _preconditioner(optimizer, param, rows) * grad
 
 
 def _preconditioner(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -865,7 +920,7 @@ def _preconditioner(optimizer: torch.optim.Optimizer | None, param: torch.Tensor
         raise RuntimeError("rollback: a logged table is not among the optimizer's parameters")
     lr = float(group["lr"])
     state = optimizer.state.get(param, {})
-    if isinstance(optimizer, torch.optim.SGD):
+    if isinstance(optimizer, torch.optim.SGD | CovNoiseSGD):
         return torch.tensor(lr, device=param.device)
     if isinstance(optimizer, torch.optim.Adagrad):
         step = float(state["step"])

@@ -123,13 +123,16 @@ class Edges:
 def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int,
                       generator: torch.Generator, *, prototypes_only: bool = False,
                       exclude: torch.Tensor | None = None,
-                      evidence_dropout: float = 0.0) -> Edges:
+                      evidence_dropout: float = 0.0, truncate: torch.Tensor | None = None) -> Edges:
     """Up to ``fanout`` neighbours of each of ``nodes`` (global ids ``int64 [n]``).
 
     ``exclude``: sorted pair keys (`EvidenceGraph.pair_keys`) of ratings never to return.
     ``evidence_dropout``: probability that a node keeps only a uniformly random ``1..m`` of
     its ``m`` sampled neighbours (training only: teaches the model what little evidence
-    looks like). Returns the valid edges, parents as positions into ``nodes``.
+    looks like). ``truncate``: ``int64 [n]``; a node with ``truncate > 0`` keeps a uniformly
+    random ``truncate`` of its sampled neighbours (after ``exclude``; all of them when fewer), the
+    others are untouched (training only: simulates new users and items, see
+    `sample_chains`). Returns the valid edges, parents as positions into ``nodes``.
     """
     dev = graph.device
     n = len(nodes)
@@ -164,6 +167,16 @@ def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int,
         keys = graph.pair_keys(user, other - graph.n_users)
         keep = ~torch.isin(keys, exclude)
         parent, pos, child = parent[keep], pos[keep], child[keep]
+    if truncate is not None and len(parent):
+        # edges come grouped by parent: a random order within each group, then the first
+        # truncate[parent] of it (a uniformly random subset, not the prototypes-first prefix)
+        order = torch.argsort(parent.double() + torch.rand(len(parent), generator=generator, device=dev,
+                                                          dtype=torch.float64) * 0.5)
+        rank = torch.empty_like(parent)
+        rank[order] = torch.arange(len(parent), device=dev) - torch.searchsorted(parent, parent[order])
+        limit = truncate[parent]
+        chosen = (limit <= 0) | (rank < limit)
+        parent, pos, child = parent[chosen], pos[chosen], child[chosen]
     return Edges(parent, child, graph.values[pos], graph.examples[pos])
 
 
@@ -215,9 +228,12 @@ class Chains:
 
 def sample_chains(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int, ...],
                   generator: torch.Generator, *, exclude: torch.Tensor | None = None,
-                  evidence_dropout: float = 0.0) -> Chains:
+                  evidence_dropout: float = 0.0, root_keep: torch.Tensor | None = None) -> Chains:
     """Evidence chains under the unique global ids ``roots [n_0]`` with ``fanouts[d]``
-    neighbours per node at depth ``d`` (see the module docstring)."""
+    neighbours per node at depth ``d`` (see the module docstring). ``root_keep``
+    (``int64 [n_0]``, training only): a root with ``root_keep > 0`` keeps only a uniformly
+    random ``root_keep`` of its sampled first-hop evidence, as if it were a new user or item
+    with that many ratings (`sample_neighbours`' ``truncate``); deeper levels are untouched."""
     dev = graph.device
     nodes = roots
     if exclude is not None:
@@ -227,7 +243,8 @@ def sample_chains(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int,
         expand = torch.nonzero(graph.proto_slot[nodes] < 0).squeeze(1)
         edges = sample_neighbours(graph, nodes[expand], fanout, generator,
                                   prototypes_only=depth == len(fanouts) - 1, exclude=exclude,
-                                  evidence_dropout=evidence_dropout)
+                                  evidence_dropout=evidence_dropout,
+                                  truncate=root_keep[expand] if depth == 0 and root_keep is not None else None)
         edges = Edges(expand[edges.parent], edges.child, edges.values, edges.examples)
         raw.append((nodes, edges))
         nodes = torch.unique(edges.child)

@@ -14,8 +14,12 @@ with no evidence at all takes a learned fallback vector. A learned gate on the e
 built from sixteen.
 
 The biases ``b_u, b_i`` are not parameters: they are a regularised baseline fitted to the live
-ratings (alternating ridge sweeps, ``bias_reg``), recomputed when the model is bound to
-ratings and updated locally when ratings are inserted. So the parameter count is fixed:
+ratings (alternating ridge sweeps, ``bias_reg`` on users, ``item_bias_reg`` on items),
+recomputed when the model is bound to ratings and updated locally when ratings are inserted.
+In training a rating is predicted with the biases solved without it (``target_free_bias``),
+and with probability ``cold_roots`` its user or item is made *new*: it keeps a random 1..F of
+its ratings as its only first-hop evidence and its bias is re-solved from those alone, as
+`add_ratings` does for a new user, so that cold-start vectors and biases are seen in training. So the parameter count is fixed:
 ``2·p·K`` prototype entries, two MLPs, two fallback vectors and the gates (see
 `EvidenceChainModel.parameter_count`); it does not grow with users, items or ratings.
 
@@ -50,7 +54,8 @@ from recsys.ratings import Ratings
 @dataclass(frozen=True)
 class RECConfig:
     """Hyper-parameters of `EvidenceChainModel` (defaults chosen on a validation slice of
-    MovieLens-100K u1.base; see ``docs/evidence_chain.md``).
+    MovieLens-100K u1.base, and the bias ridge weights, ``cold_roots`` and
+    ``target_free_bias`` on a seed-1 cold-start split; see ``docs/evidence_chain.md``).
 
     ``embedding_size``: K, size of every user/item vector. ``hidden_size``: width of the
     message MLPs. ``prototypes``: p users and p items with free vectors (the most rated).
@@ -58,7 +63,15 @@ class RECConfig:
     ``reg``: L2 weight on the mean squared norm of the prototype vectors; ``mlp_reg``: L2 on
     the MLP weights. ``dropout``: on the MLPs' hidden layer. ``evidence_dropout``: in
     training, probability that a node keeps only a random 1..m of its m sampled neighbours.
-    ``bias_reg``: ridge weight of the baseline biases. ``rating_levels``: the rating is
+    ``cold_roots``: in training, probability that the user or item of a training rating is
+    treated as new: it keeps a uniformly random 1..``fanouts[0]`` of its ratings as its only
+    first-hop evidence and its baseline bias is re-solved from those alone, as `add_ratings`
+    solves a new user's (teaches the model the vectors and biases of cold start).
+    ``target_free_bias``: in training, a rating is predicted with baseline biases that leave
+    it out (the ridge solution without it, one side at a time), as a test rating is: the
+    target rating is no more part of its own bias than of its own evidence.
+    ``bias_reg``: ridge weight of the baseline user biases; ``item_bias_reg``: of the item
+    biases (``None``: ``bias_reg``). ``rating_levels``: the rating is
     encoded on that many evenly spaced levels of the scale (hat functions; one-hot for
     integer 1..5 ratings with 5 levels). ``eval_passes``: independent samplings averaged at
     prediction time. ``seed``: initialisation and sampling.
@@ -72,7 +85,10 @@ class RECConfig:
     mlp_reg: float = 0.0
     dropout: float = 0.0
     evidence_dropout: float = 0.2
-    bias_reg: float = 10.0
+    cold_roots: float = 0.5
+    target_free_bias: bool = True
+    bias_reg: float = 5.0
+    item_bias_reg: float | None = 2.0
     rating_levels: int = 5
     eval_passes: int = 3
     seed: int = 0
@@ -83,25 +99,33 @@ class RECConfig:
             raise ValueError("embedding_size, hidden_size and prototypes must be positive")
         if not self.fanouts or min(self.fanouts) < 1:
             raise ValueError(f"fanouts must be one or more positive integers, got {self.fanouts}")
-        if self.reg < 0 or self.mlp_reg < 0 or self.bias_reg < 0:
-            raise ValueError("reg, mlp_reg and bias_reg must be >= 0")
-        if not 0 <= self.dropout < 1 or not 0 <= self.evidence_dropout <= 1:
-            raise ValueError("dropout must be in [0, 1) and evidence_dropout in [0, 1]")
+        if self.reg < 0 or self.mlp_reg < 0 or self.bias_reg < 0 or (self.item_bias_reg or 0) < 0:
+            raise ValueError("reg, mlp_reg, bias_reg and item_bias_reg must be >= 0")
+        if not 0 <= self.dropout < 1 or not 0 <= self.evidence_dropout <= 1 or not 0 <= self.cold_roots <= 1:
+            raise ValueError("dropout must be in [0, 1), evidence_dropout and cold_roots in [0, 1]")
+
+    @property
+    def item_reg(self) -> float:
+        """The ridge weight of the item biases."""
+        return self.bias_reg if self.item_bias_reg is None else self.item_bias_reg
         if self.rating_levels < 2 or self.eval_passes < 1:
             raise ValueError("rating_levels must be >= 2 and eval_passes >= 1")
 
 
 def fit_baseline(users: np.ndarray, items: np.ndarray, values: np.ndarray, n_users: int,
-                 n_items: int, mean: float, reg: float, sweeps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+                 n_items: int, mean: float, reg: float, sweeps: int = 8,
+                 item_reg: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Regularised baseline biases ``(b_u float64 [n_users], b_i float64 [n_items])`` by
-    alternating ridge solves of ``r ≈ mean + b_u + b_i`` (each sweep: items then users)."""
+    alternating ridge solves of ``r ≈ mean + b_u + b_i`` (each sweep: items then users;
+    ridge weight ``reg`` on the users, ``item_reg`` on the items, default ``reg``)."""
+    item_reg = reg if item_reg is None else item_reg
     cu = np.bincount(users, minlength=n_users)
     ci = np.bincount(items, minlength=n_items)
     bu = np.zeros(n_users)
     bi = np.zeros(n_items)
     resid = values.astype(np.float64) - mean
     for _ in range(sweeps):
-        bi = np.bincount(items, weights=resid - bu[users], minlength=n_items) / (reg + ci)
+        bi = np.bincount(items, weights=resid - bu[users], minlength=n_items) / (item_reg + ci)
         bu = np.bincount(users, weights=resid - bi[items], minlength=n_users) / (reg + cu)
     return bu, bi
 
@@ -161,6 +185,7 @@ class EvidenceChainModel(RatingModel):
         self._graph: EvidenceGraph | None = None
         self._node_bias: torch.Tensor | None = None  # float32 [n_users + n_items]
         self._train_generator: torch.Generator | None = None
+        self._pair_index: tuple[torch.Tensor, torch.Tensor] | None = None  # sorted pair keys, values
 
     def config_dict(self) -> dict:
         d = asdict(self.config)
@@ -193,7 +218,8 @@ class EvidenceChainModel(RatingModel):
             raise ValueError(f"live ratings are on the scale {ratings.rating_scale}, the model on {self.rating_scale}")
         self._set_ratings(ratings)
         bu, bi = fit_baseline(ratings.users, ratings.items, ratings.values, ratings.n_users,
-                              ratings.n_items, float(self.global_mean), self.config.bias_reg)
+                              ratings.n_items, float(self.global_mean), self.config.bias_reg,
+                              item_reg=self.config.item_reg)
         self._node_bias = torch.from_numpy(np.concatenate([bu, bi]).astype(np.float32)).to(self.device)
 
     def _set_ratings(self, ratings: Ratings) -> None:
@@ -203,6 +229,7 @@ class EvidenceChainModel(RatingModel):
         self.known_users = torch.from_numpy(ratings.user_counts() > 0).to(dev)
         self.known_items = torch.from_numpy(ratings.item_counts() > 0).to(dev)
         self.ratings = ratings
+        self._pair_index = None
         self._graph = EvidenceGraph.build(ratings, self.prototype_users.cpu().numpy(),
                                           self.prototype_items.cpu().numpy(), seed=self.config.seed, device=dev)
 
@@ -296,8 +323,9 @@ class EvidenceChainModel(RatingModel):
         r = self._require_ratings()
         _, bias = self._live()
         b = bias.cpu().numpy().astype(np.float64)
-        nu, mu, lam = r.n_users, float(self.global_mean), self.config.bias_reg
+        nu, mu = r.n_users, float(self.global_mean)
         for side, rows in (("user", users), ("item", items)):
+            lam = self.config.bias_reg if side == "user" else self.config.item_reg
             if len(rows) == 0:
                 continue
             keys, other = (r.users, nu + r.items) if side == "user" else (r.items, r.users)
@@ -340,12 +368,14 @@ class EvidenceChainModel(RatingModel):
         g = torch.sigmoid(a * torch.log(count.clamp(min=1)) + c).unsqueeze(1)
         return g * mean + (1 - g) * self.fallback_vectors[side]
 
-    def _aggregate(self, chains: Chains, record: dict | None = None) -> torch.Tensor:
+    def _aggregate(self, chains: Chains, record: dict | None = None,
+                   root_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Vectors ``[n_0, K]`` of the chains' root nodes, computed from the leaves up: one
         message-MLP call per side and level, scatter-mean to the parents, the immediate
         parent's message removed from a child's mean. ``record``, when given, collects
         ``(level, messages [E, K], used [E] bool)`` under ``"levels"`` and the roots' evidence
-        counts under ``"root_counts"``, for `explain`."""
+        counts under ``"root_counts"``, for `explain`. ``root_bias [n_0]``, when given, replaces
+        the roots' baseline biases in their first-hop residuals (cold roots in training)."""
         graph, bias = self._live()
         nu, k = graph.n_users, self.config.embedding_size
         protos = self.prototype_vectors
@@ -376,7 +406,8 @@ class EvidenceChainModel(RatingModel):
                 child_ok = torch.where(swap, cnt > 0, child_ok)
             parents = lvl.nodes[lvl.parent]
             children = chains.nodes(d + 1)[lvl.child]
-            resid = lvl.values - self.global_mean - bias[parents] - bias[children]
+            parent_bias = root_bias[lvl.parent] if d == 0 and root_bias is not None else bias[parents]
+            resid = lvl.values - self.global_mean - parent_bias - bias[children]
             x = torch.cat([child_vec, self._encode(lvl.values), resid.unsqueeze(1)], dim=1)
             into_item = parents >= nu
             msg = torch.zeros(len(x), k, device=x.device, dtype=x.dtype)
@@ -409,14 +440,86 @@ class EvidenceChainModel(RatingModel):
         graph, bias = self._live()
         nu = graph.n_users
         roots, inverse = torch.unique(torch.cat([users, items + nu]), return_inverse=True)
-        chains = sample_chains(graph, roots, self.config.fanouts, generator,
-                               exclude=graph.pair_keys(users, items),
-                               evidence_dropout=self.config.evidence_dropout if self.training else 0.0)
-        vec = self._aggregate(chains, record)
+        c = self.config
+        root_keep = None
+        if self.training and c.cold_roots > 0:
+            cold = (torch.rand(len(roots), generator=generator, device=roots.device) < c.cold_roots)
+            cold &= graph.proto_slot[roots] < 0
+            size = (torch.rand(len(roots), generator=generator, device=roots.device) * c.fanouts[0]).long() + 1
+            root_keep = torch.where(cold, size, torch.zeros_like(size))
+        chains = sample_chains(graph, roots, c.fanouts, generator, exclude=graph.pair_keys(users, items),
+                               evidence_dropout=c.evidence_dropout if self.training else 0.0,
+                               root_keep=root_keep)
+        root_bias = None if root_keep is None else self._cold_root_bias(chains, root_keep > 0)
+        vec = self._aggregate(chains, record, root_bias)
         b = len(users)
         vu, vi = vec[inverse[:b]], vec[inverse[b:]]
-        pred = self.global_mean + bias[users] + bias[nu + items] + (vu * vi).sum(-1)
+        rb = self.prediction_biases(users, items, inverse, root_keep, root_bias)
+        pred = self.global_mean + rb[:b] + rb[b:] + (vu * vi).sum(-1)
         return pred, chains, vu, vi
+
+    def prediction_biases(self, users: torch.Tensor, items: torch.Tensor, inverse: torch.Tensor,
+                          root_keep: torch.Tensor | None = None,
+                          root_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The baseline biases ``[2B]`` (users', then items') that a pass adds for the pairs
+        ``(users, items)``: the live baseline; in training with ``target_free_bias``, the
+        biases without the pair's own rating; for roots made cold (``root_keep [n_0] > 0``),
+        their re-solved ``root_bias [n_0]``. ``inverse [2B]``: position of each pair's user,
+        then item, among the pass's roots. (What a re-computation of a training pass, such as
+        the rollback log's, must add to ``u·v``.)"""
+        graph, bias = self._live()
+        rb = torch.cat([bias[users], bias[graph.n_users + items]])
+        if self.training and self.config.target_free_bias:
+            rb = self._target_free_bias(users, items, rb)
+        if root_keep is not None and root_bias is not None:  # solved without the target already
+            rb = torch.where(root_keep[inverse] > 0, root_bias[inverse], rb)
+        return rb
+
+    def _target_free_bias(self, users: torch.Tensor, items: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+        """Baseline biases ``[2B]`` (users', then items') of the pairs ``(users, items)`` with
+        the pair's own live rating left out: ``b' = (b·(λ + n) - (r - μ - b_other)) / (λ + n - 1)``
+        per side, the other side fixed (the ridge solve without that rating). Pairs with no
+        live rating keep ``rb``."""
+        graph, _ = self._live()
+        if self._pair_index is None:
+            r = self._require_ratings()
+            keys = torch.from_numpy(r.users.astype(np.int64) * r.n_items + r.items)
+            order = torch.argsort(keys)
+            self._pair_index = (keys[order].to(self.device), torch.from_numpy(r.values)[order].to(self.device))
+        sorted_keys, sorted_vals = self._pair_index
+        if len(sorted_keys) == 0:
+            return rb
+        keys = graph.pair_keys(users, items)
+        pos = torch.searchsorted(sorted_keys, keys).clamp(max=len(sorted_keys) - 1)
+        found = sorted_keys[pos] == keys
+        r = sorted_vals[pos]
+        b = len(users)
+        bu, bi = rb[:b], rb[b:]
+        deg = graph.degrees().to(rb.dtype)
+        nu_, ni_ = deg[users], deg[graph.n_users + items]
+        lu, li = self.config.bias_reg, self.config.item_reg
+        mu = self.global_mean
+        bu_free = (bu * (lu + nu_) - (r - mu - bi)) / (lu + nu_ - 1).clamp(min=1e-6)
+        bi_free = (bi * (li + ni_) - (r - mu - bu)) / (li + ni_ - 1).clamp(min=1e-6)
+        # no ridge weight and a single rating: the bias without it is 0
+        bu_free = torch.where(lu + nu_ - 1 > 0, bu_free, torch.zeros_like(bu))
+        bi_free = torch.where(li + ni_ - 1 > 0, bi_free, torch.zeros_like(bi))
+        return torch.cat([torch.where(found, bu_free, bu), torch.where(found, bi_free, bi)])
+
+    def _cold_root_bias(self, chains: Chains, cold: torch.Tensor) -> torch.Tensor:
+        """Baseline biases ``[n_0]`` of the chains' roots, those flagged ``cold [n_0]`` re-solved
+        from their sampled first-hop ratings alone (the other side's biases fixed, ridge weight
+        of their side), as `add_ratings` solves the bias of a new user or item."""
+        graph, bias = self._live()
+        lvl = chains.levels[0]
+        roots, nu = lvl.nodes, graph.n_users
+        other = chains.nodes(1)[lvl.child]
+        resid = lvl.values - self.global_mean - bias[other]
+        n0 = len(roots)
+        sums = torch.zeros(n0, device=resid.device).index_add(0, lvl.parent, resid)
+        counts = torch.zeros(n0, device=resid.device).index_add(0, lvl.parent, torch.ones_like(resid))
+        lam = torch.where(roots >= nu, self.config.item_reg, self.config.bias_reg)
+        return torch.where(cold, sums / (lam + counts), bias[roots])
 
     # ------------------------------------------------------------------ RatingModel
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

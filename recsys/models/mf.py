@@ -76,8 +76,11 @@ class MatrixFactorization(RatingModel):
         "adam": {"batch_size": 256, "learning_rate": 3e-3, "epochs": 20, "lr_decay": 0.9},
         "sparse-adam": {"batch_size": 256, "learning_rate": 3e-3, "epochs": 20, "lr_decay": 0.9},
         "adagrad": {"batch_size": 256, "learning_rate": 0.1, "epochs": 20, "lr_decay": 0.9},
-        **{kind: {"batch_size": 256, "learning_rate": 0.01, "epochs": 20, "lr_decay": 0.9}
-           for kind in ("kfac", "ekfac", "tkfac", "tekfac")},
+        # K-FAC family: it fits the training objective faster than Adam and then overfits it
+        # (validation worse after ~3 epochs), so a short schedule; EKFAC's per-touched-step row
+        # statistic takes smaller steps, hence its larger lr (`benchmarks/optim_curvature.py`)
+        **{kind: {"batch_size": 256, "learning_rate": lr, "epochs": 5, "lr_decay": 0.7, "damping": 0.01}
+           for kind, lr in (("kfac", 0.01), ("tkfac", 0.01), ("ekfac", 0.03), ("tekfac", 0.03))},
         # noise 0.1: the largest scale within the seed spread of the plain batch on validation
         # (`benchmarks/results/optim_noise_mf_scales.json`); noise did not help MF
         "cov-noise": {"batch_size": 4096, "learning_rate": 32.0, "epochs": 40, "lr_decay": 1.0, "noise_scale": 0.1},
@@ -174,6 +177,13 @@ class MatrixFactorization(RatingModel):
         )
         return outputs, 0.5 * (err.square().sum(-1) + penalty).mean()
 
+    def curvature_l2(self) -> dict[str, torch.Tensor]:
+        """Per table, each row's L2 weight per visit (the Hessian of `loss_terms`' penalty per
+        example is ``l2_r · I``): the K-FAC family adds it to the tables' curvature
+        (`recsys.optim.kfac`)."""
+        return {"user_factors": self.reg_user, "item_factors": self.reg_item,
+                "user_bias": self.bias_reg_user, "item_bias": self.bias_reg_item}
+
     # ------------------------------------------------------------------ fast paths
     def sgd_examples(self, train: Ratings, order: np.ndarray, learning_rate: float,
                      bias_learning_rate: float | None = None, *, hogwild_threads: int = 0,
@@ -189,6 +199,7 @@ class MatrixFactorization(RatingModel):
         as example ``order[k]``'s (the same weights as without a log, up to float32 rounding)."""
         from recsys.models.mf_kernels import sgd_examples_hogwild, sgd_examples_interleaved
         from recsys.optim.shuffle import gather_examples
+        from recsys.threads import torch_threads_kept
 
         if self.device.type != "cpu":
             raise RuntimeError("the compiled SGD kernel runs on the CPU; use sgd_batch on other devices")
@@ -206,13 +217,14 @@ class MatrixFactorization(RatingModel):
             self.reg_user.numpy(), self.reg_item.numpy(),
             self.bias_reg_user.numpy(), self.bias_reg_item.numpy(), sq,
         )
-        if log is None:
-            if hogwild_threads > 1:
-                sgd_examples_hogwild(users, items, values, *tables)
-            else:  # deterministic; one pass over the examples, every block of each in turn
-                sgd_examples_interleaved(users, items, values, *tables)
-        else:  # the log runs its logged twin of the kernel (exact or compact, see RollbackLog.record)
-            log.record(self, users, items, values, order, tables, hogwild_threads=hogwild_threads)
+        if log is None and hogwild_threads <= 1:  # deterministic; every block of each example in turn
+            sgd_examples_interleaved(users, items, values, *tables)
+        else:
+            with torch_threads_kept():  # a parallel kernel (see recsys.threads)
+                if log is None:
+                    sgd_examples_hogwild(users, items, values, *tables)
+                else:  # the log runs its logged twin of the kernel (exact or compact, see RollbackLog.record)
+                    log.record(self, users, items, values, order, tables, hogwild_threads=hogwild_threads)
         return float(sq.sum() / max(1, len(order) * self.config.n_blocks))
 
     @torch.no_grad()

@@ -353,28 +353,41 @@ sgd_examples_interleaved = njit(fastmath=True, cache=True, nogil=True)(sgd_examp
 def compact_projection(
     ids: np.ndarray,  # int64 [m]: candidate examples (rows of the segment accumulators)
     other_rows: np.ndarray,  # int64 [m]: each candidate's row on the side it does not share
-    tables: np.ndarray,  # float32 [n_rows, J, n_blocks * d]: that side's table at each knot
-    x: np.ndarray,  # float32 [n_blocks, d]: the prediction's factors on that side
+    shares_item: np.ndarray,  # bool [m]: False: it shares the user (other side: items), True: the item
+    user_tables: np.ndarray,  # float32 [n_users, J, n_blocks * d]: the user table at each knot
+    item_tables: np.ndarray,  # float32 [n_items, J, n_blocks * d]
+    p: np.ndarray,  # float32 [n_blocks, d]: the prediction's user factors
+    q: np.ndarray,  # float32 [n_blocks, d]: the prediction's item factors
+    own_dot: np.ndarray,  # float64 [2, J, n_blocks]: the prediction's own knot rows · (q, p)
+    own_bias: np.ndarray,  # float64 [2, J, n_blocks]: the prediction's own bias slots at each knot
+    own_reg: np.ndarray,  # float64 [2, 2]: (factor L2, bias L2) of the prediction's user, item
     segments: np.ndarray,  # float32 [n_examples, S, n_blocks + 1]: accumulated lr*e per block, lr
     alpha: np.ndarray,  # float64 [S]: share of each segment credited to its end knot
-    dot_out: np.ndarray,  # float64 [n_blocks, m] (out): Σ_j c_j,b (table_j[row]_b · x_b)
-    sum_out: np.ndarray,  # float64 [n_blocks, m] (out): Σ_j c_j,b
-    v_out: np.ndarray,  # float64 [J, m] (out): v_j
+    bias_ratio: float,  # bias learning rate / factor learning rate
+    dot_out: np.ndarray,  # float64 [n_blocks, m] (out): Δ(own row) · (other prediction row)
+    bias_out: np.ndarray,  # float64 [n_blocks, m] (out): Δ(own bias slot)
 ) -> None:
-    """The compact rollback log's query (`recsys.explain.rollback.CompactRollbackLog.projected`):
-    per candidate, its knot coefficients ``c_j`` (per block) and ``v_j`` from the segment
-    accumulators, and the coefficient-weighted dot products of the other side's knot rows
-    with the prediction's factors; no full update vector is formed."""
+    """The compact rollback log's query (`recsys.explain.rollback.CompactRollbackLog.projected`),
+    both sides in one pass: per candidate, its knot coefficients ``c_j`` (per block) and
+    ``v_j`` from the segment accumulators; the change of the row it shares with the
+    prediction, projected on the prediction's other row, is ``Σ_j c_j (other_j[row] · x) −
+    reg Σ_j v_j (own_j · x)``, and of the shared bias slot ``ρ (Σ_j c_j − breg Σ_j v_j
+    own_bias_j)``. No full update vector is formed."""
     n_seg = segments.shape[1]
-    n_knots = tables.shape[1]
-    n_blocks = x.shape[0]
-    d = x.shape[1]
+    n_knots = user_tables.shape[1]
+    n_blocks = p.shape[0]
+    d = p.shape[1]
     for c in range(len(ids)):
         z = ids[c]
         r = other_rows[c]
+        side = 1 if shares_item[c] else 0
+        tables = user_tables if side == 1 else item_tables
+        x = p if side == 1 else q
+        reg = own_reg[side, 0]
+        breg = own_reg[side, 1]
         for b in range(n_blocks):
             dot_out[b, c] = 0.0
-            sum_out[b, c] = 0.0
+            bias_out[b, c] = 0.0
         for j in range(n_knots):
             wa = 1.0 - alpha[j] if j < n_seg else 0.0
             wb = alpha[j - 1] if j > 0 else 0.0
@@ -383,7 +396,6 @@ def compact_projection(
                 v += wa * segments[z, j, n_blocks]
             if j > 0:
                 v += wb * segments[z, j - 1, n_blocks]
-            v_out[j, c] = v
             for b in range(n_blocks):
                 cj = 0.0
                 if j < n_seg:
@@ -393,8 +405,8 @@ def compact_projection(
                 dot = np.float32(0.0)
                 for f in range(d):
                     dot += tables[r, j, b * d + f] * x[b, f]
-                dot_out[b, c] += cj * dot
-                sum_out[b, c] += cj
+                dot_out[b, c] += cj * dot - reg * v * own_dot[side, j, b]
+                bias_out[b, c] += bias_ratio * (cj - breg * v * own_bias[side, j, b])
 
 
 @njit(cache=True, nogil=True)

@@ -34,24 +34,38 @@ the previous basis is kept).
 
 Embedding tables (one index per row of the lookup): the input factor is diagonal, ``A =
 diag(f)`` with ``f_v`` the running frequency of row ``v`` (TKFAC: ``E[1{x=v}|g|²]/√δ``), so
-row ``r`` is updated by ``(G + γ_G I)⁻¹ g_r / (ã_r + γ_A)``: state O(rows + d²), cost
-O(touched rows · d²) per step, nothing densified. Per-row statistics are lazy: a row stores
-its running value and the step it was last touched; its decay over the untouched steps is
-applied when it is next touched (exactly the dense running average). Rare rows are not
-amplified by ``1/damping``: ``γ_A`` is relative to the mean frequency (``1/rows``) and
-``ã_r`` is floored at ``row_floor ×`` the row's frequency in the current batch, which bounds
-a row's step by ``1/row_floor`` times its mean per-example gradient. With ``row_floor=0`` the
+row ``r`` is updated by ``(G + γ_G I + l2_r I)⁻¹ g_r / (ã_r + γ_A)``: state O(rows + d²),
+cost O(touched rows · d²) per step, nothing densified. ``l2_r``: the model's L2 weight of the
+row per visit (``model.curvature_l2()``, e.g. MF's frequency-scaled penalty), whose Hessian
+``l2_r I`` per example is part of the row's curvature ``f_r (G + l2_r I)`` (TKFAC: in its
+units, ``l2_r/√δ``; EKFAC: ``l2_r`` times the row's visits per touched step added to its
+second moments); the gradient, and so the fixed point, is unchanged. Per-row statistics are
+lazy: a row stores its running value and the step it was last touched; its decay over the
+untouched steps is applied when it is next touched (exactly the dense running average).
+Rare rows are not amplified by ``1/damping``: ``γ_A`` is relative to the mean frequency
+(``1/rows``), and a per-row trust region, ``visit_gain`` (κ), bounds each row's step: one
+visit moves the example's ``m`` predictions by about ``lr/B · tr(P_r G)/m`` times its
+residual (``P_r`` the row's preconditioner, ``B`` the batch), and the row's ``c_r`` visits in
+the batch may move them by at most κ (``P_r`` is scaled down where ``c_r`` times that gain
+exceeds κ). ``row_floor`` (default 0) is the older bound: ``ã_r`` floored at ``row_floor ×``
+the row's frequency in the current batch. With ``row_floor=0`` and ``visit_gain=None`` the
 embedding path equals dense K-FAC on a one-hot ``nn.Linear`` (tested). EKFAC's ``s`` for a
 table is per row and dimension (O(rows · d), like Adam) and is updated only for touched rows
 (with a per-row bias correction), so it does not decay to zero for rare rows; it therefore
 differs from a dense EKFAC on one-hot inputs, by design. For tables the ``Q_A`` basis is the
 identity, so TEKFAC equals EKFAC there. Sparse embedding gradients (``sparse=True``) are
 handled: coalesced, only the present rows rewritten, kept sparse.
+
+The Fisher statistic's sampled-target pass asks autograd for the gradients at the hooked
+modules' outputs (what the statistics record), not at their weights, which skips that pass's
+weight-gradient kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -100,9 +114,10 @@ class KFACPreconditioner:
     """
 
     def __init__(self, model: nn.Module, kind: str = "kfac", *, damping: float = 1.0,
-                 factor_decay: float = 0.95, update_freq: int = 10, row_floor: float = 0.5,
+                 factor_decay: float = 0.95, update_freq: int = 10, row_floor: float = 0.0,
                  jitter: float = 1e-10, statistic: str = "fisher", seed: int = 0,
-                 kl_clip: float | None = 1e-3, lr: float = 1.0) -> None:
+                 kl_clip: float | None = 1e-3, lr: float = 1.0, visit_gain: float | None = 0.1,
+                 penalties: bool = True) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
         if statistic not in STATISTICS:
@@ -117,8 +132,13 @@ class KFACPreconditioner:
         params = [p for m in self.modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
         if kl_clip is not None and kl_clip <= 0:
             raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
+        if visit_gain is not None and visit_gain <= 0:
+            raise ValueError(f"visit_gain must be > 0 or None, got {visit_gain}")
         self.defaults = dict(damping=damping, factor_decay=factor_decay, update_freq=update_freq,
-                             row_floor=row_floor, jitter=jitter, kl_clip=kl_clip, lr=lr)
+                             row_floor=row_floor, jitter=jitter, kl_clip=kl_clip, lr=lr, visit_gain=visit_gain)
+        #: the model's per-row L2 weights of its tables (``model.curvature_l2()``), added to
+        #: the tables' curvature; ``penalties=False`` (or a model without it) leaves them out
+        self._penalties = getattr(model, "curvature_l2", None) if penalties else None
         self.param_groups = [dict(params=params, **self.defaults)]
         self.state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.modules}
         self.steps = 0
@@ -128,29 +148,66 @@ class KFACPreconditioner:
         self._sampled = False  # whether the recorded pass carries sampled-target gradients
         self._examples: int | None = None  # examples (ratings) of the recorded pass, when known
         self.last_clip = 1.0  # the KL-clipping factor of the last step
+        # Fisher statistic: the hooked modules' outputs of the pass being recorded, so that the
+        # sampled-target pass stops at them (their weight gradients are not needed)
+        self._outputs: list[torch.Tensor] = []
+        self._keeping = True
+        self._n_outputs = 1  # model outputs per example (the predictions a visit's gain is per)
+        self._output_handles = [m.register_forward_hook(self._keep_output) for m in self.modules.values()] \
+            if statistic == "fisher" else []
+        #: per embedding table, the last step's rows and their eigenbasis scaling (see
+        #: `precondition_rows`); not part of the state
+        self.last_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._damped: dict[str, tuple] = {}  # per table, `_damped_eigenvalues`' cache
 
-    def backward(self, outputs: torch.Tensor, loss: torch.Tensor) -> None:
+    def backward(self, outputs: torch.Tensor, loss: torch.Tensor, *, z: torch.Tensor | None = None) -> None:
         """Back-propagate ``loss`` into ``.grad`` and record the statistics: for the Fisher
         statistic, first sampled Gaussian targets through ``outputs [B, m]`` (into the
-        statistics only), then the loss with the recorded gradients left alone."""
+        statistics only), then the loss with the recorded gradients left alone. ``z [B, m]``:
+        the target noise to use instead of drawing it (`draw_targets`; a leave-one-out retrain
+        draws a whole batch's and drops the removed example's, so that the others keep theirs)."""
         self._examples = outputs.shape[0]
+        self._n_outputs = outputs.shape[-1] if outputs.dim() > 1 else 1
+        kept, self._outputs = self._outputs, []
         if self.statistic == "empirical" or not self.capture.active:
             loss.backward()
             return
-        z = torch.randn(outputs.shape, generator=self.generator, device=outputs.device, dtype=outputs.dtype)
-        weights = [m.weight for m in self.modules.values()]
-        torch.autograd.grad(outputs, weights, grad_outputs=z / outputs.shape[0], retain_graph=True,
+        if z is None:
+            z = self.draw_targets(outputs.shape, outputs)
+        # the gradients at the hooked modules' outputs are what the capture records; asking
+        # for them rather than the weights' skips this extra pass's weight-gradient kernels
+        targets = kept or [m.weight for m in self.modules.values()]
+        torch.autograd.grad(outputs, targets, grad_outputs=z / outputs.shape[0], retain_graph=True,
                             allow_unused=True)
         with self.capture.grads_paused():
             loss.backward()
         self._sampled = True
 
-    def paused(self):
+    def draw_targets(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The Fisher statistic's target noise ``z ~ N(0, I)`` of ``shape``, from this
+        preconditioner's generator (the next draw `backward` would make)."""
+        return torch.randn(shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+    def _keep_output(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self._keeping and module.training and torch.is_grad_enabled() and output.requires_grad:
+            self._outputs.append(output)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
         """Forward/backward passes inside do not feed the statistics."""
-        return self.capture.paused()
+        old, self._keeping = self._keeping, False
+        try:
+            with self.capture.paused():
+                yield
+        finally:
+            self._keeping = old
 
     def remove_hooks(self) -> None:
         self.capture.remove()
+        for h in self._output_handles:
+            h.remove()
+        self._output_handles = []
+        self._outputs = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.param_groups[0]["params"]:
@@ -180,6 +237,7 @@ class KFACPreconditioner:
                                "pre.backward(outputs, loss) (outputs, loss = model.loss_terms(...)) instead "
                                "of loss.backward(), or build the preconditioner with statistic='empirical'")
         self._sampled = False
+        self._outputs = []
         group = self.param_groups[0]
         self.steps += 1
         raw = {p: p.grad.clone() for m in self.modules.values() if isinstance(m, nn.Linear)
@@ -303,25 +361,30 @@ class KFACPreconditioner:
         idx, d = examples
         d = d.to(weight.dtype)
         n = idx.numel()
-        rows, inverse = torch.unique(idx, return_inverse=True)
+        rows, inverse, counts = torch.unique(idx, return_inverse=True, return_counts=True)
         dev, dt = weight.device, weight.dtype
         if "row" not in st:
             st["row"] = torch.zeros(n_rows, dtype=dt, device=dev)
             st["row_last"] = torch.zeros(n_rows, dtype=torch.long, device=dev)
             st["row_sum"] = torch.zeros((), dtype=dt, device=dev)
             st["n"] = torch.zeros((), dtype=torch.long)
+            st["G"] = torch.zeros(dim, dim, dtype=dt, device=dev)
         trace_kind = self.kind in ("tkfac", "tekfac")
-        nd = d.square().sum(1)
-        u = torch.zeros(rows.numel(), dtype=dt, device=dev).index_add_(
-            0, inverse, nd if trace_kind else torch.ones_like(nd)) / n
-        self._ema(st, "G", d.T @ d / n, beta)
+        eigen_kind = self.kind in ("ekfac", "tekfac")
+        freq = counts.to(dt) / n  # the rows' visits per example of the batch
         if trace_kind:
+            nd = d.square().sum(1)
+            u = torch.zeros(rows.numel(), dtype=dt, device=dev).index_add_(0, inverse, nd) / n
             self._ema(st, "delta", nd.mean(), beta)
+        else:
+            u = freq
+        st["G"].addmm_(d.T, d, beta=beta, alpha=(1 - beta) / n)
         st["n"] += 1
         step_n = int(st["n"])
         # lazy per-row running average: decay over the untouched steps, then add this batch
         gap = (step_n - st["row_last"][rows]).to(dt)
-        st["row"][rows] = st["row"][rows] * beta ** gap + (1 - beta) * u
+        row_new = st["row"][rows].mul_(torch.pow(beta, gap)).add_(u, alpha=1 - beta)
+        st["row"][rows] = row_new
         st["row_last"][rows] = step_n
         st["row_sum"].mul_(beta).add_(u.sum(), alpha=1 - beta)
         corr = 1 - beta ** step_n
@@ -344,37 +407,100 @@ class KFACPreconditioner:
         else:
             g_rows = rows
             g_vals = grad[rows]
-        # statistics for the gradient's rows (recorded rows are a subset or equal)
-        pos = torch.searchsorted(rows, g_rows).clamp_max(rows.numel() - 1)
-        present = rows[pos] == g_rows
-        proj = g_vals @ st["QG"]
-        if self.kind in ("ekfac", "tekfac"):
+        # the gradient's rows are the recorded ones (the usual case) or a superset of them
+        same = g_rows.numel() == rows.numel()
+        if not same:
+            pos = torch.searchsorted(rows, g_rows).clamp_max(rows.numel() - 1)
+            present = rows[pos] == g_rows
+            freq = torch.where(present, freq[pos], 0.0)
+        # the model's L2 penalty of these rows: its per-example Hessian is l2_r·I, so the
+        # row's curvature is f_r (G + l2_r I) (TKFAC's units: l2_r / √δ)
+        l2 = None
+        if self._penalties is not None:
+            table_l2 = self._penalties().get(name)
+            if table_l2 is not None:
+                l2 = table_l2.to(dev, dt)[g_rows]
+        dg = st["dG"]
+        if eigen_kind:
             if "S" not in st:
                 st["S"] = torch.zeros(n_rows, dim, dtype=dt, device=dev)
                 st["S_count"] = torch.zeros(n_rows, dtype=torch.long, device=dev)
+            if "S_visits" not in st:  # a state saved before the penalty's curvature was tracked
+                st["S_visits"] = torch.zeros(n_rows, dtype=dt, device=dev)
             s_batch = torch.zeros(rows.numel(), dim, dtype=dt, device=dev).index_add_(
-                0, inverse, (d @ st["QG"]).square()) / n
-            st["S"][rows] = st["S"][rows] * beta + (1 - beta) * s_batch
-            st["S_count"][rows] += 1
-            count = st["S_count"][g_rows].clamp_min(1).to(dt)
-            s = st["S"][g_rows] / (1 - beta ** count)[:, None]
-            lam = damping * s[present].mean() if bool(present.any()) else s.new_tensor(1.0)
-            proj = proj / (s + lam).clamp_min(1e-30)
+                0, inverse, (d @ st["QG"]).square(), alpha=1 / n)
+            s_new = st["S"][rows].mul_(beta).add_(s_batch, alpha=1 - beta)
+            visits_new = st["S_visits"][rows].mul_(beta).add_(freq if same else counts.to(dt) / n, alpha=1 - beta)
+            count_new = st["S_count"][rows] + 1
+            st["S"][rows], st["S_visits"][rows], st["S_count"][rows] = s_new, visits_new, count_new
+            if same:
+                s, visits, count = s_new, visits_new, count_new
+            else:
+                s, visits, count = st["S"][g_rows], st["S_visits"][g_rows], st["S_count"][g_rows].clamp_min(1)
+            count_corr = 1 - torch.pow(beta, count.to(dt))
+            s = s / count_corr[:, None]
+            if same:
+                lam = damping * s.mean()
+            else:
+                lam = damping * s[present].mean() if bool(present.any()) else s.new_tensor(1.0)
+            curvature = s.add_(lam)
+            if l2 is not None:  # the penalty's curvature per touched step: visits / n · l2_r
+                curvature = curvature.add_((visits / count_corr * l2)[:, None])
+            scale = curvature.clamp_min_(1e-30).reciprocal_()
         else:
-            dg = st["dG"]
-            a_rows = st["row"][g_rows] / corr / root
-            batch_floor = torch.zeros_like(a_rows)
-            batch_floor[present] = floor * u[pos[present]] / root
-            mean_a = st["row_sum"] / corr / root / n_rows
-            a_eff = torch.maximum(a_rows, batch_floor) + damping * mean_a
-            proj = proj / (dg + damping * dg.mean())[None, :] / a_eff[:, None].clamp_min(1e-30)
+            inv = 1 / (corr * root)
+            a_eff = row_new * inv if same else st["row"][g_rows] * inv
+            if floor > 0:
+                batch_floor = u * (floor / root)
+                if not same:
+                    batch_floor = torch.where(present, batch_floor[pos], 0.0)
+                a_eff = torch.maximum(a_eff, batch_floor)
+            a_eff = a_eff.add_(st["row_sum"] * (inv / n_rows), alpha=damping).clamp_min_(1e-30)
+            g_base = self._damped_eigenvalues(name, dg, damping)
+            curvature = g_base[None, :] if l2 is None else (l2 / root)[:, None] + g_base[None, :]
+            scale = (curvature * a_eff[:, None]).reciprocal_()
+        gain_cap = group.get("visit_gain")
+        if gain_cap is not None:
+            # one visit of row r moves each of the example's predictions by about
+            # lr/B · tr(P_r G)/m times its residual (P_r this step's preconditioner of the row,
+            # G the per-example curvature, m the predictions per example); c_r visits in the
+            # batch: c_r times that, capped at visit_gain (a trust region per row)
+            gain = (scale @ (dg * root)) * freq * (group["lr"] / self._n_outputs)
+            scale = scale.mul_((gain_cap / gain.clamp_min_(gain_cap))[:, None])
+        proj = (g_vals @ st["QG"]).mul_(scale)
+        self.last_rows[name] = (g_rows, scale)
         new_vals = proj @ st["QG"].T
         if sparse:
-            weight.grad = torch.sparse_coo_tensor(g_rows[None], new_vals, grad.shape, check_invariants=False).coalesce()
+            weight.grad = torch.sparse_coo_tensor(g_rows[None], new_vals, grad.shape, check_invariants=False,
+                                                  is_coalesced=True)
         else:
             weight.grad[g_rows] = new_vals
 
+    def _damped_eigenvalues(self, name: str, dg: torch.Tensor, damping: float) -> torch.Tensor:
+        """``dG + damping · mean(dG)``, cached until the eigenbasis is refreshed."""
+        cached = self._damped.get(name)
+        if cached is None or cached[0] is not dg or cached[1] != damping:
+            cached = (dg, damping, dg + damping * dg.mean())
+            self._damped[name] = cached
+        return cached[2]
+
     # ------------------------------------------------------------------ inspection
+    @torch.no_grad()
+    def precondition_rows(self, name: str, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """The last step's preconditioner of embedding table ``name`` applied to ``vectors
+        [n, dim]``, vector ``k`` as a gradient of row ``rows[k]``: the map `step` applied to
+        that row, which is linear in the row's gradient, so that a batch's update of a row is
+        the sum of its examples' preconditioned shares (gradient rollback credits each example
+        its share, `recsys.explain.rollback`). Every row must have been in that step."""
+        if name not in self.last_rows:
+            raise KeyError(f"no step has preconditioned embedding table {name!r}")
+        step_rows, scale = self.last_rows[name]
+        pos = torch.searchsorted(step_rows, rows).clamp_max(step_rows.numel() - 1)
+        if not bool((step_rows[pos] == rows).all()):
+            raise ValueError(f"rows outside the last step of {name!r}")
+        q = self.state[name]["QG"]
+        return ((vectors.to(q.dtype) @ q) * scale[pos]) @ q.T
+
     def kronecker_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The current (bias-corrected, undamped) factors ``(A, G)`` of module ``name`` with
         ``F ≈ A ⊗ G`` (TKFAC: ``√δΦ, √δΨ``); for an embedding ``A`` is the vector of the

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from recsys.threads import torch_threads_kept
+
 _BUCKET_TARGET = 1 << 14  # elements per bucket: a bucket's int64s fit in L1/L2
 
 
@@ -61,7 +63,8 @@ def random_permutation(n: int, seed: int, stream: int = 0) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
     key = np.uint64((int(seed) * 0x9E3779B97F4A7C15 + int(stream) * 0xD1B54A32D192ED03 + 1) % (1 << 64))
     n_buckets = max(1, n // _BUCKET_TARGET)
-    return _bucket_shuffle(n, key, n_buckets)
+    with torch_threads_kept():
+        return _bucket_shuffle(n, key, n_buckets)
 
 
 def _gather(users: np.ndarray, items: np.ndarray, values: np.ndarray, ids: np.ndarray,
@@ -85,5 +88,8 @@ def gather_examples(users: np.ndarray, items: np.ndarray, values: np.ndarray, id
                     out_users: np.ndarray, out_items: np.ndarray, out_values: np.ndarray) -> None:
     """``out_*[k] = *[ids[k]]``: the visiting order made contiguous, so that the training
     kernel streams through memory instead of making three random reads per rating."""
-    gather = _gather_parallel if len(ids) >= PARALLEL_FROM else _gather_serial
-    gather(users, items, values, ids, out_users, out_items, out_values)
+    if len(ids) < PARALLEL_FROM:
+        _gather_serial(users, items, values, ids, out_users, out_items, out_values)
+        return
+    with torch_threads_kept():
+        _gather_parallel(users, items, values, ids, out_users, out_items, out_values)
