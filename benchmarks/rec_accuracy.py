@@ -34,17 +34,6 @@ from recsys.train import TrainConfig, Trainer
 RESULTS = Path(__file__).parent / "results"
 
 
-def quiet_numba_threads() -> None:
-    """With numba's default OpenMP threading layer, the trainer's parallel shuffle
-    (`recsys.optim.shuffle`) left the OpenMP runtime shared with torch on numba's threads:
-    every later torch step of REC then cost ~25x the CPU time (and slowed the other jobs on
-    the machine). Use numba's workqueue layer (the shuffle is the same on any layer); a guard
-    beside `recsys.threads`, which restores torch's thread count. Call before training."""
-    import numba
-
-    numba.config.THREADING_LAYER = "workqueue"
-
-
 def fit_mf(train, test) -> dict:
     model = build_model("mf", train.n_users, train.n_items, train.rating_scale, {})
     res = Trainer(TrainConfig(progress=False)).fit(model, train)
@@ -68,7 +57,6 @@ def fit_rec(train, test, config: dict, train_over: dict, validation: float, pati
 def run_fold(fold: str, config: dict, train_over: dict, validation: float, patience: int, seed: int,
              threads: int, with_mf: bool) -> dict:
     torch.set_num_threads(threads)
-    quiet_numba_threads()
     train, test = load_split("ml-100k", fold)
     row = {"fold": fold, "rec": fit_rec(train, test, config, train_over, validation, patience, seed)}
     if with_mf:
@@ -91,7 +79,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "rec_accuracy.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    quiet_numba_threads()
     config = json.loads(args.config)
     train_over = json.loads(args.train)
     if args.epochs:

@@ -37,15 +37,6 @@ from recsys.train import TrainConfig, Trainer
 RESULTS = Path(__file__).parent / "results"
 
 
-def quiet_numba_threads() -> None:
-    """With numba's default OpenMP threading layer, the trainer's parallel shuffle
-    (`recsys.optim.shuffle`) left the OpenMP runtime shared with torch on numba's threads:
-    every later torch step of REC then cost ~25x the CPU time (and slowed the other jobs on
-    the machine). Use numba's workqueue layer (the shuffle is the same on any layer); a guard
-    beside `recsys.threads`, which restores torch's thread count. Call before training."""
-    import numba
-
-    numba.config.THREADING_LAYER = "workqueue"
 KS = (0, 1, 3, 5, 10, 20)
 
 
@@ -63,7 +54,6 @@ def main() -> None:
                         help="JSON path (the plot is written beside it, .png)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    quiet_numba_threads()
     ratings = load_dataset("ml-100k")
     split = cold_start_users(ratings, 0.2, max(KS), seed=args.seed)
     cold = split.cold_users
