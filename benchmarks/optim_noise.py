@@ -27,6 +27,11 @@ chains have no per-rating gradients to take.
 
     RECSYS_DATA=../shared/data python benchmarks/optim_noise.py --model mf [--quick]
     RECSYS_DATA=../shared/data python benchmarks/optim_noise.py --model rec [--quick]
+
+``--cache FILE`` keeps every finished run (keyed by its settings and a hash of the ``recsys``
+sources), so a protocol can be run in stages and a lr search's seed-0 run doubles as the
+regime's seed-0 run; the REC command of ``docs/optimizers.md`` is the one that wrote
+``results/optim_noise_rec.json``.
 """
 
 from __future__ import annotations
@@ -56,6 +61,25 @@ GAP_FLOOR = 0.0005
 REACH_TOLERANCE = 1e-4
 #: REC config overrides (``--rec-config``)
 REC_CONFIG: dict = {}
+#: finished runs by configuration (``--cache``): a run is never repeated, so a lr search's seed-0
+#: run is also the regime's seed-0 run, and an interrupted protocol resumes where it stopped
+CACHE: dict = {"path": None, "runs": {}}
+
+
+def code_version() -> str:
+    """SHA-1 (12 digits) of the imported ``recsys`` package's Python sources: part of every
+    cache key, so that a run of an older model or trainer is never reused."""
+    import hashlib
+
+    import recsys
+
+    h = hashlib.sha1()
+    for f in sorted(Path(recsys.__file__).parent.rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+CODE_VERSION = code_version()
 
 
 class TestCurve(Callback):
@@ -94,6 +118,20 @@ def train_config(model_name: str, *, batch: int, lr: float, epochs: int, seed: i
 
 def run(model_name: str, data, *, batch: int, lr: float, epochs: int, seed: int,
         noise: tuple[str, float] | None = None) -> dict:
+    key = json.dumps([CODE_VERSION, model_name, REC_CONFIG if model_name == "rec" else None, batch,
+                      float(f"{lr:.10g}"), epochs, seed, None if noise is None else [noise[0], float(noise[1])]],
+                     sort_keys=True)
+    if key in CACHE["runs"]:
+        return CACHE["runs"][key]
+    out = _run(model_name, data, batch=batch, lr=lr, epochs=epochs, seed=seed, noise=noise)
+    if CACHE["path"] is not None:
+        CACHE["runs"][key] = out
+        CACHE["path"].write_text(json.dumps(CACHE["runs"]))
+    return out
+
+
+def _run(model_name: str, data, *, batch: int, lr: float, epochs: int, seed: int,
+         noise: tuple[str, float] | None = None) -> dict:
     fit, val, test = data
     model = build_model(model_name, fit.n_users, fit.n_items, fit.rating_scale,
                         {**REC_CONFIG, "seed": seed} if model_name == "rec" else {})
@@ -131,6 +169,16 @@ def best_lr(model_name: str, data, batch: int, lrs: list[float], epochs: int) ->
 
 def noise_check(model_name: str, data, small: int, large: int, small_lr: float, seed: int = 0) -> dict:
     """The injected noise against the real spread of B_S sub-batch gradients of a B_L batch."""
+    key = json.dumps(["check", CODE_VERSION, model_name, REC_CONFIG if model_name == "rec" else None, small, large,
+                      float(f"{small_lr:.10g}"), seed], sort_keys=True)
+    if key not in CACHE["runs"]:
+        CACHE["runs"][key] = _noise_check(model_name, data, small, large, small_lr, seed)
+        if CACHE["path"] is not None:
+            CACHE["path"].write_text(json.dumps(CACHE["runs"]))
+    return CACHE["runs"][key]
+
+
+def _noise_check(model_name: str, data, small: int, large: int, small_lr: float, seed: int = 0) -> dict:
     from recsys.optim.noise import CovNoiseSGD
 
     fit, val, _ = data
@@ -267,6 +315,8 @@ def main() -> None:
     parser.add_argument("--no-own-lr", action="store_true",
                         help="large batches only at the scaled lr (no lr search of their own)")
     parser.add_argument("--no-scale-sweep", action="store_true", help="skip the noise-scale sweep")
+    parser.add_argument("--sweep-lrs", default="scaled",
+                        help="the sweep's lrs at the first large batch: scaled and/or own (its own best, if it differs)")
     parser.add_argument("--scales-only", action="store_true",
                         help="only the noise-scale sweep (--scales, --seeds) at the first large batch and "
                              "the small batch's validation-tuned lr read from the last full result")
@@ -275,7 +325,15 @@ def main() -> None:
     parser.add_argument("--structures", default=",".join(STRUCTURES),
                         help="noise structures to test, the first with every seed")
     parser.add_argument("--minor-seeds", type=int, default=None,
-                        help="seeds for the structures after the first (default: all); with --jobs")
+                        help="seeds for the structures after the first (default: all)")
+    parser.add_argument("--minor-seeds-min-batch", type=int, default=0,
+                        help="--minor-seeds applies only to large batches of at least this size")
+    parser.add_argument("--own-lr-structures", default=None,
+                        help="noise structures run at a large batch's own validation-best lr where it differs "
+                             "from the scaled lr (default: --structures)")
+    parser.add_argument("--cache", default=None,
+                        help="JSON file of finished runs, read and extended (resume, and reuse of tuning runs)")
+    parser.add_argument("--note", default="", help="what this run cut from the protocol, written to the result")
     parser.add_argument("--jobs", type=int, default=1,
                         help="> 1: run the fixed-lr protocol (with --no-own-lr) in this many processes")
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script")
@@ -287,6 +345,12 @@ def main() -> None:
         parser.error("--jobs needs --no-own-lr (the lr searches are sequential)")
     torch.set_num_threads(1)
     REC_CONFIG.update(json.loads(args.rec_config))
+    if args.cache:
+        CACHE["path"] = Path(args.cache)
+        if CACHE["path"].is_file():
+            CACHE["runs"] = json.loads(CACHE["path"].read_text())
+    own_structures = structures if args.own_lr_structures is None else tuple(
+        x for x in args.own_lr_structures.split(",") if x)
     mf = args.model == "mf"
     epochs = args.epochs or (40 if mf else 12)
     seeds = list(range(args.seeds))
@@ -363,11 +427,16 @@ def main() -> None:
             if label == "own best lr" and lr == scaled:
                 regimes[f"B={b}, own best lr"] = {"same_as": f"B={b}, {rule} lr"}
                 continue
-            for noise in (None, *structures):
+            todo = structures if label == f"{rule} lr" else own_structures
+            for noise in (None, *todo):
                 key = f"B={b}, {label}" + (f" + {noise} noise" if noise else "")
+                minor = noise not in (None, structures[0]) and b >= args.minor_seeds_min_batch
+                seed_list = seeds[:args.minor_seeds] if minor else seeds
+                if not seed_list:
+                    continue
                 print(f"[{args.model}] {key} (lr {lr:g})", flush=True)
                 runs = [run(args.model, data, batch=b, lr=lr, epochs=epochs, seed=s,
-                            noise=None if noise is None else (noise, args.noise_scale)) for s in seeds]
+                            noise=None if noise is None else (noise, args.noise_scale)) for s in seed_list]
                 regimes[key] = {"batch": b, "lr": lr, "noise": noise, "runs": runs}
                 print("   ", json.dumps(summarise(runs)), flush=True)
     for v in regimes.values():
@@ -398,34 +467,53 @@ def main() -> None:
     print(f"[{args.model}] default noise scale on validation", flush=True)
     scale_rows = []
     b_default = large[0]
-    lr_default = regimes[f"B={b_default}, {rule} lr"]["lr"]
-    for scale in [] if args.no_scale_sweep else [0.0] + [float(x) for x in args.scales.split(",")]:
-        rows = [run(args.model, data, batch=b_default, lr=lr_default, epochs=epochs, seed=s,
-                    noise=None if scale == 0 else ("diag", scale)) for s in seeds[:2]]
-        scale_rows.append({"noise_scale": scale, **summarise(rows)})
-        print("   ", json.dumps(scale_rows[-1]), flush=True)
+    sweep_lrs = {}
+    for kind in args.sweep_lrs.split(","):
+        v = regimes.get(f"B={b_default}, {rule} lr" if kind == "scaled" else f"B={b_default}, own best lr", {})
+        if "lr" in v and v["lr"] not in sweep_lrs.values():
+            sweep_lrs[kind] = v["lr"]
+    for kind, lr_default in sweep_lrs.items():
+        for scale in [] if args.no_scale_sweep else [0.0] + [float(x) for x in args.scales.split(",")]:
+            rows = [run(args.model, data, batch=b_default, lr=lr_default, epochs=epochs, seed=s,
+                        noise=None if scale == 0 else ("diag", scale)) for s in seeds[:2]]
+            scale_rows.append({"batch": b_default, "lr": lr_default, "lr_kind": kind, "noise_scale": scale,
+                               **summarise(rows)})
+            print("   ", json.dumps(scale_rows[-1]), flush=True)
 
     speed = {}
-    for b in [small, *large]:
-        key = f"B={small}" if b == small else f"B={b}, {rule} lr"
-        speed[f"B={b}"] = {"seconds_to_small_batch_test_rmse": time_to(regimes[key]["runs"], small_test),
-                           "seconds_per_epoch": regimes[key]["summary"].get("seconds_per_epoch")}
+    for key, v in regimes.items():
+        if "runs" not in v or v["noise"] is not None:
+            continue
+        speed[key] = {"batch": v["batch"], "lr": v["lr"],
+                      "seconds_to_small_batch_test_rmse": time_to(v["runs"], small_test),
+                      "seconds_per_epoch": v["summary"].get("seconds_per_epoch")}
+    # the largest batch that reaches the small batch's test RMSE (its faster lr if both do)
+    reaching = [(-v["batch"], v["seconds_to_small_batch_test_rmse"], k) for k, v in speed.items()
+                if v["seconds_to_small_batch_test_rmse"] is not None]
+    lever = min(reaching)[2] if reaching else None
+    small_s = speed[f"B={small}"]["seconds_to_small_batch_test_rmse"]
+    speed_lever = None if lever is None else {
+        "regime": lever, "seconds": speed[lever]["seconds_to_small_batch_test_rmse"], "small_batch_seconds": small_s,
+        "speedup": small_s / speed[lever]["seconds_to_small_batch_test_rmse"] if small_s else None}
 
     RESULTS.mkdir(exist_ok=True)
     out = {"benchmark": "optim_noise", "model": args.model, "dataset": "ml-100k u1 (5% validation slice, seed 0)",
            "epochs": epochs, "seeds": seeds, "small_batch": small, "large_batches": large,
-           "rec_config": REC_CONFIG if not mf else None,
+           "rec_config": REC_CONFIG if not mf else None, "code_version": CODE_VERSION,
            "lr_rule": rule, "noise_scale": args.noise_scale, "quick": args.quick,
            "structures": structures, "seeds_per_structure": {n: (len(seeds) if k == 0 else args.minor_seeds)
                                                               for k, n in enumerate(structures)},
+           "minor_seeds_min_batch": args.minor_seeds_min_batch,
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"},
            "wall_seconds": time.time() - started, "noise_check": check, "tuning": tuning,
            "regimes": regimes, "gaps": gaps, "noise_scale_on_validation": scale_rows,
-           "speed": speed}
+           "speed": speed, "speed_lever": speed_lever,
+           "own_lr_structures": own_structures, "note": args.note}
     path = RESULTS / f"optim_noise_{args.model}{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps(out, indent=1))
-    print(json.dumps({"small": regimes[f"B={small}"]["summary"], "gaps": gaps, "speed": speed}, indent=1))
+    print(json.dumps({"small": regimes[f"B={small}"]["summary"], "gaps": gaps, "speed": speed,
+                      "speed_lever": speed_lever}, indent=1))
     print("wrote", path)
 
 

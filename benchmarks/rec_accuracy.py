@@ -8,7 +8,12 @@ is not evidence at test time either (the live ratings are what it was fitted on)
 with its own defaults on the whole training fold, as in ``mf_vs_surprise.py``.
 
     RECSYS_DATA=../shared/data python benchmarks/rec_accuracy.py [--folds u1,u2] [--epochs 30]
-        [--config '{"fanouts": [32, 8, 4]}'] [--threads 2] [--jobs 1]
+        [--config '{"fanouts": [32, 8, 4]}'] [--train '{"batch_size": 512}'] [--patience 4]
+        [--threads 2] [--jobs 1] [--no-mf] [--verbose] [--out PATH]
+
+``--verbose`` prints every epoch's validation RMSE; the JSON keeps each fold's validation
+curve (``validation_history``). Tuning runs: write them elsewhere with ``--out`` and choose
+on ``best_validation_rmse``, never on the test RMSE.
 
 ``--jobs N`` runs N folds at once in separate processes of ``--threads`` threads each (same
 figures as one by one: each fold is seeded on its own).
@@ -29,7 +34,7 @@ from recsys.datasets import load_split
 from recsys.evaluate import evaluate_ratings
 from recsys.models import EvidenceChainModel, build_model
 from recsys.splits import validation_slice
-from recsys.train import TrainConfig, Trainer
+from recsys.train import Callback, EpochRecord, TrainConfig, Trainer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -40,25 +45,39 @@ def fit_mf(train, test) -> dict:
     return {**evaluate_ratings(model, test), "fit_seconds": res.fit_seconds}
 
 
-def fit_rec(train, test, config: dict, train_over: dict, validation: float, patience: int, seed: int) -> dict:
+class _PrintEpoch(Callback):
+    """Prints each epoch's validation RMSE (``--verbose``)."""
+
+    def __init__(self, fold: str) -> None:
+        self.fold = fold
+
+    def on_epoch_end(self, record: EpochRecord) -> None:
+        val = "-" if record.validation_rmse is None else f"{record.validation_rmse:.4f}"
+        print(f"  {self.fold} epoch {record.epoch}: lr {record.learning_rate:.2e} train loss "
+              f"{record.train_mse:.4f} validation {val} ({record.seconds:.0f} s)", flush=True)
+
+
+def fit_rec(train, test, config: dict, train_over: dict, validation: float, patience: int, seed: int,
+            fold: str = "", verbose: bool = False) -> dict:
     fit, val = validation_slice(train, validation, seed=seed) if validation else (train, None)
     model = build_model("rec", train.n_users, train.n_items, train.rating_scale, {**config, "seed": seed})
     tc = TrainConfig(**{**EvidenceChainModel.training_defaults, **train_over, "seed": seed,
                         "patience": patience if val is not None else None, "progress": False})
-    res = Trainer(tc).fit(model, fit, val)
+    res = Trainer(tc, callbacks=[_PrintEpoch(fold)] if verbose else []).fit(model, fit, val)
     t0 = time.perf_counter()
     metrics = evaluate_ratings(model, test)
     return {**metrics, "fit_seconds": res.fit_seconds, "epochs_run": len(res.history),
             "best_epoch": res.best_epoch, "best_validation_rmse": res.best_validation_rmse,
             "seconds_per_epoch": float(np.mean([h.seconds for h in res.history])),
-            "evaluate_seconds": time.perf_counter() - t0, "parameters": model.parameter_count()}
+            "evaluate_seconds": time.perf_counter() - t0, "parameters": model.parameter_count(),
+            "validation_history": [h.validation_rmse for h in res.history]}
 
 
 def run_fold(fold: str, config: dict, train_over: dict, validation: float, patience: int, seed: int,
-             threads: int, with_mf: bool) -> dict:
+             threads: int, with_mf: bool, verbose: bool = False) -> dict:
     torch.set_num_threads(threads)
     train, test = load_split("ml-100k", fold)
-    row = {"fold": fold, "rec": fit_rec(train, test, config, train_over, validation, patience, seed)}
+    row = {"fold": fold, "rec": fit_rec(train, test, config, train_over, validation, patience, seed, fold, verbose)}
     if with_mf:
         row["mf"] = fit_mf(train, test)
     return row
@@ -71,11 +90,12 @@ def main() -> None:
     parser.add_argument("--config", default="{}", help="JSON overrides of the REC config")
     parser.add_argument("--train", default="{}", help="JSON overrides of REC's TrainConfig")
     parser.add_argument("--validation", type=float, default=0.05)
-    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=1, help="folds run at once, one process each")
     parser.add_argument("--no-mf", action="store_true", help="skip MF (for quick REC-only trials)")
+    parser.add_argument("--verbose", action="store_true", help="print every epoch's validation RMSE")
     parser.add_argument("--out", type=Path, default=RESULTS / "rec_accuracy.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,7 +104,7 @@ def main() -> None:
     if args.epochs:
         train_over["epochs"] = args.epochs
     folds = args.folds.split(",")
-    task = (config, train_over, args.validation, args.patience, args.seed, args.threads, not args.no_mf)
+    task = (config, train_over, args.validation, args.patience, args.seed, args.threads, not args.no_mf, args.verbose)
 
     def report(row: dict) -> None:
         print(f"{row['fold']}: REC {row['rec']['rmse']:.4f} ({row['rec']['fit_seconds']:.0f} s, "

@@ -116,6 +116,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden-size", type=int, help="REC: width of the message networks")
     g.add_argument("--evidence-dropout", type=float, help="REC: training-time evidence truncation rate")
     g.add_argument("--eval-passes", type=int, help="REC: samplings averaged per prediction")
+    g.add_argument("--cold-roots", type=float,
+                   help="REC: training-time share of users/items treated as new (teaches cold start)")
+    g.add_argument("--item-bias-reg", type=float, help="REC: ridge weight of the baseline item biases")
+    g.add_argument("--mlp-reg", type=float, help="REC: L2 weight on the message networks' weights")
+    g.add_argument("--message-dropout", dest="dropout", type=float,
+                   help="REC: dropout on the message networks' hidden layer")
+    g.add_argument("--target-free-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="REC: predict each training rating with baseline biases that leave it out")
     g.add_argument("--epochs", type=int)
     g.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float)
     g.add_argument("--lr-decay", type=float, help="learning-rate factor per epoch")
@@ -136,6 +144,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-base", choices=["sgd", "adam", "adagrad"],
                    help="cov-noise with --noise-estimator sub-batch: the optimizer that steps")
     g.add_argument("--damping", type=float, help="kfac/ekfac/tkfac/tekfac: relative damping (default: the model's for the optimizer; MF 0.01, REC 1.0)")
+    g.add_argument("--visit-gain", type=float,
+                   help="kfac/ekfac/tkfac/tekfac: per-row step cap on embedding rows (default 0.1; 0: no cap)")
     g.add_argument("--sampler", choices=["reshuffle", "shuffle-once", "with-replacement", "fixed"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -156,6 +166,17 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """A flag of another model's config (``--cold-roots`` with MF) is an error, not ignored."""
+    config_cls = MODELS[args.model][1]
+    own = {f.name for f in fields(config_cls)} | {f.name for f in fields(TrainConfig)}
+    foreign = sorted({f.name for _, cls in MODELS.values() for f in fields(cls)} - own)
+    given = [name for name in foreign if getattr(args, name, None) is not None]
+    if given:
+        flag = "--" + {"dropout": "message-dropout"}.get(given[0], given[0].replace("_", "-"))
+        raise RecsysError(f"{flag} does not apply to --model {args.model}")
+
+
 def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     model_cls, config_cls = MODELS[args.model]
     model_cfg = {f.name: getattr(args, f.name) for f in fields(config_cls)
@@ -163,6 +184,8 @@ def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     model_cfg["seed"] = args.seed
     train_over = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                   if f.name not in ("progress", "patience") and getattr(args, f.name, None) is not None}
+    if train_over.get("visit_gain") == 0:
+        train_over["visit_gain"] = None
     # the model's own training defaults (e.g. REC: Adam, batches), those of the optimizer
     # chosen instead of the model's own, then explicit flags
     train_cfg = replace(TrainConfig.for_model(model_cls, **train_over),
@@ -552,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "model", None) in MODELS:
+            _check_model_flags(args)
         return int(args.func(args) or 0)
     except (RecsysError, ValueError, FileNotFoundError) as exc:
         print(f"recsys: error: {exc}", file=sys.stderr)

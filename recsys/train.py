@@ -88,6 +88,8 @@ class TrainConfig:
     noise_base: str = "sgd"
     #: K-FAC family: damping relative to the factors' mean eigenvalue (see `recsys.optim.kfac`)
     damping: float = 1.0
+    #: K-FAC family: per-row trust region κ on embedding rows (None: no cap; see `recsys.optim.kfac`)
+    visit_gain: float | None = 0.1
 
     @classmethod
     def for_model(cls, model: type[RatingModel] | RatingModel, **overrides: object) -> TrainConfig:
@@ -117,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"noise_estimator must be one of {NOISE_ESTIMATORS}, got {self.noise_estimator!r}")
         if not self.damping > 0:
             raise ValueError(f"damping must be > 0, got {self.damping}")
+        if self.visit_gain is not None and not self.visit_gain > 0:
+            raise ValueError(f"visit_gain must be > 0 or None (no cap), got {self.visit_gain}")
         if self.noise_batch < 1 or self.noise_scale < 0 or self.salr_every < 1:
             raise ValueError("need noise_batch >= 1, noise_scale >= 0, salr_every >= 1")
 
@@ -241,7 +245,8 @@ class Trainer:
                                                    noise_scale=c.noise_scale, noise_base=c.noise_base,
                                                    noise_estimator=c.noise_estimator, seed=c.seed))
             if self.optimizer_factory is None:
-                self.preconditioner = build_preconditioner(c.optimizer, model, damping=c.damping, seed=c.seed)
+                self.preconditioner = build_preconditioner(c.optimizer, model, damping=c.damping,
+                                                           visit_gain=c.visit_gain, seed=c.seed)
             if c.optimizer == "cov-noise" and c.noise_estimator == "sub-batch":
                 if dp is not None:
                     raise ValueError("sub-batch covariance noise is single-process; use the per-example "

@@ -88,6 +88,8 @@ def test_validation_and_early_stopping_from_the_command_line(ratings_file, capsy
     (["evaluate", "--ratings", "{file}"], "needs a test set"),
     (["train", "--ratings", "{file}", "--split", "u1"], "canonical fold"),
     (["train", "--ratings", "{file}", "--rating-scale", "five"], "--rating-scale"),
+    (["train", "--ratings", "{file}", "--model", "mf", "--cold-roots", "0.3"], "--cold-roots does not apply"),
+    (["train", "--ratings", "{file}", "--model", "rec", "--n-blocks", "2"], "--n-blocks does not apply"),
 ])
 def test_user_errors_are_one_line_and_exit_2(ratings_file, capsys, argv, message):
     argv = [a.replace("{file}", str(ratings_file)) for a in argv]
@@ -104,3 +106,18 @@ def test_unknown_item_on_predict_is_a_clear_error(ratings_file, tmp_path, capsys
     assert code == 2 and "unknown item id 'nope'" in err
     code, out, _ = run(capsys, "predict", "--model", tmp_path / "m", "--user", "stranger", "--item", "1", "--json")
     assert code == 0 and json.loads(out)["path"] == "fallback (unknown user)"
+
+
+def test_model_and_optimizer_flags_reach_their_configs():
+    from recsys.cli import _configs, build_parser
+
+    args = build_parser().parse_args([
+        "train", "--ratings", "r.csv", "--model", "rec", "--cold-roots", "0.25", "--item-bias-reg", "3",
+        "--mlp-reg", "0.001", "--message-dropout", "0.1", "--no-target-free-bias",
+        "--optimizer", "kfac", "--visit-gain", "0"])
+    model_cfg, train_cfg = _configs(args)
+    assert model_cfg | {"seed": 0} == {"cold_roots": 0.25, "item_bias_reg": 3.0, "mlp_reg": 0.001,
+                                       "dropout": 0.1, "target_free_bias": False, "seed": 0}
+    assert train_cfg.optimizer == "kfac" and train_cfg.visit_gain is None  # 0: no cap
+    args = build_parser().parse_args(["train", "--ratings", "r.csv", "--optimizer", "kfac", "--visit-gain", "0.2"])
+    assert _configs(args)[1].visit_gain == 0.2

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from recsys.cli import _configs, build_parser
+from recsys.models.evidence_chain import EvidenceChainModel
 from recsys.models.mf import MatrixFactorization, MFConfig
 from recsys.optim.salr import SALR
 from recsys.optim.scaling import min_damping, rule_for, scale_lr
@@ -36,9 +37,10 @@ def test_cli_applies_lr_scaling_and_new_flags():
     assert cfg.learning_rate == pytest.approx(0.64)  # MF's default batch is 1
     assert (cfg.optimizer, cfg.noise_batch, cfg.noise_structure, cfg.noise_scale, cfg.salr) == \
         ("cov-noise", 8, "full", 0.5, True)
-    ns = parser.parse_args(_fit_argv(["--model", "rec", "--batch-size", "1024", "--lr-scaling", "sqrt"]))
+    ns = parser.parse_args(_fit_argv(["--model", "rec", "--batch-size", "4096", "--lr-scaling", "sqrt"]))
     _, cfg = _configs(ns)
-    assert cfg.learning_rate == pytest.approx(2e-3 * 2)
+    rec = EvidenceChainModel.training_defaults  # the square root of the batch ratio
+    assert cfg.learning_rate == pytest.approx(rec["learning_rate"] * (4096 / rec["batch_size"]) ** 0.5)
 
 
 def _fit_argv(extra):

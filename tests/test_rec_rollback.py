@@ -72,7 +72,7 @@ def test_expanded_recomputation_reproduces_the_batch_and_splits_its_gradient_exa
     model.train()
     u, i, _ = ratings.tensors()
     idx = torch.arange(96)
-    with _ChainTap() as tap:
+    with _ChainTap(model) as tap:
         out = model.forward(u[idx], i[idx])
     roots, chains = tap.calls[0]
     graph, _ = model._live()
@@ -134,10 +134,12 @@ def test_log_round_trips_compacts_and_grows(ratings, adam_fit, tmp_path):
         RECRollbackLog.load(tmp_path / "bad.safetensors")
 
 
-def test_sgd_log_is_complete_every_prototype_rows_change_is_credited(ratings):
+@pytest.mark.parametrize("chain_group", [256, 24])
+def test_sgd_log_is_complete_every_prototype_rows_change_is_credited(ratings, chain_group):
     """Plain SGD without the prototype L2: the log summed per prototype row equals the row's
-    total change over training (every update credited to the examples that caused it)."""
-    model = build(ratings, reg=0.0)
+    total change over training (every update credited to the examples that caused it), also
+    when each batch is sampled in several chain groups."""
+    model = build(ratings, reg=0.0, chain_group=chain_group)
     model.prepare(ratings)
     start = model.prototype_vectors.detach().clone()
     cb = RECRollbackCallback()
@@ -270,3 +272,21 @@ def test_callback_refuses_what_it_cannot_attribute(ratings):
     with pytest.raises(ValueError):
         Trainer(TrainConfig(epochs=1, optimizer="adam", salr=True, batch_size=64, progress=False, patience=None),
                 callbacks=[RECRollbackCallback()]).fit(model, ratings)
+
+
+def test_a_chain_tap_watches_and_masks_one_model_only(ratings):
+    """Explaining one REC model must not change what another live model (e.g. in the same
+    service) samples: the tap wraps the model's own `chain_sampler`, not the module."""
+    watched, other = build(ratings), build(ratings)
+    watched.prepare(ratings)
+    other.prepare(ratings)
+    watched.eval()
+    other.eval()
+    u, i = torch.tensor([0, 1]), torch.tensor([0, 1])
+    expected = other(u, i)
+    with _ChainTap(watched) as tap:
+        tap.extra_exclude = torch.arange(ratings.n_users * ratings.n_items)  # hide every rating
+        assert torch.equal(other(u, i), expected)
+        watched(u, i)
+    assert len(tap.calls) == watched.config.eval_passes
+    assert watched.chain_sampler is other.chain_sampler  # restored

@@ -103,7 +103,7 @@ def retrain(train: Ratings, setup: Setup, removed: Sequence[int] | np.ndarray = 
         optimizer = build_optimizer(c.optimizer, model, c.learning_rate, noise_batch=c.noise_batch,
                                     noise_structure=c.noise_structure, noise_scale=c.noise_scale,
                                     noise_base=c.noise_base, noise_estimator=c.noise_estimator, seed=c.seed)
-        pre = build_preconditioner(c.optimizer, model, damping=c.damping, seed=c.seed)
+        pre = build_preconditioner(c.optimizer, model, damping=c.damping, visit_gain=c.visit_gain, seed=c.seed)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=c.lr_decay)
     for epoch in range(c.epochs):
         lr = c.learning_rate * c.lr_decay ** epoch

@@ -19,7 +19,7 @@ example). Per step:
   shared, as in the batch), and every prototype leaf of that copy gets its own row of a
   temporary table. One backward of ``Σ_b pred_b`` then gives ``∂pred_b/∂θ_row`` separately for
   every example ``b`` and every prototype row it reached, including rows it shares with other
-  examples of the batch. The recomputation runs the model's own ``_aggregate`` on the expanded
+  examples of the batch. The recomputation runs the model's own ``aggregate`` on the expanded
   chains, so the gate, the parent skip and the means are the model's; tests check that its
   predictions equal the batch's and that the per-example gradients sum to the batch gradient
   of the prototype table (completeness).
@@ -68,7 +68,6 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-import recsys.models.evidence_chain as _ec
 from recsys.explain.rollback import ATTRIBUTION, _optimizer_name, _preconditioner
 from recsys.models.chains import Chains, EvidenceGraph, Level
 from recsys.models.evidence_chain import EvidenceChainModel, RECConfig, fit_baseline
@@ -244,7 +243,7 @@ def training_baseline(model: EvidenceChainModel, graph: EvidenceGraph, roots: to
     target-free biases, re-solved biases of the roots made cold)."""
     root_bias = None
     if root_keep is not None and bool((root_keep > 0).any()):  # cold-root training re-solves root biases
-        root_bias = model._cold_root_bias(chains, root_keep > 0)
+        root_bias = model.cold_root_bias(chains, root_keep > 0)
     inverse = torch.searchsorted(roots, torch.cat([users, items + graph.n_users]))
     rb = model.prediction_biases(users, items, inverse, root_keep, root_bias)
     b = len(users)
@@ -252,10 +251,12 @@ def training_baseline(model: EvidenceChainModel, graph: EvidenceGraph, roots: to
 
 
 class _ChainTap:
-    """Wraps the model module's ``sample_chains`` while active: records every call's chains
-    and adds ``extra_exclude`` (pair keys) to the excluded ratings (the removal mask)."""
+    """Wraps ``model``'s chain sampler (`EvidenceChainModel.chain_sampler`) while active:
+    records every call's chains and adds ``extra_exclude`` (pair keys) to the excluded
+    ratings (the removal mask). Other models are untouched."""
 
-    def __init__(self, on_sample=None) -> None:
+    def __init__(self, model: EvidenceChainModel, on_sample=None) -> None:
+        self.model = model
         self.calls: list[tuple[torch.Tensor, Chains]] = []
         self.kwargs: list[dict] = []  # each call's other keyword arguments (e.g. root_keep)
         self.extra_exclude: torch.Tensor | None = None
@@ -267,7 +268,7 @@ class _ChainTap:
         self._orig = None
 
     def __enter__(self) -> _ChainTap:
-        self._orig = orig = _ec.sample_chains
+        self._orig = orig = self.model.chain_sampler
 
         def wrapped(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int, ...], generator: torch.Generator,
                     *, exclude: torch.Tensor | None = None, **kwargs: object) -> Chains:
@@ -283,11 +284,11 @@ class _ChainTap:
                 self.on_sample(graph, roots, chains, targets, kwargs)
             return chains
 
-        _ec.sample_chains = wrapped
+        self.model.chain_sampler = wrapped
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _ec.sample_chains = self._orig
+        self.model.chain_sampler = self._orig
 
 
 @contextlib.contextmanager
@@ -299,21 +300,18 @@ def removed(model: EvidenceChainModel, example_ids: Sequence[int] | np.ndarray, 
     untouched."""
     r = model.ratings
     ids = np.asarray(example_ids, dtype=np.int64)
-    graph, bias = model._live()
-    tap = _ChainTap()
+    graph, bias = model.live()
+    tap = _ChainTap(model)
     tap.recording = False
     if mask_evidence and len(ids):
         tap.extra_exclude = torch.from_numpy(r.users[ids] * graph.n_items + r.items[ids])
-    old_bias = model._node_bias
+    biases = None
     if refit_baseline and len(ids):
         keep = np.ones(len(r), dtype=bool)
         keep[ids] = False
-        model._node_bias = _fit_baseline(model, r, keep)
-    try:
-        with tap:
-            yield tap
-    finally:
-        model._node_bias = old_bias
+        biases = _fit_baseline(model, r, keep)
+    with model.substituted(biases=biases), tap:
+        yield tap
 
 
 # ----------------------------------------------------------------------------- expanded forward
@@ -419,17 +417,13 @@ def _expand(chains: Chains, graph: EvidenceGraph, bias: torch.Tensor, group_root
 def _shadow(model: EvidenceChainModel, ex: _Expanded, table: torch.Tensor) -> Iterator[None]:
     """Run the model's own aggregation on expanded chains: swap in the shadow graph, its
     biases and a per-copy prototype table; MLPs without dropout. Restored on exit."""
-    graph, bias = model._live()
-    saved = (model._graph, model._node_bias, model._parameters["prototype_vectors"])
     modes = [(m, m.training) for m in (model.phi_user, model.phi_item)]
-    model._graph, model._node_bias = ex.graph, ex.bias
-    model._parameters["prototype_vectors"] = table
     for m, _ in modes:
         m.eval()
     try:
-        yield
+        with model.substituted(graph=ex.graph, biases=ex.bias, prototype_vectors=table):
+            yield
     finally:
-        model._graph, model._node_bias, model._parameters["prototype_vectors"] = saved
         for m, was in modes:
             m.train(was)
 
@@ -439,7 +433,7 @@ def _expanded_scores(model: EvidenceChainModel, ex: _Expanded, table: torch.Tens
     """``u·v`` per group ``[G]`` from the expanded chains with prototype copies ``table``
     (``root_bias``: biases of the expanded roots, when the step replaced them)."""
     with _shadow(model, ex, table):
-        vec = model._aggregate(ex.chains) if root_bias is None else model._aggregate(ex.chains, None, root_bias)
+        vec = model.aggregate(ex.chains) if root_bias is None else model.aggregate(ex.chains, None, root_bias)
     vu, vi = vec[ex.root_copies[:, 0]], vec[ex.root_copies[:, 1]]
     return (vu * vi).sum(-1)
 
@@ -453,7 +447,7 @@ def per_example_gradients(model: EvidenceChainModel, chains: Chains, roots: torc
     repeats of a (group, slot) pair are to be summed) and ``scores`` the ``u·v`` parts of the
     predictions recomputed from the expanded chains (equal to the batch's). ``root_bias
     [n_0]``: the roots' biases when the step replaced some (REC's cold-root training)."""
-    graph, bias = model._live()
+    graph, bias = model.live()
     pos = torch.stack([torch.searchsorted(roots, users), torch.searchsorted(roots, items + graph.n_users)], 1)
     ex = _expand(chains, graph, bias, pos)
     table = model.prototype_vectors.detach()[ex.copy_slot].clone().requires_grad_(True)
@@ -509,7 +503,7 @@ class RECRollbackCallback(Callback):
                                   optimizer=opt, device=model.device)
         self._values = torch.as_tensor(train.values, dtype=torch.float32, device=model.device)
         self.sampling_states = [model.sampling_state().clone()] if self.record_sampling else []
-        self._tap = _ChainTap(self._on_sample)
+        self._tap = _ChainTap(model, self._on_sample)
         self._tap.recording = False
         self._tap.__enter__()
 
@@ -519,12 +513,16 @@ class RECRollbackCallback(Callback):
         if model is None or not (model.training and torch.is_grad_enabled()) or targets is None:
             return
         t0 = time.perf_counter()
-        if self._pending is not None:
-            raise RuntimeError("REC rollback expects one sampling pass per training step")
         users, items = targets // graph.n_items, targets % graph.n_items
         root_bias, baseline = training_baseline(model, graph, roots, chains, users, items, kwargs.get("root_keep"))
         group, slot, grad, scores = per_example_gradients(model, chains, roots, users, items, root_bias)
-        self._pending = (group, slot, grad, baseline + scores)
+        # a step samples one pass per group of `chain_group` pairs, in batch order
+        if self._pending is None:
+            self._pending = (group, slot, grad, baseline + scores)
+        else:
+            g0, s0, d0, o0 = self._pending
+            self._pending = (torch.cat([g0, group + len(o0)]), torch.cat([s0, slot]), torch.cat([d0, grad]),
+                             torch.cat([o0, baseline + scores]))
         self.seconds += time.perf_counter() - t0
 
     @torch.no_grad()
@@ -569,7 +567,7 @@ def prediction_chains(model: EvidenceChainModel, user: int, item: int) -> tuple[
     was = model.training
     model.eval()
     try:
-        with _ChainTap() as tap, torch.no_grad():
+        with _ChainTap(model) as tap, torch.no_grad():
             pred = float(model(torch.tensor([user], device=model.device), torch.tensor([item], device=model.device))[0])
     finally:
         model.train(was)
@@ -655,7 +653,7 @@ def evidence_effects(model: EvidenceChainModel, user: int, item: int, example_id
     """Evidence effect of each candidate (see the module docstring): exact, one masked
     evaluation per candidate, baselines refitted for all candidates at once."""
     r = model.ratings
-    graph, bias = model._live()
+    graph, bias = model.live()
     ids = np.asarray(example_ids, dtype=np.int64)
     base = raw_prediction(model, user, item)
     reg, item_reg = _baseline_regs(model)
@@ -664,24 +662,18 @@ def evidence_effects(model: EvidenceChainModel, user: int, item: int, example_id
     total = np.zeros(len(ids))
     chain = np.zeros(len(ids)) if components else None
     basel = np.zeros(len(ids)) if components else None
-    old = model._node_bias
-    try:
-        for c in range(len(ids)):
-            new_bias = torch.from_numpy(np.concatenate([bu[c], bi[c]]).astype(np.float32)).to(model.device)
-            with _ChainTap() as tap:
-                tap.recording = False
-                tap.extra_exclude = keys[c:c + 1]
-                model._node_bias = new_bias
+    for c in range(len(ids)):
+        new_bias = torch.from_numpy(np.concatenate([bu[c], bi[c]]).astype(np.float32)).to(model.device)
+        with _ChainTap(model) as tap:
+            tap.recording = False
+            tap.extra_exclude = keys[c:c + 1]
+            with model.substituted(biases=new_bias):
                 total[c] = base - raw_prediction(model, user, item)
-                if components:
-                    model._node_bias = old
-                    chain[c] = base - raw_prediction(model, user, item)
             if components:
-                model._node_bias = new_bias
+                chain[c] = base - raw_prediction(model, user, item)
+        if components:
+            with model.substituted(biases=new_bias):
                 basel[c] = base - raw_prediction(model, user, item)
-            model._node_bias = old
-    finally:
-        model._node_bias = old
     return EvidenceEffects(total, chain, basel)
 
 
@@ -695,7 +687,7 @@ def rollback_effects(model: EvidenceChainModel, log: RECRollbackLog, user: int, 
     if n_c == 0:
         return np.zeros(0)
     _, calls = prediction_chains(model, user, item)
-    graph, bias = model._live()
+    graph, bias = model.live()
     theta = model.prototype_vectors.detach()
     out = torch.zeros(n_c)
     was = model.training

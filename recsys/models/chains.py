@@ -3,7 +3,9 @@
 The ratings form a bipartite graph on ``N = n_users + n_items`` *nodes*: user ``u`` is node
 ``u``, item ``i`` is node ``n_users + i`` (a "global id"). `EvidenceGraph` holds it as one CSR
 over nodes whose rows list a node's rated neighbours with the **prototype neighbours first**,
-then the others in a fixed random order.
+then the others, each group in a fixed random order: by a seeded hash of the rating's row and
+side (`edge_hash`), so the order is a function of the ratings alone and `EvidenceGraph.insert`
+can add ratings where a rebuild would put them, without re-sorting.
 
 `sample_chains` expands a batch of root nodes breadth first, one *level* per fanout, with no
 Python loop over nodes or ratings:
@@ -57,6 +59,7 @@ class EvidenceGraph:
     proto_slot: torch.Tensor
     n_users: int
     n_items: int
+    seed: int = 0
 
     @property
     def n_nodes(self) -> int:
@@ -81,8 +84,8 @@ class EvidenceGraph:
     def build(cls, ratings: Ratings, prototype_users: np.ndarray, prototype_items: np.ndarray,
               *, seed: int = 0, device: torch.device | str = "cpu") -> EvidenceGraph:
         """The graph of ``ratings`` with the given prototypes (user and item indices, each
-        ``int64 [p]``); the order of non-prototype neighbours within a row is a fixed random
-        permutation drawn from ``seed``."""
+        ``int64 [p]``); within a row, the prototype neighbours and then the others are each in
+        a fixed random order (`edge_hash` of ``seed``, ties by rating row)."""
         nu, ni = ratings.n_users, ratings.n_items
         n_nodes = nu + ni
         slot = np.full(n_nodes, -1, dtype=np.int64)
@@ -94,19 +97,103 @@ class EvidenceGraph:
         vals = np.concatenate([ratings.values, ratings.values]).astype(np.float32)
         examples = np.concatenate([np.arange(n), np.arange(n)]).astype(np.int64)
         non_proto = slot[cols] < 0
-        shuffle = np.random.default_rng(seed).random(2 * n)
-        order = np.lexsort((shuffle, non_proto, rows))
+        item_row = np.repeat(np.array([False, True]), n)
+        order = np.lexsort((examples, edge_hash(examples, item_row, seed), non_proto, rows))
         indptr = np.zeros(n_nodes + 1, dtype=np.int64)
         np.cumsum(np.bincount(rows, minlength=n_nodes), out=indptr[1:])
         n_proto = np.bincount(rows[~non_proto], minlength=n_nodes).astype(np.int64)
         t = torch.from_numpy
         return cls(t(indptr), t(cols[order]), t(vals[order]), t(examples[order]), t(n_proto),
-                   t(slot), nu, ni).to(device)
+                   t(slot), nu, ni, seed).to(device)
+
+    def insert(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, examples: np.ndarray,
+               n_users: int, n_items: int) -> EvidenceGraph:
+        """The graph with new ratings ``(users, items, values)`` (indices, ``[k]`` each; rating
+        rows ``examples [k]``) added and the sides grown to ``n_users``/``n_items`` (new
+        nodes are not prototypes): equal to `build` on the grown ratings, at the cost of
+        moving the arrays once (O(n)) and reading the touched rows, not of a sort. On the
+        CPU; the result goes back to this graph's device."""
+        old_nu, old_ni = self.n_users, self.n_items
+        du, di = n_users - old_nu, n_items - old_ni
+        if du < 0 or di < 0:
+            raise ValueError(f"a graph cannot shrink: {old_nu}x{old_ni} -> {n_users}x{n_items}")
+        g = self.to("cpu")
+        indptr, nb = g.indptr.numpy(), g.neighbours.numpy()
+        vals, ex = g.values.numpy(), g.examples.numpy()
+        n_proto, slot = g.n_proto.numpy(), g.proto_slot.numpy()
+        if du:  # item nodes move up by the new users
+            nb = np.where(nb >= old_nu, nb + du, nb)
+            indptr = np.concatenate([indptr[:old_nu + 1], np.full(du, indptr[old_nu]), indptr[old_nu + 1:]])
+            n_proto = np.concatenate([n_proto[:old_nu], np.zeros(du, np.int64), n_proto[old_nu:]])
+            slot = np.concatenate([slot[:old_nu], np.full(du, -1, np.int64), slot[old_nu:]])
+        if di:
+            indptr = np.concatenate([indptr, np.full(di, indptr[-1])])
+            n_proto = np.concatenate([n_proto, np.zeros(di, np.int64)])
+            slot = np.concatenate([slot, np.full(di, -1, np.int64)])
+        k, nu = len(users), n_users
+        if k:
+            rows = np.concatenate([users, nu + items]).astype(np.int64)
+            cols = np.concatenate([nu + items, users]).astype(np.int64)
+            new_vals = np.concatenate([values, values]).astype(np.float32)
+            new_ex = np.concatenate([examples, examples]).astype(np.int64)
+            new_np = slot[cols] < 0
+            item_row = np.repeat(np.array([False, True]), k)
+            new_h = edge_hash(new_ex, item_row, self.seed)
+            # each new edge's place in its row: how many of the row's edges sort before it
+            deg = indptr[rows + 1] - indptr[rows]
+            owner = np.repeat(np.arange(2 * k), deg)
+            pos = indptr[rows][owner] + (np.arange(len(owner)) - np.repeat(np.cumsum(deg) - deg, deg))
+            old_np = slot[nb[pos]] < 0
+            old_h = edge_hash(ex[pos], (rows >= nu)[owner], self.seed)
+            o_np, o_h, o_ex = new_np[owner], new_h[owner], new_ex[owner]
+            before = (old_np < o_np) | ((old_np == o_np) & ((old_h < o_h) | ((old_h == o_h) & (ex[pos] < o_ex))))
+            at = indptr[rows] + np.bincount(owner, weights=before, minlength=2 * k).astype(np.int64)
+            order = np.lexsort((new_ex, new_h, new_np, rows))  # equal places keep the row's order
+            at = at[order]
+            nb = np.insert(nb, at, cols[order])
+            vals = np.insert(vals, at, new_vals[order])
+            ex = np.insert(ex, at, new_ex[order])
+            counts = np.bincount(rows, minlength=len(slot))
+            indptr = indptr + np.concatenate([[0], np.cumsum(counts)])
+            n_proto = n_proto + np.bincount(rows[~new_np], minlength=len(slot))
+        t = torch.from_numpy
+        return EvidenceGraph(t(np.ascontiguousarray(indptr)), t(np.ascontiguousarray(nb)), t(vals),
+                             t(np.ascontiguousarray(ex)), t(np.ascontiguousarray(n_proto)),
+                             t(np.ascontiguousarray(slot)), n_users, n_items, self.seed).to(self.device)
+
+    def pair_edges(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every edge of the pairs' ratings (user and item indices ``[k]``; a repeated pair
+        has several): ``(pair [m], position [m])``, both directions, pair ``j`` the index into
+        ``users``/``items``. Reads only those users' and items' rows."""
+        nu = self.n_users
+
+        def find(rows: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            start = self.indptr[rows]
+            deg = self.indptr[rows + 1] - start
+            owner = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), deg)
+            pos = start[owner] + torch.arange(len(owner), device=rows.device) - (torch.cumsum(deg, 0) - deg)[owner]
+            hit = self.neighbours[pos] == wanted[owner]
+            return owner[hit], pos[hit]
+
+        (pu, eu), (pi, ei) = find(users, nu + items), find(nu + items, users)
+        return torch.cat([pu, pi]), torch.cat([eu, ei])
 
     def pair_keys(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """One ``int64`` key per (user index, item index) pair, as `sample_neighbours`
         computes for edges."""
         return users * self.n_items + items
+
+
+def edge_hash(examples: np.ndarray, item_row: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random key ``int64 [m]`` per directed edge: the rating row ``examples``
+    seen from the user's row (``item_row`` False) or the item's (splitmix64 finaliser)."""
+    with np.errstate(over="ignore"):
+        z = (np.asarray(examples, dtype=np.uint64) * np.uint64(2) + np.asarray(item_row, dtype=np.uint64)
+             + np.uint64(seed) * np.uint64(0x632BE59BD9B4E019) + np.uint64(0x9E3779B97F4A7C15))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(1)).astype(np.int64)
 
 
 @dataclass(frozen=True)

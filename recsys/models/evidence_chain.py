@@ -37,8 +37,10 @@ with their shares.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -60,8 +62,9 @@ class RECConfig:
     ``embedding_size``: K, size of every user/item vector. ``hidden_size``: width of the
     message MLPs. ``prototypes``: p users and p items with free vectors (the most rated).
     ``fanouts``: neighbours sampled per node at each depth (its length is the depth).
-    ``reg``: L2 weight on the mean squared norm of the prototype vectors; ``mlp_reg``: L2 on
-    the MLP weights. ``dropout``: on the MLPs' hidden layer. ``evidence_dropout``: in
+    ``reg``: L2 weight on the mean squared norm of the prototype vectors (0.005 chosen on the
+    u1 validation slice: 0.05 held validation at 0.928, 0.005 reached 0.921, 0 0.925);
+    ``mlp_reg``: L2 on the MLP weights. ``dropout``: on the MLPs' hidden layer. ``evidence_dropout``: in
     training, probability that a node keeps only a random 1..m of its m sampled neighbours.
     ``cold_roots``: in training, probability that the user or item of a training rating is
     treated as new: it keeps a uniformly random 1..``fanouts[0]`` of its ratings as its only
@@ -74,14 +77,18 @@ class RECConfig:
     biases (``None``: ``bias_reg``). ``rating_levels``: the rating is
     encoded on that many evenly spaced levels of the scale (hat functions; one-hot for
     integer 1..5 ratings with 5 levels). ``eval_passes``: independent samplings averaged at
-    prediction time. ``seed``: initialisation and sampling.
+    prediction time. ``chain_group``: in training, a batch's pairs are sampled in groups of at
+    most this many, each group's chains excluding its own target ratings, so that the
+    evidence a rating is predicted from does not shrink with the batch size (one group of
+    16,384 would hide a fifth of MovieLens-100K u1 from every chain). ``seed``:
+    initialisation and sampling.
     """
 
     embedding_size: int = 32
     hidden_size: int = 64
     prototypes: int = 100
     fanouts: tuple[int, ...] = (16, 8, 4)
-    reg: float = 0.05
+    reg: float = 0.005
     mlp_reg: float = 0.0
     dropout: float = 0.0
     evidence_dropout: float = 0.2
@@ -91,6 +98,7 @@ class RECConfig:
     item_bias_reg: float | None = 2.0
     rating_levels: int = 5
     eval_passes: int = 3
+    chain_group: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -103,13 +111,13 @@ class RECConfig:
             raise ValueError("reg, mlp_reg, bias_reg and item_bias_reg must be >= 0")
         if not 0 <= self.dropout < 1 or not 0 <= self.evidence_dropout <= 1 or not 0 <= self.cold_roots <= 1:
             raise ValueError("dropout must be in [0, 1), evidence_dropout and cold_roots in [0, 1]")
+        if self.rating_levels < 2 or self.eval_passes < 1 or self.chain_group < 1:
+            raise ValueError("rating_levels must be >= 2, eval_passes and chain_group >= 1")
 
     @property
     def item_reg(self) -> float:
         """The ridge weight of the item biases."""
         return self.bias_reg if self.item_bias_reg is None else self.item_bias_reg
-        if self.rating_levels < 2 or self.eval_passes < 1:
-            raise ValueError("rating_levels must be >= 2 and eval_passes >= 1")
 
 
 def fit_baseline(users: np.ndarray, items: np.ndarray, values: np.ndarray, n_users: int,
@@ -152,13 +160,18 @@ class EvidenceChainModel(RatingModel):
 
     name = "rec"
     training_defaults: ClassVar[dict[str, object]] = {
-        "optimizer": "adam", "learning_rate": 2e-3, "batch_size": 256, "epochs": 15, "lr_decay": 0.96,
+        "optimizer": "adam", "learning_rate": 3e-3, "batch_size": 512, "epochs": 30, "lr_decay": 0.96,
     }
-    #: ``cov-noise`` on REC: Adam at batch 4096 (lr scaled by √16) fed the batch's gradient plus
-    #: noise estimated from its 256-rating sub-batches (`recsys.optim.noise.SubBatchNoise`):
-    #: REC has no per-rating gradients. Noise at scale 1 made REC worse on validation
-    #: (`benchmarks/results/optim_noise_rec.json`); the 0.1 default is MF's validated scale,
-    #: not swept on REC.
+    #: (chosen with ``reg`` on the validation slice of MovieLens-100K u1.base, see
+    #: ``docs/evidence_chain.md``: batch 512 at lr 3e-3 matched batch 256 at 2e-3 in half the
+    #: time; with the weaker prototype L2 the best epoch came at 15–25, so 30 epochs with
+    #: early stopping)
+    #: ``cov-noise`` on REC: Adam at batch 4096 fed the batch's gradient plus noise estimated
+    #: from its 256-rating sub-batches (`recsys.optim.noise.SubBatchNoise`): REC has no
+    #: per-rating gradients. lr 8e-3 was B=4,096's validation-best (= 2e-3 at B=256 scaled by
+    #: √16). Noise at scale 1 made REC worse on validation and test; scale 0.1 is within the
+    #: seed spread of the plain large batch (validation 0.92692 against 0.92675), so it is
+    #: kept: not worse, not better (`benchmarks/results/optim_noise_rec.json`).
     optimizer_defaults: ClassVar[dict[str, dict[str, object]]] = {
         "cov-noise": {"batch_size": 4096, "learning_rate": 8e-3, "noise_estimator": "sub-batch",
                       "noise_base": "adam", "noise_batch": 256, "noise_scale": 0.1},
@@ -186,6 +199,10 @@ class EvidenceChainModel(RatingModel):
         self._node_bias: torch.Tensor | None = None  # float32 [n_users + n_items]
         self._train_generator: torch.Generator | None = None
         self._pair_index: tuple[torch.Tensor, torch.Tensor] | None = None  # sorted pair keys, values
+        #: how this model samples its chains (`recsys.models.chains.sample_chains`'s signature);
+        #: an instance attribute so that a tool can watch or mask one model's sampling
+        #: (`recsys.explain.rec_rollback`) without touching any other
+        self.chain_sampler = sample_chains
 
     def config_dict(self) -> dict:
         d = asdict(self.config)
@@ -222,16 +239,45 @@ class EvidenceChainModel(RatingModel):
                               item_reg=self.config.item_reg)
         self._node_bias = torch.from_numpy(np.concatenate([bu, bi]).astype(np.float32)).to(self.device)
 
-    def _set_ratings(self, ratings: Ratings) -> None:
+    def _set_ratings(self, ratings: Ratings, graph: EvidenceGraph | None = None) -> None:
+        """Make ``ratings`` live with ``graph`` (their graph; built when None)."""
         dev = self.device
         if ratings.n_users != self.n_users or ratings.n_items != self.n_items:
             self.n_users, self.n_items = ratings.n_users, ratings.n_items
-        self.known_users = torch.from_numpy(ratings.user_counts() > 0).to(dev)
-        self.known_items = torch.from_numpy(ratings.item_counts() > 0).to(dev)
+        if graph is None:
+            graph = EvidenceGraph.build(ratings, self.prototype_users.cpu().numpy(),
+                                        self.prototype_items.cpu().numpy(), seed=self.config.seed, device=dev)
+        has = graph.degrees() > 0
+        self.known_users = has[:ratings.n_users].to(dev)
+        self.known_items = has[ratings.n_users:].to(dev)
         self.ratings = ratings
         self._pair_index = None
-        self._graph = EvidenceGraph.build(ratings, self.prototype_users.cpu().numpy(),
-                                          self.prototype_items.cpu().numpy(), seed=self.config.seed, device=dev)
+        self._graph = graph.to(dev)
+
+    def live(self) -> tuple[EvidenceGraph, torch.Tensor]:
+        """The live ratings' graph and baseline biases ``float32 [n_users + n_items]`` (by
+        global node id), on the model's device."""
+        return self._live()
+
+    @contextlib.contextmanager
+    def substituted(self, *, graph: EvidenceGraph | None = None, biases: torch.Tensor | None = None,
+                    prototype_vectors: torch.Tensor | None = None) -> Iterator[None]:
+        """Within the block the model computes with this graph, these baseline biases
+        ``[N]`` and/or this prototype table ``[p_u + p_i, K]`` (e.g. a tensor requiring grad
+        per copy) in place of its own; restored on exit. For tools that re-run the model's
+        own computation on modified evidence (`recsys.explain.rec_rollback`)."""
+        self._live()
+        saved = (self._graph, self._node_bias, self._parameters["prototype_vectors"])
+        if graph is not None:
+            self._graph = graph
+        if biases is not None:
+            self._node_bias = biases
+        if prototype_vectors is not None:
+            self._parameters["prototype_vectors"] = prototype_vectors
+        try:
+            yield
+        finally:
+            self._graph, self._node_bias, self._parameters["prototype_vectors"] = saved
 
     def _live(self) -> tuple[EvidenceGraph, torch.Tensor]:
         if self._graph is None or self._node_bias is None:
@@ -257,10 +303,16 @@ class EvidenceChainModel(RatingModel):
             self._regrow(r.with_id_maps(user_ids, item_ids))
         return (user_ids.index(users[0]) if users else -1, item_ids.index(items[0]) if items else -1)
 
-    def _regrow(self, ratings: Ratings) -> None:
+    def _regrow(self, ratings: Ratings, graph: EvidenceGraph | None = None) -> None:
+        """Make ``ratings`` (the live ones, possibly with more users, items and ratings) live
+        with ``graph`` (default: the live graph grown to their sides, no new edges); the
+        baseline biases of existing nodes are kept, new nodes get 0."""
         old_n = self.n_users
-        _, bias = self._live()
-        self._set_ratings(ratings)
+        old_graph, bias = self._live()
+        if graph is None:
+            empty = np.zeros(0, dtype=np.int64)
+            graph = old_graph.insert(empty, empty, np.zeros(0), empty, ratings.n_users, ratings.n_items)
+        self._set_ratings(ratings, graph)
         bu = torch.zeros(ratings.n_users, device=self.device)
         bu[:old_n] = bias[:old_n]
         bi = torch.zeros(ratings.n_items, device=self.device)
@@ -277,7 +329,8 @@ class EvidenceChainModel(RatingModel):
                     values: Sequence[float] | np.ndarray, timestamps: Sequence[int] | None = None) -> dict:
         """Insert ratings (raw ids; new users and items are added) into the live ratings with
         no parameter update; the next prediction uses them. A (user, item) pair already rated
-        takes the new value. The baseline biases of the touched users, then items, are
+        takes the new value (all its ratings, if it has several). Costs one pass over the live
+        arrays (`EvidenceGraph.insert`) plus the touched rows, not a re-sort. The baseline biases of the touched users, then items, are
         re-solved with the others fixed. Returns counts ``{"added", "replaced", "new_users",
         "new_items"}``."""
         r = self._require_ratings()
@@ -291,18 +344,27 @@ class EvidenceChainModel(RatingModel):
         new_users, new_items = len(user_ids) - r.n_users, len(item_ids) - r.n_items
         base = r if (new_users == 0 and new_items == 0) else r.with_id_maps(user_ids, item_ids)
         u, i = user_ids.indices(users), item_ids.indices(items)
-        ni = base.n_items
-        new_keys = u * ni + i
         # the last occurrence of a pair within the insertion wins
-        _, last = np.unique(new_keys[::-1], return_index=True)
-        pick = np.sort(len(new_keys) - 1 - last)
-        u, i, vals, new_keys = u[pick], i[pick], vals[pick], new_keys[pick]
-        old_keys = base.users * ni + base.items
-        order = np.argsort(old_keys, kind="stable")
-        at = np.searchsorted(old_keys, new_keys, sorter=order).clip(max=max(len(order) - 1, 0))
-        exists = (len(order) > 0) & (old_keys[order[at]] == new_keys)
-        values_all = base.values.copy()
-        values_all[order[at[exists]]] = vals[exists]
+        keys = u * base.n_items + i
+        _, last = np.unique(keys[::-1], return_index=True)
+        pick = np.sort(len(keys) - 1 - last)
+        u, i, vals = u[pick], i[pick], vals[pick]
+        graph, _ = self._live()
+        # already-rated pairs (every rating of a repeated pair): found in the live graph's rows
+        old = np.flatnonzero((u < r.n_users) & (i < r.n_items))
+        exists = np.zeros(len(u), dtype=bool)
+        values_all = base.values
+        if len(old):
+            dev = graph.device
+            pair, edges = graph.pair_edges(torch.from_numpy(u[old]).to(dev), torch.from_numpy(i[old]).to(dev))
+            if len(pair):
+                pair_np = old[pair.cpu().numpy()]
+                exists[pair_np] = True
+                values_all = base.values.copy()
+                values_all[graph.examples[edges].cpu().numpy()] = vals[pair_np]
+                graph_values = graph.values.clone()
+                graph_values[edges] = torch.from_numpy(vals[pair_np].astype(np.float32)).to(dev)
+                graph = dataclasses.replace(graph, values=graph_values)
         fresh = ~exists
         ts = None
         if base.timestamps is not None:
@@ -313,28 +375,31 @@ class EvidenceChainModel(RatingModel):
         live = Ratings(np.concatenate([base.users, u[fresh]]), np.concatenate([base.items, i[fresh]]),
                        np.concatenate([values_all, vals[fresh].astype(np.float32)]), ts, user_ids, item_ids,
                        base.rating_scale, base.item_titles)
-        self._regrow(live)
+        n_old = len(base)
+        graph = graph.insert(u[fresh], i[fresh], vals[fresh], np.arange(n_old, n_old + int(fresh.sum())),
+                             live.n_users, live.n_items)
+        self._regrow(live, graph)
         self._update_biases(np.unique(u), np.unique(i))
         return {"added": int(fresh.sum()), "replaced": int(exists.sum()), "new_users": int(new_users),
                 "new_items": int(new_items)}
 
     def _update_biases(self, users: np.ndarray, items: np.ndarray) -> None:
-        """Re-solve the baseline biases of ``users`` (item biases fixed), then ``items``."""
-        r = self._require_ratings()
-        _, bias = self._live()
+        """Re-solve the baseline biases of ``users`` (item biases fixed), then ``items``, from
+        their rows of the live graph."""
+        graph, bias = self._live()
+        indptr = graph.indptr.cpu().numpy()
+        nb, vals = graph.neighbours.cpu().numpy(), graph.values.cpu().numpy()
         b = bias.cpu().numpy().astype(np.float64)
-        nu, mu = r.n_users, float(self.global_mean)
-        for side, rows in (("user", users), ("item", items)):
-            lam = self.config.bias_reg if side == "user" else self.config.item_reg
-            if len(rows) == 0:
+        nu, mu = graph.n_users, float(self.global_mean)
+        for nodes, lam in ((np.asarray(users, np.int64), self.config.bias_reg),
+                           (nu + np.asarray(items, np.int64), self.config.item_reg)):
+            if len(nodes) == 0:
                 continue
-            keys, other = (r.users, nu + r.items) if side == "user" else (r.items, r.users)
-            mask = np.isin(keys, rows)
-            size = nu if side == "user" else r.n_items
-            resid = np.bincount(keys[mask], weights=r.values[mask] - mu - b[other[mask]], minlength=size)
-            count = np.bincount(keys[mask], minlength=size)
-            offset = 0 if side == "user" else nu
-            b[offset + rows] = resid[rows] / (lam + count[rows])
+            deg = indptr[nodes + 1] - indptr[nodes]
+            owner = np.repeat(np.arange(len(nodes)), deg)
+            pos = indptr[nodes][owner] + np.arange(len(owner)) - np.repeat(np.cumsum(deg) - deg, deg)
+            resid = np.bincount(owner, weights=vals[pos] - mu - b[nb[pos]], minlength=len(nodes))
+            b[nodes] = resid / (lam + deg)
         self._node_bias = torch.from_numpy(b.astype(np.float32)).to(self.device)
 
     # ------------------------------------------------------------------ vectors
@@ -368,8 +433,8 @@ class EvidenceChainModel(RatingModel):
         g = torch.sigmoid(a * torch.log(count.clamp(min=1)) + c).unsqueeze(1)
         return g * mean + (1 - g) * self.fallback_vectors[side]
 
-    def _aggregate(self, chains: Chains, record: dict | None = None,
-                   root_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def aggregate(self, chains: Chains, record: dict | None = None,
+                  root_bias: torch.Tensor | None = None) -> torch.Tensor:
         """Vectors ``[n_0, K]`` of the chains' root nodes, computed from the leaves up: one
         message-MLP call per side and level, scatter-mean to the parents, the immediate
         parent's message removed from a child's mean. ``record``, when given, collects
@@ -447,11 +512,11 @@ class EvidenceChainModel(RatingModel):
             cold &= graph.proto_slot[roots] < 0
             size = (torch.rand(len(roots), generator=generator, device=roots.device) * c.fanouts[0]).long() + 1
             root_keep = torch.where(cold, size, torch.zeros_like(size))
-        chains = sample_chains(graph, roots, c.fanouts, generator, exclude=graph.pair_keys(users, items),
+        chains = self.chain_sampler(graph, roots, c.fanouts, generator, exclude=graph.pair_keys(users, items),
                                evidence_dropout=c.evidence_dropout if self.training else 0.0,
                                root_keep=root_keep)
-        root_bias = None if root_keep is None else self._cold_root_bias(chains, root_keep > 0)
-        vec = self._aggregate(chains, record, root_bias)
+        root_bias = None if root_keep is None else self.cold_root_bias(chains, root_keep > 0)
+        vec = self.aggregate(chains, record, root_bias)
         b = len(users)
         vu, vi = vec[inverse[:b]], vec[inverse[b:]]
         rb = self.prediction_biases(users, items, inverse, root_keep, root_bias)
@@ -481,18 +546,9 @@ class EvidenceChainModel(RatingModel):
         per side, the other side fixed (the ridge solve without that rating). Pairs with no
         live rating keep ``rb``."""
         graph, _ = self._live()
-        if self._pair_index is None:
-            r = self._require_ratings()
-            keys = torch.from_numpy(r.users.astype(np.int64) * r.n_items + r.items)
-            order = torch.argsort(keys)
-            self._pair_index = (keys[order].to(self.device), torch.from_numpy(r.values)[order].to(self.device))
-        sorted_keys, sorted_vals = self._pair_index
-        if len(sorted_keys) == 0:
+        found, r = self._lookup(users, items)
+        if not bool(found.any()):
             return rb
-        keys = graph.pair_keys(users, items)
-        pos = torch.searchsorted(sorted_keys, keys).clamp(max=len(sorted_keys) - 1)
-        found = sorted_keys[pos] == keys
-        r = sorted_vals[pos]
         b = len(users)
         bu, bi = rb[:b], rb[b:]
         deg = graph.degrees().to(rb.dtype)
@@ -506,7 +562,27 @@ class EvidenceChainModel(RatingModel):
         bi_free = torch.where(li + ni_ - 1 > 0, bi_free, torch.zeros_like(bi))
         return torch.cat([torch.where(found, bu_free, bu), torch.where(found, bi_free, bi)])
 
-    def _cold_root_bias(self, chains: Chains, cold: torch.Tensor) -> torch.Tensor:
+    def _lookup(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rated [B] bool, value [B])`` of the pairs in the live ratings (value undefined
+        where not rated), from a sorted index of the pair keys built on first use."""
+        graph, _ = self._live()
+        if self._pair_index is None:
+            r = self._require_ratings()
+            keys = torch.from_numpy(r.users.astype(np.int64) * r.n_items + r.items)
+            order = torch.argsort(keys)
+            self._pair_index = (keys[order].to(self.device), torch.from_numpy(r.values)[order].to(self.device))
+        sorted_keys, sorted_vals = self._pair_index
+        if len(sorted_keys) == 0:
+            return torch.zeros(len(users), dtype=torch.bool, device=users.device), torch.zeros(len(users), device=users.device)
+        keys = graph.pair_keys(users, items)
+        pos = torch.searchsorted(sorted_keys, keys).clamp(max=len(sorted_keys) - 1)
+        return sorted_keys[pos] == keys, sorted_vals[pos]
+
+    def _rated(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: whether each pair has a live rating."""
+        return self._lookup(users, items)[0]
+
+    def cold_root_bias(self, chains: Chains, cold: torch.Tensor) -> torch.Tensor:
         """Baseline biases ``[n_0]`` of the chains' roots, those flagged ``cold [n_0]`` re-solved
         from their sampled first-hop ratings alone (the other side's biases fixed, ridge weight
         of their side), as `add_ratings` solves the bias of a new user or item."""
@@ -524,9 +600,16 @@ class EvidenceChainModel(RatingModel):
     # ------------------------------------------------------------------ RatingModel
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Predictions ``[B]``: one sampling pass in training, the mean of ``eval_passes``
-        passes otherwise (deterministic for a given batch and live ratings)."""
+        passes otherwise (deterministic for a given batch and live ratings). A batch larger
+        than ``chain_group`` is predicted group by group when it is training or holds rated
+        pairs (each group's ratings are hidden from its own chains only); otherwise in one
+        go, memoising the chains of the whole batch."""
         if len(users) == 0:
             return torch.zeros(0, device=self.device)
+        group = self.config.chain_group
+        if len(users) > group and (self.training or bool(self._rated(users, items).any())):
+            return torch.cat([self.forward(users[s:s + group], items[s:s + group])
+                              for s in range(0, len(users), group)])
         passes = 1 if self.training else self.config.eval_passes
         gen = self._generator(fresh=not self.training)
         out = self._pair_scores(users, items, gen)[0]
@@ -565,8 +648,8 @@ class EvidenceChainModel(RatingModel):
             part = nodes[s:s + chunk]
             roots, inverse = torch.unique(part, return_inverse=True)
             for _ in range(self.config.eval_passes):
-                chains = sample_chains(graph, roots, self.config.fanouts, gen)
-                out[s:s + chunk] += self._aggregate(chains)[inverse]
+                chains = self.chain_sampler(graph, roots, self.config.fanouts, gen)
+                out[s:s + chunk] += self.aggregate(chains)[inverse]
         return out / self.config.eval_passes
 
     @torch.no_grad()
