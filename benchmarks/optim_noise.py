@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -64,6 +65,15 @@ REC_CONFIG: dict = {}
 #: finished runs by configuration (``--cache``): a run is never repeated, so a lr search's seed-0
 #: run is also the regime's seed-0 run, and an interrupted protocol resumes where it stopped
 CACHE: dict = {"path": None, "runs": {}}
+
+
+def _save_cache() -> None:
+    """Write the cache beside itself, then move it into place: a run killed mid-write keeps
+    the previous cache whole instead of truncating hours of finished runs."""
+    path = CACHE["path"]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(CACHE["runs"]))
+    os.replace(tmp, path)
 
 
 def code_version() -> str:
@@ -126,7 +136,7 @@ def run(model_name: str, data, *, batch: int, lr: float, epochs: int, seed: int,
     out = _run(model_name, data, batch=batch, lr=lr, epochs=epochs, seed=seed, noise=noise)
     if CACHE["path"] is not None:
         CACHE["runs"][key] = out
-        CACHE["path"].write_text(json.dumps(CACHE["runs"]))
+        _save_cache()
     return out
 
 
@@ -174,7 +184,7 @@ def noise_check(model_name: str, data, small: int, large: int, small_lr: float, 
     if key not in CACHE["runs"]:
         CACHE["runs"][key] = _noise_check(model_name, data, small, large, small_lr, seed)
         if CACHE["path"] is not None:
-            CACHE["path"].write_text(json.dumps(CACHE["runs"]))
+            _save_cache()
     return CACHE["runs"][key]
 
 

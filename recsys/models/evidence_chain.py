@@ -578,10 +578,6 @@ class EvidenceChainModel(RatingModel):
         pos = torch.searchsorted(sorted_keys, keys).clamp(max=len(sorted_keys) - 1)
         return sorted_keys[pos] == keys, sorted_vals[pos]
 
-    def _rated(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``[B]`` bool: whether each pair has a live rating."""
-        return self._lookup(users, items)[0]
-
     def cold_root_bias(self, chains: Chains, cold: torch.Tensor) -> torch.Tensor:
         """Baseline biases ``[n_0]`` of the chains' roots, those flagged ``cold [n_0]`` re-solved
         from their sampled first-hop ratings alone (the other side's biases fixed, ridge weight
@@ -607,7 +603,7 @@ class EvidenceChainModel(RatingModel):
         if len(users) == 0:
             return torch.zeros(0, device=self.device)
         group = self.config.chain_group
-        if len(users) > group and (self.training or bool(self._rated(users, items).any())):
+        if len(users) > group and (self.training or bool(self._lookup(users, items)[0].any())):
             return torch.cat([self.forward(users[s:s + group], items[s:s + group])
                               for s in range(0, len(users), group)])
         passes = 1 if self.training else self.config.eval_passes
