@@ -6,7 +6,9 @@
    from the baseline bias update and the part from the generated vectors, and the time an
    insertion takes. The live ratings are restored between trials.
 2. Latency: single-pair `predict` calls on the CPU at the default fanouts and eval passes,
-   p50/p99 over ``--calls`` random pairs (``--latency-threads`` torch threads).
+   p50/p99 over ``--calls`` random pairs (``--latency-threads`` torch threads), and the same
+   at each of ``--other-fanouts`` (same parameters; only the sampling changes) for the
+   accuracy/latency trade-off.
 3. Throughput: predictions per second for u1.test in batches of 1, 256, 4096 and 20000.
 
 The model is trained here for ``--epochs`` epochs (speed does not depend on accuracy).
@@ -18,6 +20,7 @@ Writes ``benchmarks/results/rec_online.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -41,6 +44,7 @@ def main() -> None:
     parser.add_argument("--latency-threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--other-fanouts", default="16-8-4", help="comma-separated, e.g. 16-8-4,8-8-4 ('' for none)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     train, test = load_split("ml-100k", "u1")
@@ -68,12 +72,12 @@ def main() -> None:
         model.bind_ratings(live)
         pair = (torch.tensor([u]), torch.tensor([i]))
         before = float(model.predict(*pair)[0])
-        bias_before = model._live()[1].clone()
+        bias_before = model.live()[1].clone()
         t0 = time.perf_counter()
         model.add_ratings([raw_u[u]], [raw_i[j]], [r])
         insert_s.append(time.perf_counter() - t0)
         after = float(model.predict(*pair)[0])
-        nb = model._live()[1]
+        nb = model.live()[1]
         bias_parts.append(float((nb[u] - bias_before[u]) + (nb[live.n_users + i] - bias_before[live.n_users + i])))
         deltas.append(after - before)
         moved += after != before
@@ -92,20 +96,31 @@ def main() -> None:
     torch.set_num_threads(args.latency_threads)
     model.to(args.device)
     pick = rng.integers(len(test), size=args.calls)
-    times = []
-    for row in pick[:20]:  # warm-up
-        model.predict(torch.tensor([int(test.users[row])]), torch.tensor([int(test.items[row])]))
-    for row in pick:
-        u, i = torch.tensor([int(test.users[row])]), torch.tensor([int(test.items[row])])
-        t0 = time.perf_counter()
-        model.predict(u, i)
-        if args.device != "cpu":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    latency = {"calls": args.calls, "threads": args.latency_threads, "p50_ms": 1e3 * float(np.percentile(times, 50)),
-               "p99_ms": 1e3 * float(np.percentile(times, 99)), "max_ms": 1e3 * float(np.max(times)),
-               "fanouts": list(model.config.fanouts), "eval_passes": model.config.eval_passes}
+
+    def single_latency() -> dict:
+        times = []
+        for row in pick[:20]:  # warm-up
+            model.predict(torch.tensor([int(test.users[row])]), torch.tensor([int(test.items[row])]))
+        for row in pick:
+            u, i = torch.tensor([int(test.users[row])]), torch.tensor([int(test.items[row])])
+            t0 = time.perf_counter()
+            model.predict(u, i)
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return {"calls": args.calls, "threads": args.latency_threads, "p50_ms": 1e3 * float(np.percentile(times, 50)),
+                "p99_ms": 1e3 * float(np.percentile(times, 99)), "max_ms": 1e3 * float(np.max(times)),
+                "fanouts": list(model.config.fanouts), "eval_passes": model.config.eval_passes}
+
+    latency = single_latency()
     print("latency:", json.dumps(latency), flush=True)
+    trained = model.config
+    other_latency = []
+    for spec in filter(None, args.other_fanouts.split(",")):
+        model.config = dataclasses.replace(trained, fanouts=tuple(int(f) for f in spec.split("-")))
+        other_latency.append(single_latency())
+        print("latency at other fanouts:", json.dumps(other_latency[-1]), flush=True)
+    model.config = trained
 
     # ---- 3. batch throughput
     torch.set_num_threads(2)
@@ -121,7 +136,8 @@ def main() -> None:
     out = {"benchmark": "rec_online", "dataset": "ml-100k u1", "epochs_trained": args.epochs,
            "device": args.device, "machine": platform.processor() or platform.machine(),
            "torch": torch.__version__, "parameters": model.parameter_count(), "config": model.config_dict(),
-           "online": online, "latency": latency, "throughput_per_s": throughput, "throughput_threads": 2}
+           "online": online, "latency": latency, "latency_other_fanouts": other_latency,
+           "throughput_per_s": throughput, "throughput_threads": 2}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "rec_online.json").write_text(json.dumps(out, indent=2))
 

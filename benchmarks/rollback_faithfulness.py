@@ -193,9 +193,10 @@ def main() -> None:
                     help="skip test C (only the faithfulness tests A and B of --optimizers)")
     ap.add_argument("--reps", type=int, default=5, help="fits per mode for the overhead (alternating)")
     ap.add_argument("--out", type=Path, default=RESULTS / "rollback_faithfulness.json")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the faithfulness retrains (A, B)")
     args = ap.parse_args()
     train, test = load_split("ml-100k", "u1")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     sizes = {"sgd": dict(b_pairs=15, cands=15, reseed=5, a_pairs=20, ks=(1, 10)),
              "adam": dict(b_pairs=4, cands=8, reseed=0, a_pairs=6, ks=(1,)),
              # the K-FAC family and cov-noise: a re-seeded retrain measures the floor that

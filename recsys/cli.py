@@ -112,7 +112,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reg-exponent", type=float, help="frequency scaling of the regularisation")
     g.add_argument("--init-std", type=float)
     g.add_argument("--prototypes", type=int, help="REC: users and items with free vectors (the most rated)")
-    g.add_argument("--fanouts", type=_int_list, help="REC: neighbours sampled per depth, e.g. 16,8,4")
+    g.add_argument("--fanouts", type=_int_list, help="REC: neighbours sampled per depth (default 32,8,4)")
     g.add_argument("--hidden-size", type=int, help="REC: width of the message networks")
     g.add_argument("--evidence-dropout", type=float, help="REC: training-time evidence truncation rate")
     g.add_argument("--eval-passes", type=int, help="REC: samplings averaged per prediction")

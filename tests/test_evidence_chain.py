@@ -107,6 +107,69 @@ def test_reverse_edges_point_back_to_the_parent(ratings):
     assert found > 0
 
 
+def _check_single_pass_chains(g, ch, roots, fanouts):
+    """The invariants every single-pass sampling keeps (graph ids, memoised levels, edges that
+    exist, reverse edges that point back)."""
+    assert torch.equal(ch.levels[0].nodes, roots)
+    for d, lvl in enumerate(ch.levels):
+        assert torch.equal(lvl.nodes, torch.unique(lvl.nodes))
+        assert int(lvl.nodes.max()) < g.n_nodes
+        assert len(lvl.parent) == 0 or int(torch.bincount(lvl.parent).max()) <= fanouts[d]
+        kids = ch.nodes(d + 1)[lvl.child]
+        for p_, c_, ex in zip(lvl.nodes[lvl.parent].tolist(), kids.tolist(), lvl.examples.tolist(), strict=True):
+            row = g.neighbours[int(g.indptr[p_]):int(g.indptr[p_ + 1])]
+            rows_ex = g.examples[int(g.indptr[p_]):int(g.indptr[p_ + 1])]
+            assert c_ in row.tolist() and ex in rows_ex.tolist()
+        if d + 1 < len(ch.levels):
+            nxt = ch.levels[d + 1]
+            for e in torch.nonzero(lvl.reverse_edge >= 0).squeeze(1).tolist():
+                r = int(lvl.reverse_edge[e])
+                assert int(nxt.parent[r]) == int(lvl.child[e])
+                assert int(ch.nodes(d + 2)[nxt.child[r]]) == int(lvl.nodes[lvl.parent[e]])
+
+
+def test_passes_drawn_together_are_independent_valid_samplings(ratings):
+    """Several prediction passes are sampled in one go: each is a valid single-pass sampling of
+    the same roots, they differ from one another, and memoisation never merges two passes."""
+    model = fresh(ratings, prototypes=1)
+    g = graph_of(model)
+    roots = torch.tensor([0, 3, 7, g.n_users + 2, g.n_users + 5])
+    fanouts = (5, 4, 3)
+    multi = sample_chains(g, roots, fanouts, torch.Generator().manual_seed(3), passes=3)
+    assert multi.passes == 3 and len(multi.levels[0].nodes) == 3 * len(roots)
+    per_pass = multi.split_passes()
+    assert len(per_pass) == 3
+    for ch in per_pass:
+        _check_single_pass_chains(g, ch, roots, fanouts)
+    assert sum(len(ch.levels[d].parent) for ch in per_pass for d in range(3)) == \
+        sum(len(lvl.parent) for lvl in multi.levels)
+    first_hops = [sorted(ch.levels[0].examples.tolist()) for ch in per_pass]
+    assert first_hops[0] != first_hops[1] or first_hops[1] != first_hops[2]
+
+
+def test_aggregating_passes_together_equals_aggregating_each_pass(trained):
+    """The vectors of a multi-pass sampling are, pass by pass, the vectors of each pass alone,
+    and an evaluation prediction is the mean of its passes' predictions."""
+    model = trained
+    model.eval()
+    g, bias = model.live()
+    users, items = torch.tensor([0, 5, 11]), torch.tensor([2, 2, 9])
+    roots, inverse = torch.unique(torch.cat([users, items + g.n_users]), return_inverse=True)
+    with torch.no_grad():
+        multi = sample_chains(g, roots, model.config.fanouts, torch.Generator().manual_seed(1), passes=4)
+        together = model.aggregate(multi).reshape(4, len(roots), -1)
+        for p, single in enumerate(multi.split_passes()):
+            assert torch.allclose(together[p], model.aggregate(single), atol=1e-6)
+        passes = model.config.eval_passes
+        chains = sample_chains(g, roots, model.config.fanouts, model._generator(fresh=True), passes=passes,
+                               exclude=g.pair_keys(users, items))
+        vec = [model.aggregate(ch) for ch in chains.split_passes()]
+        b = len(users)
+        by_pass = torch.stack([model.global_mean + bias[users] + bias[g.n_users + items]
+                               + (v[inverse[:b]] * v[inverse[b:]]).sum(-1) for v in vec])
+        assert torch.allclose(model(users, items), by_pass.mean(0), atol=1e-5)
+
+
 def test_the_target_rating_is_never_its_own_evidence(ratings):
     model = fresh(ratings, prototypes=1, fanouts=(30, 30, 30))
     g = graph_of(model)

@@ -277,9 +277,10 @@ class _ChainTap:
                 extra = self.extra_exclude.to(roots.device)
                 exclude = extra if exclude is None else torch.cat([exclude, extra])
             chains = orig(graph, roots, fanouts, generator, exclude=exclude, **kwargs)
-            if self.recording:
-                self.calls.append((roots, chains))
-                self.kwargs.append(kwargs)
+            if self.recording:  # one entry per sampling pass
+                for single in chains.split_passes():
+                    self.calls.append((roots, single))
+                    self.kwargs.append(kwargs)
             if self.on_sample is not None:
                 self.on_sample(graph, roots, chains, targets, kwargs)
             return chains
