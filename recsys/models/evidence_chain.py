@@ -62,8 +62,8 @@ class RECConfig:
     ``embedding_size``: K, size of every user/item vector. ``hidden_size``: width of the
     message MLPs. ``prototypes``: p users and p items with free vectors (the most rated).
     ``fanouts``: neighbours sampled per node at each depth (its length is the depth); 32,8,4
-    had the better validation RMSE than 16,8,4 on all five folds (by 0.002-0.005) at about
-    1.5x the cost per prediction.
+    had a better validation RMSE than 16,8,4 on all five folds (by 0.002-0.009), at about
+    1.6x the latency of a single prediction and 1.5x the training time.
     ``reg``: L2 weight on the mean squared norm of the prototype vectors (0.005 chosen on the
     u1 validation slice: 0.05 held validation at 0.928, 0.005 reached 0.921, 0 0.925);
     ``mlp_reg``: L2 on the MLP weights. ``dropout``: on the MLPs' hidden layer. ``evidence_dropout``: in
