@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -183,6 +184,15 @@ def rollback_latency(model: MatrixFactorization, logs: dict, train: Ratings, tes
     return out
 
 
+def _write(path: Path, out: dict) -> None:
+    """Write the results file whole or not at all (a temporary file moved into place): it
+    accumulates hours of runs, one optimizer per invocation."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer pairs (a smoke run)")
@@ -237,7 +247,7 @@ def main() -> None:
             print(f"  A {name:20s} direction {v['direction_rate']:.2f} mean change along {v['mean_change_along_predicted']:+.4f}")
     if args.no_overhead:
         out["last_run"] = {"parts": updated, "date": time.strftime("%Y-%m-%d")}
-        args.out.write_text(json.dumps(out, indent=2))
+        _write(args.out, out)
         print(f"wrote {args.out}")
         return
     # Test C at the default MF config (D=128, 4 blocks, compiled kernel), one thread.
@@ -263,8 +273,7 @@ def main() -> None:
     for m, v in latency.items():
         print(f"  explain {m:18s} p50 {v['p50_ms']:.2f} ms  p99 {v['p99_ms']:.2f} ms")
     out["last_run"] = {"parts": ["C", *updated], "date": time.strftime("%Y-%m-%d")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    _write(args.out, out)
     print(f"wrote {args.out}")
 
 

@@ -143,9 +143,7 @@ class EvidenceGraph:
             item_row = np.repeat(np.array([False, True]), k)
             new_h = edge_hash(new_ex, item_row, self.seed)
             # each new edge's place in its row: how many of the row's edges sort before it
-            deg = indptr[source + 1] - indptr[source]
-            owner = np.repeat(np.arange(2 * k), deg)
-            pos = indptr[source][owner] + (np.arange(len(owner)) - np.repeat(np.cumsum(deg) - deg, deg))
+            owner, pos = row_positions(indptr, source)
             old_np = slot[nb[pos]] < 0
             old_h = edge_hash(ex[pos], (source >= nu)[owner], self.seed)
             o_np, o_h, o_ex = new_np[owner], new_h[owner], new_ex[owner]
@@ -185,6 +183,14 @@ class EvidenceGraph:
         """One ``int64`` key per (user index, item index) pair, as `sample_neighbours`
         computes for edges."""
         return users * self.n_items + items
+
+
+def row_positions(indptr: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every edge of the CSR rows ``nodes [k]``: ``(owner [m], position [m])``, ``owner`` the
+    index into ``nodes`` of the row each position belongs to (rows in order)."""
+    deg = indptr[nodes + 1] - indptr[nodes]
+    owner = np.repeat(np.arange(len(nodes)), deg)
+    return owner, indptr[nodes][owner] + np.arange(len(owner)) - np.repeat(np.cumsum(deg) - deg, deg)
 
 
 def edge_hash(examples: np.ndarray, item_row: np.ndarray, seed: int) -> np.ndarray:

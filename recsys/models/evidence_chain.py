@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from recsys.models.base import RatingModel
-from recsys.models.chains import Chains, EvidenceGraph, rows, sample_chains
+from recsys.models.chains import Chains, EvidenceGraph, row_positions, rows, sample_chains
 from recsys.ratings import Ratings
 
 
@@ -397,11 +397,9 @@ class EvidenceChainModel(RatingModel):
                            (nu + np.asarray(items, np.int64), self.config.item_reg)):
             if len(nodes) == 0:
                 continue
-            deg = indptr[nodes + 1] - indptr[nodes]
-            owner = np.repeat(np.arange(len(nodes)), deg)
-            pos = indptr[nodes][owner] + np.arange(len(owner)) - np.repeat(np.cumsum(deg) - deg, deg)
+            owner, pos = row_positions(indptr, nodes)
             resid = np.bincount(owner, weights=vals[pos] - mu - b[nb[pos]], minlength=len(nodes))
-            b[nodes] = resid / (lam + deg)
+            b[nodes] = resid / (lam + indptr[nodes + 1] - indptr[nodes])
         self._node_bias = torch.from_numpy(b.astype(np.float32)).to(self.device)
 
     # ------------------------------------------------------------------ vectors
@@ -508,11 +506,12 @@ class EvidenceChainModel(RatingModel):
         return torch.where(valid.unsqueeze(1), vec, rows(self.fallback_vectors, roots_item.long()))
 
     def _pair_scores(self, users: torch.Tensor, items: torch.Tensor, generator: torch.Generator,
-                     record: dict | None = None,
-                     passes: int = 1) -> tuple[torch.Tensor, Chains, torch.Tensor, torch.Tensor]:
+                     record: dict | None = None, passes: int = 1,
+                     rated: torch.Tensor | None = None) -> tuple[torch.Tensor, Chains, torch.Tensor, torch.Tensor]:
         """``passes`` samplings drawn together: predictions ``[B]`` (unclipped, the mean over
         the passes), the chains, and the root vectors of the users and items ``[passes, B, K]``
-        each."""
+        each. ``rated [B]``: which pairs are live ratings, when the caller has looked them up
+        (evaluation only; looked up here otherwise)."""
         graph, bias = self._live()
         nu = graph.n_users
         roots, inverse = torch.unique(torch.cat([users, items + nu]), return_inverse=True)
@@ -525,7 +524,7 @@ class EvidenceChainModel(RatingModel):
             root_keep = torch.where(cold, size, torch.zeros_like(size))
         exclude = graph.pair_keys(users, items)
         if not self.training:  # an unrated pair has no edge to hide: exclude the rated ones only
-            exclude = exclude[self._lookup(users, items)[0]]
+            exclude = exclude[self._lookup(users, items)[0] if rated is None else rated]
         chains = self.chain_sampler(graph, roots, c.fanouts, generator, exclude=exclude,
                                     evidence_dropout=c.evidence_dropout if self.training else 0.0,
                                     root_keep=root_keep, passes=passes)
@@ -618,12 +617,16 @@ class EvidenceChainModel(RatingModel):
         go, memoising the chains of the whole batch."""
         if len(users) == 0:
             return torch.zeros(0, device=self.device)
-        group = self.config.chain_group
-        if len(users) > group and (self.training or bool(self._lookup(users, items)[0].any())):
-            return torch.cat([self.forward(users[s:s + group], items[s:s + group])
-                              for s in range(0, len(users), group)])
+        rated = None if self.training else self._lookup(users, items)[0]
         passes = 1 if self.training else self.config.eval_passes
-        return self._pair_scores(users, items, self._generator(fresh=not self.training), passes=passes)[0]
+        group = self.config.chain_group
+        if len(users) <= group or (rated is not None and not bool(rated.any())):
+            return self._pair_scores(users, items, self._generator(fresh=not self.training), passes=passes,
+                                     rated=rated)[0]
+        return torch.cat([self._pair_scores(users[s:s + group], items[s:s + group],
+                                            self._generator(fresh=not self.training), passes=passes,
+                                            rated=None if rated is None else rated[s:s + group])[0]
+                          for s in range(0, len(users), group)])
 
     def fallback(self, users: torch.Tensor, items: torch.Tensor, user_known: torch.Tensor,
                  item_known: torch.Tensor) -> torch.Tensor:
