@@ -17,7 +17,8 @@ every optimizer gets the same, finer grid and ``--out`` keeps the results apart:
         --checks-per-epoch 4 --lrs 0.003,0.005,0.01,0.02,0.03 --max-epochs 3 --out optim_curvature_speed_fine.json
 
 ``--part steps``: milliseconds per step of every optimizer (± SALR) at the same batch, in
-interleaved rounds on one thread (the step-cost ratio to Adam; a busy machine slows all alike).
+interleaved rounds on one thread (the step-cost ratio to Adam; a busy machine slows all alike),
+each with its defaults on MF (K-FAC and TKFAC: factors every 10 steps, ``stats_freq``).
 
 ``--part defaults``: every optimizer with its defaults (`MatrixFactorization.optimizer_defaults`,
 what ``recsys train --optimizer NAME`` uses) trained once on u1.base minus the 5% validation
@@ -196,7 +197,10 @@ def part_steps(args, fit) -> dict:
                               progress=False)
             trainer = Trainer(cfg)
             trainer.optimizer = build_optimizer(optimizer, model, 1e-4)
-            trainer.preconditioner = build_preconditioner(optimizer, model)
+            defaults = TrainConfig.for_model(MatrixFactorization, optimizer=optimizer)
+            trainer.preconditioner = build_preconditioner(optimizer, model, damping=defaults.damping,
+                                                          visit_gain=defaults.visit_gain,
+                                                          stats_freq=defaults.stats_freq)
             if salr:
                 from recsys.optim.salr import SALR
 
@@ -239,7 +243,7 @@ def part_defaults(args, test, fit, val) -> dict:
         if args.quick:
             cfg = replace(cfg, epochs=2)
         out = {"train_config": {k: getattr(cfg, k) for k in ("batch_size", "learning_rate", "epochs", "lr_decay",
-                                                             "noise_scale", "damping")}}
+                                                             "noise_scale", "damping", "stats_freq")}}
         model = build_model("mf", fit.n_users, fit.n_items, fit.rating_scale, {})
         try:
             res = Trainer(cfg).fit(model, fit)

@@ -144,6 +144,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-base", choices=["sgd", "adam", "adagrad"],
                    help="cov-noise with --noise-estimator sub-batch: the optimizer that steps")
     g.add_argument("--damping", type=float, help="kfac/ekfac/tkfac/tekfac: relative damping (default: the model's for the optimizer; MF 0.01, REC 1.0)")
+    g.add_argument("--stats-freq", type=int,
+                   help="kfac/tkfac: update the curvature factors every N steps (default: the model's; MF 10, REC 1)")
     g.add_argument("--visit-gain", type=float,
                    help="kfac/ekfac/tkfac/tekfac: per-row step cap on embedding rows (default 0.1; 0: no cap)")
     g.add_argument("--sampler", choices=["reshuffle", "shuffle-once", "with-replacement", "fixed"])

@@ -88,6 +88,9 @@ class TrainConfig:
     noise_base: str = "sgd"
     #: K-FAC family: damping relative to the factors' mean eigenvalue (see `recsys.optim.kfac`)
     damping: float = 1.0
+    #: K-FAC and TKFAC: update the curvature factors (and run the Fisher's sampled-target
+    #: pass) every this many steps, preconditioning with the last ones in between
+    stats_freq: int = 1
     #: K-FAC family: per-row trust region κ on embedding rows (None: no cap; see `recsys.optim.kfac`)
     visit_gain: float | None = 0.1
 
@@ -119,6 +122,11 @@ class TrainConfig:
             raise ValueError(f"noise_estimator must be one of {NOISE_ESTIMATORS}, got {self.noise_estimator!r}")
         if not self.damping > 0:
             raise ValueError(f"damping must be > 0, got {self.damping}")
+        if self.stats_freq < 1:
+            raise ValueError(f"stats_freq must be >= 1, got {self.stats_freq}")
+        if self.stats_freq > 1 and self.optimizer in ("ekfac", "tekfac"):
+            raise ValueError(f"{self.optimizer} updates its statistics every step: stats_freq must be 1, "
+                             f"got {self.stats_freq}")
         if self.visit_gain is not None and not self.visit_gain > 0:
             raise ValueError(f"visit_gain must be > 0 or None (no cap), got {self.visit_gain}")
         if self.noise_batch < 1 or self.noise_scale < 0 or self.salr_every < 1:
@@ -246,7 +254,8 @@ class Trainer:
                                                    noise_estimator=c.noise_estimator, seed=c.seed))
             if self.optimizer_factory is None:
                 self.preconditioner = build_preconditioner(c.optimizer, model, damping=c.damping,
-                                                           visit_gain=c.visit_gain, seed=c.seed)
+                                                           visit_gain=c.visit_gain, stats_freq=c.stats_freq,
+                                                           seed=c.seed)
             if c.optimizer == "cov-noise" and c.noise_estimator == "sub-batch":
                 if dp is not None:
                     raise ValueError("sub-batch covariance noise is single-process; use the per-example "

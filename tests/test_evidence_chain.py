@@ -170,6 +170,24 @@ def test_aggregating_passes_together_equals_aggregating_each_pass(trained):
         assert torch.allclose(model(users, items), by_pass.mean(0), atol=1e-5)
 
 
+def test_small_inference_levels_run_both_networks_and_select_with_the_same_result(trained, monkeypatch):
+    """Below `_BOTH_NETS_BELOW` edges, inference runs both message networks on every edge and
+    keeps each edge's own side: the vectors equal those of splitting the edges by side."""
+    import recsys.models.evidence_chain as ec
+
+    model = trained
+    model.eval()
+    g, _ = model.live()
+    roots = torch.unique(torch.tensor([0, 3, 7, g.n_users + 1, g.n_users + 4]))
+    chains = sample_chains(g, roots, model.config.fanouts, torch.Generator().manual_seed(2), passes=3)
+    with torch.no_grad():
+        assert max(len(lvl.parent) for lvl in chains.levels) < ec._BOTH_NETS_BELOW
+        selected = model.aggregate(chains)
+        monkeypatch.setattr(ec, "_BOTH_NETS_BELOW", 0)
+        split = model.aggregate(chains)
+    assert torch.allclose(selected, split, atol=1e-6)
+
+
 def test_the_target_rating_is_never_its_own_evidence(ratings):
     model = fresh(ratings, prototypes=1, fanouts=(30, 30, 30))
     g = graph_of(model)

@@ -18,12 +18,13 @@ from recsys.train import TrainConfig, Trainer
 from tests.conftest import make_ratings
 
 
-@pytest.mark.parametrize("batch_size,optimizer", [(1, "sgd"), (16, "sgd"), (16, "adam"), (16, "kfac"),
-                                                  (16, "ekfac"), (16, "cov-noise")])
-def test_retrain_with_nothing_removed_reproduces_the_trainer(small_ratings, batch_size, optimizer):
+@pytest.mark.parametrize("batch_size,optimizer,stats_freq", [(1, "sgd", 1), (16, "sgd", 1), (16, "adam", 1),
+                                                             (16, "kfac", 1), (16, "kfac", 3), (16, "ekfac", 1),
+                                                             (16, "cov-noise", 1)])
+def test_retrain_with_nothing_removed_reproduces_the_trainer(small_ratings, batch_size, optimizer, stats_freq):
     setup = Setup(MFConfig(embedding_size=8, n_blocks=2),
                   TrainConfig(epochs=3, batch_size=batch_size, optimizer=optimizer, learning_rate=0.005,
-                              noise_batch=4, patience=None, progress=False))
+                              noise_batch=4, stats_freq=stats_freq, patience=None, progress=False))
     ref = MatrixFactorization(small_ratings.n_users, small_ratings.n_items, small_ratings.rating_scale, setup.model)
     Trainer(setup.train).fit(ref, small_ratings)
     again = retrain(small_ratings, setup)

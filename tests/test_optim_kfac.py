@@ -158,12 +158,15 @@ def rmse(m, r):
     return float(((m.predict(u, i) - v) ** 2).mean().sqrt())
 
 
-@pytest.mark.parametrize("kind", ["kfac", "ekfac", "tkfac", "tekfac"])
-def test_state_dict_round_trip_resumes_identically(small_ratings, kind):
+@pytest.mark.parametrize(("kind", "stats_freq"), [("kfac", 1), ("ekfac", 1), ("tkfac", 1), ("tekfac", 1),
+                                                  ("kfac", 3), ("tkfac", 3)])
+def test_state_dict_round_trip_resumes_identically(small_ratings, kind, stats_freq):
+    """Saved after 3 steps (with ``stats_freq=3``: the next step updates the factors) and
+    resumed, the next 5 steps are bit-for-bit those of the uninterrupted run."""
     u, i, v = small_ratings.tensors()
     model = mf(small_ratings)
     model.prepare(small_ratings)
-    pre = KFACPreconditioner(model, kind, update_freq=2)
+    pre = KFACPreconditioner(model, kind, update_freq=2, stats_freq=stats_freq)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     batches = [torch.arange(s, s + 32) for s in range(0, 256, 32)]
 
@@ -180,13 +183,51 @@ def test_state_dict_round_trip_resumes_identically(small_ratings, kind):
     run(model, pre, opt, batches[3:])
     other = mf(small_ratings)
     other.load_state_dict(saved_model)
-    pre2 = KFACPreconditioner(other, kind, update_freq=2)
+    pre2 = KFACPreconditioner(other, kind, update_freq=2, stats_freq=stats_freq)
     pre2.load_state_dict(saved_pre)
     opt2 = torch.optim.SGD(other.parameters(), lr=0.01)
     opt2.load_state_dict(saved_opt)
     run(other, pre2, opt2, batches[3:])
     for a, b in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["kfac", "tkfac"])
+def test_factors_update_every_stats_freq_steps_and_row_frequencies_every_step(small_ratings, kind):
+    """With ``stats_freq=3`` the sampled-target pass and the factor G run on steps 1, 4, 7, ...
+    only (the generator draws nothing in between, G stays as it was); the rows a batch
+    touches get their frequency on every step."""
+    u, i, v = small_ratings.tensors()
+    model = mf(small_ratings)
+    model.prepare(small_ratings)
+    pre = KFACPreconditioner(model, kind, stats_freq=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 8):
+        b = torch.arange(32 * step, 32 * step + 32)
+        due = pre.statistics_due
+        assert due == (step % 3 == 1)
+        rng, g_before = pre.generator.get_state(), pre.state["item_factors"].get("G", torch.zeros(())).clone()
+        opt.zero_grad()
+        pre.backward(*model.loss_terms(u[b], i[b], v[b]))
+        pre.step()
+        opt.step()
+        st = pre.state["item_factors"]
+        assert torch.equal(pre.generator.get_state(), rng) != due
+        assert torch.equal(st["G"], g_before) != due
+        assert int(st["n"]) == 1 + (step - 1) // 3
+        assert int(st["row_n"]) == step
+        touched = i[b].unique()
+        assert (st["row_last"][touched] == step).all()
+        assert (st["row"][touched] > 0).all()
+
+
+def test_eigenbasis_kinds_refuse_sparse_statistics():
+    model = nn.Linear(3, 2)
+    for kind in ("ekfac", "tekfac"):
+        with pytest.raises(ValueError, match="stats_freq=1"):
+            KFACPreconditioner(model, kind, stats_freq=2)
+        with pytest.raises(ValueError, match="stats_freq must be 1"):
+            TrainConfig(optimizer=kind, stats_freq=2)
 
 
 @pytest.mark.parametrize(("kind", "lr"), [("kfac", 1e-3), ("tkfac", 5e-3), ("ekfac", 0.02), ("tekfac", 0.02)])

@@ -103,7 +103,8 @@ def retrain(train: Ratings, setup: Setup, removed: Sequence[int] | np.ndarray = 
         optimizer = build_optimizer(c.optimizer, model, c.learning_rate, noise_batch=c.noise_batch,
                                     noise_structure=c.noise_structure, noise_scale=c.noise_scale,
                                     noise_base=c.noise_base, noise_estimator=c.noise_estimator, seed=c.seed)
-        pre = build_preconditioner(c.optimizer, model, damping=c.damping, visit_gain=c.visit_gain, seed=c.seed)
+        pre = build_preconditioner(c.optimizer, model, damping=c.damping, visit_gain=c.visit_gain,
+                                   stats_freq=c.stats_freq, seed=c.seed)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=c.lr_decay)
     for epoch in range(c.epochs):
         lr = c.learning_rate * c.lr_decay ** epoch
@@ -125,10 +126,12 @@ def retrain(train: Ratings, setup: Setup, removed: Sequence[int] | np.ndarray = 
             optimizer.zero_grad(set_to_none=True)
             if pre is not None and len(kept):
                 # the K-FAC family: the kept examples keep the Fisher target noise they drew in
-                # the full run (the whole batch's is drawn, the removed examples' dropped)
+                # the full run (the whole batch's is drawn, the removed examples' dropped; on
+                # the steps without statistics, stats_freq > 1, none is drawn)
                 outputs, loss = model.loss_terms(u, i, r)
                 loss = loss * share  # the kept examples' gradients keep their 1/|B| weight
-                z = pre.draw_targets((len(ids), *outputs.shape[1:]), outputs)[torch.from_numpy(keep[ids])]
+                z = (pre.draw_targets((len(ids), *outputs.shape[1:]), outputs)[torch.from_numpy(keep[ids])]
+                     if pre.statistics_due else None)
                 pre.backward(outputs, loss, z=z)
                 pre.param_groups[0]["lr"] = optimizer.param_groups[0]["lr"]
                 pre.step()

@@ -241,30 +241,33 @@ def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int,
     if n == 0 or fanout < 1:
         empty = torch.empty(0, dtype=torch.int64, device=dev)
         return Edges(empty, empty, torch.empty(0, device=dev), empty)
-    start = rows(graph.indptr, nodes)
-    n_proto = rows(graph.n_proto, nodes)
+    start = rows(graph.indptr, nodes).unsqueeze(1)  # [n, 1]
+    n_proto = rows(graph.n_proto, nodes).unsqueeze(1)
     kp = n_proto.clamp(max=fanout)
     slots = torch.arange(fanout, device=dev).unsqueeze(0)  # [1, F]
     jitter = torch.rand(n, fanout, generator=generator, device=dev)
     rot = torch.rand(n, 2, generator=generator, device=dev)
-    # prototype segment: slots 0..kp-1; other segment: slots kp..kp+ko-1
-    off_p = _stratified(slots, jitter, n_proto, kp, rot[:, 0])
+    # prototype segment: slots 0..kp-1; other segment: slots kp..kp+ko-1; each slot is drawn
+    # in its own segment (its size, draws and rotation), in one set of operations for both
     if prototypes_only:
-        pos, taken = start.unsqueeze(1) + off_p, kp
+        pos = start + _stratified(slots, jitter, n_proto, kp, rot[:, :1])
+        taken = kp
     else:
-        n_other = rows(graph.indptr, nodes + 1) - start - n_proto
+        n_other = rows(graph.indptr, nodes + 1).unsqueeze(1) - start - n_proto
         ko = n_other.clamp(max=fanout - kp)
-        off_o = n_proto.unsqueeze(1) + _stratified((slots - kp.unsqueeze(1)).clamp(min=0), jitter, n_other, ko,
-                                                   rot[:, 1])
-        pos = start.unsqueeze(1) + torch.where(slots < kp.unsqueeze(1), off_p, off_o)
+        in_p = slots < kp
+        pos = start + torch.where(in_p, 0, n_proto) + _stratified(
+            torch.where(in_p, slots, slots - kp), jitter, torch.where(in_p, n_proto, n_other),
+            torch.where(in_p, kp, ko), torch.where(in_p, rot[:, :1], rot[:, 1:]))
         taken = kp + ko
     if evidence_dropout > 0:
+        taken = taken.squeeze(1)
         drop = torch.rand(n, generator=generator, device=dev) < evidence_dropout
         keep = (torch.rand(n, generator=generator, device=dev) * taken).long() + 1
-        taken = torch.where(drop, torch.minimum(keep, taken), taken)
-    valid = slots < taken.unsqueeze(1)
-    parent = torch.arange(n, device=dev).unsqueeze(1).expand(n, fanout)[valid]
-    pos = pos[valid]
+        taken = torch.where(drop, torch.minimum(keep, taken), taken).unsqueeze(1)
+    valid = torch.nonzero((slots < taken).reshape(-1)).squeeze(1)  # row-major: grouped by parent
+    parent = valid // fanout
+    pos = rows(pos.reshape(-1), valid)
     child = rows(graph.neighbours, pos)
     if exclude is not None and len(exclude):
         g = rows(nodes, parent)
@@ -287,15 +290,16 @@ def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int,
 
 def _stratified(slots: torch.Tensor, jitter: torch.Tensor, size: torch.Tensor, k: torch.Tensor,
                 rotation: torch.Tensor) -> torch.Tensor:
-    """Offsets ``[n, F]`` into segments of ``size [n]`` entries: slot ``j < k`` takes a
-    uniformly random entry of the ``j``-th of ``k`` near-equal strata (integer bounds, so
-    distinct), then all are rotated by ``floor(rotation·size)`` modulo ``size``."""
-    size_ = size.clamp(min=1).unsqueeze(1)
-    k_ = k.clamp(min=1).unsqueeze(1)
+    """Offsets ``[n, F]`` into segments of ``size`` entries (``size``, ``k``, ``rotation``
+    broadcast against ``slots [n or 1, F]``): slot ``j < k`` takes a uniformly random entry of
+    the ``j``-th of ``k`` near-equal strata (integer bounds, so distinct), then all are rotated
+    by ``floor(rotation·size)`` modulo ``size``. (Slots ``j >= k`` get some offset; callers
+    drop them.)"""
+    size_, k_ = size.clamp(min=1), k.clamp(min=1)
     lo = slots * size_ // k_
-    width = (slots + 1) * size_ // k_ - lo
-    off = lo + torch.minimum((jitter * width).long(), (width - 1).clamp(min=0))
-    return (off + (rotation.unsqueeze(1) * size_).long()) % size_
+    hi = (slots + 1) * size_ // k_
+    off = torch.minimum(lo + (jitter * (hi - lo)).long(), hi - 1)
+    return (off + (rotation * size_).long()) % size_
 
 
 @dataclass(frozen=True)

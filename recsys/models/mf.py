@@ -78,8 +78,11 @@ class MatrixFactorization(RatingModel):
         "adagrad": {"batch_size": 256, "learning_rate": 0.1, "epochs": 20, "lr_decay": 0.9},
         # K-FAC family: it fits the training objective faster than Adam and then overfits it
         # (validation worse after ~3 epochs), so a short schedule; EKFAC's per-touched-step row
-        # statistic takes smaller steps, hence its larger lr (`benchmarks/optim_curvature.py`)
-        **{kind: {"batch_size": 256, "learning_rate": lr, "epochs": 5, "lr_decay": 0.7, "damping": 0.01}
+        # statistic takes smaller steps, hence its larger lr; K-FAC and TKFAC refresh their
+        # factors every 10 steps, which leaves the validation curve as it was with every step
+        # and saves the Fisher pass (`benchmarks/optim_curvature.py`)
+        **{kind: {"batch_size": 256, "learning_rate": lr, "epochs": 5, "lr_decay": 0.7, "damping": 0.01,
+                  **({"stats_freq": 10} if kind in ("kfac", "tkfac") else {})}
            for kind, lr in (("kfac", 0.01), ("tkfac", 0.01), ("ekfac", 0.03), ("tekfac", 0.03))},
         # noise 0.1: the largest scale within the seed spread of the plain batch on validation
         # (`benchmarks/results/optim_noise_mf_scales.json`); noise did not help MF
@@ -154,10 +157,15 @@ class MatrixFactorization(RatingModel):
     # ------------------------------------------------------------------ training loss
     def block_predictions(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Each block's own prediction ``[B, n_blocks]`` (what each block is fitted to)."""
+        return self._blocks(*self._rows(users, items))
+
+    def _rows(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The pairs' table rows ``(p, q [B, D], b_u, b_i [B, n_blocks])``, one lookup per table."""
+        return self.user_factors(users), self.item_factors(items), self.user_bias(users), self.item_bias(items)
+
+    def _blocks(self, p: torch.Tensor, q: torch.Tensor, bu: torch.Tensor, bi: torch.Tensor) -> torch.Tensor:
         k, d = self.config.n_blocks, self.block_size
-        p = self.user_factors(users).view(-1, k, d)
-        q = self.item_factors(items).view(-1, k, d)
-        return self.global_mean + self.user_bias(users) + self.item_bias(items) + (p * q).sum(-1)
+        return self.global_mean + bu + bi + (p.view(-1, k, d) * q.view(-1, k, d)).sum(-1)
 
     def loss_terms(self, users: torch.Tensor, items: torch.Tensor,
                    values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,15 +173,14 @@ class MatrixFactorization(RatingModel):
         per-example objective ``0.5 Σ_blocks [(r - r̂_b)² + reg_u|p_u,b|² + reg_i|q_i,b|² +
         bias terms]``. Its gradient for a batch of one is exactly the update of the compiled
         SGD kernel."""
-        outputs = self.block_predictions(users, items)
+        p, q, bu, bi = self._rows(users, items)  # each table read once: one sparse gradient entry per pair
+        outputs = self._blocks(p, q, bu, bi)
         err = values.unsqueeze(-1) - outputs
-        p = self.user_factors(users)
-        q = self.item_factors(items)
         penalty = (
             self.reg_user[users] * p.square().sum(-1)
             + self.reg_item[items] * q.square().sum(-1)
-            + self.bias_reg_user[users] * self.user_bias(users).square().sum(-1)
-            + self.bias_reg_item[items] * self.item_bias(items).square().sum(-1)
+            + self.bias_reg_user[users] * bu.square().sum(-1)
+            + self.bias_reg_item[items] * bi.square().sum(-1)
         )
         return outputs, 0.5 * (err.square().sum(-1) + penalty).mean()
 

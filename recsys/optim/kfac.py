@@ -28,8 +28,12 @@ so that ``δ_n`` is the per-example output gradient of a mean loss). Which loss,
 
 Damping is relative (scale invariant): ``γ_A = damping · mean eig(A)``, ``γ_G = damping ·
 mean eig(G)``, ``λ = damping · mean(s)``. Factors are zero-initialised running averages with
-decay ``factor_decay`` and bias correction ``1 - β^n``; eigenbases are refreshed every
-``update_freq`` steps (fp64, symmetrised, jittered ``eigh``; on failure or non-finite factors
+decay ``factor_decay`` and bias correction ``1 - β^n``, updated every ``stats_freq`` steps
+(kfac-pytorch's ``factor_update_steps``: between them no sampled-target pass runs and the
+factors are used as they are; an embedding table's row frequencies come from the lookups
+alone and are updated every step, TKFAC's with ``|g|²`` taken at its running mean ``δ``;
+EKFAC's per-row second moments need every batch's gradients, so its kinds take only
+``stats_freq=1``); eigenbases are refreshed every ``update_freq`` steps (fp64, symmetrised, jittered ``eigh``; on failure or non-finite factors
 the previous basis is kept).
 
 Embedding tables (one index per row of the lookup): the input factor is diagonal, ``A =
@@ -114,7 +118,7 @@ class KFACPreconditioner:
     """
 
     def __init__(self, model: nn.Module, kind: str = "kfac", *, damping: float = 1.0,
-                 factor_decay: float = 0.95, update_freq: int = 10, row_floor: float = 0.0,
+                 factor_decay: float = 0.95, update_freq: int = 10, stats_freq: int = 1, row_floor: float = 0.0,
                  jitter: float = 1e-10, statistic: str = "fisher", seed: int = 0,
                  kl_clip: float | None = 1e-3, lr: float = 1.0, visit_gain: float | None = 0.1,
                  penalties: bool = True) -> None:
@@ -122,8 +126,12 @@ class KFACPreconditioner:
             raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
         if statistic not in STATISTICS:
             raise ValueError(f"unknown statistic {statistic!r}; choose one of {STATISTICS}")
-        if damping < 0 or not 0 <= factor_decay < 1 or update_freq < 1 or row_floor < 0:
-            raise ValueError("need damping >= 0, 0 <= factor_decay < 1, update_freq >= 1, row_floor >= 0")
+        if damping < 0 or not 0 <= factor_decay < 1 or update_freq < 1 or stats_freq < 1 or row_floor < 0:
+            raise ValueError("need damping >= 0, 0 <= factor_decay < 1, update_freq >= 1, stats_freq >= 1, "
+                             "row_floor >= 0")
+        if stats_freq > 1 and kind in ("ekfac", "tekfac"):
+            raise ValueError(f"{kind} updates its per-row second moments from every batch's gradients: "
+                             "it needs stats_freq=1")
         self.kind = kind
         self.statistic = statistic
         self.modules: dict[str, nn.Module] = {
@@ -134,7 +142,7 @@ class KFACPreconditioner:
             raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip}")
         if visit_gain is not None and visit_gain <= 0:
             raise ValueError(f"visit_gain must be > 0 or None, got {visit_gain}")
-        self.defaults = dict(damping=damping, factor_decay=factor_decay, update_freq=update_freq,
+        self.defaults = dict(damping=damping, factor_decay=factor_decay, update_freq=update_freq, stats_freq=stats_freq,
                              row_floor=row_floor, jitter=jitter, kl_clip=kl_clip, lr=lr, visit_gain=visit_gain)
         #: the model's per-row L2 weights of its tables (``model.curvature_l2()``), added to
         #: the tables' curvature; ``penalties=False`` (or a model without it) leaves them out
@@ -169,7 +177,7 @@ class KFACPreconditioner:
         self._examples = outputs.shape[0]
         self._n_outputs = outputs.shape[-1] if outputs.dim() > 1 else 1
         kept, self._outputs = self._outputs, []
-        if self.statistic == "empirical" or not self.capture.active:
+        if self.statistic == "empirical" or not self.capture.active or not self.statistics_due:
             loss.backward()
             return
         if z is None:
@@ -182,6 +190,12 @@ class KFACPreconditioner:
         with self.capture.grads_paused():
             loss.backward()
         self._sampled = True
+
+    @property
+    def statistics_due(self) -> bool:
+        """Whether the next `step` updates the factors (every ``stats_freq``-th step, the first
+        included), so that `backward` runs the sampled-target pass."""
+        return self.steps % self.param_groups[0].get("stats_freq", 1) == 0
 
     def draw_targets(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """The Fisher statistic's target noise ``z ~ N(0, I)`` of ``shape``, from this
@@ -232,7 +246,8 @@ class KFACPreconditioner:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.statistic == "fisher" and not self._sampled and self.capture.active:
+        stats = self.statistics_due
+        if stats and self.statistic == "fisher" and not self._sampled and self.capture.active:
             raise RuntimeError("the Fisher statistic needs the sampled-target pass: call "
                                "pre.backward(outputs, loss) (outputs, loss = model.loss_terms(...)) instead "
                                "of loss.backward(), or build the preconditioner with statistic='empirical'")
@@ -249,11 +264,11 @@ class KFACPreconditioner:
             if isinstance(module, nn.Embedding):
                 examples = self.capture.take_embedding(name, module.embedding_dim)
                 if examples is not None:
-                    self._step_embedding(name, module, examples, group)
+                    self._step_embedding(name, module, examples, group, stats)
             else:
                 records = self.capture.take(name)
-                if records:
-                    self._step_linear(name, module, records, group)
+                if records and (stats or "QA" in self.state[name]):
+                    self._step_linear(name, module, records if stats else None, group)
         self._examples = None
         if raw:
             self._clip(raw, group)
@@ -297,20 +312,22 @@ class KFACPreconditioner:
         st[key].mul_(beta).add_(value, alpha=1 - beta)
 
     def _step_linear(self, name: str, module: nn.Linear, records, group: dict) -> None:
+        """Update the layer's factors from ``records`` (None: a step without statistics) and
+        precondition its gradient."""
         st = self.state[name]
         beta, damping = group["factor_decay"], group["damping"]
-        a, d = self._linear_rows(module, records)
-        n = a.shape[0]
-        trace_kind = self.kind in ("tkfac", "tekfac")
-        if trace_kind:
-            na, nd = a.square().sum(1), d.square().sum(1)
-            self._ema(st, "A", (a * nd[:, None]).T @ a / n, beta)
-            self._ema(st, "G", (d * na[:, None]).T @ d / n, beta)
-            self._ema(st, "delta", (na * nd).mean(), beta)
-        else:
-            self._ema(st, "A", a.T @ a / n, beta)
-            self._ema(st, "G", d.T @ d / n, beta)
-        st["n"] = st.get("n", torch.zeros((), dtype=torch.long)) + 1
+        if records is not None:
+            a, d = self._linear_rows(module, records)
+            n = a.shape[0]
+            if self.kind in ("tkfac", "tekfac"):
+                na, nd = a.square().sum(1), d.square().sum(1)
+                self._ema(st, "A", (a * nd[:, None]).T @ a / n, beta)
+                self._ema(st, "G", (d * na[:, None]).T @ d / n, beta)
+                self._ema(st, "delta", (na * nd).mean(), beta)
+            else:
+                self._ema(st, "A", a.T @ a / n, beta)
+                self._ema(st, "G", d.T @ d / n, beta)
+            st["n"] = st.get("n", torch.zeros((), dtype=torch.long)) + 1
         if "QA" not in st or (self.steps - 1) % group["update_freq"] == 0:
             self._refresh_linear(st, beta, group["jitter"])
         grad = module.weight.grad
@@ -353,7 +370,9 @@ class KFACPreconditioner:
             st["S"] = rg.T @ st["S"] @ ra
 
     def _step_embedding(self, name: str, module: nn.Embedding, examples: tuple[torch.Tensor, torch.Tensor],
-                        group: dict) -> None:
+                        group: dict, stats: bool = True) -> None:
+        """Update the table's statistics from the batch's lookups ``examples`` (rows, output
+        gradients; without ``stats`` only the rows are used) and precondition its gradient."""
         st = self.state[name]
         beta, damping, floor = group["factor_decay"], group["damping"], group["row_floor"]
         weight = module.weight
@@ -369,25 +388,32 @@ class KFACPreconditioner:
             st["row_sum"] = torch.zeros((), dtype=dt, device=dev)
             st["n"] = torch.zeros((), dtype=torch.long)
             st["G"] = torch.zeros(dim, dim, dtype=dt, device=dev)
+        if "row_n" not in st:  # the rows' clock (a state saved before stats_freq: the factor count)
+            st["row_n"] = st["n"].clone()
         trace_kind = self.kind in ("tkfac", "tekfac")
         eigen_kind = self.kind in ("ekfac", "tekfac")
         freq = counts.to(dt) / n  # the rows' visits per example of the batch
-        if trace_kind:
+        if trace_kind and stats:
             nd = d.square().sum(1)
             u = torch.zeros(rows.numel(), dtype=dt, device=dev).index_add_(0, inverse, nd) / n
             self._ema(st, "delta", nd.mean(), beta)
+        elif trace_kind:  # |g|² of this batch's visits not sampled: its running mean
+            u = freq * (st["delta"] / (1 - beta ** int(st["n"])))
         else:
             u = freq
-        st["G"].addmm_(d.T, d, beta=beta, alpha=(1 - beta) / n)
-        st["n"] += 1
-        step_n = int(st["n"])
+        if stats:
+            st["G"].addmm_(d.T, d, beta=beta, alpha=(1 - beta) / n)
+            st["n"] += 1
+        st["row_n"] += 1
+        step_n = int(st["row_n"])
         # lazy per-row running average: decay over the untouched steps, then add this batch
         gap = (step_n - st["row_last"][rows]).to(dt)
         row_new = st["row"][rows].mul_(torch.pow(beta, gap)).add_(u, alpha=1 - beta)
         st["row"][rows] = row_new
         st["row_last"][rows] = step_n
         st["row_sum"].mul_(beta).add_(u.sum(), alpha=1 - beta)
-        corr = 1 - beta ** step_n
+        corr = 1 - beta ** int(st["n"])  # the factor G's bias correction
+        row_corr = 1 - beta ** step_n
         root = (st["delta"] / corr).clamp_min(1e-30).sqrt() if trace_kind else 1.0
         if "QG" not in st or (self.steps - 1) % group["update_freq"] == 0:
             old_q = st.get("QG")
@@ -397,7 +423,13 @@ class KFACPreconditioner:
                 st["S"] = st["S"] @ (old_q.T @ st["QG"]).square()
         grad = weight.grad
         sparse = grad.is_sparse
-        if sparse:
+        lookups = grad._indices()[0] if sparse and not grad.is_coalesced() else None
+        if lookups is not None and lookups.shape == idx.shape and torch.equal(lookups, idx):
+            # one lookup per recorded row (the usual case): sum the lookups' gradients into the
+            # batch's unique rows with the inverse already at hand, instead of coalescing
+            g_rows = rows
+            g_vals = torch.zeros(rows.numel(), dim, dtype=dt, device=dev).index_add_(0, inverse, grad._values())
+        elif sparse:
             grad = grad.coalesce()
             g_rows, g_vals = grad.indices()[0], grad.values()
             if not torch.equal(g_rows, rows):  # rows present in the gradient but not recorded
@@ -448,7 +480,7 @@ class KFACPreconditioner:
                 curvature = curvature.add_((visits / count_corr * l2)[:, None])
             scale = curvature.clamp_min_(1e-30).reciprocal_()
         else:
-            inv = 1 / (corr * root)
+            inv = 1 / (row_corr * root)
             a_eff = row_new * inv if same else st["row"][g_rows] * inv
             if floor > 0:
                 batch_floor = u * (floor / root)
@@ -510,7 +542,8 @@ class KFACPreconditioner:
         corr = 1 - beta ** int(st["n"])
         root = (st["delta"] / corr).clamp_min(1e-30).sqrt() if "delta" in st else 1.0
         if "row" in st:
-            return st["row"] / corr / root, st["G"] / corr / root
+            row_corr = 1 - beta ** int(st.get("row_n", st["n"]))
+            return st["row"] / row_corr / root, st["G"] / corr / root
         return self._effective(st, beta)
 
     # ------------------------------------------------------------------ state
