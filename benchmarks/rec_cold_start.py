@@ -26,9 +26,11 @@ Writes ``benchmarks/results/rec_cold_start.json`` and ``rec_cold_start.png``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +51,10 @@ def rmse(pred: np.ndarray, truth: np.ndarray) -> float:
     return math.sqrt(float(np.mean((np.asarray(pred, dtype=np.float64) - truth) ** 2)))
 
 
-def run_split(seed: int, config: dict, epochs: int | None) -> dict:
-    """The cold-start curve of REC, MF fold-in and bias-only on the held-out split ``seed``."""
+def run_split(seed: int, config: dict, epochs: int | None, cold_shrinks: Sequence[float] = ()) -> dict:
+    """The cold-start curve of REC, MF fold-in and bias-only on the held-out split ``seed``;
+    with ``cold_shrinks``, also REC's curve at each of those ``cold_shrink`` values (the same
+    trained model, an inference-only setting) under ``rec_by_cold_shrink``."""
     ratings = load_dataset("ml-100k")
     split = cold_start_users(ratings, 0.2, max(KS), seed=seed)
     cold = split.cold_users
@@ -86,6 +90,7 @@ def run_split(seed: int, config: dict, epochs: int | None) -> dict:
     lam = rec.config.bias_reg
 
     results = {"k": list(KS), "rec": [], "mf_fold_in": [], "bias_only": [], "rec_fallback_share": []}
+    by_shrink: dict[str, list[float]] = {str(float(c)): [] for c in cold_shrinks}
     for k in KS:
         shown = pool.subset(rank_of_row < k)
         # REC: insert the revealed ratings, predict, no parameter update
@@ -94,6 +99,11 @@ def run_split(seed: int, config: dict, epochs: int | None) -> dict:
             rec.add_ratings(shown.user_ids.raw_ids[shown.users], shown.item_ids.raw_ids[shown.items], shown.values)
         rec.eval()
         p_rec = rec.predict(tu, ti).cpu().numpy()
+        own = rec.config
+        for c in cold_shrinks:
+            rec.config = dataclasses.replace(own, cold_shrink=float(c))
+            by_shrink[str(float(c))].append(rmse(rec.predict(tu, ti).cpu().numpy(), truth))
+        rec.config = own
         user_known, item_known = rec.known_mask(tu, ti)
         results["rec_fallback_share"].append(float((~(user_known & item_known)).float().mean()))
         # MF fold-in
@@ -118,10 +128,11 @@ def run_split(seed: int, config: dict, epochs: int | None) -> dict:
     return {"seed": seed, "cold_users": int(len(cold)), "test_ratings": int(len(test)), "train_ratings": int(len(base)),
             "rec_config": rec.config_dict(), "rec_train": tc, "rec_fit_seconds": rec_seconds,
             "rec_epochs_run": len(rec_fit.history), "rec_best_validation_rmse": rec_fit.best_validation_rmse,
-            **results}
+            **results, **({"rec_by_cold_shrink": by_shrink} if cold_shrinks else {})}
 
 
-def _beats(rec: list[float], mf: list[float]) -> bool:
+def beats_mf_for_small_k(rec: list[float], mf: list[float]) -> bool:
+    """Whether the curve ``rec`` is below ``mf`` at every k in 1..5."""
     return all(r < m for kk, r, m in zip(KS, rec, mf, strict=True) if 0 < kk <= 5)
 
 
@@ -146,8 +157,8 @@ def main() -> None:
               f"(splits: {', '.join(f'{x:+.4f}' for x in gap[:, j])})", flush=True)
     out = {"benchmark": "rec_cold_start", "dataset": "ml-100k", "seeds": [s["seed"] for s in splits], "k": list(KS),
            "mean": mean, "std": spread, "rec_minus_mf_fold_in": gap.mean(0).tolist(),
-           "rec_beats_mf_fold_in_for_k_le_5": _beats(mean["rec"], mean["mf_fold_in"]),
-           "splits_where_rec_beats_mf_fold_in_for_k_le_5": sum(_beats(s["rec"], s["mf_fold_in"]) for s in splits),
+           "rec_beats_mf_fold_in_for_k_le_5": beats_mf_for_small_k(mean["rec"], mean["mf_fold_in"]),
+           "splits_where_rec_beats_mf_fold_in_for_k_le_5": sum(beats_mf_for_small_k(s["rec"], s["mf_fold_in"]) for s in splits),
            "rec_config": splits[0]["rec_config"], "rec_train": splits[0]["rec_train"], "splits": splits}
     print(f"REC beats MF fold-in for k <= 5 on the mean: {out['rec_beats_mf_fold_in_for_k_le_5']}; "
           f"on {out['splits_where_rec_beats_mf_fold_in_for_k_le_5']} of {len(splits)} splits", flush=True)

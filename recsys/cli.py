@@ -118,6 +118,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-passes", type=int, help="REC: samplings averaged per prediction")
     g.add_argument("--cold-roots", type=float,
                    help="REC: training-time share of users/items treated as new (teaches cold start)")
+    g.add_argument("--cold-shrink", type=float,
+                   help="REC: prediction-time shrinkage of vectors built from few ratings (default 3; 0: off)")
     g.add_argument("--item-bias-reg", type=float, help="REC: ridge weight of the baseline item biases")
     g.add_argument("--mlp-reg", type=float, help="REC: L2 weight on the message networks' weights")
     g.add_argument("--message-dropout", dest="dropout", type=float,

@@ -3,6 +3,7 @@ insertion, fallback, artefacts, gradients, explanations. Small synthetic data on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -163,7 +164,9 @@ def test_aggregating_passes_together_equals_aggregating_each_pass(trained):
         passes = model.config.eval_passes
         chains = sample_chains(g, roots, model.config.fanouts, model._generator(fresh=True), passes=passes,
                                exclude=g.pair_keys(users, items))
-        vec = [model.aggregate(ch) for ch in chains.split_passes()]
+        # each pass's root vectors, with the prediction-time evidence shrinkage of its roots
+        scale = model.evidence_scale(chains).reshape(passes, len(roots), 1)
+        vec = [model.aggregate(ch) * scale[p] for p, ch in enumerate(chains.split_passes())]
         b = len(users)
         by_pass = torch.stack([model.global_mean + bias[users] + bias[g.n_users + items]
                                + (v[inverse[:b]] * v[inverse[b:]]).sum(-1) for v in vec])
@@ -443,6 +446,50 @@ def test_add_ratings_checks_its_input(trained):
         trained.add_ratings(["0"], ["0"], [9.0])
     with pytest.raises(ValueError, match="same length"):
         trained.add_ratings(["0"], ["0", "1"], [3.0])
+
+
+def test_cold_shrink_pulls_thin_evidence_towards_the_baseline_at_prediction_time_only(ratings):
+    """``cold_shrink``: a new user with one rating is predicted closer to its bias-only
+    baseline than without it, a user with many ratings (nearly) as before, the explanation
+    still sums to the prediction, and training is the same with the knob on."""
+    tc = TrainConfig(epochs=2, optimizer="adam", learning_rate=0.01, batch_size=64, progress=False, seed=0)
+    models = {}
+    for c in (0.0, 2.0):
+        models[c] = build_model("rec", ratings.n_users, ratings.n_items, ratings.rating_scale, {**SMALL, "cold_shrink": c})
+        Trainer(tc).fit(models[c], ratings)
+    for a, b in zip(models[0.0].parameters(), models[2.0].parameters(), strict=True):
+        assert torch.equal(a, b)  # training never reads the knob
+    model = models[0.0]
+    model.eval()
+    model.add_ratings(["cold"], [ratings.item_ids.raw_ids[0]], [5.0])
+    graph, bias = model.live()
+    nu, deg = graph.n_users, graph.degrees()
+    mu = float(model.global_mean)
+    items = torch.nonzero(deg[nu:] >= 8).squeeze(1)
+    items = items[items != 0][:10]  # not the new user's rated item (a batch hides its rated pairs)
+    heavy = int(torch.argmax(deg[:nu]))
+    unrated = torch.tensor([not bool(((torch.from_numpy(ratings.users) == heavy) & (torch.from_numpy(ratings.items) == int(i))).any())
+                            for i in items])
+    cold = model.ratings.user_ids.index("cold")
+
+    def raw(user: int, its: torch.Tensor, c: float) -> torch.Tensor:
+        model.config = dataclasses.replace(model.config, cold_shrink=c)
+        with torch.no_grad():
+            return model(torch.full_like(its, user), its)
+
+    for c in (0.5, 2.0):
+        base = mu + bias[cold] + bias[nu + items]
+        off, on = (raw(cold, items, 0.0) - base).abs(), (raw(cold, items, c) - base).abs()
+        assert bool((on <= off + 1e-6).all()) and float(on.sum()) < float(off.sum()) * (1 - 0.5 * np.exp(-1 / c))
+    its = items[unrated]
+    assert len(its) and torch.allclose(raw(heavy, its, 0.5), raw(heavy, its, 0.0), atol=1e-3)
+    model.config = dataclasses.replace(model.config, cold_shrink=2.0)
+    ex = model.explain("cold", ratings.item_ids.raw_ids[int(items[0])], top=None)
+    hop1 = sum(e["share"] for e in ex["evidence"] if e["hop"] == 1)
+    assert ex["path"] == "model"
+    assert hop1 + sum(ex["terms"].values()) == pytest.approx(float(raw(cold, items[:1], 2.0)[0]), abs=1e-4)
+    with pytest.raises(ValueError, match="cold_shrink"):
+        RECConfig(cold_shrink=-1.0)
 
 
 def test_zero_evidence_falls_back_to_the_baseline_and_says_so(ratings):

@@ -704,6 +704,9 @@ def rollback_effects(model: EvidenceChainModel, log: RECRollbackLog, user: int, 
                 if cand.any():
                     delta[cand] = log.lookup(ids[ex.copy_group[cand] - 1], ex.copy_slot[cand])
                 scores = _expanded_scores(model, ex, theta[ex.copy_slot] - delta)
+                scale = model.evidence_scale(chains)  # cold_shrink: the prediction's root factors
+                if scale is not None:
+                    scores = scores * scale[pos[0, 0]] * scale[pos[0, 1]]
                 out += (scores[0] - scores[1:]) / len(calls)
     finally:
         model.train(was)
