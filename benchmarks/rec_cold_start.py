@@ -20,7 +20,7 @@ each split's curve is kept. Seed 1 is the split REC's cold-start options were tu
 
 Writes ``benchmarks/results/rec_cold_start.json`` and ``rec_cold_start.png``.
 
-    RECSYS_DATA=../shared/data python benchmarks/rec_cold_start.py [--epochs 20] [--seeds 0,2,3]
+    RECSYS_DATA=../shared/data python benchmarks/rec_cold_start.py [--epochs 20] [--seeds 0,2,3] [--jobs 2 --threads 1]
 """
 
 from __future__ import annotations
@@ -136,18 +136,34 @@ def beats_mf_for_small_k(rec: list[float], mf: list[float]) -> bool:
     return all(r < m for kk, r, m in zip(KS, rec, mf, strict=True) if 0 < kk <= 5)
 
 
+def _run_split_threads(seed: int, config: dict, epochs: int | None, threads: int) -> dict:
+    """`run_split` in a worker process of ``threads`` torch threads (``--jobs``)."""
+    torch.set_num_threads(threads)
+    return run_split(seed, config, epochs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,2,3", help="held-out splits (comma-separated)")
+    parser.add_argument("--seeds", default="0,2,3,4,5", help="held-out splits (comma-separated)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--config", default="{}", help="JSON overrides of the REC config")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=1, help="splits run at once, one process each")
     parser.add_argument("--out", type=Path, default=RESULTS / "rec_cold_start.json",
                         help="JSON path (the plot is written beside it, .png)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = json.loads(args.config)
-    splits = [run_split(int(seed), config, args.epochs) for seed in args.seeds.split(",")]
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            splits = list(pool.map(_run_split_threads, seeds, [config] * len(seeds), [args.epochs] * len(seeds),
+                                   [args.threads] * len(seeds)))
+    else:
+        splits = [run_split(seed, config, args.epochs) for seed in seeds]
     mean = {name: np.mean([s[name] for s in splits], axis=0).tolist() for name in ("rec", "mf_fold_in", "bias_only")}
     spread = {name: np.std([s[name] for s in splits], axis=0).tolist() for name in ("rec", "mf_fold_in", "bias_only")}
     gap = np.array([np.array(s["rec"]) - np.array(s["mf_fold_in"]) for s in splits])  # [splits, k]

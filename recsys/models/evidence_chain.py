@@ -88,7 +88,7 @@ class RECConfig:
     ratings is multiplied by ``1 - exp(-n / cold_shrink)``, moving a prediction from little
     evidence towards its bias-only baseline; roots with no first-hop evidence (prototypes,
     fallbacks) are untouched. 3.0 was chosen on the seed-1 cold-start split (2 and 5 were
-    within 0.0004 there); on the held-out splits it takes k=1 from 1.000 to 0.990 and costs
+    within 0.0004 there); on held-out splits 0, 2 and 3 it takes k=1 from 1.000 to 0.990 and costs
     warm users and items with few ratings a little (u1 test +0.0003, u2 +0.0006; see
     ``docs/evidence_chain.md``). ``seed``: initialisation and sampling.
     """
