@@ -221,6 +221,40 @@ def test_factors_update_every_stats_freq_steps_and_row_frequencies_every_step(sm
         assert (st["row"][touched] > 0).all()
 
 
+@pytest.mark.parametrize("kind", ["kfac", "tkfac"])
+def test_a_table_first_used_between_statistics_steps_keeps_its_plain_gradient(kind):
+    """Table ``b`` is read from step 2 on, with statistics every 3 steps: on steps 2 and 3 it
+    has no factors yet, so its gradient is left as it is; from step 4 it is preconditioned."""
+    class TwoTables(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Embedding(5, 2, sparse=True), nn.Embedding(5, 2, sparse=True)
+            self.use_b = False
+
+        def loss_terms(self, idx: torch.Tensor, y: torch.Tensor):
+            out = self.a(idx).sum(1, keepdim=True)
+            if self.use_b:
+                out = out + self.b(idx).sum(1, keepdim=True)
+            return out, 0.5 * (out - y).square().mean()
+
+    torch.manual_seed(0)
+    model = TwoTables()
+    pre = KFACPreconditioner(model, kind, stats_freq=3)
+    idx, y = torch.tensor([0, 1, 1, 3]), torch.randn(4, 1)
+    for step in range(1, 6):
+        model.use_b = step >= 2
+        model.zero_grad()
+        pre.backward(*model.loss_terms(idx, y))
+        raw = model.b.weight.grad.to_dense().clone() if model.use_b else None
+        pre.step()
+        if step in (2, 3):
+            assert torch.equal(model.b.weight.grad.to_dense(), raw)
+        if step >= 4:
+            assert "QG" in pre.state["b"] and not torch.equal(model.b.weight.grad.to_dense(), raw)
+        for p in model.parameters():
+            assert p.grad is None or bool(torch.isfinite(p.grad.to_dense()).all())
+
+
 def test_eigenbasis_kinds_refuse_sparse_statistics():
     model = nn.Linear(3, 2)
     for kind in ("ekfac", "tekfac"):

@@ -372,8 +372,12 @@ class KFACPreconditioner:
     def _step_embedding(self, name: str, module: nn.Embedding, examples: tuple[torch.Tensor, torch.Tensor],
                         group: dict, stats: bool = True) -> None:
         """Update the table's statistics from the batch's lookups ``examples`` (rows, output
-        gradients; without ``stats`` only the rows are used) and precondition its gradient."""
+        gradients; without ``stats`` only the rows are used) and precondition its gradient. A
+        table first used on a step without statistics keeps its plain gradient until its first
+        statistics step."""
         st = self.state[name]
+        if not stats and "QG" not in st:
+            return
         beta, damping, floor = group["factor_decay"], group["damping"], group["row_floor"]
         weight = module.weight
         n_rows, dim = weight.shape
