@@ -39,13 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from results_file import write_json  # this folder is on the path when run as a script
 
 from recsys.datasets import load_split
 from recsys.errors import TrainingDivergedError
@@ -70,10 +70,7 @@ CACHE: dict = {"path": None, "runs": {}}
 def _save_cache() -> None:
     """Write the cache beside itself, then move it into place: a run killed mid-write keeps
     the previous cache whole instead of truncating hours of finished runs."""
-    path = CACHE["path"]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(CACHE["runs"]))
-    os.replace(tmp, path)
+    write_json(CACHE["path"], CACHE["runs"], indent=None)
 
 
 def code_version() -> str:

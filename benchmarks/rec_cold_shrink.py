@@ -15,7 +15,6 @@ Writes ``benchmarks/results/rec_cold_shrink.json`` (after every split).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from rec_cold_start import (  # this folder is on the path when run as a script
     beats_mf_for_small_k,
     run_split,
 )
+from results_file import write_json  # this folder is on the path when run as a script
 
 SHRINKS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0)
 TUNING_SEED = 1
@@ -85,8 +85,7 @@ def main() -> None:
         out = {"benchmark": "rec_cold_shrink", "dataset": "ml-100k", "k": list(KS), "shrinks": shrinks,
                "tuning_seed": TUNING_SEED, "chosen_cold_shrink": chosen, "test": summary(splits, chosen),
                "splits": splits}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
+        write_json(args.out, out)  # after every split, whole or not at all
     test = summary(splits, chosen)
     if test:
         for j, k in enumerate(KS):

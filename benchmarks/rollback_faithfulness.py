@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
+from results_file import write_json  # this folder is on the path when run as a script
 from scipy import stats
 
 from recsys.datasets import load_split
@@ -184,13 +184,6 @@ def rollback_latency(model: MatrixFactorization, logs: dict, train: Ratings, tes
     return out
 
 
-def _write(path: Path, out: dict) -> None:
-    """Write the results file whole or not at all (a temporary file moved into place): it
-    accumulates hours of runs, one optimizer per invocation."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -247,7 +240,7 @@ def main() -> None:
             print(f"  A {name:20s} direction {v['direction_rate']:.2f} mean change along {v['mean_change_along_predicted']:+.4f}")
     if args.no_overhead:
         out["last_run"] = {"parts": updated, "date": time.strftime("%Y-%m-%d")}
-        _write(args.out, out)
+        write_json(args.out, out)
         print(f"wrote {args.out}")
         return
     # Test C at the default MF config (D=128, 4 blocks, compiled kernel), one thread.
@@ -273,7 +266,7 @@ def main() -> None:
     for m, v in latency.items():
         print(f"  explain {m:18s} p50 {v['p50_ms']:.2f} ms  p99 {v['p99_ms']:.2f} ms")
     out["last_run"] = {"parts": ["C", *updated], "date": time.strftime("%Y-%m-%d")}
-    _write(args.out, out)
+    write_json(args.out, out)
     print(f"wrote {args.out}")
 
 

@@ -526,6 +526,14 @@ class EvidenceChainModel(RatingModel):
         roots_item = chains.base(chains.nodes(0)) >= nu
         return torch.where(valid.unsqueeze(1), vec, rows(self.fallback_vectors, roots_item.long()))
 
+    def root_vectors(self, chains: Chains, record: dict | None = None,
+                     root_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The chains' root vectors as predictions use them (``[passes·n_0, K]``, pass by
+        pass): `aggregate`'s, times `evidence_scale` outside training."""
+        vec = self.aggregate(chains, record, root_bias)
+        scale = self.evidence_scale(chains)
+        return vec if scale is None else vec * scale.unsqueeze(1)
+
     def evidence_scale(self, chains: Chains) -> torch.Tensor | None:
         """The ``cold_shrink`` factor of each root of ``chains`` (``[passes·n_0]``, pass by
         pass, as `aggregate` returns them): ``1 - exp(-n / cold_shrink)`` for a root with
@@ -562,11 +570,7 @@ class EvidenceChainModel(RatingModel):
                                     evidence_dropout=c.evidence_dropout if self.training else 0.0,
                                     root_keep=root_keep, passes=passes)
         root_bias = None if root_keep is None else self.cold_root_bias(chains, root_keep > 0)
-        vec = self.aggregate(chains, record, root_bias)
-        scale = self.evidence_scale(chains)
-        if scale is not None:  # prediction-time evidence shrinkage (``cold_shrink``)
-            vec = vec * scale.unsqueeze(1)
-        vec = vec.reshape(passes, len(roots), -1)
+        vec = self.root_vectors(chains, record, root_bias).reshape(passes, len(roots), -1)
         b = len(users)
         vu, vi = vec[:, inverse[:b]], vec[:, inverse[b:]]
         rb = self.prediction_biases(users, items, inverse, root_keep, root_bias)
@@ -697,11 +701,7 @@ class EvidenceChainModel(RatingModel):
         for s in range(0, len(nodes), chunk):
             roots, inverse = torch.unique(nodes[s:s + chunk], return_inverse=True)
             chains = self.chain_sampler(graph, roots, self.config.fanouts, gen, passes=passes)
-            vec = self.aggregate(chains)
-            scale = self.evidence_scale(chains)
-            if scale is not None:
-                vec = vec * scale.unsqueeze(1)
-            out[s:s + chunk] = vec.reshape(passes, len(roots), -1).mean(0)[inverse]
+            out[s:s + chunk] = self.root_vectors(chains).reshape(passes, len(roots), -1).mean(0)[inverse]
         return out
 
     @torch.no_grad()

@@ -50,11 +50,13 @@ class LayerCapture:
         self.records[key] = []
         return pairs
 
-    def take_embedding(self, key: object, dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def take_embedding(self, key: object, dim: int, *,
+                       grads: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The recorded lookups of an embedding table as per-example rows and gradients:
         ``(rows int64 [n], grads [n, dim])``, or None when nothing was recorded. Lookups of
-        the same indices in one pass (MF reads each table twice per loss) are one example;
-        gradients of a mean loss are scaled by the batch size to be per-example."""
+        the same indices in one pass (a model that reads a table twice per loss) are one
+        example; gradients of a mean loss are scaled by the batch size to be per-example.
+        ``grads=False``: the rows only (``grads`` None), for a step that needs no statistics."""
         merged: list[list[torch.Tensor]] = []
         for idx, g in self.take(key):
             for m in merged:
@@ -66,8 +68,9 @@ class LayerCapture:
         if not merged:
             return None
         rows = torch.cat([i.reshape(-1) for i, _ in merged])
-        grads = torch.cat([g.reshape(-1, dim) * i.shape[0] for i, g in merged])
-        return rows, grads
+        if not grads:
+            return rows, None
+        return rows, torch.cat([g.reshape(-1, dim) * i.shape[0] for i, g in merged])
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

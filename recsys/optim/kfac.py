@@ -262,7 +262,7 @@ class KFACPreconditioner:
                 self.capture.take(name)  # drop what this pass recorded
                 continue
             if isinstance(module, nn.Embedding):
-                examples = self.capture.take_embedding(name, module.embedding_dim)
+                examples = self.capture.take_embedding(name, module.embedding_dim, grads=stats)
                 if examples is not None:
                     self._step_embedding(name, module, examples, group, stats)
             else:
@@ -369,10 +369,10 @@ class KFACPreconditioner:
             ra, rg = (old[0].T @ st["QA"]).square(), (old[1].T @ st["QG"]).square()
             st["S"] = rg.T @ st["S"] @ ra
 
-    def _step_embedding(self, name: str, module: nn.Embedding, examples: tuple[torch.Tensor, torch.Tensor],
-                        group: dict, stats: bool = True) -> None:
+    def _step_embedding(self, name: str, module: nn.Embedding,
+                        examples: tuple[torch.Tensor, torch.Tensor | None], group: dict, stats: bool = True) -> None:
         """Update the table's statistics from the batch's lookups ``examples`` (rows, output
-        gradients; without ``stats`` only the rows are used) and precondition its gradient. A
+        gradients; without ``stats`` only the rows, the gradients None) and precondition its gradient. A
         table first used on a step without statistics keeps its plain gradient until its first
         statistics step."""
         st = self.state[name]
@@ -382,7 +382,8 @@ class KFACPreconditioner:
         weight = module.weight
         n_rows, dim = weight.shape
         idx, d = examples
-        d = d.to(weight.dtype)
+        if stats:
+            d = d.to(weight.dtype)
         n = idx.numel()
         rows, inverse, counts = torch.unique(idx, return_inverse=True, return_counts=True)
         dev, dt = weight.device, weight.dtype
