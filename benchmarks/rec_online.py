@@ -8,8 +8,12 @@
 2. Latency: single-pair `predict` calls on the CPU at the default fanouts and eval passes,
    p50/p99 over ``--calls`` random pairs (``--latency-threads`` torch threads), and the same
    at each of ``--other-fanouts`` (same parameters; only the sampling changes) for the
-   accuracy/latency trade-off.
-3. Throughput: predictions per second for u1.test in batches of 1, 256, 4096 and 20000.
+   accuracy/latency trade-off. CPU inference runs the compiled kernels
+   (`recsys.models.rec_kernels`); the tensor code's latency is measured beside them, in the
+   same run (``compiled_inference`` off), with the largest difference between the two
+   paths' predictions over u1.test.
+3. Throughput: predictions per second for u1.test in batches of 1, 256, 4096 and 20000,
+   for both paths.
 
 The model is trained here for ``--epochs`` epochs (speed does not depend on accuracy).
 Writes ``benchmarks/results/rec_online.json``.
@@ -110,10 +114,19 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         return {"calls": args.calls, "threads": args.latency_threads, "p50_ms": 1e3 * float(np.percentile(times, 50)),
                 "p99_ms": 1e3 * float(np.percentile(times, 99)), "max_ms": 1e3 * float(np.max(times)),
-                "fanouts": list(model.config.fanouts), "eval_passes": model.config.eval_passes}
+                "fanouts": list(model.config.fanouts), "eval_passes": model.config.eval_passes,
+                "path": "compiled kernels" if model.compiled_inference else "tensor code"}
 
     latency = single_latency()
     print("latency:", json.dumps(latency), flush=True)
+    model.compiled_inference = False
+    latency_tensor = single_latency()
+    print("latency, tensor code:", json.dumps(latency_tensor), flush=True)
+    u_all, i_all, _ = test.tensors()
+    tensor_pred = model.predict(u_all, i_all)
+    model.compiled_inference = True
+    path_gap = float((model.predict(u_all, i_all) - tensor_pred).abs().max())
+    print(f"largest |compiled - tensor code| prediction over u1.test: {path_gap:.2e}", flush=True)
     trained = model.config
     other_latency = []
     for spec in filter(None, args.other_fanouts.split(",")):
@@ -124,19 +137,22 @@ def main() -> None:
 
     # ---- 3. batch throughput
     torch.set_num_threads(2)
-    u_all, i_all, _ = test.tensors()
-    throughput = {}
+    throughput: dict[str, dict[str, float]] = {"compiled": {}, "tensor_code": {}}
     for bs in (1, 256, 4096, 20000):
         n = min(len(test), 2000 if bs == 1 else len(test))
-        t0 = time.perf_counter()
-        for s in range(0, n, bs):
-            model.predict(u_all[s:min(s + bs, n)], i_all[s:min(s + bs, n)])
-        throughput[str(bs)] = n / (time.perf_counter() - t0)
+        for path in ("compiled", "tensor_code"):  # alternating, so both see the same machine
+            model.compiled_inference = path == "compiled"
+            t0 = time.perf_counter()
+            for s in range(0, n, bs):
+                model.predict(u_all[s:min(s + bs, n)], i_all[s:min(s + bs, n)])
+            throughput[path][str(bs)] = n / (time.perf_counter() - t0)
+    model.compiled_inference = True
     print("throughput (predictions/s by batch size):", json.dumps(throughput), flush=True)
     out = {"benchmark": "rec_online", "dataset": "ml-100k u1", "epochs_trained": args.epochs,
            "device": args.device, "machine": platform.processor() or platform.machine(),
            "torch": torch.__version__, "parameters": model.parameter_count(), "config": model.config_dict(),
-           "online": online, "latency": latency, "latency_other_fanouts": other_latency,
+           "online": online, "latency": latency, "latency_tensor_code": latency_tensor,
+           "compiled_vs_tensor_code_max_abs_prediction_gap": path_gap, "latency_other_fanouts": other_latency,
            "throughput_per_s": throughput, "throughput_threads": 2}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "rec_online.json").write_text(json.dumps(out, indent=2))

@@ -26,6 +26,7 @@ import torch
 
 from recsys.artefact import Artefact, load_artefact
 from recsys.errors import UnknownIdError
+from recsys.models.evidence_chain import EvidenceChainModel
 from recsys.models.mf import MatrixFactorization
 from recsys.ratings import IdMap, Ratings
 from recsys.store import NewRating, StoredRating
@@ -94,6 +95,8 @@ class Recommender:
             self.newton = NewtonInfluence(self.model, self.train)
             if len(self.train) <= self.warm_below:
                 self.newton.warm()
+        elif isinstance(self.model, EvidenceChainModel):
+            self.model.warm()  # the compiled inference kernels, before the first request
 
     #: precompute every row's explanation vectors at load when the training set is this small
     warm_below = 200_000

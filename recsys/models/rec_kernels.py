@@ -1,0 +1,362 @@
+"""Compiled CPU kernels for evidence-chain inference: chain sampling and aggregation.
+
+A single REC prediction is a few hundred edges over three levels. As tensor operations it is
+about 560 dispatches of a few microseconds each (the arithmetic is a few tens of
+microseconds), which is why one prediction took 3-4 ms on the CPU. These numba kernels do a
+level's sampling, and the whole bottom-up aggregation, in machine code:
+
+- `sample_chains_compiled` draws **the same chains** as the tensor version
+  (`recsys.models.chains.sample_chains_vectorised`), bit for bit: it takes its random
+  numbers from the same ``torch.Generator``, in the same order and amounts, and does the
+  same float32 arithmetic on them. So a query's answer, the rollback log's replay and the
+  tests of the sampled chains do not depend on which of the two ran. It covers inference and
+  training without ``evidence_dropout``/``root_keep`` (the dispatcher in
+  `recsys.models.chains.sample_chains` decides).
+- `aggregate_compiled` computes `EvidenceChainModel.aggregate`'s root vectors without
+  autograd (inference only), equal to the tensor version up to float32 rounding (the
+  matrix products go through BLAS in a different order).
+
+The tensor code stays the one definition on every device and the one that trains; these
+kernels are tested against it (``tests/test_rec_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+# ---------------------------------------------------------------------------- sampling
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _stratified(slot: int, jitter: np.float32, size: int, k: int, rotation: np.float32) -> int:
+    """`recsys.models.chains._stratified` for one slot, with its float32 arithmetic."""
+    size_ = max(size, 1)
+    k_ = max(k, 1)
+    lo = slot * size_ // k_
+    hi = (slot + 1) * size_ // k_
+    off = min(lo + int(jitter * np.float32(hi - lo)), hi - 1)
+    return (off + int(rotation * np.float32(size_))) % size_
+
+
+@njit(cache=True, nogil=True)
+def expandable(nodes: np.ndarray, n_nodes: int, proto_slot: np.ndarray) -> np.ndarray:
+    """Positions ``int64 [m]`` among ``nodes`` (ids, pass offsets included) of the
+    non-prototypes, in order: the nodes a level expands."""
+    out = np.empty(len(nodes), np.int64)
+    m = 0
+    for j in range(len(nodes)):
+        if proto_slot[nodes[j] % n_nodes] < 0:
+            out[m] = j
+            m += 1
+    return out[:m]
+
+
+@njit(cache=True, nogil=True)
+def sample_level(indptr: np.ndarray, n_proto: np.ndarray, neighbours: np.ndarray, values: np.ndarray,
+                 examples: np.ndarray, nodes: np.ndarray, expand: np.ndarray, n_nodes: int, fanout: int,
+                 prototypes_only: bool, jitter: np.ndarray, rotation: np.ndarray, exclude: np.ndarray,
+                 n_users: int, n_items: int):
+    """One level of `sample_neighbours` for the nodes ``nodes[expand]`` (``jitter [m, F]`` and
+    ``rotation [m, 2]`` float32 draws, ``exclude`` sorted pair keys): the edges ``(parent
+    positions in nodes, child ids with the parent's pass offset, values, examples)``, grouped
+    by parent in order."""
+    m = len(expand)
+    parent = np.empty(m * fanout, np.int64)
+    child = np.empty(m * fanout, np.int64)
+    pos_out = np.empty(m * fanout, np.int64)
+    n_ex = len(exclude)
+    e = 0
+    for r in range(m):
+        p = expand[r]
+        node = nodes[p]
+        g = node % n_nodes
+        offset = node - g
+        start = indptr[g]
+        n_p = n_proto[g]
+        kp = min(n_p, fanout)
+        n_other = 0 if prototypes_only else indptr[g + 1] - start - n_p
+        ko = 0 if prototypes_only else min(n_other, fanout - kp)
+        for j in range(kp + ko):
+            if j < kp:
+                pos = start + _stratified(j, jitter[r, j], n_p, kp, rotation[r, 0])
+            else:
+                pos = start + n_p + _stratified(j - kp, jitter[r, j], n_other, ko, rotation[r, 1])
+            c = neighbours[pos]
+            if n_ex:
+                key = min(g, c) * n_items + (max(g, c) - n_users)
+                at = np.searchsorted(exclude, key)
+                if at < n_ex and exclude[at] == key:
+                    continue
+            parent[e] = p
+            child[e] = c + offset
+            pos_out[e] = pos
+            e += 1
+    pos_out = pos_out[:e]
+    return parent[:e], child[:e], values[pos_out], examples[pos_out]
+
+
+@njit(cache=True, nogil=True)
+def unique_inverse(ids: np.ndarray):
+    """``(sorted unique ids, inverse)`` as ``torch.unique(..., return_inverse=True)``."""
+    n = len(ids)
+    order = np.argsort(ids)
+    inverse = np.empty(n, np.int64)
+    uniq = np.empty(n, np.int64)
+    m = -1
+    for k in range(n):
+        v = ids[order[k]]
+        if m < 0 or uniq[m] != v:
+            m += 1
+            uniq[m] = v
+        inverse[order[k]] = m
+    return uniq[:m + 1], inverse
+
+
+@njit(cache=True, nogil=True)
+def reverse_edges(level_nodes: np.ndarray, parent: np.ndarray, child_pos: np.ndarray,
+                  next_parent: np.ndarray, next_child: np.ndarray, n_next: int) -> np.ndarray:
+    """`recsys.models.chains.Level.reverse_edge`: for each edge parent -> child, the index of
+    the first next-level edge child -> parent, ``-1`` if the child did not sample it
+    (``next_parent`` ascending)."""
+    first = np.searchsorted(next_parent, np.arange(n_next + 1))
+    out = np.full(len(parent), -1, np.int64)
+    for e in range(len(parent)):
+        c = child_pos[e]
+        want = level_nodes[parent[e]]
+        for f in range(first[c], first[c + 1]):
+            if next_child[f] == want:
+                out[e] = f
+                break
+    return out
+
+
+def sample_chains_compiled(graph, roots: torch.Tensor, fanouts: tuple[int, ...], generator: torch.Generator, *,
+                           exclude: torch.Tensor | None = None, passes: int = 1):
+    """`recsys.models.chains.sample_chains` without evidence dropout or root truncation, on
+    the CPU: the same `Chains` the tensor version draws from ``generator``."""
+    from recsys.models.chains import Chains, Level
+
+    n_nodes = graph.n_nodes
+    roots_np = roots.numpy()
+    if passes > 1:
+        roots_np = (roots_np[None, :] + np.arange(passes)[:, None] * n_nodes).reshape(-1)
+    exclude_np = np.sort(exclude.numpy()) if exclude is not None else np.empty(0, np.int64)
+    arrays = [graph.indptr.numpy(), graph.n_proto.numpy(), graph.neighbours.numpy(), graph.values.numpy(),
+              graph.examples.numpy()]
+    proto_slot = graph.proto_slot.numpy()
+    nodes = np.ascontiguousarray(roots_np, dtype=np.int64)
+    levels_nodes = [nodes]
+    raw = []
+    for depth, fanout in enumerate(fanouts):
+        expand = expandable(nodes, n_nodes, proto_slot)
+        m = len(expand)
+        if m:
+            jitter = torch.rand(m, fanout, generator=generator).numpy()
+            rotation = torch.rand(m, 2, generator=generator).numpy()
+        else:
+            jitter = rotation = np.empty((0, 2), np.float32)
+        edges = sample_level(*arrays, nodes, expand, n_nodes, fanout, depth == len(fanouts) - 1, jitter, rotation,
+                             exclude_np, graph.n_users, graph.n_items)
+        nodes, child_pos = unique_inverse(edges[1])
+        raw.append((edges, child_pos))
+        levels_nodes.append(nodes)
+    t = torch.from_numpy
+    levels = []
+    for depth, ((parent, _child, values, examples), child_pos) in enumerate(raw):
+        if depth + 1 < len(raw):
+            nxt = raw[depth + 1][0]
+            reverse = reverse_edges(levels_nodes[depth], parent, child_pos, nxt[0], nxt[1],
+                                    len(levels_nodes[depth + 1]))
+        else:
+            reverse = np.full(len(parent), -1, np.int64)
+        levels.append(Level(t(levels_nodes[depth]), t(parent), t(child_pos), t(values), t(examples), t(reverse)))
+    return Chains(levels, t(levels_nodes[-1]), passes, n_nodes)
+
+
+# ---------------------------------------------------------------------------- aggregation
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _gate_into(out: np.ndarray, mean: np.ndarray, count: np.float32, side: int, gate: np.ndarray,
+               fallback: np.ndarray) -> None:
+    """``out = lerp(fallback[side], mean, σ(a·log max(count, 1) + c))`` (`_gated`)."""
+    z = gate[side, 0] * np.float32(np.log(max(count, np.float32(1.0)))) + gate[side, 1]
+    w = np.float32(1.0) / (np.float32(1.0) + np.float32(np.exp(-z)))
+    for f in range(len(out)):
+        start = fallback[side, f]
+        diff = mean[f] - start
+        out[f] = start + w * diff if w < 0.5 else mean[f] - diff * (np.float32(1.0) - w)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mlp(x: np.ndarray, w1t: np.ndarray, b1: np.ndarray, w2t: np.ndarray, b2: np.ndarray) -> np.ndarray:
+    """One hidden ReLU layer: ``relu(x @ w1t + b1) @ w2t + b2``."""
+    h = np.dot(x, w1t)
+    for r in range(h.shape[0]):
+        for c in range(h.shape[1]):
+            v = h[r, c] + b1[c]
+            h[r, c] = v if v > 0 else np.float32(0.0)
+    out = np.dot(h, w2t)
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            out[r, c] += b2[c]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def aggregate_levels(node_off: np.ndarray, nodes: np.ndarray, edge_off: np.ndarray, parent: np.ndarray,
+                     child: np.ndarray, values: np.ndarray, reverse: np.ndarray, n_nodes: int, n_users: int,
+                     proto_slot: np.ndarray, bias: np.ndarray, root_bias: np.ndarray, mu: np.float32,
+                     protos: np.ndarray, fallback: np.ndarray, gate: np.ndarray, rating_levels: np.ndarray,
+                     w1t_user: np.ndarray, b1_user: np.ndarray, w2t_user: np.ndarray, b2_user: np.ndarray,
+                     w1t_item: np.ndarray, b1_item: np.ndarray, w2t_item: np.ndarray, b2_item: np.ndarray
+                     ) -> np.ndarray:
+    """`EvidenceChainModel.aggregate` (no record) over flattened levels: level ``d``'s nodes
+    are ``nodes[node_off[d]:node_off[d+1]]`` (the leaves last), its edges
+    ``edge_off[d]:edge_off[d+1]`` of ``parent``/``child`` (positions within their levels),
+    ``values`` and ``reverse``. ``root_bias`` (empty: none) replaces the roots' biases.
+    Returns the root vectors ``float32 [n_0, K]``."""
+    depth = len(edge_off) - 1
+    k = protos.shape[1]
+    n_levels = rating_levels.shape[0]
+    step = rating_levels[1] - rating_levels[0]
+    one = np.float32(1.0)
+    lo, hi = node_off[depth], node_off[depth + 1]
+    vec = np.zeros((hi - lo, k), np.float32)
+    valid = np.zeros(hi - lo, np.bool_)
+    for j in range(hi - lo):
+        s = proto_slot[nodes[lo + j] % n_nodes]
+        if s >= 0:
+            vec[j] = protos[s]
+            valid[j] = True
+    have_below = False
+    sums_b = np.zeros((0, k), np.float32)
+    counts_b = np.zeros(0, np.float32)
+    msg_b = np.zeros((0, k), np.float32)
+    ok_b = np.zeros(0, np.bool_)
+    mean = np.empty(k, np.float32)
+    for d in range(depth - 1, -1, -1):
+        n0, n1 = node_off[d], node_off[d + 1]
+        c0 = node_off[d + 1]
+        e0, e1 = edge_off[d], edge_off[d + 1]
+        n_e = e1 - e0
+        n_l = n1 - n0
+        new_vec = np.zeros((n_l, k), np.float32)
+        new_valid = np.zeros(n_l, np.bool_)
+        if n_e == 0:
+            for j in range(n_l):
+                s = proto_slot[nodes[n0 + j] % n_nodes]
+                if s >= 0:
+                    new_vec[j] = protos[s]
+                    new_valid[j] = True
+            vec, valid, have_below = new_vec, new_valid, False
+            continue
+        x = np.empty((n_e, k + n_levels + 1), np.float32)
+        ok = np.empty(n_e, np.bool_)
+        into_item = np.empty(n_e, np.bool_)
+        n_item = 0
+        for e in range(n_e):
+            c = child[e0 + e]
+            cnode = nodes[c0 + c] % n_nodes
+            pnode = nodes[n0 + parent[e0 + e]] % n_nodes
+            cok = valid[c]
+            r = reverse[e0 + e] if have_below else -1
+            if r >= 0 and proto_slot[cnode] < 0:  # the child's mean without this parent's message
+                used = one if ok_b[r] else np.float32(0.0)
+                cnt = counts_b[c] - used
+                denom = max(cnt, one)
+                for f in range(k):
+                    mean[f] = (sums_b[c, f] - msg_b[r, f] * used) / denom
+                _gate_into(x[e, :k], mean, cnt, 1 if cnode >= n_users else 0, gate, fallback)
+                cok = cnt > 0
+            else:
+                x[e, :k] = vec[c]
+            v = values[e0 + e]
+            for lv in range(n_levels):
+                x[e, k + lv] = max(np.float32(0.0), one - abs(v - rating_levels[lv]) / step)
+            pb = root_bias[parent[e0 + e]] if (d == 0 and len(root_bias)) else bias[pnode]
+            x[e, k + n_levels] = v - mu - pb - bias[cnode]
+            ok[e] = cok
+            into_item[e] = pnode >= n_users
+            n_item += into_item[e]
+        msg = np.empty((n_e, k), np.float32)
+        for side in range(2):
+            n_side = n_item if side == 1 else n_e - n_item
+            if n_side == 0:
+                continue
+            idx = np.empty(n_side, np.int64)
+            m = 0
+            for e in range(n_e):
+                if into_item[e] == (side == 1):
+                    idx[m] = e
+                    m += 1
+            xs = np.ascontiguousarray(x[idx])
+            if side == 0:
+                out = _mlp(xs, w1t_user, b1_user, w2t_user, b2_user)
+            else:
+                out = _mlp(xs, w1t_item, b1_item, w2t_item, b2_item)
+            for j in range(n_side):
+                msg[idx[j]] = out[j]
+        sums = np.zeros((n_l, k), np.float32)
+        counts = np.zeros(n_l, np.float32)
+        for e in range(n_e):
+            if ok[e]:
+                p = parent[e0 + e]
+                for f in range(k):
+                    sums[p, f] += msg[e, f]
+                counts[p] += one
+            else:
+                msg[e] = 0.0
+        for j in range(n_l):
+            g = nodes[n0 + j] % n_nodes
+            s = proto_slot[g]
+            if s >= 0:
+                new_vec[j] = protos[s]
+                new_valid[j] = True
+            else:
+                denom = max(counts[j], one)
+                for f in range(k):
+                    mean[f] = sums[j, f] / denom
+                _gate_into(new_vec[j], mean, counts[j], 1 if g >= n_users else 0, gate, fallback)
+                new_valid[j] = counts[j] > 0
+        vec, valid = new_vec, new_valid
+        sums_b, counts_b, msg_b, ok_b, have_below = sums, counts, msg, ok, True
+    for j in range(node_off[1] - node_off[0]):
+        if not valid[j]:
+            vec[j] = fallback[1 if nodes[j] % n_nodes >= n_users else 0]
+    return vec
+
+
+def _weights(net: torch.nn.Sequential) -> tuple[np.ndarray, ...]:
+    """``(W1ᵀ, b1, W2ᵀ, b2)`` of a `_Message` network as contiguous float32 arrays."""
+    first, last = net[0], net[-1]
+    return (np.ascontiguousarray(first.weight.detach().numpy().T), first.bias.detach().numpy(),
+            np.ascontiguousarray(last.weight.detach().numpy().T), last.bias.detach().numpy())
+
+
+def aggregate_compiled(model, chains, root_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`EvidenceChainModel.aggregate` of ``chains`` (no record) for a CPU float32 model in
+    inference: root vectors ``[passes·n_0, K]``."""
+    graph, bias = model.live()
+    depth = len(chains.levels)
+    level_nodes = [chains.nodes(d).numpy() for d in range(depth + 1)]
+    node_off = np.zeros(depth + 2, np.int64)
+    np.cumsum([len(n) for n in level_nodes], out=node_off[1:])
+    edge_off = np.zeros(depth + 1, np.int64)
+    np.cumsum([len(lvl.parent) for lvl in chains.levels], out=edge_off[1:])
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(lvl, name).numpy() for lvl in chains.levels])
+
+    rb = np.empty(0, np.float32) if root_bias is None else root_bias.detach().numpy().astype(np.float32)
+    # a single pass's ids are graph nodes: a modulus that leaves them as they are
+    n_nodes = chains.n_nodes if chains.passes > 1 else np.iinfo(np.int64).max
+    vec = aggregate_levels(
+        node_off, np.concatenate(level_nodes), edge_off, cat("parent"), cat("child"), cat("values"), cat("reverse_edge"),
+        n_nodes, graph.n_users, graph.proto_slot.numpy(), bias.detach().numpy(), rb,
+        np.float32(float(model.global_mean)), model.prototype_vectors.detach().numpy(),
+        model.fallback_vectors.detach().numpy(), model.gate.detach().numpy(), model.rating_levels.numpy(),
+        *_weights(model.phi_user), *_weights(model.phi_item))
+    return torch.from_numpy(vec)

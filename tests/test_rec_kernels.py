@@ -1,0 +1,123 @@
+"""The compiled CPU kernels of REC inference equal the tensor code they replace: the same
+chains bit for bit from the same generator, the same vectors and predictions up to float32
+rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.models import build_model
+from recsys.models.chains import EvidenceGraph, sample_chains
+from recsys.ratings import Ratings
+from recsys.train import TrainConfig, Trainer
+from tests.conftest import make_ratings
+
+SMALL = {"embedding_size": 8, "hidden_size": 16, "prototypes": 4, "fanouts": (6, 4, 3), "eval_passes": 2}
+LEVEL_FIELDS = ("nodes", "parent", "child", "values", "examples", "reverse_edge")
+
+
+@pytest.fixture(scope="module")
+def ratings():
+    return make_ratings(n_users=40, n_items=25, n=500, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(ratings):
+    model = build_model("rec", ratings.n_users, ratings.n_items, ratings.rating_scale, SMALL)
+    Trainer(TrainConfig(epochs=3, optimizer="adam", learning_rate=0.01, batch_size=64, progress=False)).fit(model, ratings)
+    model.eval()
+    return model
+
+
+def assert_same_chains(a, b) -> None:
+    assert len(a.levels) == len(b.levels) and (a.passes, a.n_nodes) == (b.passes, b.n_nodes)
+    for la, lb in zip(a.levels, b.levels, strict=True):
+        for name in LEVEL_FIELDS:
+            x, y = getattr(la, name), getattr(lb, name)
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert torch.equal(a.leaves, b.leaves)
+
+
+def draw_both(graph, roots, fanouts, seed, **kwargs):
+    gens = [torch.Generator().manual_seed(seed) for _ in range(2)]
+    compiled = sample_chains(graph, roots, fanouts, gens[0], compiled=True, **kwargs)
+    tensors = sample_chains(graph, roots, fanouts, gens[1], compiled=False, **kwargs)
+    # the same random numbers were consumed: the streams continue identically
+    assert torch.equal(torch.rand(3, generator=gens[0]), torch.rand(3, generator=gens[1]))
+    return compiled, tensors
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+@pytest.mark.parametrize("fanouts", [(6, 4, 3), (30, 30), (1,), (2, 2, 2, 2)])
+def test_compiled_sampling_draws_the_tensor_codes_chains_bit_for_bit(trained, fanouts, passes):
+    graph, _ = trained.live()
+    rng = np.random.default_rng(len(fanouts) + passes)
+    for seed in range(5):
+        roots = torch.unique(torch.from_numpy(rng.integers(0, graph.n_nodes, int(rng.integers(1, 30)))))
+        users = torch.from_numpy(rng.integers(0, graph.n_users, 40))
+        items = torch.from_numpy(rng.integers(0, graph.n_items, 40))
+        for exclude in (None, graph.pair_keys(users, items)):
+            assert_same_chains(*draw_both(graph, roots, fanouts, seed, exclude=exclude, passes=passes))
+
+
+def test_compiled_sampling_handles_repeated_pairs_and_nodes_without_ratings():
+    """A pair rated twice is two edges between the same nodes (the parent-skip takes the
+    first); a user with no ratings expands to nothing; both paths agree."""
+    base = Ratings.from_arrays(np.array([0, 1, 1, 2, 2, 3]), np.array([0, 0, 1, 1, 2, 0]),
+                               np.array([1, 3, 4, 2, 5, 4.0]), rating_scale=(1, 5))
+    # built directly (`from_arrays` keeps one rating per pair): (0, 0) and (2, 2) twice
+    r = Ratings(np.append(base.users, [0, 2]), np.append(base.items, [0, 2]), np.append(base.values, [5, 2]).astype(np.float32),
+                None, base.user_ids.extend(["ghost"]), base.item_ids, base.rating_scale)
+    graph = EvidenceGraph.build(r, np.array([0]), np.array([0]))
+    roots = torch.arange(graph.n_nodes)
+    for seed in range(10):
+        a, b = draw_both(graph, roots, (3, 3, 2), seed, passes=2)
+        assert_same_chains(a, b)
+
+
+def test_compiled_aggregation_equals_the_tensor_code(trained):
+    graph, bias = trained.live()
+    roots = torch.unique(torch.tensor([0, 3, 7, 19, graph.n_users + 1, graph.n_users + 4, graph.n_users + 20]))
+    for passes in (1, 3):
+        chains = sample_chains(graph, roots, trained.config.fanouts, torch.Generator().manual_seed(passes),
+                               passes=passes)
+        root_bias = bias[chains.base(chains.levels[0].nodes)] + 0.25
+        for rb in (None, root_bias):
+            with torch.no_grad():
+                compiled = trained.aggregate(chains, None, rb)
+                trained.compiled_inference = False
+                try:
+                    tensors = trained.aggregate(chains, None, rb)
+                finally:
+                    trained.compiled_inference = True
+            assert compiled.shape == tensors.shape == (passes * len(roots), trained.config.embedding_size)
+            torch.testing.assert_close(compiled, tensors, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_predictions_and_recommendations_equal_the_tensor_codes(trained, ratings):
+    users = torch.from_numpy(ratings.users[:100].astype(np.int64))
+    items = torch.from_numpy(ratings.items[:100].astype(np.int64))
+    unrated_items = (items + 7) % ratings.n_items
+    out = {}
+    for compiled in (True, False):
+        trained.compiled_inference = compiled
+        try:
+            out[compiled] = (trained.predict(users, items), trained.predict(users, unrated_items),
+                             trained.predict(users[:1], items[:1]), trained.score_all(torch.arange(5)))
+        finally:
+            trained.compiled_inference = True
+    for a, b in zip(out[True], out[False], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_training_and_autograd_keep_the_tensor_code(trained, ratings):
+    """Gradients need the tensor code: with autograd on, aggregation builds a graph."""
+    graph, _ = trained.live()
+    roots = torch.tensor([0, graph.n_users + 2])
+    chains = sample_chains(graph, roots, trained.config.fanouts, torch.Generator().manual_seed(0))
+    vec = trained.aggregate(chains)
+    assert vec.requires_grad
+    with torch.no_grad():
+        assert not trained.aggregate(chains).requires_grad
