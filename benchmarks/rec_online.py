@@ -10,7 +10,7 @@
    at each of ``--other-fanouts`` (same parameters; only the sampling changes) for the
    accuracy/latency trade-off. CPU inference runs the compiled kernels
    (`recsys.models.rec_kernels`); the tensor code's latency is measured beside them, in the
-   same run (``compiled_inference`` off), with the largest difference between the two
+   same run (``compiled_kernels`` off), with the largest difference between the two
    paths' predictions over u1.test.
 3. Throughput: predictions per second for u1.test in batches of 1, 256, 4096 and 20000,
    for both paths.
@@ -115,16 +115,16 @@ def main() -> None:
         return {"calls": args.calls, "threads": args.latency_threads, "p50_ms": 1e3 * float(np.percentile(times, 50)),
                 "p99_ms": 1e3 * float(np.percentile(times, 99)), "max_ms": 1e3 * float(np.max(times)),
                 "fanouts": list(model.config.fanouts), "eval_passes": model.config.eval_passes,
-                "path": "compiled kernels" if model.compiled_inference else "tensor code"}
+                "path": "compiled kernels" if model.compiled_kernels else "tensor code"}
 
     latency = single_latency()
     print("latency:", json.dumps(latency), flush=True)
-    model.compiled_inference = False
+    model.compiled_kernels = False
     latency_tensor = single_latency()
     print("latency, tensor code:", json.dumps(latency_tensor), flush=True)
     u_all, i_all, _ = test.tensors()
     tensor_pred = model.predict(u_all, i_all)
-    model.compiled_inference = True
+    model.compiled_kernels = True
     path_gap = float((model.predict(u_all, i_all) - tensor_pred).abs().max())
     print(f"largest |compiled - tensor code| prediction over u1.test: {path_gap:.2e}", flush=True)
     trained = model.config
@@ -141,12 +141,12 @@ def main() -> None:
     for bs in (1, 256, 4096, 20000):
         n = min(len(test), 2000 if bs == 1 else len(test))
         for path in ("compiled", "tensor_code"):  # alternating, so both see the same machine
-            model.compiled_inference = path == "compiled"
+            model.compiled_kernels = path == "compiled"
             t0 = time.perf_counter()
             for s in range(0, n, bs):
                 model.predict(u_all[s:min(s + bs, n)], i_all[s:min(s + bs, n)])
             throughput[path][str(bs)] = n / (time.perf_counter() - t0)
-    model.compiled_inference = True
+    model.compiled_kernels = True
     print("throughput (predictions/s by batch size):", json.dumps(throughput), flush=True)
     out = {"benchmark": "rec_online", "dataset": "ml-100k u1", "epochs_trained": args.epochs,
            "device": args.device, "machine": platform.processor() or platform.machine(),

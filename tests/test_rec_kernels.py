@@ -1,6 +1,6 @@
-"""The compiled CPU kernels of REC inference equal the tensor code they replace: the same
-chains bit for bit from the same generator, the same vectors and predictions up to float32
-rounding."""
+"""The compiled CPU kernels of REC equal the tensor code they replace: the same chains bit
+for bit from the same generator (inference and training), the same vectors and predictions
+up to float32 rounding."""
 
 from __future__ import annotations
 
@@ -62,6 +62,37 @@ def test_compiled_sampling_draws_the_tensor_codes_chains_bit_for_bit(trained, fa
             assert_same_chains(*draw_both(graph, roots, fanouts, seed, exclude=exclude, passes=passes))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5, 1.0])
+def test_compiled_training_sampling_draws_the_same_dropout_and_truncation(trained, dropout):
+    """Evidence dropout and root truncation (cold roots) draw the same random numbers on
+    both paths and keep the same edges."""
+    graph, _ = trained.live()
+    rng = np.random.default_rng(11)
+    for seed in range(6):
+        roots = torch.unique(torch.from_numpy(rng.integers(0, graph.n_nodes, int(rng.integers(1, 40)))))
+        keep = torch.from_numpy(rng.integers(-2, 5, len(roots)))  # <= 0: untouched
+        users = torch.from_numpy(rng.integers(0, graph.n_users, 30))
+        items = torch.from_numpy(rng.integers(0, graph.n_items, 30))
+        for root_keep in (None, keep):
+            a, b = draw_both(graph, roots, (6, 4, 3), seed, exclude=graph.pair_keys(users, items),
+                             evidence_dropout=dropout, root_keep=root_keep)
+            assert_same_chains(a, b)
+
+
+def test_training_with_the_compiled_sampler_is_bit_for_bit_training_with_the_tensor_sampler(ratings):
+    """The chains, hence the losses, gradients and parameters of a whole training run, are
+    the same on both paths (defaults: evidence dropout and cold roots on)."""
+    params = {}
+    for compiled in (True, False):
+        model = build_model("rec", ratings.n_users, ratings.n_items, ratings.rating_scale, SMALL)
+        model.compiled_kernels = compiled
+        Trainer(TrainConfig(epochs=2, optimizer="adam", learning_rate=0.01, batch_size=64, progress=False)).fit(
+            model, ratings)
+        params[compiled] = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, value in params[True].items():
+        assert torch.equal(value, params[False][name]), name
+
+
 def test_compiled_sampling_handles_repeated_pairs_and_nodes_without_ratings():
     """A pair rated twice is two edges between the same nodes (the parent-skip takes the
     first); a user with no ratings expands to nothing; both paths agree."""
@@ -87,11 +118,11 @@ def test_compiled_aggregation_equals_the_tensor_code(trained):
         for rb in (None, root_bias):
             with torch.no_grad():
                 compiled = trained.aggregate(chains, None, rb)
-                trained.compiled_inference = False
+                trained.compiled_kernels = False
                 try:
                     tensors = trained.aggregate(chains, None, rb)
                 finally:
-                    trained.compiled_inference = True
+                    trained.compiled_kernels = True
             assert compiled.shape == tensors.shape == (passes * len(roots), trained.config.embedding_size)
             torch.testing.assert_close(compiled, tensors, atol=1e-5, rtol=1e-5)
 
@@ -102,12 +133,12 @@ def test_compiled_predictions_and_recommendations_equal_the_tensor_codes(trained
     unrated_items = (items + 7) % ratings.n_items
     out = {}
     for compiled in (True, False):
-        trained.compiled_inference = compiled
+        trained.compiled_kernels = compiled
         try:
             out[compiled] = (trained.predict(users, items), trained.predict(users, unrated_items),
                              trained.predict(users[:1], items[:1]), trained.score_all(torch.arange(5)))
         finally:
-            trained.compiled_inference = True
+            trained.compiled_kernels = True
     for a, b in zip(out[True], out[False], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

@@ -378,14 +378,14 @@ def sample_chains(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int,
                   evidence_dropout: float = 0.0, root_keep: torch.Tensor | None = None,
                   passes: int = 1, compiled: bool = True) -> Chains:
     """Evidence chains under the unique global ids ``roots [n_0]`` (see
-    `sample_chains_vectorised`). On the CPU without evidence dropout or root truncation (every
-    prediction), ``compiled`` draws them with `recsys.models.rec_kernels`' kernel: the same
-    chains from the same generator, at a fraction of the dispatch cost."""
-    if (compiled and graph.device.type == "cpu" and evidence_dropout == 0 and root_keep is None
-            and generator.device.type == "cpu"):
+    `sample_chains_vectorised`). On the CPU, ``compiled`` draws them with
+    `recsys.models.rec_kernels`' kernels: the same chains from the same generator (left in the
+    same state), at a fraction of the dispatch cost."""
+    if compiled and graph.device.type == "cpu" and generator.device.type == "cpu":
         from recsys.models.rec_kernels import sample_chains_compiled
 
-        return sample_chains_compiled(graph, roots, fanouts, generator, exclude=exclude, passes=passes)
+        return sample_chains_compiled(graph, roots, fanouts, generator, exclude=exclude,
+                                      evidence_dropout=evidence_dropout, root_keep=root_keep, passes=passes)
     return sample_chains_vectorised(graph, roots, fanouts, generator, exclude=exclude,
                                     evidence_dropout=evidence_dropout, root_keep=root_keep, passes=passes)
 

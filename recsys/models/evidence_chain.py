@@ -179,9 +179,10 @@ class EvidenceChainModel(RatingModel):
     """
 
     name = "rec"
-    #: CPU inference through the compiled kernels (`recsys.models.rec_kernels`); off: the
-    #: tensor code everywhere (the reference the kernels are tested against)
-    compiled_inference: bool = True
+    #: on the CPU, sample chains (always) and aggregate them (inference) with the compiled
+    #: kernels of `recsys.models.rec_kernels`; off: the tensor code everywhere (the reference
+    #: the kernels are tested against)
+    compiled_kernels: bool = True
     training_defaults: ClassVar[dict[str, object]] = {
         "optimizer": "adam", "learning_rate": 3e-3, "batch_size": 512, "epochs": 30, "lr_decay": 0.96,
     }
@@ -478,8 +479,8 @@ class EvidenceChainModel(RatingModel):
         Multi-pass chains give every pass's roots, pass by pass (``[passes·n_0, K]``).
         Inference on the CPU (no autograd, no record) runs the compiled kernel
         `recsys.models.rec_kernels.aggregate_compiled` (same result up to float32 rounding)
-        unless ``compiled_inference`` is off."""
-        if (self.compiled_inference and record is None and not self.training and not torch.is_grad_enabled()
+        unless ``compiled_kernels`` is off."""
+        if (self.compiled_kernels and record is None and not self.training and not torch.is_grad_enabled()
                 and self.device.type == "cpu" and self.prototype_vectors.dtype == torch.float32):
             return aggregate_compiled(self, chains, root_bias)
         graph, bias = self._live()
@@ -592,7 +593,7 @@ class EvidenceChainModel(RatingModel):
             exclude = exclude[self._lookup(users, items)[0] if rated is None else rated]
         chains = self.chain_sampler(graph, roots, c.fanouts, generator, exclude=exclude,
                                     evidence_dropout=c.evidence_dropout if self.training else 0.0,
-                                    root_keep=root_keep, passes=passes, compiled=self.compiled_inference)
+                                    root_keep=root_keep, passes=passes, compiled=self.compiled_kernels)
         root_bias = None if root_keep is None else self.cold_root_bias(chains, root_keep > 0)
         vec = self.root_vectors(chains, record, root_bias).reshape(passes, len(roots), -1)
         b = len(users)
@@ -725,7 +726,7 @@ class EvidenceChainModel(RatingModel):
         for s in range(0, len(nodes), chunk):
             roots, inverse = torch.unique(nodes[s:s + chunk], return_inverse=True)
             chains = self.chain_sampler(graph, roots, self.config.fanouts, gen, passes=passes,
-                                        compiled=self.compiled_inference)
+                                        compiled=self.compiled_kernels)
             out[s:s + chunk] = self.root_vectors(chains).reshape(passes, len(roots), -1).mean(0)[inverse]
         return out
 

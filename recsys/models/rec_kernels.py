@@ -8,16 +8,16 @@ level's sampling, and the whole bottom-up aggregation, in machine code:
 - `sample_chains_compiled` draws **the same chains** as the tensor version
   (`recsys.models.chains.sample_chains_vectorised`), bit for bit: it takes its random
   numbers from the same ``torch.Generator``, in the same order and amounts, and does the
-  same float32 arithmetic on them. So a query's answer, the rollback log's replay and the
-  tests of the sampled chains do not depend on which of the two ran. It covers inference and
-  training without ``evidence_dropout``/``root_keep`` (the dispatcher in
-  `recsys.models.chains.sample_chains` decides).
+  same arithmetic on them. So a query's answer, a training run, the rollback log's replay
+  and the tests of the sampled chains do not depend on which of the two ran. It covers
+  inference and training (evidence dropout, root truncation); `sample_chains` uses it for
+  every CPU graph.
 - `aggregate_compiled` computes `EvidenceChainModel.aggregate`'s root vectors without
   autograd (inference only), equal to the tensor version up to float32 rounding (the
   matrix products go through BLAS in a different order).
 
-The tensor code stays the one definition on every device and the one that trains; these
-kernels are tested against it (``tests/test_rec_kernels.py``).
+The tensor code stays the one definition on every device, the one whose aggregation trains,
+and the reference these kernels are tested against (``tests/test_rec_kernels.py``).
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ def expandable(nodes: np.ndarray, n_nodes: int, proto_slot: np.ndarray) -> np.nd
 def sample_level(indptr: np.ndarray, n_proto: np.ndarray, neighbours: np.ndarray, values: np.ndarray,
                  examples: np.ndarray, nodes: np.ndarray, expand: np.ndarray, n_nodes: int, fanout: int,
                  prototypes_only: bool, jitter: np.ndarray, rotation: np.ndarray, exclude: np.ndarray,
-                 n_users: int, n_items: int):
-    """One level of `sample_neighbours` for the nodes ``nodes[expand]`` (``jitter [m, F]`` and
-    ``rotation [m, 2]`` float32 draws, ``exclude`` sorted pair keys): the edges ``(parent
-    positions in nodes, child ids with the parent's pass offset, values, examples)``, grouped
-    by parent in order."""
+                 n_users: int, n_items: int, evidence_dropout: np.float32, drop: np.ndarray, keep: np.ndarray):
+    """One level of `sample_neighbours` for the nodes ``nodes[expand]`` (``jitter [m, F]``,
+    ``rotation [m, 2]``, and with ``evidence_dropout > 0`` ``drop [m]`` and ``keep [m]``: the
+    float32 draws; ``exclude`` sorted pair keys): the edges ``(parent positions in nodes, child
+    ids with the parent's pass offset, values, examples)``, grouped by parent in order."""
     m = len(expand)
     parent = np.empty(m * fanout, np.int64)
     child = np.empty(m * fanout, np.int64)
@@ -78,7 +78,10 @@ def sample_level(indptr: np.ndarray, n_proto: np.ndarray, neighbours: np.ndarray
         kp = min(n_p, fanout)
         n_other = 0 if prototypes_only else indptr[g + 1] - start - n_p
         ko = 0 if prototypes_only else min(n_other, fanout - kp)
-        for j in range(kp + ko):
+        taken = kp + ko
+        if evidence_dropout > 0 and drop[r] < evidence_dropout:
+            taken = min(int(keep[r] * np.float32(taken)) + 1, taken)
+        for j in range(taken):
             if j < kp:
                 pos = start + _stratified(j, jitter[r, j], n_p, kp, rotation[r, 0])
             else:
@@ -95,6 +98,27 @@ def sample_level(indptr: np.ndarray, n_proto: np.ndarray, neighbours: np.ndarray
             e += 1
     pos_out = pos_out[:e]
     return parent[:e], child[:e], values[pos_out], examples[pos_out]
+
+
+@njit(cache=True, nogil=True)
+def truncate_roots(parent: np.ndarray, expand: np.ndarray, draws: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    """`sample_neighbours`' ``truncate``: which edges ``[E]`` (grouped by ``parent``) to keep,
+    a parent ``p`` with ``limit[p] > 0`` keeping the ``limit[p]`` of its edges that come first
+    when ordered by ``r + 0.5·draws``, ``r`` the parent's row among the expanded nodes
+    ``expand`` (float64 draws: the tensor code's order, to the last bit)."""
+    n = len(parent)
+    key = np.empty(n, np.float64)
+    for e in range(n):
+        key[e] = np.float64(np.searchsorted(expand, parent[e])) + draws[e] * 0.5
+    order = np.argsort(key, kind="mergesort")
+    chosen = np.empty(n, np.bool_)
+    start = 0
+    for k in range(n):  # order visits the groups in turn; rank = place within its group
+        if k > 0 and parent[order[k]] != parent[order[k - 1]]:
+            start = k
+        p = parent[order[k]]
+        chosen[order[k]] = limit[p] <= 0 or k - start < limit[p]
+    return chosen
 
 
 @njit(cache=True, nogil=True)
@@ -133,15 +157,20 @@ def reverse_edges(level_nodes: np.ndarray, parent: np.ndarray, child_pos: np.nda
 
 
 def sample_chains_compiled(graph, roots: torch.Tensor, fanouts: tuple[int, ...], generator: torch.Generator, *,
-                           exclude: torch.Tensor | None = None, passes: int = 1):
-    """`recsys.models.chains.sample_chains` without evidence dropout or root truncation, on
-    the CPU: the same `Chains` the tensor version draws from ``generator``."""
+                           exclude: torch.Tensor | None = None, evidence_dropout: float = 0.0,
+                           root_keep: torch.Tensor | None = None, passes: int = 1):
+    """`recsys.models.chains.sample_chains` on the CPU: the same `Chains` the tensor version
+    draws from ``generator``, which is left in the same state."""
     from recsys.models.chains import Chains, Level
 
     n_nodes = graph.n_nodes
     roots_np = roots.numpy()
     if passes > 1:
+        if root_keep is not None:
+            raise ValueError("root_keep (cold roots in training) needs passes=1")
         roots_np = (roots_np[None, :] + np.arange(passes)[:, None] * n_nodes).reshape(-1)
+    keep_np = None if root_keep is None else root_keep.numpy()
+    no_draws = np.empty(0, np.float32)
     exclude_np = np.sort(exclude.numpy()) if exclude is not None else np.empty(0, np.int64)
     arrays = [graph.indptr.numpy(), graph.n_proto.numpy(), graph.neighbours.numpy(), graph.values.numpy(),
               graph.examples.numpy()]
@@ -152,13 +181,21 @@ def sample_chains_compiled(graph, roots: torch.Tensor, fanouts: tuple[int, ...],
     for depth, fanout in enumerate(fanouts):
         expand = expandable(nodes, n_nodes, proto_slot)
         m = len(expand)
+        drop = keep = no_draws
         if m:
             jitter = torch.rand(m, fanout, generator=generator).numpy()
             rotation = torch.rand(m, 2, generator=generator).numpy()
+            if evidence_dropout > 0:
+                drop = torch.rand(m, generator=generator).numpy()
+                keep = torch.rand(m, generator=generator).numpy()
         else:
             jitter = rotation = np.empty((0, 2), np.float32)
         edges = sample_level(*arrays, nodes, expand, n_nodes, fanout, depth == len(fanouts) - 1, jitter, rotation,
-                             exclude_np, graph.n_users, graph.n_items)
+                             exclude_np, graph.n_users, graph.n_items, np.float32(evidence_dropout), drop, keep)
+        if depth == 0 and keep_np is not None and len(edges[0]):
+            draws = torch.rand(len(edges[0]), generator=generator, dtype=torch.float64).numpy()
+            chosen = truncate_roots(edges[0], expand, draws, keep_np)
+            edges = tuple(a[chosen] for a in edges)
         nodes, child_pos = unique_inverse(edges[1])
         raw.append((edges, child_pos))
         levels_nodes.append(nodes)
