@@ -24,6 +24,10 @@ graph), so the curve is a held-out RMSE, which no size can lower by fitting the 
 (at 10^5, 3,000 steps of 1,024 are 30 passes over the probe's own ratings; at 10^7, 0.3).
 Written to ``rec_scaling_held_out.json`` / ``.png``.
 
+``--model mf``: the same protocol for biased MF (`recsys.models.mf`, its defaults; Adam
+through `recsys.optim.factory`), whose parameters grow with the users and items: the
+reference the paper's claim is made against. Files get an ``_mf`` suffix.
+
     python benchmarks/rec_scaling.py [--sizes 100000,1000000,10000000] [--max-steps 3000] [--held-out]
 """
 
@@ -39,6 +43,7 @@ import torch
 
 from recsys.datasets import cache_home, load_ratings_npz, save_ratings_npz, synthetic_ratings
 from recsys.models import build_model
+from recsys.optim.factory import build_optimizer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -108,12 +113,13 @@ def analyse(run: dict, args) -> None:
 
 
 def write(runs: list[dict], args) -> None:
-    out = {"benchmark": "rec_scaling", "target": f"per size: Bayes floor (generator_levels) + {args.excess}",
+    out = {"benchmark": "rec_scaling", "model": args.model,
+           "target": f"per size: Bayes floor (generator_levels) + {args.excess}",
            "probe": "held out (not trained on)" if args.held_out else "training ratings",
            "excess": args.excess, "fixed_target_rmse": args.target, "batch_size": args.batch_size, "lr": args.lr,
            "eval_every": args.eval_every, "max_steps": args.max_steps, "threads": args.threads, "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "rec_scaling_held_out" if args.held_out else "rec_scaling"
+    stem = ("rec_scaling_held_out" if args.held_out else "rec_scaling") + ("_mf" if args.model == "mf" else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2))
     import matplotlib
 
@@ -128,7 +134,7 @@ def write(runs: list[dict], args) -> None:
         ax.axhline(run["generator_levels"]["bayes_floor"], color=f"C{k}", ls=":", lw=0.8)
     ax.set_xlabel(f"training steps (Adam, batch {args.batch_size}, lr {args.lr:g})")
     ax.set_ylabel(f"RMSE on 4096 {'held-out' if args.held_out else 'training'} ratings")
-    ax.set_title(f"REC convergence vs data size (synthetic)\ndashed: Bayes floor + {args.excess:g} (target); "
+    ax.set_title(f"{args.model.upper()} convergence vs data size (synthetic)\ndashed: Bayes floor + {args.excess:g} (target); "
                  "dotted: Bayes floor", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -152,10 +158,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--held-out", action="store_true", help="probe ratings removed from training (see above)")
+    parser.add_argument("--model", choices=("rec", "mf"), default="rec")
     args = parser.parse_args()
     args.excesses = [float(x) for x in args.excesses.split(",")]
     if args.replot:
-        stored = json.loads((RESULTS / ("rec_scaling_held_out.json" if args.held_out else "rec_scaling.json")).read_text())
+        stem = ("rec_scaling_held_out" if args.held_out else "rec_scaling") + ("_mf" if args.model == "mf" else "")
+        stored = json.loads((RESULTS / f"{stem}.json").read_text())
         for key in ("batch_size", "lr", "eval_every", "max_steps", "threads"):
             setattr(args, key, stored[key])
         for run in stored["runs"]:
@@ -174,7 +182,7 @@ def main() -> None:
         if args.held_out:  # every rating of a probe pair leaves (the generator can repeat a pair)
             keys = data.users.astype(np.int64) * data.n_items + data.items
             train = data.subset(~np.isin(keys, keys[probe]))
-        model = build_model("rec", data.n_users, data.n_items, data.rating_scale, {"seed": args.seed})
+        model = build_model(args.model, data.n_users, data.n_items, data.rating_scale, {"seed": args.seed})
         t0 = time.perf_counter()
         model.prepare(train)
         bind_s = time.perf_counter() - t0
@@ -182,7 +190,8 @@ def main() -> None:
         pv = torch.from_numpy(data.values[probe])
         levels = generator_levels(data, args.seed, probe)
         target = levels["bayes_floor"] + args.excess
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        opt = (torch.optim.Adam(model.parameters(), lr=args.lr) if args.model == "rec"
+               else build_optimizer("adam", model, args.lr))
         u_all, i_all, v_all = train.tensors()
         curve, reached, step, eval_s = [], None, 0, 0.0
         start = time.perf_counter()
