@@ -34,6 +34,28 @@ def small_ratings() -> Ratings:
     return make_ratings()
 
 
+#: a small evidence-chain model for unit tests (seconds to train)
+SMALL_REC = {"embedding_size": 8, "hidden_size": 16, "prototypes": 4, "fanouts": (6, 4, 3), "eval_passes": 2}
+
+
+@pytest.fixture(scope="module")
+def rec_ratings() -> Ratings:
+    """The synthetic ratings the evidence-chain tests use (one copy per test module)."""
+    return make_ratings(n_users=40, n_items=25, n=500, seed=1)
+
+
+@pytest.fixture(scope="module")
+def rec_trained(rec_ratings):
+    """A `SMALL_REC` model trained 4 epochs on `rec_ratings` (one per test module)."""
+    from recsys.models import build_model
+    from recsys.train import TrainConfig, Trainer
+
+    model = build_model("rec", rec_ratings.n_users, rec_ratings.n_items, rec_ratings.rating_scale, SMALL_REC)
+    Trainer(TrainConfig(epochs=4, optimizer="adam", learning_rate=0.01, batch_size=64, progress=False)).fit(
+        model, rec_ratings)
+    return model
+
+
 def ml100k_home() -> Path | None:
     home = os.environ.get("RECSYS_DATA")
     if home and (Path(home) / "ml-100k" / "u.data").is_file():

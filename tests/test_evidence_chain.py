@@ -15,21 +15,18 @@ from recsys.models import build_model
 from recsys.models.chains import sample_chains, sample_neighbours
 from recsys.models.evidence_chain import EvidenceChainModel, RECConfig, fit_baseline
 from recsys.train import TrainConfig, Trainer
+from tests.conftest import SMALL_REC as SMALL
 from tests.conftest import make_ratings
 
-SMALL = {"embedding_size": 8, "hidden_size": 16, "prototypes": 4, "fanouts": (6, 4, 3), "eval_passes": 2}
+
+@pytest.fixture(scope="module")
+def ratings(rec_ratings):
+    return rec_ratings
 
 
 @pytest.fixture(scope="module")
-def ratings():
-    return make_ratings(n_users=40, n_items=25, n=500, seed=1)
-
-
-@pytest.fixture(scope="module")
-def trained(ratings):
-    model = build_model("rec", ratings.n_users, ratings.n_items, ratings.rating_scale, SMALL)
-    Trainer(TrainConfig(epochs=4, optimizer="adam", learning_rate=0.01, batch_size=64, progress=False)).fit(model, ratings)
-    return model
+def trained(rec_trained):
+    return rec_trained
 
 
 def fresh(ratings, **over) -> EvidenceChainModel:

@@ -12,23 +12,15 @@ from recsys.models import build_model
 from recsys.models.chains import EvidenceGraph, sample_chains
 from recsys.ratings import Ratings
 from recsys.train import TrainConfig, Trainer
-from tests.conftest import make_ratings
+from tests.conftest import SMALL_REC
 
-SMALL = {"embedding_size": 8, "hidden_size": 16, "prototypes": 4, "fanouts": (6, 4, 3), "eval_passes": 2}
 LEVEL_FIELDS = ("nodes", "parent", "child", "values", "examples", "reverse_edge")
 
 
-@pytest.fixture(scope="module")
-def ratings():
-    return make_ratings(n_users=40, n_items=25, n=500, seed=1)
-
-
-@pytest.fixture(scope="module")
-def trained(ratings):
-    model = build_model("rec", ratings.n_users, ratings.n_items, ratings.rating_scale, SMALL)
-    Trainer(TrainConfig(epochs=3, optimizer="adam", learning_rate=0.01, batch_size=64, progress=False)).fit(model, ratings)
-    model.eval()
-    return model
+@pytest.fixture
+def model(rec_trained):
+    rec_trained.eval()
+    return rec_trained
 
 
 def assert_same_chains(a, b) -> None:
@@ -51,8 +43,8 @@ def draw_both(graph, roots, fanouts, seed, **kwargs):
 
 @pytest.mark.parametrize("passes", [1, 3])
 @pytest.mark.parametrize("fanouts", [(6, 4, 3), (30, 30), (1,), (2, 2, 2, 2)])
-def test_compiled_sampling_draws_the_tensor_codes_chains_bit_for_bit(trained, fanouts, passes):
-    graph, _ = trained.live()
+def test_compiled_sampling_draws_the_tensor_codes_chains_bit_for_bit(model, fanouts, passes):
+    graph, _ = model.live()
     rng = np.random.default_rng(len(fanouts) + passes)
     for seed in range(5):
         roots = torch.unique(torch.from_numpy(rng.integers(0, graph.n_nodes, int(rng.integers(1, 30)))))
@@ -63,10 +55,10 @@ def test_compiled_sampling_draws_the_tensor_codes_chains_bit_for_bit(trained, fa
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5, 1.0])
-def test_compiled_training_sampling_draws_the_same_dropout_and_truncation(trained, dropout):
+def test_compiled_training_sampling_draws_the_same_dropout_and_truncation(model, dropout):
     """Evidence dropout and root truncation (cold roots) draw the same random numbers on
     both paths and keep the same edges."""
-    graph, _ = trained.live()
+    graph, _ = model.live()
     rng = np.random.default_rng(11)
     for seed in range(6):
         roots = torch.unique(torch.from_numpy(rng.integers(0, graph.n_nodes, int(rng.integers(1, 40)))))
@@ -79,15 +71,15 @@ def test_compiled_training_sampling_draws_the_same_dropout_and_truncation(traine
             assert_same_chains(a, b)
 
 
-def test_training_with_the_compiled_sampler_is_bit_for_bit_training_with_the_tensor_sampler(ratings):
+def test_training_with_the_compiled_sampler_is_bit_for_bit_training_with_the_tensor_sampler(rec_ratings):
     """The chains, hence the losses, gradients and parameters of a whole training run, are
     the same on both paths (defaults: evidence dropout and cold roots on)."""
     params = {}
     for compiled in (True, False):
-        model = build_model("rec", ratings.n_users, ratings.n_items, ratings.rating_scale, SMALL)
+        model = build_model("rec", rec_ratings.n_users, rec_ratings.n_items, rec_ratings.rating_scale, SMALL_REC)
         model.compiled_kernels = compiled
         Trainer(TrainConfig(epochs=2, optimizer="adam", learning_rate=0.01, batch_size=64, progress=False)).fit(
-            model, ratings)
+            model, rec_ratings)
         params[compiled] = {k: v.clone() for k, v in model.state_dict().items()}
     for name, value in params[True].items():
         assert torch.equal(value, params[False][name]), name
@@ -108,47 +100,47 @@ def test_compiled_sampling_handles_repeated_pairs_and_nodes_without_ratings():
         assert_same_chains(a, b)
 
 
-def test_compiled_aggregation_equals_the_tensor_code(trained):
-    graph, bias = trained.live()
+def test_compiled_aggregation_equals_the_tensor_code(model):
+    graph, bias = model.live()
     roots = torch.unique(torch.tensor([0, 3, 7, 19, graph.n_users + 1, graph.n_users + 4, graph.n_users + 20]))
     for passes in (1, 3):
-        chains = sample_chains(graph, roots, trained.config.fanouts, torch.Generator().manual_seed(passes),
+        chains = sample_chains(graph, roots, model.config.fanouts, torch.Generator().manual_seed(passes),
                                passes=passes)
         root_bias = bias[chains.base(chains.levels[0].nodes)] + 0.25
         for rb in (None, root_bias):
             with torch.no_grad():
-                compiled = trained.aggregate(chains, None, rb)
-                trained.compiled_kernels = False
+                compiled = model.aggregate(chains, None, rb)
+                model.compiled_kernels = False
                 try:
-                    tensors = trained.aggregate(chains, None, rb)
+                    tensors = model.aggregate(chains, None, rb)
                 finally:
-                    trained.compiled_kernels = True
-            assert compiled.shape == tensors.shape == (passes * len(roots), trained.config.embedding_size)
+                    model.compiled_kernels = True
+            assert compiled.shape == tensors.shape == (passes * len(roots), model.config.embedding_size)
             torch.testing.assert_close(compiled, tensors, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_predictions_and_recommendations_equal_the_tensor_codes(trained, ratings):
-    users = torch.from_numpy(ratings.users[:100].astype(np.int64))
-    items = torch.from_numpy(ratings.items[:100].astype(np.int64))
-    unrated_items = (items + 7) % ratings.n_items
+def test_compiled_predictions_and_recommendations_equal_the_tensor_codes(model, rec_ratings):
+    users = torch.from_numpy(rec_ratings.users[:100].astype(np.int64))
+    items = torch.from_numpy(rec_ratings.items[:100].astype(np.int64))
+    unrated_items = (items + 7) % rec_ratings.n_items
     out = {}
     for compiled in (True, False):
-        trained.compiled_kernels = compiled
+        model.compiled_kernels = compiled
         try:
-            out[compiled] = (trained.predict(users, items), trained.predict(users, unrated_items),
-                             trained.predict(users[:1], items[:1]), trained.score_all(torch.arange(5)))
+            out[compiled] = (model.predict(users, items), model.predict(users, unrated_items),
+                             model.predict(users[:1], items[:1]), model.score_all(torch.arange(5)))
         finally:
-            trained.compiled_kernels = True
+            model.compiled_kernels = True
     for a, b in zip(out[True], out[False], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_training_and_autograd_keep_the_tensor_code(trained, ratings):
+def test_training_and_autograd_keep_the_tensor_code(model):
     """Gradients need the tensor code: with autograd on, aggregation builds a graph."""
-    graph, _ = trained.live()
+    graph, _ = model.live()
     roots = torch.tensor([0, graph.n_users + 2])
-    chains = sample_chains(graph, roots, trained.config.fanouts, torch.Generator().manual_seed(0))
-    vec = trained.aggregate(chains)
+    chains = sample_chains(graph, roots, model.config.fanouts, torch.Generator().manual_seed(0))
+    vec = model.aggregate(chains)
     assert vec.requires_grad
     with torch.no_grad():
-        assert not trained.aggregate(chains).requires_grad
+        assert not model.aggregate(chains).requires_grad
