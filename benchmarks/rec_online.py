@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_file import write_json  # this folder is on the path when run as a script
 
 from recsys.datasets import load_split
 from recsys.models import EvidenceChainModel, build_model
@@ -154,8 +155,7 @@ def main() -> None:
            "online": online, "latency": latency, "latency_tensor_code": latency_tensor,
            "compiled_vs_tensor_code_max_abs_prediction_gap": path_gap, "latency_other_fanouts": other_latency,
            "throughput_per_s": throughput, "throughput_threads": 2}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "rec_online.json").write_text(json.dumps(out, indent=2))
+    write_json(RESULTS / "rec_online.json", out)
 
 
 if __name__ == "__main__":

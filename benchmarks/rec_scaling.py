@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from results_file import write_json  # this folder is on the path when run as a script
 
 from recsys.datasets import cache_home, load_ratings_npz, save_ratings_npz, synthetic_ratings
 from recsys.models import build_model
@@ -112,15 +113,19 @@ def analyse(run: dict, args) -> None:
     run["drop_over_last_1000_steps"] = float(np.mean(before) - run["final_rmse_mean_last5"]) if before else None
 
 
+def results_stem(args) -> str:
+    """The results' file name without suffix: ``rec_scaling[_held_out][_mf]``."""
+    return "rec_scaling" + ("_held_out" if args.held_out else "") + ("_mf" if args.model == "mf" else "")
+
+
 def write(runs: list[dict], args) -> None:
     out = {"benchmark": "rec_scaling", "model": args.model,
            "target": f"per size: Bayes floor (generator_levels) + {args.excess}",
            "probe": "held out (not trained on)" if args.held_out else "training ratings",
            "excess": args.excess, "fixed_target_rmse": args.target, "batch_size": args.batch_size, "lr": args.lr,
            "eval_every": args.eval_every, "max_steps": args.max_steps, "threads": args.threads, "runs": runs}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = ("rec_scaling_held_out" if args.held_out else "rec_scaling") + ("_mf" if args.model == "mf" else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2))
+    stem = results_stem(args)
+    write_json(RESULTS / f"{stem}.json", out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,8 +167,7 @@ def main() -> None:
     args = parser.parse_args()
     args.excesses = [float(x) for x in args.excesses.split(",")]
     if args.replot:
-        stem = ("rec_scaling_held_out" if args.held_out else "rec_scaling") + ("_mf" if args.model == "mf" else "")
-        stored = json.loads((RESULTS / f"{stem}.json").read_text())
+        stored = json.loads((RESULTS / f"{results_stem(args)}.json").read_text())
         for key in ("batch_size", "lr", "eval_every", "max_steps", "threads"):
             setattr(args, key, stored[key])
         for run in stored["runs"]:

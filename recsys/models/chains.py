@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from recsys.models import rec_kernels
 from recsys.ratings import Ratings
 
 
@@ -379,15 +380,70 @@ def sample_chains(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int,
                   passes: int = 1, compiled: bool = True) -> Chains:
     """Evidence chains under the unique global ids ``roots [n_0]`` (see
     `sample_chains_vectorised`). On the CPU, ``compiled`` draws them with
-    `recsys.models.rec_kernels`' kernels: the same chains from the same generator (left in the
-    same state), at a fraction of the dispatch cost."""
+    `recsys.models.rec_kernels`' kernels (`sample_chains_compiled`): the same chains from the
+    same generator (left in the same state), at a fraction of the dispatch cost."""
     if compiled and graph.device.type == "cpu" and generator.device.type == "cpu":
-        from recsys.models.rec_kernels import sample_chains_compiled
-
         return sample_chains_compiled(graph, roots, fanouts, generator, exclude=exclude,
                                       evidence_dropout=evidence_dropout, root_keep=root_keep, passes=passes)
     return sample_chains_vectorised(graph, roots, fanouts, generator, exclude=exclude,
                                     evidence_dropout=evidence_dropout, root_keep=root_keep, passes=passes)
+
+
+def sample_chains_compiled(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int, ...],
+                           generator: torch.Generator, *, exclude: torch.Tensor | None = None,
+                           evidence_dropout: float = 0.0, root_keep: torch.Tensor | None = None,
+                           passes: int = 1) -> Chains:
+    """`sample_chains_vectorised` for a CPU graph, level by level through the kernels of
+    `recsys.models.rec_kernels`: the same `Chains` from ``generator``, which is left in the same
+    state (the same draws, in the same order and amounts)."""
+    n_nodes = graph.n_nodes
+    roots_np = roots.numpy()
+    if passes > 1:
+        if root_keep is not None:
+            raise ValueError("root_keep (cold roots in training) needs passes=1")
+        roots_np = (roots_np[None, :] + np.arange(passes)[:, None] * n_nodes).reshape(-1)
+    keep_np = None if root_keep is None else root_keep.numpy()
+    no_draws = np.empty(0, np.float32)
+    exclude_np = np.sort(exclude.numpy()) if exclude is not None else np.empty(0, np.int64)
+    arrays = [graph.indptr.numpy(), graph.n_proto.numpy(), graph.neighbours.numpy(), graph.values.numpy(),
+              graph.examples.numpy()]
+    proto_slot = graph.proto_slot.numpy()
+    nodes = np.ascontiguousarray(roots_np, dtype=np.int64)
+    levels_nodes = [nodes]
+    raw = []
+    for depth, fanout in enumerate(fanouts):
+        expand = rec_kernels.expandable(nodes, n_nodes, proto_slot)
+        m = len(expand)
+        drop = keep = no_draws
+        if m:
+            jitter = torch.rand(m, fanout, generator=generator).numpy()
+            rotation = torch.rand(m, 2, generator=generator).numpy()
+            if evidence_dropout > 0:
+                drop = torch.rand(m, generator=generator).numpy()
+                keep = torch.rand(m, generator=generator).numpy()
+        else:
+            jitter = rotation = np.empty((0, 2), np.float32)
+        edges = rec_kernels.sample_level(*arrays, nodes, expand, n_nodes, fanout, depth == len(fanouts) - 1,
+                                         jitter, rotation, exclude_np, graph.n_users, graph.n_items,
+                                         np.float32(evidence_dropout), drop, keep)
+        if depth == 0 and keep_np is not None and len(edges[0]):
+            draws = torch.rand(len(edges[0]), generator=generator, dtype=torch.float64).numpy()
+            chosen = rec_kernels.truncate_roots(edges[0], expand, draws, keep_np)
+            edges = tuple(a[chosen] for a in edges)
+        nodes, child_pos = rec_kernels.unique_inverse(edges[1])
+        raw.append((edges, child_pos))
+        levels_nodes.append(nodes)
+    t = torch.from_numpy
+    levels = []
+    for depth, ((parent, _child, values, examples), child_pos) in enumerate(raw):
+        if depth + 1 < len(raw):
+            nxt = raw[depth + 1][0]
+            reverse = rec_kernels.reverse_edges(levels_nodes[depth], parent, child_pos, nxt[0], nxt[1],
+                                    len(levels_nodes[depth + 1]))
+        else:
+            reverse = np.full(len(parent), -1, np.int64)
+        levels.append(Level(t(levels_nodes[depth]), t(parent), t(child_pos), t(values), t(examples), t(reverse)))
+    return Chains(levels, t(levels_nodes[-1]), passes, n_nodes)
 
 
 def sample_chains_vectorised(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int, ...],

@@ -235,7 +235,7 @@ class EvidenceChainModel(RatingModel):
 
     def warm(self) -> None:
         """Make one prediction so that the compiled inference kernels are loaded (on a
-        machine's first use they are compiled, about 15 s on 2 cores; numba caches them on
+        machine's first use they are compiled, about 17 s on 2 cores; numba caches them on
         disk) before a caller waits for an answer."""
         graph, _ = self._live()
         if graph.n_users and graph.n_items:

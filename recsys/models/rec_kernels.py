@@ -5,13 +5,15 @@ about 560 dispatches of a few microseconds each (the arithmetic is a few tens of
 microseconds), which is why one prediction took 3-4 ms on the CPU. These numba kernels do a
 level's sampling, and the whole bottom-up aggregation, in machine code:
 
-- `sample_chains_compiled` draws **the same chains** as the tensor version
+- `sample_level` (with `expandable`, `truncate_roots`, `unique_inverse`, `reverse_edges`)
+  samples one level; `recsys.models.chains.sample_chains_compiled` drives them level by
+  level and draws **the same chains** as the tensor version
   (`recsys.models.chains.sample_chains_vectorised`), bit for bit: it takes its random
-  numbers from the same ``torch.Generator``, in the same order and amounts, and does the
-  same arithmetic on them. So a query's answer, a training run, the rollback log's replay
-  and the tests of the sampled chains do not depend on which of the two ran. It covers
-  inference and training (evidence dropout, root truncation); `sample_chains` uses it for
-  every CPU graph.
+  numbers from the same ``torch.Generator``, in the same order and amounts, and the kernels
+  do the same arithmetic on them. So a query's answer, a training run, the rollback log's
+  replay and the tests of the sampled chains do not depend on which of the two ran. It
+  covers inference and training (evidence dropout, root truncation); `sample_chains` uses it
+  for every CPU graph.
 - `aggregate_compiled` computes `EvidenceChainModel.aggregate`'s root vectors without
   autograd (inference only), equal to the tensor version up to float32 rounding (the
   matrix products go through BLAS in a different order).
@@ -156,62 +158,6 @@ def reverse_edges(level_nodes: np.ndarray, parent: np.ndarray, child_pos: np.nda
     return out
 
 
-def sample_chains_compiled(graph, roots: torch.Tensor, fanouts: tuple[int, ...], generator: torch.Generator, *,
-                           exclude: torch.Tensor | None = None, evidence_dropout: float = 0.0,
-                           root_keep: torch.Tensor | None = None, passes: int = 1):
-    """`recsys.models.chains.sample_chains` on the CPU: the same `Chains` the tensor version
-    draws from ``generator``, which is left in the same state."""
-    from recsys.models.chains import Chains, Level
-
-    n_nodes = graph.n_nodes
-    roots_np = roots.numpy()
-    if passes > 1:
-        if root_keep is not None:
-            raise ValueError("root_keep (cold roots in training) needs passes=1")
-        roots_np = (roots_np[None, :] + np.arange(passes)[:, None] * n_nodes).reshape(-1)
-    keep_np = None if root_keep is None else root_keep.numpy()
-    no_draws = np.empty(0, np.float32)
-    exclude_np = np.sort(exclude.numpy()) if exclude is not None else np.empty(0, np.int64)
-    arrays = [graph.indptr.numpy(), graph.n_proto.numpy(), graph.neighbours.numpy(), graph.values.numpy(),
-              graph.examples.numpy()]
-    proto_slot = graph.proto_slot.numpy()
-    nodes = np.ascontiguousarray(roots_np, dtype=np.int64)
-    levels_nodes = [nodes]
-    raw = []
-    for depth, fanout in enumerate(fanouts):
-        expand = expandable(nodes, n_nodes, proto_slot)
-        m = len(expand)
-        drop = keep = no_draws
-        if m:
-            jitter = torch.rand(m, fanout, generator=generator).numpy()
-            rotation = torch.rand(m, 2, generator=generator).numpy()
-            if evidence_dropout > 0:
-                drop = torch.rand(m, generator=generator).numpy()
-                keep = torch.rand(m, generator=generator).numpy()
-        else:
-            jitter = rotation = np.empty((0, 2), np.float32)
-        edges = sample_level(*arrays, nodes, expand, n_nodes, fanout, depth == len(fanouts) - 1, jitter, rotation,
-                             exclude_np, graph.n_users, graph.n_items, np.float32(evidence_dropout), drop, keep)
-        if depth == 0 and keep_np is not None and len(edges[0]):
-            draws = torch.rand(len(edges[0]), generator=generator, dtype=torch.float64).numpy()
-            chosen = truncate_roots(edges[0], expand, draws, keep_np)
-            edges = tuple(a[chosen] for a in edges)
-        nodes, child_pos = unique_inverse(edges[1])
-        raw.append((edges, child_pos))
-        levels_nodes.append(nodes)
-    t = torch.from_numpy
-    levels = []
-    for depth, ((parent, _child, values, examples), child_pos) in enumerate(raw):
-        if depth + 1 < len(raw):
-            nxt = raw[depth + 1][0]
-            reverse = reverse_edges(levels_nodes[depth], parent, child_pos, nxt[0], nxt[1],
-                                    len(levels_nodes[depth + 1]))
-        else:
-            reverse = np.full(len(parent), -1, np.int64)
-        levels.append(Level(t(levels_nodes[depth]), t(parent), t(child_pos), t(values), t(examples), t(reverse)))
-    return Chains(levels, t(levels_nodes[-1]), passes, n_nodes)
-
-
 # ---------------------------------------------------------------------------- aggregation
 
 
@@ -242,6 +188,20 @@ def _mlp(x: np.ndarray, w1t: np.ndarray, b1: np.ndarray, w2t: np.ndarray, b2: np
     return out
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _free_vectors(nodes: np.ndarray, n_nodes: int, proto_slot: np.ndarray, protos: np.ndarray):
+    """Free vectors ``[n, K]`` of ``nodes`` (zero for non-prototypes) and their prototype
+    mask ``[n]``."""
+    vec = np.zeros((len(nodes), protos.shape[1]), np.float32)
+    is_proto = np.zeros(len(nodes), np.bool_)
+    for j in range(len(nodes)):
+        s = proto_slot[nodes[j] % n_nodes]
+        if s >= 0:
+            vec[j] = protos[s]
+            is_proto[j] = True
+    return vec, is_proto
+
+
 @njit(cache=True, nogil=True)
 def aggregate_levels(node_off: np.ndarray, nodes: np.ndarray, edge_off: np.ndarray, parent: np.ndarray,
                      child: np.ndarray, values: np.ndarray, reverse: np.ndarray, n_nodes: int, n_users: int,
@@ -260,14 +220,7 @@ def aggregate_levels(node_off: np.ndarray, nodes: np.ndarray, edge_off: np.ndarr
     n_levels = rating_levels.shape[0]
     step = rating_levels[1] - rating_levels[0]
     one = np.float32(1.0)
-    lo, hi = node_off[depth], node_off[depth + 1]
-    vec = np.zeros((hi - lo, k), np.float32)
-    valid = np.zeros(hi - lo, np.bool_)
-    for j in range(hi - lo):
-        s = proto_slot[nodes[lo + j] % n_nodes]
-        if s >= 0:
-            vec[j] = protos[s]
-            valid[j] = True
+    vec, valid = _free_vectors(nodes[node_off[depth]:], n_nodes, proto_slot, protos)
     have_below = False
     sums_b = np.zeros((0, k), np.float32)
     counts_b = np.zeros(0, np.float32)
@@ -280,15 +233,9 @@ def aggregate_levels(node_off: np.ndarray, nodes: np.ndarray, edge_off: np.ndarr
         e0, e1 = edge_off[d], edge_off[d + 1]
         n_e = e1 - e0
         n_l = n1 - n0
-        new_vec = np.zeros((n_l, k), np.float32)
-        new_valid = np.zeros(n_l, np.bool_)
-        if n_e == 0:
-            for j in range(n_l):
-                s = proto_slot[nodes[n0 + j] % n_nodes]
-                if s >= 0:
-                    new_vec[j] = protos[s]
-                    new_valid[j] = True
-            vec, valid, have_below = new_vec, new_valid, False
+        new_vec, is_proto = _free_vectors(nodes[n0:n1], n_nodes, proto_slot, protos)
+        if n_e == 0:  # no evidence at this level: only prototypes are valid
+            vec, valid, have_below = new_vec, is_proto, False
             continue
         x = np.empty((n_e, k + n_levels + 1), np.float32)
         ok = np.empty(n_e, np.bool_)
@@ -346,19 +293,16 @@ def aggregate_levels(node_off: np.ndarray, nodes: np.ndarray, edge_off: np.ndarr
                 counts[p] += one
             else:
                 msg[e] = 0.0
+        valid = is_proto.copy()
         for j in range(n_l):
-            g = nodes[n0 + j] % n_nodes
-            s = proto_slot[g]
-            if s >= 0:
-                new_vec[j] = protos[s]
-                new_valid[j] = True
-            else:
+            if not is_proto[j]:  # generated: the gated mean of its messages
                 denom = max(counts[j], one)
                 for f in range(k):
                     mean[f] = sums[j, f] / denom
-                _gate_into(new_vec[j], mean, counts[j], 1 if g >= n_users else 0, gate, fallback)
-                new_valid[j] = counts[j] > 0
-        vec, valid = new_vec, new_valid
+                _gate_into(new_vec[j], mean, counts[j], 1 if nodes[n0 + j] % n_nodes >= n_users else 0, gate,
+                           fallback)
+                valid[j] = counts[j] > 0
+        vec = new_vec
         sums_b, counts_b, msg_b, ok_b, have_below = sums, counts, msg, ok, True
     for j in range(node_off[1] - node_off[0]):
         if not valid[j]:
@@ -367,10 +311,11 @@ def aggregate_levels(node_off: np.ndarray, nodes: np.ndarray, edge_off: np.ndarr
 
 
 def _weights(net: torch.nn.Sequential) -> tuple[np.ndarray, ...]:
-    """``(W1ᵀ, b1, W2ᵀ, b2)`` of a `_Message` network as contiguous float32 arrays."""
+    """``(W1ᵀ, b1, W2ᵀ, b2)`` of a `_Message` network: views of its float32 parameters (the
+    transposes Fortran-ordered, which BLAS takes as they are; no copy per call)."""
     first, last = net[0], net[-1]
-    return (np.ascontiguousarray(first.weight.detach().numpy().T), first.bias.detach().numpy(),
-            np.ascontiguousarray(last.weight.detach().numpy().T), last.bias.detach().numpy())
+    return (first.weight.detach().numpy().T, first.bias.detach().numpy(),
+            last.weight.detach().numpy().T, last.bias.detach().numpy())
 
 
 def aggregate_compiled(model, chains, root_bias: torch.Tensor | None = None) -> torch.Tensor:
