@@ -25,7 +25,7 @@ import torch
 from rec_scaling import dataset  # the same synthetic sets and cache as the scaling benchmark
 
 from recsys.models import build_model
-from recsys.models.chains import EvidenceGraph
+from recsys.models.rec.chains import EvidenceGraph
 
 RESULTS = Path(__file__).parent / "results"
 KINDS = ("new rating", "replaced rating", "new user", "new item")

@@ -9,7 +9,7 @@
    p50/p99 over ``--calls`` random pairs (``--latency-threads`` torch threads), and the same
    at each of ``--other-fanouts`` (same parameters; only the sampling changes) for the
    accuracy/latency trade-off. CPU inference runs the compiled kernels
-   (`recsys.models.rec_kernels`); the tensor code's latency is measured beside them, in the
+   (`recsys.models.rec.kernels`); the tensor code's latency is measured beside them, in the
    same run (``compiled_kernels`` off), with the largest difference between the two
    paths' predictions over u1.test.
 3. Throughput: predictions per second for u1.test in batches of 1, 256, 4096 and 20000,

@@ -1,6 +1,6 @@
 """Faithfulness and cost of MF explanations on MovieLens-100K u1 (issue 5), per optimizer.
 
-Tests (see `recsys.explain.faithfulness`): B, exact same-trajectory leave-one-out for
+Tests (see `recsys.experiments.faithfulness`): B, exact same-trajectory leave-one-out for
 ``--pairs`` test predictions x ``--candidates`` random candidates (plus a re-seeded retrain for
 ``--reseed-pairs`` of them); A, removal of each method's top-1 / top-10 beside random
 neighbours and a noise floor; C, training time of an unlogged fit and of fits logged with the
@@ -33,7 +33,7 @@ from results_file import write_json  # this folder is on the path when run as a 
 from scipy import stats
 
 from recsys.datasets import load_split
-from recsys.explain.faithfulness import (
+from recsys.experiments.faithfulness import (
     _corr,
     agreement,
     cached_newton_latency,

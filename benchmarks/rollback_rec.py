@@ -13,7 +13,7 @@ alternate for the overhead. Then:
 - test B: for ``--pairs`` test predictions, ``--candidates`` candidate training ratings each
   (the top-1 of each estimate, then random ratings that fed the prediction and random ratings
   of the user or item that did not), the true change by same-trajectory retraining without
-  the rating (`recsys.explain.rec_rollback.retrain`); Pearson / Spearman / sign agreement /
+  the rating (`recsys.experiments.rec_rollback.retrain`); Pearson / Spearman / sign agreement /
   slope of the evidence-only, rollback-only and combined estimates against it.
 - test A (from the same retrains): removing each estimate's top-1 moves the prediction in
   the predicted direction in what share of pairs, against a random candidate and a random far
@@ -42,8 +42,8 @@ import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from recsys.datasets import load_split  # noqa: E402
-from recsys.explain.faithfulness import _corr, sample_pairs  # noqa: E402
-from recsys.explain.rec_rollback import (  # noqa: E402
+from recsys.experiments.faithfulness import _corr, sample_pairs  # noqa: E402
+from recsys.experiments.rec_rollback import (  # noqa: E402
     RECRollbackCallback,
     evidence_candidates,
     evidence_effects,
@@ -54,7 +54,7 @@ from recsys.explain.rec_rollback import (  # noqa: E402
     retrain,
     rollback_effects,
 )
-from recsys.models.evidence_chain import EvidenceChainModel, RECConfig  # noqa: E402
+from recsys.models.rec.model import EvidenceChainModel, RECConfig  # noqa: E402
 from recsys.train import TrainConfig, Trainer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -36,7 +36,7 @@ from recsys.models.base import RatingModel
 from recsys.ratings import IdMap, Ratings
 
 if TYPE_CHECKING:
-    from recsys.explain.rollback import RollbackLog
+    from recsys.models.mf.log import RollbackLog
 
 FORMAT_VERSION = 1
 _FILES = ("model.json", "weights.safetensors", "ratings.safetensors", "ids.json")
@@ -159,7 +159,7 @@ def load_artefact(path: str | Path, *, device: str | torch.device = "cpu") -> Ar
     model.to(device).eval()
     rollback = None
     if (path / _ROLLBACK).is_file():
-        from recsys.explain.rollback import RollbackLog
+        from recsys.models.mf.log import RollbackLog
 
         try:
             rollback = RollbackLog.load(path / _ROLLBACK, device=device)

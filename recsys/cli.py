@@ -461,7 +461,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_explain_eval(args: argparse.Namespace) -> int:
-    from recsys.explain.faithfulness import summary_run
+    from recsys.experiments.faithfulness import summary_run
 
     folds = load_folds(args)
     if len(folds) != 1 or folds[0][2] is None:

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 if TYPE_CHECKING:
-    from recsys.explain.rollback import RollbackLog
+    from recsys.models.mf.log import RollbackLog
     from recsys.optim.capture import LayerCapture
 
 #: what torchrun sets for every worker (and `spawn` sets too)

@@ -26,8 +26,8 @@ import torch
 
 from recsys.artefact import Artefact, load_artefact
 from recsys.errors import UnknownIdError
-from recsys.models.evidence_chain import EvidenceChainModel
 from recsys.models.mf import MatrixFactorization
+from recsys.models.rec.model import EvidenceChainModel
 from recsys.ratings import IdMap, Ratings
 from recsys.store import NewRating, StoredRating
 

@@ -225,7 +225,7 @@ class Trainer:
         torch.manual_seed(c.seed)
         if c.threads:
             torch.set_num_threads(c.threads)
-            from recsys.models.mf_kernels import set_threads
+            from recsys.models.mf.kernels import set_threads
             set_threads(c.threads)
         device = torch.device(c.device)
         model.to(device)

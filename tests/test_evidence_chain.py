@@ -12,8 +12,8 @@ import torch
 
 from recsys.artefact import load_artefact, save_artefact
 from recsys.models import build_model
-from recsys.models.chains import sample_chains, sample_neighbours
-from recsys.models.evidence_chain import EvidenceChainModel, RECConfig, fit_baseline
+from recsys.models.rec.chains import sample_chains, sample_neighbours
+from recsys.models.rec.model import EvidenceChainModel, RECConfig, fit_baseline
 from recsys.train import TrainConfig, Trainer
 from tests.conftest import SMALL_REC as SMALL
 from tests.conftest import make_ratings
@@ -173,7 +173,7 @@ def test_aggregating_passes_together_equals_aggregating_each_pass(trained):
 def test_small_inference_levels_run_both_networks_and_select_with_the_same_result(trained, monkeypatch):
     """Below `_BOTH_NETS_BELOW` edges, inference runs both message networks on every edge and
     keeps each edge's own side: the vectors equal those of splitting the edges by side."""
-    import recsys.models.evidence_chain as ec
+    import recsys.models.rec.model as ec
 
     model = trained
     model.eval()

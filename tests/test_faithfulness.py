@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recsys.cli import main
-from recsys.explain.faithfulness import Setup, agreement, fit_logged, removal, retrain
+from recsys.experiments.faithfulness import Setup, agreement, fit_logged, removal, retrain
 from recsys.models.mf import MatrixFactorization, MFConfig
 from recsys.splits import random_split
 from recsys.train import TrainConfig, Trainer

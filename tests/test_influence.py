@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recsys.errors import UnknownIdError
-from recsys.explain.faithfulness import Setup, raw_prediction, retrain
+from recsys.experiments.faithfulness import Setup, raw_prediction, retrain
 from recsys.explain.influence import candidates, estimate_effects, explain, explain_recommendations
 from recsys.explain.rollback import RollbackCallback
 from recsys.models.mf import MatrixFactorization, MFConfig

@@ -127,7 +127,7 @@ def test_hogwild_kernel_trains_as_well_as_the_deterministic_one(small_ratings):
 
 
 def test_hogwild_with_one_shard_is_the_deterministic_kernel(small_ratings):
-    from recsys.models.mf_kernels import sgd_examples, sgd_examples_hogwild
+    from recsys.models.mf.kernels import sgd_examples, sgd_examples_hogwild
 
     r = small_ratings
     a, b = fresh(r), fresh(r)

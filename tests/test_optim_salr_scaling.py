@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from recsys.cli import _configs, build_parser
-from recsys.models.evidence_chain import EvidenceChainModel
 from recsys.models.mf import MatrixFactorization, MFConfig
+from recsys.models.rec.model import EvidenceChainModel
 from recsys.optim.salr import SALR
 from recsys.optim.scaling import min_damping, rule_for, scale_lr
 from recsys.train import TrainConfig, Trainer

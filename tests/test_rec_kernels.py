@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recsys.models import build_model
-from recsys.models.chains import EvidenceGraph, sample_chains
+from recsys.models.rec.chains import EvidenceGraph, sample_chains
 from recsys.ratings import Ratings
 from recsys.train import TrainConfig, Trainer
 from tests.conftest import SMALL_REC

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.explain.rec_rollback import (
+from recsys.experiments.rec_rollback import (
     RECRollbackCallback,
     RECRollbackLog,
     _ChainTap,
@@ -24,7 +24,7 @@ from recsys.explain.rec_rollback import (
     rollback_effects,
     training_baseline,
 )
-from recsys.models.evidence_chain import EvidenceChainModel, RECConfig, fit_baseline
+from recsys.models.rec.model import EvidenceChainModel, RECConfig, fit_baseline
 from recsys.train import TrainConfig, Trainer
 from tests.conftest import make_ratings
 

@@ -12,14 +12,9 @@ import pytest
 import torch
 
 from recsys.artefact import load_artefact, save_artefact
-from recsys.explain.rollback import (
-    CompactRollbackLog,
-    RollbackCallback,
-    RollbackLog,
-    append_ratings,
-    online_sgd,
-)
+from recsys.explain.rollback import RollbackCallback
 from recsys.models.mf import MatrixFactorization, MFConfig
+from recsys.models.mf.log import CompactRollbackLog, RollbackLog, append_ratings, online_sgd
 from recsys.train import TrainConfig, Trainer
 from tests.conftest import make_ratings
 

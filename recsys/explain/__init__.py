@@ -1,9 +1,7 @@
-from recsys.explain.rollback import (
-    CompactRollbackLog,
-    RollbackCallback,
-    RollbackLog,
-    append_ratings,
-    online_sgd,
-)
+"""Explanations of predictions by the training ratings behind them: the `RollbackCallback`
+that records a model's update log while it trains, and the queries that turn logs and
+models into explanations (`recsys.explain.influence`)."""
 
-__all__ = ["CompactRollbackLog", "RollbackCallback", "RollbackLog", "append_ratings", "online_sgd"]
+from recsys.explain.rollback import RollbackCallback
+
+__all__ = ["RollbackCallback"]

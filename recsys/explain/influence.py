@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from recsys.errors import UnknownIdError
-from recsys.explain.rollback import CompactRollbackLog, RollbackLog
 from recsys.models.base import RatingModel
+from recsys.models.mf.log import CompactRollbackLog, RollbackLog
 from recsys.ratings import Ratings
 
 METHODS = ("newton", "rollback", "fia")

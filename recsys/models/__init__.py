@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from recsys.models.base import RatingModel
-from recsys.models.evidence_chain import EvidenceChainModel, RECConfig
 from recsys.models.mf import MatrixFactorization, MFConfig
+from recsys.models.rec import EvidenceChainModel, RECConfig
 
 MODELS: dict[str, tuple[type[RatingModel], type]] = {
     "mf": (MatrixFactorization, MFConfig),

@@ -1,5 +1,9 @@
-"""The contract every rating model follows, so evaluation, training, explanation and serving
-are written once for all models.
+"""The contract every model follows, so evaluation, training, explanation and serving are
+written once for all models: `RatingModel` (predict, score, train), the capability protocols
+a model family implements when it can (`OnlineLearner`, `FoldIn`, `Explainable` with its
+`Explainer`, `UpdateLog`, `Stepper`), and the one `Explanation` type every explainer returns.
+Callers check a capability with ``isinstance(model, OnlineLearner)`` (a Protocol check),
+never against a concrete model class.
 
 Indices are dense ``int64`` tensors into the training `Ratings`' id maps. A user or item
 index with no training rating is *unknown* to the model: `predict` answers it with a
@@ -9,8 +13,11 @@ documented fallback and `known_users` / `known_items` say which indices those ar
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -125,3 +132,127 @@ class RatingModel(nn.Module, ABC):
     def config_dict(self) -> dict:
         """The constructor arguments, JSON-serialisable, saved with the artefact."""
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- explanations
+@dataclass(frozen=True)
+class Contribution:
+    """One rating's estimated effect on a score: ``effect`` in the explanation's ``units``
+    (how much higher the score is because this rating is there; negative: it lowered it).
+    ``example`` is the rating's row in the ratings the explanation was computed against
+    (training ratings first, then those received online); ``shares`` says how it reaches
+    the score (``user``, ``item`` or ``both`` rows for MF, ``hop 1``.. for evidence chains)."""
+
+    example: int
+    user: str
+    item: str
+    rating: float
+    timestamp: int | None
+    title: str | None
+    effect: float
+    shares: str
+
+
+@dataclass
+class Explanation:
+    """The top contributions behind the score of raw ``user`` for raw ``item``: what every
+    explainer returns, whatever the model. ``method`` names the estimate (``none: ...`` with
+    the reason when no rating explains the score, e.g. the fallback path); ``terms`` holds the
+    parts of the score no rating is credited with (biases, priors), where the model has them."""
+
+    user: str
+    item: str
+    title: str | None
+    prediction: float
+    method: str
+    contributions: list[Contribution] = field(default_factory=list)
+    n_candidates: int = 0
+    units: str = "rating points"
+    attribution: str | None = None
+    terms: dict[str, float] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- capabilities
+@runtime_checkable
+class UpdateLog(Protocol):
+    """A gradient-rollback log: per training example, the parameter updates it caused
+    (sparse: only the rows the example touched). Saved with the artefact; grows with
+    online updates (`extend`)."""
+
+    optimizer: str
+
+    @property
+    def n_examples(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def attribution(self) -> str: ...
+
+    def extend(self, n_new: int) -> UpdateLog: ...
+
+    def close(self) -> UpdateLog: ...
+
+    def save(self, path: str | Path) -> None: ...
+
+
+@runtime_checkable
+class Stepper(Protocol):
+    """A model family's own training step for the `Trainer` (e.g. MF's compiled SGD kernel):
+    applies the examples ``example_ids`` (rows of the training `Ratings`) as one step group
+    at ``learning_rate`` and returns the group's mean loss (the ``train_mse`` of the model's
+    objective, same units on every path)."""
+
+    kind: str
+
+    def step(self, example_ids: np.ndarray, learning_rate: float) -> float: ...
+
+
+@runtime_checkable
+class OnlineLearner(Protocol):
+    """A model that learns from ratings received after training, with no retraining.
+
+    ``learn(ratings, new)``: ``ratings`` are all ratings known now (training first, then
+    those received online, as one `Ratings` whose rows keep their example ids), ``new`` the
+    example ids ``int64 [m]`` just appended; the model applies them (MF: online SGD for
+    trained users, a fold-in for others; evidence chains: insertion into the live graph).
+    ``path(user)`` says which path answers that user now: ``model``, ``online``,
+    ``fold-in`` or ``fallback``."""
+
+    def learn(self, ratings: Ratings, new: np.ndarray) -> None: ...
+
+    def path(self, user: int) -> str: ...
+
+
+@runtime_checkable
+class FoldIn(Protocol):
+    """A model that can place a user it was not trained on from that user's ratings alone,
+    holding everything else fixed (MF: a ridge solve on the item factors)."""
+
+    def fold_in_user(self, items: torch.Tensor, values: torch.Tensor) -> Any: ...
+
+
+@runtime_checkable
+class Explainer(Protocol):
+    """Explains scores by ratings, against one `Ratings` (training + live): `explain` returns
+    the ``k`` contributions largest in absolute effect; `update` is called after online
+    learning appended the example ids ``new`` to the ratings (caches are refreshed)."""
+
+    method: str
+
+    def explain(self, user: int, item: int, k: int) -> Explanation: ...
+
+    def update(self, ratings: Ratings, new: np.ndarray) -> None: ...
+
+
+@runtime_checkable
+class Explainable(Protocol):
+    """A model that can build an `Explainer` over ``ratings`` (with its update ``log``, if
+    it was trained with one; ``method`` None: the family's most faithful default)."""
+
+    def explainer(self, ratings: Ratings, log: UpdateLog | None = None,
+                  method: str | None = None) -> Explainer: ...

@@ -30,8 +30,9 @@ import torch
 from scipy import stats
 
 from recsys.explain.influence import DEFAULT_METHOD, METHODS, candidates, estimate_effects, explain
-from recsys.explain.rollback import RollbackCallback, RollbackLog
+from recsys.explain.rollback import RollbackCallback
 from recsys.models.mf import MatrixFactorization, MFConfig
+from recsys.models.mf.log import RollbackLog
 from recsys.optim.factory import build_optimizer, build_preconditioner
 from recsys.optim.sampling import make_sampler
 from recsys.ratings import Ratings

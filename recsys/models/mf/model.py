@@ -28,7 +28,7 @@ from recsys.models.base import RatingModel
 from recsys.ratings import Ratings
 
 if TYPE_CHECKING:
-    from recsys.explain.rollback import RollbackLog
+    from recsys.models.mf.log import RollbackLog
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ class MatrixFactorization(RatingModel):
         ``log``: a gradient-rollback log (`recsys.explain.rollback.RollbackLog`, exact, or
         `~recsys.explain.rollback.CompactRollbackLog`) that records the updates of visit ``k``
         as example ``order[k]``'s (the same weights as without a log, up to float32 rounding)."""
-        from recsys.models.mf_kernels import sgd_examples_hogwild, sgd_examples_interleaved
+        from recsys.models.mf.kernels import sgd_examples_hogwild, sgd_examples_interleaved
         from recsys.optim.shuffle import gather_examples
         from recsys.threads import torch_threads_kept
 

@@ -1,6 +1,6 @@
 """Gradient rollback for the evidence-chain model (REC), combined with the chain's own evidence.
 
-REC (`recsys.models.evidence_chain`) has one row-indexed parameter table, the prototype
+REC (`recsys.models.rec.model`) has one row-indexed parameter table, the prototype
 vectors ``[p_u + p_i, K]``; everything else (the message MLPs ``φ_U``/``φ_V``, the fallback
 vectors, the evidence gate) is shared by every example. So the log keeps what is sparse:
 
@@ -26,7 +26,7 @@ example). Per step:
 - *Credit.* Example ``b``'s share of the loss gradient is ``a_b·∂pred_b/∂θ`` with
   ``a_b = −(r_b − pred_b)/|B|`` (REC's loss is half the batch-mean squared error). Plain SGD:
   credited ``−lr·a_b·∂pred_b/∂θ`` (exact per step); Adagrad / Adam: that gradient passed
-  through the optimizer's preconditioner after the step (`recsys.explain.rollback._preconditioner`,
+  through the optimizer's preconditioner after the step (`recsys.optim.credit.optimizer_factor`,
   the same rule and the same approximation as for MF: Adam's momentum is credited at its step
   under that step's ``v̂``).
 
@@ -68,9 +68,9 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-from recsys.explain.rollback import ATTRIBUTION, _optimizer_name, _preconditioner
-from recsys.models.chains import Chains, EvidenceGraph, Level
-from recsys.models.evidence_chain import EvidenceChainModel, RECConfig, fit_baseline
+from recsys.models.rec.chains import Chains, EvidenceGraph, Level
+from recsys.models.rec.model import EvidenceChainModel, RECConfig, fit_baseline
+from recsys.optim.credit import ATTRIBUTION, optimizer_factor, optimizer_name
 from recsys.optim.factory import build_optimizer
 from recsys.optim.sampling import make_sampler
 from recsys.ratings import Ratings
@@ -499,7 +499,7 @@ class RECRollbackCallback(Callback):
             raise ValueError("REC rollback logs plain autograd steps (SGD, Adagrad, Adam); not SALR, K-FAC, "
                              "sub-batch noise or data-parallel training")
         self._trainer, self._model = trainer, model
-        opt = trainer.config.optimizer if trainer.optimizer_factory is None else _optimizer_name(trainer.optimizer)
+        opt = trainer.config.optimizer if trainer.optimizer_factory is None else optimizer_name(trainer.optimizer)
         self.log = RECRollbackLog(len(train), len(model.prototype_vectors), model.config.embedding_size,
                                   optimizer=opt, device=model.device)
         self._values = torch.as_tensor(train.values, dtype=torch.float32, device=model.device)
@@ -538,7 +538,7 @@ class RECRollbackCallback(Callback):
         if len(ids) != len(out):
             raise RuntimeError("REC rollback: the batch's predictions do not follow its examples")
         a = -(self._values[ids] - out) / len(ids)  # d loss / d pred_b
-        pre = _preconditioner(self._trainer.optimizer, self._model.prototype_vectors, slot)
+        pre = optimizer_factor(self._trainer.optimizer, self._model.prototype_vectors, slot)
         self.log.add(ids[group], slot, -pre * a[group].unsqueeze(1) * grad)
         if self.record_sampling:
             self.sampling_states.append(self._model.sampling_state().clone())

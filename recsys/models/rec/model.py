@@ -26,8 +26,8 @@ its ratings as its only first-hop evidence and its bias is re-solved from those 
 The target rating is never its own evidence: a batch's (user, item) pairs are removed from the
 graph for the whole batch's chains. The immediate parent is skipped at every hop: a memoised
 child shared by several parents gets, for each parent, its mean with that parent's message
-subtracted (exact, see `recsys.models.chains`). Sampling is level by level and vectorised on
-the device of the model's tensors (`recsys.models.chains.sample_chains`).
+subtracted (exact, see `recsys.models.rec.chains`). Sampling is level by level and vectorised on
+the device of the model's tensors (`recsys.models.rec.chains.sample_chains`).
 
 Cold start and online learning: `EvidenceChainModel.add_ratings` (and `add_user`/`add_item`)
 insert into the live ratings, growing the id maps, and the next prediction uses them with no
@@ -49,8 +49,8 @@ import torch
 from torch import nn
 
 from recsys.models.base import RatingModel
-from recsys.models.chains import Chains, EvidenceGraph, row_positions, rows, sample_chains
-from recsys.models.rec_kernels import aggregate_compiled
+from recsys.models.rec.chains import Chains, EvidenceGraph, row_positions, rows, sample_chains
+from recsys.models.rec.kernels import aggregate_compiled
 from recsys.ratings import Ratings
 
 
@@ -180,7 +180,7 @@ class EvidenceChainModel(RatingModel):
 
     name = "rec"
     #: on the CPU, sample chains (always) and aggregate them (inference) with the compiled
-    #: kernels of `recsys.models.rec_kernels`; off: the tensor code everywhere (the reference
+    #: kernels of `recsys.models.rec.kernels`; off: the tensor code everywhere (the reference
     #: the kernels are tested against)
     compiled_kernels: bool = True
     training_defaults: ClassVar[dict[str, object]] = {
@@ -223,9 +223,9 @@ class EvidenceChainModel(RatingModel):
         self._node_bias: torch.Tensor | None = None  # float32 [n_users + n_items]
         self._train_generator: torch.Generator | None = None
         self._pair_index: tuple[torch.Tensor, torch.Tensor] | None = None  # sorted pair keys, values
-        #: how this model samples its chains (`recsys.models.chains.sample_chains`'s signature);
+        #: how this model samples its chains (`recsys.models.rec.chains.sample_chains`'s signature);
         #: an instance attribute so that a tool can watch or mask one model's sampling
-        #: (`recsys.explain.rec_rollback`) without touching any other
+        #: (`recsys.experiments.rec_rollback`) without touching any other
         self.chain_sampler = sample_chains
 
     def config_dict(self) -> dict:
@@ -302,7 +302,7 @@ class EvidenceChainModel(RatingModel):
         """Within the block the model computes with this graph, these baseline biases
         ``[N]`` and/or this prototype table ``[p_u + p_i, K]`` (e.g. a tensor requiring grad
         per copy) in place of its own; restored on exit. For tools that re-run the model's
-        own computation on modified evidence (`recsys.explain.rec_rollback`)."""
+        own computation on modified evidence (`recsys.experiments.rec_rollback`)."""
         self._live()
         saved = (self._graph, self._node_bias, self._parameters["prototype_vectors"])
         if graph is not None:
@@ -478,7 +478,7 @@ class EvidenceChainModel(RatingModel):
         the roots' baseline biases in their first-hop residuals (cold roots in training).
         Multi-pass chains give every pass's roots, pass by pass (``[passes·n_0, K]``).
         Inference on the CPU (no autograd, no record) runs the compiled kernel
-        `recsys.models.rec_kernels.aggregate_compiled` (same result up to float32 rounding)
+        `recsys.models.rec.kernels.aggregate_compiled` (same result up to float32 rounding)
         unless ``compiled_kernels`` is off."""
         if (self.compiled_kernels and record is None and not self.training and not torch.is_grad_enabled()
                 and self.device.type == "cpu" and self.prototype_vectors.dtype == torch.float32):

@@ -6,9 +6,9 @@ microseconds), which is why one prediction took 3-4 ms on the CPU. These numba k
 level's sampling, and the whole bottom-up aggregation, in machine code:
 
 - `sample_level` (with `expandable`, `truncate_roots`, `unique_inverse`, `reverse_edges`)
-  samples one level; `recsys.models.chains.sample_chains_compiled` drives them level by
+  samples one level; `recsys.models.rec.chains.sample_chains_compiled` drives them level by
   level and draws **the same chains** as the tensor version
-  (`recsys.models.chains.sample_chains_vectorised`), bit for bit: it takes its random
+  (`recsys.models.rec.chains.sample_chains_vectorised`), bit for bit: it takes its random
   numbers from the same ``torch.Generator``, in the same order and amounts, and the kernels
   do the same arithmetic on them. So a query's answer, a training run, the rollback log's
   replay and the tests of the sampled chains do not depend on which of the two ran. It
@@ -33,7 +33,7 @@ from numba import njit
 
 @njit(cache=True, nogil=True, inline="always")
 def _stratified(slot: int, jitter: np.float32, size: int, k: int, rotation: np.float32) -> int:
-    """`recsys.models.chains._stratified` for one slot, with its float32 arithmetic."""
+    """`recsys.models.rec.chains._stratified` for one slot, with its float32 arithmetic."""
     size_ = max(size, 1)
     k_ = max(k, 1)
     lo = slot * size_ // k_
@@ -143,7 +143,7 @@ def unique_inverse(ids: np.ndarray):
 @njit(cache=True, nogil=True)
 def reverse_edges(level_nodes: np.ndarray, parent: np.ndarray, child_pos: np.ndarray,
                   next_parent: np.ndarray, next_child: np.ndarray, n_next: int) -> np.ndarray:
-    """`recsys.models.chains.Level.reverse_edge`: for each edge parent -> child, the index of
+    """`recsys.models.rec.chains.Level.reverse_edge`: for each edge parent -> child, the index of
     the first next-level edge child -> parent, ``-1`` if the child did not sample it
     (``next_parent`` ascending)."""
     first = np.searchsorted(next_parent, np.arange(n_next + 1))

@@ -36,7 +36,13 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from recsys.models import rec_kernels
+from recsys.models.rec.kernels import (
+    expandable,
+    reverse_edges,
+    sample_level,
+    truncate_roots,
+    unique_inverse,
+)
 from recsys.ratings import Ratings
 
 
@@ -380,7 +386,7 @@ def sample_chains(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int,
                   passes: int = 1, compiled: bool = True) -> Chains:
     """Evidence chains under the unique global ids ``roots [n_0]`` (see
     `sample_chains_vectorised`). On the CPU, ``compiled`` draws them with
-    `recsys.models.rec_kernels`' kernels (`sample_chains_compiled`): the same chains from the
+    `recsys.models.rec.kernels`' kernels (`sample_chains_compiled`): the same chains from the
     same generator (left in the same state), at a fraction of the dispatch cost."""
     if compiled and graph.device.type == "cpu" and generator.device.type == "cpu":
         return sample_chains_compiled(graph, roots, fanouts, generator, exclude=exclude,
@@ -394,7 +400,7 @@ def sample_chains_compiled(graph: EvidenceGraph, roots: torch.Tensor, fanouts: t
                            evidence_dropout: float = 0.0, root_keep: torch.Tensor | None = None,
                            passes: int = 1) -> Chains:
     """`sample_chains_vectorised` for a CPU graph, level by level through the kernels of
-    `recsys.models.rec_kernels`: the same `Chains` from ``generator``, which is left in the same
+    `recsys.models.rec.kernels`: the same `Chains` from ``generator``, which is left in the same
     state (the same draws, in the same order and amounts)."""
     n_nodes = graph.n_nodes
     roots_np = roots.numpy()
@@ -412,7 +418,7 @@ def sample_chains_compiled(graph: EvidenceGraph, roots: torch.Tensor, fanouts: t
     levels_nodes = [nodes]
     raw = []
     for depth, fanout in enumerate(fanouts):
-        expand = rec_kernels.expandable(nodes, n_nodes, proto_slot)
+        expand = expandable(nodes, n_nodes, proto_slot)
         m = len(expand)
         drop = keep = no_draws
         if m:
@@ -423,14 +429,14 @@ def sample_chains_compiled(graph: EvidenceGraph, roots: torch.Tensor, fanouts: t
                 keep = torch.rand(m, generator=generator).numpy()
         else:
             jitter = rotation = np.empty((0, 2), np.float32)
-        edges = rec_kernels.sample_level(*arrays, nodes, expand, n_nodes, fanout, depth == len(fanouts) - 1,
+        edges = sample_level(*arrays, nodes, expand, n_nodes, fanout, depth == len(fanouts) - 1,
                                          jitter, rotation, exclude_np, graph.n_users, graph.n_items,
                                          np.float32(evidence_dropout), drop, keep)
         if depth == 0 and keep_np is not None and len(edges[0]):
             draws = torch.rand(len(edges[0]), generator=generator, dtype=torch.float64).numpy()
-            chosen = rec_kernels.truncate_roots(edges[0], expand, draws, keep_np)
+            chosen = truncate_roots(edges[0], expand, draws, keep_np)
             edges = tuple(a[chosen] for a in edges)
-        nodes, child_pos = rec_kernels.unique_inverse(edges[1])
+        nodes, child_pos = unique_inverse(edges[1])
         raw.append((edges, child_pos))
         levels_nodes.append(nodes)
     t = torch.from_numpy
@@ -438,7 +444,7 @@ def sample_chains_compiled(graph: EvidenceGraph, roots: torch.Tensor, fanouts: t
     for depth, ((parent, _child, values, examples), child_pos) in enumerate(raw):
         if depth + 1 < len(raw):
             nxt = raw[depth + 1][0]
-            reverse = rec_kernels.reverse_edges(levels_nodes[depth], parent, child_pos, nxt[0], nxt[1],
+            reverse = reverse_edges(levels_nodes[depth], parent, child_pos, nxt[0], nxt[1],
                                     len(levels_nodes[depth + 1]))
         else:
             reverse = np.full(len(parent), -1, np.int64)
