@@ -1,5 +1,7 @@
-"""The REST service: thin FastAPI routes over `recsys.recommender.Recommender` and
-`recsys.store.RatingStore`.
+"""The REST service: thin FastAPI routes over `Service`, which holds the live
+`recsys.recommender.Recommender` and the `recsys.store.RatingStore` and owns the sequences
+that touch both (`Service.ingest`: validate, store durably, apply under the apply lock,
+count; `Service.create_user`; `Service.reload`).
 
 ``create_app(settings)`` builds the app; its lifespan loads the artefact, opens the store and
 replays every stored rating into the model, so nothing acknowledged is lost across restarts.
@@ -49,7 +51,7 @@ from api.schemas import (
 )
 from recsys.errors import ArtefactError, UnknownIdError
 from recsys.recommender import Prediction, Recommender
-from recsys.store import NewRating, RatingStore
+from recsys.store import NewRating, RatingStore, StoredRating
 
 log = logging.getLogger("recsys.api")
 
@@ -122,9 +124,39 @@ class Service:
             self.settings.model = path
             return path, fresh.n_ingested
 
+    def ingest(self, new: list[NewRating]) -> list[StoredRating]:
+        """The durable-ingest sequence: validate against the live model (unknown items,
+        off-scale values: nothing is stored), store durably (committed before anything
+        else), apply to the live model under the apply lock (so a reload's catch-up cannot
+        interleave), count. Returns what the store holds for each rating (duplicates by
+        event id flagged)."""
+        self.live().validate(new)
+        stored = self.store.add(new)
+        with self._apply_lock:
+            applied = self.live().add_ratings(stored)
+        self.metrics.ingested.inc(applied)
+        return stored
+
+    def create_user(self, user: str) -> bool:
+        """Create a user with no ratings: durable first (re-created on replay), then in the
+        live model under the apply lock; False when the user already existed."""
+        self.store.add_user(user)
+        with self._apply_lock:
+            return self.live().add_user(user)
+
+    def live(self) -> Recommender:
+        """The recommender serving now (`NotReady` before the model is loaded)."""
+        if self.recommender is None or self.store is None:
+            raise NotReady("model not loaded yet")
+        return self.recommender
+
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+
+
+class NotReady(RuntimeError):
+    """The service has no model (or store) yet: answered 503."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -174,6 +206,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if rec is None:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "model not loaded yet")
         return rec
+
+    @app.exception_handler(NotReady)
+    async def not_ready(_: Request, exc: NotReady):
+        return JSONResponse({"detail": str(exc)}, status_code=503)
 
     def check_key(request: Request) -> None:
         key = settings.key()
@@ -245,12 +281,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def add_ratings(rec: Rec, body: RatingsIn) -> RatingsOut:
         """Store ratings durably (committed before the reply), then apply them to the model."""
         bounded(len(body.ratings))
-        new = [NewRating(r.user, r.item, r.rating, r.timestamp, r.event_id) for r in body.ratings]
-        rec.validate(new)
-        stored = service.store.add(new)
-        with service._apply_lock:
-            applied = service.recommender.add_ratings(stored)
-        service.metrics.ingested.inc(applied)
+        stored = service.ingest([NewRating(r.user, r.item, r.rating, r.timestamp, r.event_id) for r in body.ratings])
         return RatingsOut(accepted=sum(not s.duplicate for s in stored), duplicates=sum(s.duplicate for s in stored),
                           ratings=[StoredOut(**s.__dict__) for s in stored])
 
@@ -259,9 +290,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def create_user(rec: Rec, body: UserIn, response: Response) -> CreatedOut:
         """Create a user with no ratings (answered by the fallback until they rate); 200 and
         ``created: false`` when the user already exists."""
-        service.store.add_user(body.user)  # durable first; re-created on replay
-        with service._apply_lock:
-            created = rec.add_user(body.user)
+        created = service.create_user(body.user)
         if not created:
             response.status_code = status.HTTP_200_OK
         return CreatedOut(user=body.user, created=created)

@@ -48,13 +48,22 @@ from recsys.errors import TrainingDivergedError
 from recsys.evaluate import evaluate_ratings
 from recsys.models import MatrixFactorization, build_model
 from recsys.splits import validation_slice
-from recsys.train import Callback, TrainConfig, Trainer
+from recsys.train import AutogradStepper, Callback, TrainConfig, Trainer
 
 RESULTS = Path(__file__).parent / "results"
 OPTIMIZERS = ("sgd", "adam", "kfac", "ekfac", "tkfac", "tekfac")
 #: learning-rate grids at batch 256 (mean loss): SGD's rate is per batch-mean gradient
 GRIDS = {"sgd": [2.0, 4.0, 8.0], "adam": [0.003, 0.01, 0.03],
          **{k: [0.003, 0.01, 0.03] for k in ("kfac", "ekfac", "tkfac", "tekfac")}}
+
+
+@torch.no_grad()
+def validation_rmse(model, validation) -> float:
+    """The RMSE `Trainer.fit` validates with (float32, clipped predictions); leaves the model
+    in eval mode."""
+    model.eval()
+    u, i, r = validation.tensors(model.device)
+    return float(torch.sqrt(torch.mean((model.predict(u, i) - r) ** 2)))
 
 
 class StopAt(Callback):
@@ -91,7 +100,7 @@ class StopAt(Callback):
         if within not in marks:
             return
         t0 = time.perf_counter()
-        rmse = Trainer._validate(self._model, self._val)
+        rmse = validation_rmse(self._model, self._val)
         self._model.train()
         epoch = self.steps / self._per_epoch
         self.curve.append((round(epoch, 3), round(rmse, 5)))
@@ -183,40 +192,21 @@ def part_steps(args, fit) -> dict:
     """Milliseconds per training step (forward, backward, preconditioner, optimizer) of each
     optimizer through the Trainer's autograd path, measured in interleaved rounds so that a
     busy machine slows them alike; the median round per optimizer."""
-    from recsys.optim.factory import build_optimizer, build_preconditioner
-
-    u, i, r = fit.tensors("cpu")
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, len(u), (args.batch,), generator=gen) for _ in range(args.step_count)]
+    batches = [torch.randint(0, len(fit), (args.batch,), generator=gen).numpy() for _ in range(args.step_count)]
     setups = {}
     for optimizer in OPTIMIZERS:
         for salr in (False, True):
             model = build_model("mf", fit.n_users, fit.n_items, fit.rating_scale, {})
             model.prepare(fit)
-            cfg = TrainConfig(optimizer=optimizer, batch_size=args.batch, learning_rate=1e-4, salr=salr,
-                              progress=False)
-            trainer = Trainer(cfg)
-            trainer.optimizer = build_optimizer(optimizer, model, 1e-4)
-            defaults = TrainConfig.for_model(MatrixFactorization, optimizer=optimizer)
-            trainer.preconditioner = build_preconditioner(optimizer, model, damping=defaults.damping,
-                                                          visit_gain=defaults.visit_gain,
-                                                          stats_freq=defaults.stats_freq)
-            if salr:
-                from recsys.optim.salr import SALR
+            cfg = TrainConfig.for_model(MatrixFactorization, optimizer=optimizer, batch_size=args.batch,
+                                        learning_rate=1e-4, salr=salr, progress=False)
+            setups[optimizer + (" + SALR" if salr else "")] = (AutogradStepper(model, fit, cfg),)
 
-                trainer.optimizer = SALR(trainer.optimizer, every=cfg.salr_every)
-            setups[optimizer + (" + SALR" if salr else "")] = (model, trainer, salr)
-
-    def one_round(model, trainer, salr) -> float:
+    def one_round(stepper) -> float:
         t0 = time.perf_counter()
-        for b in batches:
-            trainer.optimizer.zero_grad(set_to_none=True)
-            sampling = model.sampling_state() if salr else None
-            trainer._backward(model, u[b], i[b], r[b])
-            if trainer.preconditioner is not None:
-                trainer.preconditioner.step()
-            trainer.optimizer.step(trainer._closure(model, u[b], i[b], r[b], 1.0, sampling)) if salr \
-                else trainer.optimizer.step()
+        for b in batches:  # the step `Trainer.fit` takes on the autograd path
+            stepper.step(b, 1e-4)
         return 1000 * (time.perf_counter() - t0) / len(batches)
 
     times: dict[str, list[float]] = {k: [] for k in setups}
@@ -242,8 +232,9 @@ def part_defaults(args, test, fit, val) -> dict:
         cfg = TrainConfig.for_model(MatrixFactorization, optimizer=optimizer, progress=False, patience=None)
         if args.quick:
             cfg = replace(cfg, epochs=2)
-        out = {"train_config": {k: getattr(cfg, k) for k in ("batch_size", "learning_rate", "epochs", "lr_decay",
-                                                             "noise_scale", "damping", "stats_freq")}}
+        out = {"train_config": {**{k: getattr(cfg, k) for k in ("batch_size", "learning_rate", "epochs", "lr_decay")},
+                                "noise_scale": cfg.noise.scale, "damping": cfg.kfac.damping,
+                                "stats_freq": cfg.kfac.stats_freq}}
         model = build_model("mf", fit.n_users, fit.n_items, fit.rating_scale, {})
         try:
             res = Trainer(cfg).fit(model, fit)

@@ -115,11 +115,9 @@ def train_config(model_name: str, *, batch: int, lr: float, epochs: int, seed: i
                 progress=False, lr_decay=1.0 if model_name == "mf" else base.get("lr_decay", 1.0))
     if noise is not None:
         structure, scale = noise
-        base.update(noise_structure=structure, noise_scale=scale, noise_batch=256)
-        if model_name == "mf":
-            base["optimizer"] = "cov-noise"
-        else:
-            base.update(optimizer="cov-noise", noise_base="adam", noise_estimator="sub-batch")
+        base.update(optimizer="cov-noise", noise={"structure": structure, "scale": scale, "batch": 256})
+        if model_name != "mf":
+            base["noise"].update(base="adam", estimator="sub-batch")
     return TrainConfig(**base)
 
 
@@ -206,12 +204,12 @@ def _noise_check(model_name: str, data, small: int, large: int, small_lr: float,
         model.loss(u[batch_idx], i[batch_idx], r[batch_idx]).backward()
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
 
-    if model_name == "rec":  # fixed chains for the check: same sampling stream for every pass
-        state = model._generator(fresh=False).get_state() if hasattr(model, "_generator") else None
+    # fixed chains for the check (REC): the same sampling stream for every pass
+    state = model.sampling_state()
     subs = []
     for s in range(0, large, small):
-        if model_name == "rec" and state is not None:
-            model._generator(fresh=False).set_state(state)
+        if state is not None:
+            model.set_sampling_state(state)
         subs.append(flat_grad(idx[s:s + small]))
     # the B_L gradient as the mean of its sub-batches' (equal for MF; for REC each sub-batch
     # excludes only its own targets from the chains, as in the noisy training step)
@@ -225,19 +223,16 @@ def _noise_check(model_name: str, data, small: int, large: int, small_lr: float,
             for _ in range(real.shape[0]):
                 model.zero_grad(set_to_none=True)
                 model.loss(u[idx], i[idx], r[idx]).backward()
-                opt._collect()
+                drawn = opt.draw_noise()  # one draw per parameter, no step
                 noise = []
                 for p in params:
-                    if p in opt._per_example:
-                        n = opt.noise_for(p, opt.param_groups[0])
-                        if isinstance(n, tuple):
-                            dense = torch.zeros_like(p).index_add_(0, n[0], n[1])
-                            noise.append(dense.reshape(-1))
-                        else:
-                            noise.append(n.reshape(-1))
+                    n = drawn.get(p)
+                    if isinstance(n, tuple):
+                        noise.append(torch.zeros_like(p).index_add_(0, n[0], n[1]).reshape(-1))
+                    elif n is not None:
+                        noise.append(n.reshape(-1))
                     else:
                         noise.append(torch.zeros(p.numel()))
-                opt._per_example = {}
                 samples.append(torch.cat(noise))
             opt.remove_hooks()
         else:
@@ -248,8 +243,8 @@ def _noise_check(model_name: str, data, small: int, large: int, small_lr: float,
             source = SubBatchNoise(params, noise_batch=small, structure=structure, seed=1)
             samples = []
             for _ in range(real.shape[0]):
-                source._grads = [g_large + d for d in real]
-                source._sizes = [small] * real.shape[0]
+                for d in real:
+                    source.record_gradient(g_large + d, small)
                 source.apply()
                 samples.append(torch.cat([p.grad.reshape(-1) for p in params]) - g_large)
         draws[structure] = torch.stack(samples)

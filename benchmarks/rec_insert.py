@@ -95,7 +95,7 @@ def run_size(n: int, trials: int, seed: int) -> dict:
         ref = EvidenceGraph.build(live, model.prototype_users.cpu().numpy(), model.prototype_items.cpu().numpy(),
                                   seed=model.config.seed)
         rebuild.append(time.perf_counter() - t0)
-    graph = model._live()[0]
+    graph = model.live()[0]
     out["graph_equals_rebuild"] = all(torch.equal(getattr(graph, f), getattr(ref, f))
                                       for f in ("indptr", "neighbours", "values", "examples", "n_proto", "proto_slot"))
     out["rebuild_seconds"] = float(np.median(rebuild))

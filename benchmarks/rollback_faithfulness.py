@@ -34,8 +34,8 @@ from scipy import stats
 
 from recsys.datasets import load_split
 from recsys.experiments.faithfulness import (
-    _corr,
     agreement,
+    agreement_stats,
     cached_newton_latency,
     default_setup,
     explain_latency,
@@ -151,7 +151,7 @@ def exact_log_scores(train: Ratings, setup, b_points: list[dict], model: MatrixF
         prec.append(len(set(np.argsort(-np.abs(e))[:5]) & set(np.argsort(-np.abs(t))[:5])) / min(5, len(t)))
     e_all, t_all = np.concatenate(est), np.concatenate(true)
     per_pair = [stats.spearmanr(e, t)[0] for e, t in zip(est, true, strict=True) if np.std(e) > 0 and np.std(t) > 0]
-    return {**_corr(e_all, t_all), "spearman_per_pair_mean": float(np.nanmean(per_pair)),
+    return {**agreement_stats(e_all, t_all), "spearman_per_pair_mean": float(np.nanmean(per_pair)),
             "precision_at_5": float(np.mean(prec)), "estimate_mean_abs": float(np.abs(e_all).mean())}
 
 

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from recsys.datasets import load_split  # noqa: E402
-from recsys.experiments.faithfulness import _corr, sample_pairs  # noqa: E402
+from recsys.experiments.faithfulness import agreement_stats, sample_pairs  # noqa: E402
 from recsys.experiments.rec_rollback import (  # noqa: E402
     RECRollbackCallback,
     evidence_candidates,
@@ -180,11 +180,11 @@ def main() -> None:
     agree = {}
     for m in METHODS:
         e = np.array([p[m] for p in points])
-        entry = {**_corr(e, true), "estimate_mean_abs": float(np.abs(e).mean())}
+        entry = {**agreement_stats(e, true), "estimate_mean_abs": float(np.abs(e).mean())}
         for name, mask in (("fed", np.array([p["hop"] > 0 for p in points])),
                            ("not_fed", np.array([p["hop"] == 0 for p in points]))):
             if mask.sum() >= 3:
-                entry[name] = {**_corr(e[mask], true[mask]), "n": int(mask.sum())}
+                entry[name] = {**agreement_stats(e[mask], true[mask]), "n": int(mask.sum())}
         per_pair = [stats.spearmanr(e[[p["pair"] == k for p in points]], true[[p["pair"] == k for p in points]])[0]
                     for k in range(len(pairs))]
         entry["spearman_per_pair_mean"] = float(np.nanmean(per_pair))

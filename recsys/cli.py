@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys.artefact import load_artefact, save_artefact
+from recsys.artefact import save_artefact
 from recsys.errors import RecsysError
 from recsys.models import MODELS, build_model
 from recsys.models.base import RatingModel
 from recsys.ratings import Ratings
-from recsys.train import TrainConfig, Trainer
+from recsys.train import OPTION_GROUPS, TrainConfig, Trainer
 
 _CANONICAL = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
 
@@ -170,10 +170,19 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
+#: the per-optimizer flags (their ``args`` names) and the `TrainConfig` option group and field
+#: each sets (``--noise-batch`` -> ``TrainConfig.noise.batch``)
+_OPTION_FLAGS: dict[str, tuple[str, str]] = {
+    "noise_batch": ("noise", "batch"), "noise_structure": ("noise", "structure"),
+    "noise_scale": ("noise", "scale"), "noise_estimator": ("noise", "estimator"), "noise_base": ("noise", "base"),
+    "damping": ("kfac", "damping"), "stats_freq": ("kfac", "stats_freq"), "visit_gain": ("kfac", "visit_gain"),
+}
+
+
 def _check_model_flags(args: argparse.Namespace) -> None:
     """A flag of another model's config (``--cold-roots`` with MF) is an error, not ignored."""
     config_cls = MODELS[args.model][1]
-    own = {f.name for f in fields(config_cls)} | {f.name for f in fields(TrainConfig)}
+    own = {f.name for f in fields(config_cls)} | {f.name for f in fields(TrainConfig)} | set(_OPTION_FLAGS)
     foreign = sorted({f.name for _, cls in MODELS.values() for f in fields(cls)} - own)
     given = [name for name in foreign if getattr(args, name, None) is not None]
     if given:
@@ -186,10 +195,15 @@ def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     model_cfg = {f.name: getattr(args, f.name) for f in fields(config_cls)
                  if getattr(args, f.name, None) is not None}
     model_cfg["seed"] = args.seed
-    train_over = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                  if f.name not in ("progress", "patience") and getattr(args, f.name, None) is not None}
-    if train_over.get("visit_gain") == 0:
-        train_over["visit_gain"] = None
+    train_over: dict[str, object] = {
+        f.name: getattr(args, f.name) for f in fields(TrainConfig)
+        if f.name not in ("progress", "patience", *OPTION_GROUPS) and getattr(args, f.name, None) is not None}
+    for flag, (group, name) in _OPTION_FLAGS.items():  # into the optimizers' own configs
+        value = getattr(args, flag, None)
+        if value is not None:
+            train_over.setdefault(group, {})[name] = None if flag == "visit_gain" and value == 0 else value
+    if getattr(args, "salr", None):
+        train_over["salr"] = {}  # SALR with its defaults
     # the model's own training defaults (e.g. REC: Adam, batches), those of the optimizer
     # chosen instead of the model's own, then explicit flags
     train_cfg = replace(TrainConfig.for_model(model_cls, **train_over),
@@ -375,39 +389,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recommender(args: argparse.Namespace):
+    """The serving facade over the saved model (one path with the service), not warmed: a
+    command answers one question."""
+    from recsys.recommender import Recommender
+
+    return Recommender.load(args.model, warm=False)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    art = load_artefact(args.model)
-    u = art.user_ids.get(args.user)
-    i = art.item_ids.get(args.item)
-    if i is None:
-        raise RecsysError(f"unknown item id {args.item!r} (the model knows {len(art.item_ids):,} items)")
-    user_index = -1 if u is None else u
-    pred = float(art.model.predict(torch.tensor([user_index]), torch.tensor([i]))[0])
-    user_known, item_known = art.model.known_mask(torch.tensor([user_index]), torch.tensor([i]))
-    path = "model" if bool(user_known & item_known) else (
-        "fallback (unknown user)" if not bool(user_known) else "fallback (item has no ratings)")
-    title = art.train.title(args.item)
+    p = _recommender(args).predict(args.user, args.item)
     if args.json:
-        print(json.dumps({"user": str(args.user), "item": str(args.item), "title": title,
-                          "prediction": pred, "path": path}))
+        print(json.dumps({"user": p.user, "item": p.item, "title": p.title, "prediction": p.rating,
+                          "path": p.path}))
     else:
-        print(f"{pred:.3f}  (user {args.user}, item {args.item}{f' {title}' if title else ''}, {path})")
+        print(f"{p.rating:.3f}  (user {p.user}, item {p.item}{f' {p.title}' if p.title else ''}, {p.path})")
     return 0
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    art = load_artefact(args.model)
-    u = art.user_ids.get(args.user)
-    scores = art.model.score_all(torch.tensor([-1 if u is None else u]))[0]
-    if u is not None:  # never recommend what the user already rated
-        rated = art.train.by_user
-        scores[torch.from_numpy(rated.columns[rated.row(u)])] = -torch.inf
-    k = min(args.k, int(torch.isfinite(scores).sum()))
-    top = torch.topk(scores, k)
-    items = [{"item": art.item_ids.raw(int(i)), "title": art.train.title(art.item_ids.raw(int(i))),
-              "score": float(s)} for s, i in zip(top.values, top.indices, strict=True)]
+    rec = _recommender(args).recommend(args.user, args.k)
+    items = [{"item": p.item, "title": p.title, "score": p.rating} for p in rec.items]
     if args.json:
-        print(json.dumps({"user": str(args.user), "items": items}))
+        print(json.dumps({"user": rec.user, "path": rec.path, "items": items}))
     else:
         for rank, it in enumerate(items, 1):
             print(f"{rank:3d}. {it['score']:5.2f}  {it['title'] or it['item']}")
@@ -442,17 +446,15 @@ def _rollback_callback(args: argparse.Namespace):
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from recsys.explain.influence import explain
-
-    art = load_artefact(args.model)
-    if args.method == "rollback" and art.rollback is None:
+    rec = _recommender(args)
+    if args.method == "rollback" and rec.artefact.rollback is None:
         raise RecsysError(f"{args.model} has no rollback log; train it with `recsys train --rollback`")
-    exp = explain(art.model, art.rollback, art.train, args.user, args.item, args.k, args.method)
+    exp = rec.explain(args.user, args.item, args.k, args.method)
     if args.json:
         print(json.dumps(exp.to_dict()))
         return 0
     print(f"user {exp.user}, item {exp.item}{f' {exp.title}' if exp.title else ''}: predicted "
-          f"{exp.prediction:.3f}; {len(exp.contributions)} of {exp.n_candidates} training ratings "
+          f"{exp.prediction:.3f}; {len(exp.contributions)} of {exp.n_candidates} ratings "
           f"by effect ({exp.method}, {exp.units})")
     for c in exp.contributions:
         what = c.title or f"item {c.item}"
@@ -488,7 +490,8 @@ def _add_explain_parsers(sub) -> None:
     p.add_argument("--item", required=True)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--method", choices=METHODS, default=None,
-                   help="newton (default: most faithful in explain-eval), rollback (needs the log), fia")
+                   help="MF: newton (default: most faithful in explain-eval; cached per row), rollback "
+                        "(needs the log), fia; other models: their own explainer")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
 

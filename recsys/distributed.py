@@ -25,10 +25,11 @@ records of one process on the global batch (the scaled loss makes each output gr
 exactly the single-process one), so the factors, eigenbases and noise draws are the same on
 every rank and equal to single-process ones up to rounding.
 
-The closed-form minibatch SGD of `recsys.models.mf.MatrixFactorization` (no autograd) is made
-data-parallel by `DataParallel.sgd_batch_step`: each rank applies its shard's step with the
+Model families' own steps use the same collectives: MF's closed-form minibatch SGD (no
+autograd, `recsys.models.mf.steps.parallel_sgd_batch`) applies each rank's shard with the
 learning rate scaled by ``n_rank / n_batch``, reads the change of the rows it touched, undoes
-it, and the ranks sum their row changes (same exchange as sparse gradients).
+it, and the ranks sum their row changes with `DataParallel.exchange_rows` (the exchange of
+sparse gradients). Update logs (gradient rollback) are summed by `merge_rollback_log`.
 
 Launch with ``torchrun --nproc-per-node N -m recsys.cli train ...`` (`init_from_env` reads
 its environment) or with `spawn` (``recsys train --nproc N``), which sets the same variables.
@@ -48,16 +49,11 @@ import torch.distributed as dist
 from torch import nn
 
 if TYPE_CHECKING:
-    from recsys.models.mf.log import RollbackLog
+    from recsys.models.base import UpdateLog
     from recsys.optim.capture import LayerCapture
 
 #: what torchrun sets for every worker (and `spawn` sets too)
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-#: the MF tables a closed-form step touches and the index (users or items) that selects rows
-_MF_TABLES: tuple[tuple[str, str], ...] = (
-    ("user_factors", "user"), ("user_bias", "user"), ("item_factors", "item"), ("item_bias", "item"),
-)
 
 # gradient kinds exchanged in the metadata round of `reduce_gradients`
 _NONE, _SPARSE, _DENSE_ROWS, _DENSE = 0, 1, 2, 3
@@ -226,7 +222,7 @@ class DataParallel:
         dist.all_reduce(t, group=self.group)
         return t.to(tensor.device)
 
-    def _exchange_rows(self, rows: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+    def exchange_rows(self, rows: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                        meta: Sequence[float]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """All-gather row sets: ``rows[k] int64 [m_k]`` with ``values[k] [m_k, *tail_k]`` (the
         tails and dtypes agree across ranks, ``m_k`` may not), plus a float64 ``meta`` vector
@@ -327,7 +323,7 @@ class DataParallel:
                 else:
                     rows.append(loc[0])
                     vals.append(loc[1].to(p.dtype))
-            got_rows, got_vals, _ = self._exchange_rows(rows, vals, [])
+            got_rows, got_vals, _ = self.exchange_rows(rows, vals, [])
             for k, r, v in zip(group, got_rows, got_vals, strict=True):
                 p = params[k]
                 if _SPARSE in all_kinds[k]:
@@ -451,50 +447,13 @@ class DataParallel:
         g_rows = sum(int(np.prod(s[2])) // s[2][-1] for s in shapes)
         return (((rows,) if index else (rows, a_shape[-1])), a_dtype, (g_rows, g_shape[-1]), g_dtype)
 
-    # ------------------------------------------------------------------ closed-form MF step
-    @torch.no_grad()
-    def sgd_batch_step(self, model: nn.Module, users: torch.Tensor, items: torch.Tensor, values: torch.Tensor,
-                       learning_rate: float, weight: float, *, log: RollbackLog | None = None,
-                       example_ids: torch.Tensor | None = None) -> float:
-        """One data-parallel closed-form SGD step of an MF model (``model.sgd_batch``) on this
-        rank's shard ``users, items, values [n_rank]`` of the global batch, whose share is
-        ``weight = n_rank / n_batch``. Returns the global batch's mean squared block error.
-
-        The shard's step is applied with ``learning_rate · weight`` (so each example moves
-        by ``lr · ∇ℓ / n_batch``, as in one process, and a rollback ``log`` gets the same
-        credit per example), its change on the touched rows is read and undone, and every
-        rank then adds the sum over ranks of those changes: all updates are computed from
-        the same pre-step weights, as in one process."""
-        missing = [name for name, _ in _MF_TABLES if not hasattr(model, name)]
-        if missing or not hasattr(model, "sgd_batch"):
-            raise TypeError(f"sgd_batch_step needs an MF-style model with sgd_batch and the tables "
-                            f"{[n for n, _ in _MF_TABLES]}; {type(model).__name__} lacks {missing or ['sgd_batch']}")
-        index = {"user": torch.unique(users), "item": torch.unique(items)}
-        weights = [getattr(model, name).weight for name, _ in _MF_TABLES]
-        saved = [w.index_select(0, index[side]) for w, (_, side) in zip(weights, _MF_TABLES, strict=True)]
-        loss = 0.0
-        if len(users):
-            kw = {} if log is None else {"log": log, "example_ids": example_ids}
-            loss = float(model.sgd_batch(users, items, values, learning_rate * weight, **kw))
-        deltas = []
-        for w, s, (_, side) in zip(weights, saved, _MF_TABLES, strict=True):
-            rows = index[side]
-            deltas.append(w.index_select(0, rows) - s)
-            w.index_copy_(0, rows, s)
-        rows_all, deltas_all, metas = self._exchange_rows([index[side] for _, side in _MF_TABLES], deltas,
-                                                          [loss * weight])
-        for w, r, d in zip(weights, rows_all, deltas_all, strict=True):
-            w.index_add_(0, r, d)
-        return float(sum(float(m[0]) for m in metas))
-
     # ------------------------------------------------------------------ results
     @torch.no_grad()
-    def merge_rollback_log(self, log: RollbackLog) -> None:
-        """Sum the ranks' rollback logs into every rank's ``log``, in place. Each rank logged
-        only its shards' examples, so the logs are disjoint by example and the sum is the
-        single-process log (up to rounding). Summed in float32 whatever the storage dtype."""
-        dtype = log.data.dtype
-        log.data = self.all_sum(log.data.float()).to(dtype)
+    def merge_rollback_log(self, log: UpdateLog) -> None:
+        """Sum the ranks' update logs into every rank's ``log``, in place (`UpdateLog.merge`
+        with `all_sum`). Each rank logged only its shards' examples, so the logs are disjoint
+        by example and the sum is the single-process log (up to rounding)."""
+        log.merge(self.all_sum)
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

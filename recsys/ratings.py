@@ -117,6 +117,33 @@ def _build_csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_rows: i
     return CSR(indptr, cols[order], values[order], order.astype(np.int64))
 
 
+class _Tail:
+    """Over-allocated arrays behind a chain of `Ratings.append` results: each result views
+    the first ``length`` rows; only the newest (the one whose length is ``length``) writes
+    past them, so older results never see a row change."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, values: np.ndarray,
+                 timestamps: np.ndarray | None) -> None:
+        self.users, self.items, self.values, self.timestamps = users, items, values, timestamps
+        self.length = 0
+
+    @classmethod
+    def allocate(cls, capacity: int, timestamps: bool) -> _Tail:
+        return cls(np.empty(capacity, np.int64), np.empty(capacity, np.int64), np.empty(capacity, np.float32),
+                   np.empty(capacity, np.int64) if timestamps else None)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.users)
+
+    def write(self, at: int, users: np.ndarray, items: np.ndarray, values: np.ndarray,
+              timestamps: np.ndarray | None) -> None:
+        end = at + len(users)
+        self.users[at:end], self.items[at:end], self.values[at:end] = users, items, values
+        if self.timestamps is not None:
+            self.timestamps[at:end] = timestamps
+
+
 @dataclass(frozen=True, eq=False)
 class Ratings:
     """Explicit ratings: parallel arrays, one entry per (user, item) pair.
@@ -257,6 +284,48 @@ class Ratings:
             raise ValueError("with_id_maps: the new maps lack some ids of these ratings")
         return Ratings(u, i, self.values, self.timestamps, user_ids, item_ids, self.rating_scale,
                        self.item_titles)
+
+    def append(self, other: Ratings) -> Ratings:
+        """These ratings followed by ``other``'s as new rows: row ``k`` here keeps its example
+        id, row ``j`` of ``other`` becomes row ``len(self) + j`` (ratings received after
+        training join the training ratings this way, so a log or an explanation keeps its
+        meaning). ``other``'s id maps must extend these (the same ids at the same indices,
+        possibly more: users or items added since); the result takes ``other``'s maps, this
+        rating scale and these titles. Timestamps are kept when both sides have them (or ``other``
+        is empty). Returns
+        ``self`` when there is nothing to add."""
+        if tuple(other.rating_scale) != tuple(self.rating_scale):
+            raise ValueError(f"append: ratings on the scale {other.rating_scale} cannot join ratings on "
+                             f"{self.rating_scale}")
+        for kind, mine, theirs in (("user", self.user_ids, other.user_ids), ("item", self.item_ids, other.item_ids)):
+            if theirs is not mine and (len(theirs) < len(mine)
+                                       or not np.array_equal(theirs.raw_ids[: len(mine)], mine.raw_ids)):
+                raise ValueError(f"append: the new ratings' {kind} ids must extend these ratings' "
+                                 f"(same ids at the same indices)")
+        if len(other) == 0 and other.user_ids is self.user_ids and other.item_ids is self.item_ids:
+            return self
+        keep_ts = self.timestamps is not None and (other.timestamps is not None or len(other) == 0)
+        n, total = len(self), len(self) + len(other)
+        tail: _Tail | None = self.__dict__.get("_tail")
+        if tail is None or tail.length != n or tail.capacity < total or (tail.timestamps is not None) != keep_ts:
+            # a fresh tail with room to grow: appending is amortised O(len(other)), not O(len(self))
+            tail = _Tail.allocate(max(2 * total, 1024), keep_ts)
+            tail.write(0, self.users, self.items, self.values, self.timestamps)
+        more_ts = None
+        if keep_ts:
+            more_ts = np.zeros(0, np.int64) if other.timestamps is None else other.timestamps
+        tail.write(n, other.users, other.items, other.values, more_ts)
+        tail.length = total
+        # both sides were validated against maps that ``other``'s extend: no O(n) re-check
+        out = object.__new__(Ratings)
+        for name, value in (("users", tail.users[:total]), ("items", tail.items[:total]),
+                            ("values", tail.values[:total]),
+                            ("timestamps", None if tail.timestamps is None else tail.timestamps[:total]),
+                            ("user_ids", other.user_ids), ("item_ids", other.item_ids),
+                            ("rating_scale", self.rating_scale), ("item_titles", self.item_titles),
+                            ("_tail", tail)):
+            object.__setattr__(out, name, value)
+        return out
 
     def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(users int64 [n], items int64 [n], values float32 [n])`` on ``device``."""

@@ -1,7 +1,8 @@
 """`Recommender`: the serving facade over one trained artefact plus the ratings received
-since (pure Python; the HTTP layer in ``api/`` only validates, calls it and maps errors).
+since (pure Python; the HTTP layer in ``api/`` and the command line only validate, call it
+and map errors).
 
-Every answer says which *path* produced it:
+Every answer says which *path* produced it (the model's `OnlineLearner.path`):
 
 - ``model``: the trained model, for a user and item it was trained on;
 - ``fold-in``: MF for a user it was not trained on, from that user's live ratings (a ridge
@@ -9,8 +10,12 @@ Every answer says which *path* produced it:
 - ``online``: a trained user whose live ratings were applied by online SGD steps;
 - ``fallback``: no rating of the user (or item) is known: the bias-only prediction.
 
-Online ratings are applied in arrival order. Unknown *items* are an error (`UnknownIdError`):
-MF has no vector for an item nobody has rated, and inventing one would be a guess.
+The facade keeps ONE `Ratings`: the training ratings, then every rating received online in
+arrival order (`Ratings.append`), so example ``k`` means the same rating to the model's
+online learning (`OnlineLearner.learn`), its update log and its explanations
+(`Explainer.explain`). It asks the model for capabilities by protocol
+(`recsys.models.base`), never by class. Unknown *items* are an error (`UnknownIdError`): MF
+has no vector for an item nobody has rated, and inventing one would be a guess.
 """
 
 from __future__ import annotations
@@ -26,8 +31,7 @@ import torch
 
 from recsys.artefact import Artefact, load_artefact
 from recsys.errors import UnknownIdError
-from recsys.models.mf import MatrixFactorization
-from recsys.models.rec.model import EvidenceChainModel
+from recsys.models.base import Explainable, Explainer, Explanation, OnlineLearner
 from recsys.ratings import IdMap, Ratings
 from recsys.store import NewRating, StoredRating
 
@@ -60,50 +64,61 @@ class UserInfo:
     path: str
 
 
+#: why a fallback prediction has no explanation
+FALLBACK_REASON = "none: the prediction uses no rating of this user (fallback)"
+
+
+def final_learning_rate(metadata: dict) -> float:
+    """The learning rate training ended at (``learning_rate · lr_decay^(epochs-1)`` of the
+    artefact's ``training.train_config``; 0.01 when it says nothing): the online rate."""
+    cfg = metadata.get("training", {}).get("train_config", {})
+    lr, decay, epochs = cfg.get("learning_rate", 0.01), cfg.get("lr_decay", 1.0), cfg.get("epochs", 1)
+    return float(lr) * float(decay) ** max(0, int(epochs) - 1)
+
+
 class Recommender:
-    """Predictions, recommendations, explanations and online ingestion for one artefact."""
+    """Predictions, recommendations, explanations and online ingestion for one artefact.
 
-    #: online SGD passes over a trained user's new ratings (at the final training rate)
-    online_passes = 3
+    ``warm`` (the service): before the first request, make one prediction (compiled kernels
+    load) and let the explainer precompute what it caches. A one-shot command passes False."""
 
-    def __init__(self, artefact: Artefact, *, device: str = "cpu") -> None:
+    #: explanation method (None: the model family's default, e.g. MF's cached one-row Newton)
+    explain_method: str | None = None
+
+    def __init__(self, artefact: Artefact, *, device: str = "cpu", warm: bool = True) -> None:
         self.artefact = artefact
         self.model = artefact.model.to(device)
         self.train = artefact.train
-        self.user_ids: IdMap = artefact.user_ids
-        self.item_ids: IdMap = artefact.item_ids
+        #: training ratings, then every rating applied online (example ids = rows)
+        self.ratings: Ratings = artefact.train
         self._lock = threading.RLock()
         self._train_counts = self.train.user_counts()
-        self._live: dict[int, tuple[list[int], list[float]]] = {}  # user -> (items, ratings)
-        # every rating applied online, in order: (user, item, rating, timestamp); they become
-        # explanation candidates after the training ratings (example ids len(train), ...)
-        self._live_log: list[tuple[int, int, float, int]] = []
-        self._explained: Ratings | None = None
-        self._stale_users: set[int] = set()
-        self._stale_items: set[int] = set()
-        self._created: set[int] = set()
         self._seen_seq = 0
         self.n_ingested = 0
-        cfg = artefact.metadata.get("training", {}).get("train_config", {})
-        lr, decay, epochs = cfg.get("learning_rate", 0.01), cfg.get("lr_decay", 1.0), cfg.get("epochs", 1)
-        self._online_lr = float(lr) * float(decay) ** max(0, int(epochs) - 1)
         self.loaded_at = time.time()
-        self.newton = None
-        if isinstance(self.model, MatrixFactorization):
-            from recsys.explain.influence import NewtonInfluence
-
-            self.newton = NewtonInfluence(self.model, self.train)
-            if len(self.train) <= self.warm_below:
-                self.newton.warm()
-        elif isinstance(self.model, EvidenceChainModel):
-            self.model.warm()  # the compiled inference kernels, before the first request
-
-    #: precompute every row's explanation vectors at load when the training set is this small
-    warm_below = 200_000
+        self.learner: OnlineLearner | None = self.model if isinstance(self.model, OnlineLearner) else None
+        if self.learner is not None:
+            self.learner.start_online(self.train, log=artefact.rollback,
+                                      learning_rate=final_learning_rate(artefact.metadata))
+        self._explainers: dict[str | None, Explainer] = {}
+        explainer = self._explainer(self.explain_method)
+        if warm:
+            if len(self.train):  # e.g. REC's compiled inference kernels, before the first request
+                self.model.predict(torch.tensor([int(self.train.users[0])]), torch.tensor([int(self.train.items[0])]))
+            if explainer is not None:
+                explainer.warm()
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "cpu") -> Recommender:
-        return cls(load_artefact(path, device=device), device=device)
+    def load(cls, path: str | Path, *, device: str = "cpu", warm: bool = True) -> Recommender:
+        return cls(load_artefact(path, device=device), device=device, warm=warm)
+
+    @property
+    def user_ids(self) -> IdMap:
+        return self.ratings.user_ids
+
+    @property
+    def item_ids(self) -> IdMap:
+        return self.ratings.item_ids
 
     # ------------------------------------------------------------------ ids
     def _item(self, raw: object) -> int:
@@ -118,13 +133,9 @@ class Recommender:
         return -1 if u is None else u
 
     def _path(self, u: int) -> str:
-        if u < 0 or not bool(self.model.known_users[u]):
-            return "fallback"
-        if not isinstance(self.model, MatrixFactorization):
-            return "model"  # vectors are built from the live ratings: new ratings are native
-        if u < len(self._train_counts) and self._train_counts[u] > 0:
-            return "online" if u in self._live else "model"
-        return "fold-in"
+        if self.learner is not None:
+            return self.learner.path(u)
+        return "model" if 0 <= u < self.model.n_users and bool(self.model.known_users[u]) else "fallback"
 
     def title(self, raw_item: str) -> str | None:
         return self.train.title(raw_item)
@@ -147,14 +158,15 @@ class Recommender:
             return out
 
     def recommend(self, user: object, k: int = 10, *, explain: int = 0) -> Recommendation:
-        """The ``k`` best-scored items the user has not rated (training or live)."""
+        """The ``k`` best-scored items the user has not rated (training or live), each with its
+        clipped predicted rating."""
         with self._lock:
             u = self._user(user)
             scores = self.model.score_all(torch.tensor([u]))[0]
             n_known_items = len(self.item_ids)
             scores = scores[:n_known_items].clone()
             for rated in self._rated_items(u):
-                scores[rated] = -torch.inf
+                scores[rated.to(scores.device)] = -torch.inf
             k = max(0, min(k, int(torch.isfinite(scores).sum())))
             top = torch.topk(scores, k)
             lo, hi = self.model.rating_scale
@@ -167,77 +179,61 @@ class Recommender:
                 rec.items.append(p)
             return rec
 
-    def _rated_items(self, u: int) -> list[np.ndarray]:
+    def _live_rows(self, u: int) -> np.ndarray:
+        """Rows of ``ratings`` received online from user ``u``."""
+        n = len(self.train)
+        return n + np.flatnonzero(self.ratings.users[n:] == u)
+
+    def _rated_items(self, u: int) -> list[torch.Tensor]:
         out = []
         if 0 <= u < self.train.n_users:
             csr = self.train.by_user
             out.append(csr.columns[csr.row(u)])
-        if u in self._live:
-            out.append(np.asarray(self._live[u][0], dtype=np.int64))
+        if u >= 0:
+            out.append(self.ratings.items[self._live_rows(u)])
         return [torch.from_numpy(a) for a in out if len(a)]
 
+    # ------------------------------------------------------------------ explanations
+    def _explainer(self, method: str | None) -> Explainer | None:
+        """The model's explainer for ``method`` over the facade's ratings (made on first use,
+        then kept up to date with every rating learnt); None when the model explains nothing."""
+        if method not in self._explainers:
+            if not isinstance(self.model, Explainable):
+                return None
+            self._explainers[method] = self.model.explainer(self.ratings, self.artefact.rollback, method)
+        return self._explainers[method]
+
+    def explain(self, user: object, item: object, k: int = 5, method: str | None = None) -> Explanation:
+        """The explanation of the prediction of raw ``user`` for raw ``item``: its ``k``
+        largest contributions (ratings, training or live) and the method (``method`` None:
+        `explain_method`). `UnknownIdError` for ids nobody has heard of; a user the model
+        has no rating of gets an explanation by no rating (``none: ...``)."""
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        with self._lock:
+            u = self.user_ids.get(user)
+            if u is None:
+                raise UnknownIdError("user", user)
+            i = self._item(item)
+            explainer = self._explainer(self.explain_method if method is None else method)
+            if explainer is None:
+                raise NotImplementedError(f"{type(self.model).__name__} does not explain its predictions")
+            return explainer.explain(u, i, k)
+
     def _explain(self, u: int, i: int, k: int) -> tuple[list[dict] | None, str | None]:
-        """The ``k`` training ratings with the largest estimated effect on a prediction, and
-        the method that estimated them; ``(None, reason)`` where none applies."""
-        if u < 0 or not bool(self.model.known_users[u]):
-            return None, "none: the prediction uses no rating of this user (fallback)"
-        if isinstance(self.model, MatrixFactorization):
-            from recsys.explain.influence import estimate_effects
-
-            live = bool(self._live_log)
-            method = self.explain_method
-            if method == "rollback" and (self.artefact.rollback is None or live):
-                method = "newton"  # the log covers training only; Newton needs no log
-            if method == "newton":
-                ratings = self._explained_ratings()
-                ids, effects = self.newton.effects(u, i)
-            else:
-                ratings = self.train
-                if u >= self.train.n_users:
-                    return None, f"none: {method} explains training users only"
-                ids, effects, _, _ = estimate_effects(self.model, self.train, u, i, method, self.artefact.rollback)
-            top = np.argsort(-np.abs(effects), kind="stable")[:k]
-            rows = [(int(ids[j]), float(effects[j])) for j in top]
-        elif hasattr(self.model, "explain"):
-            res = self.model.explain(self.user_ids.raw(u), self.item_ids.raw(i), top=k)
-            first_hop = [e for e in res["evidence"] if e["hop"] == 1]
-            rows = [(int(e["example"]), float(e["share"])) for e in first_hop[:k]]
-            ratings, method = self.model.ratings, "evidence-chain shares (first hop)"
-        else:
+        """The ``k`` ratings with the largest estimated effect on a prediction (as the
+        service returns them), and the method that estimated them; ``(None, reason)`` where
+        none applies."""
+        if self._path(u) == "fallback":
+            return None, FALLBACK_REASON
+        explainer = self._explainer(self.explain_method)
+        if explainer is None:
             return None, None
-        out = []
-        for z, effect in rows:
-            raw_item = ratings.item_ids.raw(int(ratings.items[z]))
-            out.append({"user": ratings.user_ids.raw(int(ratings.users[z])), "item": raw_item,
-                        "title": self.title(raw_item), "rating": float(ratings.values[z]),
-                        "timestamp": None if ratings.timestamps is None else int(ratings.timestamps[z]),
-                        "effect": effect})
-        return out, method
-
-    def _explained_ratings(self) -> Ratings:
-        """Training plus live ratings (rebuilt lazily after ingestion): the candidates of
-        explanations, so that ratings received online explain later predictions too."""
-        if self._explained is None:
-            if self._live_log:
-                u, i, v, t = (np.asarray(c) for c in zip(*self._live_log, strict=True))
-                ts = None if self.train.timestamps is None else np.concatenate([self.train.timestamps, t.astype(np.int64)])
-                self._explained = Ratings(
-                    np.concatenate([self.train.users, u.astype(np.int64)]),
-                    np.concatenate([self.train.items, i.astype(np.int64)]),
-                    np.concatenate([self.train.values, v.astype(np.float32)]), ts,
-                    self.user_ids, self.item_ids, self.train.rating_scale, self.train.item_titles)
-            else:
-                self._explained = self.train
-            self.newton.train = self._explained
-            self.newton.invalidate(sorted(self._stale_users), sorted(self._stale_items))
-            self._stale_users.clear()
-            self._stale_items.clear()
-        return self._explained
-
-    #: MF explanation method (`recsys.explain.influence.METHODS`); the default is the one the
-    #: faithfulness harness found most faithful. ``rollback`` needs a model trained with
-    #: ``--rollback``.
-    explain_method = "newton"
+        exp = explainer.explain(u, i, k)
+        if exp.method.startswith("none"):
+            return None, exp.method
+        return [{"user": c.user, "item": c.item, "title": c.title, "rating": c.rating,
+                 "timestamp": c.timestamp, "effect": c.effect} for c in exp.contributions], exp.method
 
     def user_info(self, user: object) -> UserInfo:
         with self._lock:
@@ -245,22 +241,31 @@ class Recommender:
             if u < 0:
                 raise UnknownIdError("user", user)
             n_train = int(self._train_counts[u]) if u < len(self._train_counts) else 0
-            n_live = len(self._live.get(u, ([], []))[0])
-            return UserInfo(str(user), bool(self.model.known_users[u]), n_train + n_live, n_train, n_live,
-                            self._path(u))
+            n_live = len(self._live_rows(u))
+            known = u < self.model.n_users and bool(self.model.known_users[u])
+            return UserInfo(str(user), known, n_train + n_live, n_train, n_live, self._path(u))
 
     # ------------------------------------------------------------------ writes
+    def _learn(self, ratings: Ratings) -> None:
+        """Make ``ratings`` (the facade's ratings, grown) the facade's, and have the model and
+        every explainer learn the rows it added."""
+        if self.learner is None:
+            raise NotImplementedError(f"{type(self.model).__name__} cannot learn online")
+        new = np.arange(len(self.ratings), len(ratings), dtype=np.int64)
+        self.learner.learn(ratings, new)
+        self.ratings = ratings
+        for explainer in self._explainers.values():
+            explainer.update(ratings, new)
+
     def add_user(self, user: object) -> bool:
         """Register a user with no ratings yet (answered by the fallback); False if known."""
         with self._lock:
             if user in self.user_ids:
                 return False
-            if not isinstance(self.model, MatrixFactorization) and hasattr(self.model, "add_user"):
-                self.model.add_user(str(user))
-                self.user_ids = self.model.ratings.user_ids
-            else:
-                self._ensure_users([str(user)])
-            self._created.add(self.user_ids.index(user))
+            r = self.ratings
+            empty = np.zeros(0, dtype=np.int64)
+            self._learn(r.append(Ratings(empty, empty, np.zeros(0, np.float32), None, r.user_ids.extend([str(user)]),
+                                         r.item_ids, r.rating_scale)))
             return True
 
     def validate(self, ratings: Sequence[NewRating]) -> None:
@@ -280,78 +285,21 @@ class Recommender:
                  and getattr(r, "seq", self._seen_seq + 1) > self._seen_seq]
         if not batch:
             return 0
-        items = [self._item(r.item) for r in batch]
+        items = np.asarray([self._item(r.item) for r in batch], dtype=np.int64)
         with self._lock:
-            if not isinstance(self.model, MatrixFactorization):
-                return self._add_to_live_ratings(batch, items)
-            self._ensure_users([r.user for r in batch])
-            users = self.user_ids.indices([r.user for r in batch])
-            for r, u, i in zip(batch, users, items, strict=True):
-                its, vals = self._live.setdefault(int(u), ([], []))
-                its.append(i)
-                vals.append(float(r.rating))
-                if hasattr(r, "seq"):
-                    self._seen_seq = max(self._seen_seq, r.seq)
+            r = self.ratings
+            user_ids = r.user_ids.extend([r_.user for r_ in batch])
             now = int(time.time())
-            self._apply(users, np.asarray(items, dtype=np.int64),
-                        np.asarray([r.rating for r in batch], dtype=np.float32),
-                        np.asarray([now if r.timestamp is None else r.timestamp for r in batch], dtype=np.int64))
+            new = Ratings(user_ids.indices([r_.user for r_ in batch]), items,
+                          np.asarray([r_.rating for r_ in batch], dtype=np.float32),
+                          np.asarray([now if r_.timestamp is None else r_.timestamp for r_ in batch], dtype=np.int64),
+                          user_ids, r.item_ids, r.rating_scale)
+            self._learn(r.append(new))
+            seqs = [r_.seq for r_ in batch if getattr(r_, "seq", None) is not None]
+            if seqs:
+                self._seen_seq = max(self._seen_seq, *seqs)
             self.n_ingested += len(batch)
             return len(batch)
-
-    def _add_to_live_ratings(self, batch: list, items: list[int]) -> int:
-        """Models that read the ratings matrix at prediction time (the evidence-chain model)
-        learn online by inserting the ratings into their live ratings: no parameter update."""
-        if not hasattr(self.model, "add_ratings"):
-            raise NotImplementedError(f"{type(self.model).__name__} cannot learn online")
-        self.model.add_ratings([r.user for r in batch], [r.item for r in batch], [r.rating for r in batch],
-                               [r.timestamp for r in batch] if all(getattr(r, "timestamp", None) is not None
-                                                                  for r in batch) else None)
-        self.user_ids = self.model.ratings.user_ids
-        for r, i in zip(batch, items, strict=True):
-            its, vals = self._live.setdefault(self.user_ids.index(r.user), ([], []))
-            its.append(i)
-            vals.append(float(r.rating))
-            if hasattr(r, "seq"):
-                self._seen_seq = max(self._seen_seq, r.seq)
-        self.n_ingested += len(batch)
-        return len(batch)
-
-    def _ensure_users(self, raw_users: Sequence[str]) -> None:
-        unseen = [u for u in dict.fromkeys(raw_users) if u not in self.user_ids]
-        if not unseen:
-            return
-        self.user_ids = self.user_ids.extend(unseen)
-        if len(self.user_ids) > self.model.n_users:
-            if not hasattr(self.model, "grow"):
-                raise NotImplementedError(f"{type(self.model).__name__} cannot take new users")
-            self.model.grow(max(len(self.user_ids), 2 * self.model.n_users), self.model.n_items)
-
-    def _apply(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, timestamps: np.ndarray) -> None:
-        """Apply new ratings (already appended to ``_live``) to the model: online SGD over
-        the trained users' ratings in arrival order (one kernel pass per ``online_passes``),
-        and a fresh fold-in for every other user who rated."""
-        model = self.model
-        trained = np.zeros(len(users), dtype=bool)
-        in_train = users < len(self._train_counts)
-        trained[in_train] = self._train_counts[users[in_train]] > 0
-        self._live_log.extend(zip(users.tolist(), items.tolist(), values.tolist(), timestamps.tolist(), strict=True))
-        self._explained = None  # candidates and cached rows are rebuilt on the next explanation
-        self._stale_users.update(users.tolist())
-        self._stale_items.update(items.tolist())
-        if trained.any():
-            live = Ratings(users[trained], items[trained], values[trained], None, self.user_ids, self.item_ids,
-                           model.rating_scale)
-            order = np.arange(len(live), dtype=np.int64)
-            for _ in range(self.online_passes):
-                if model.device.type == "cpu":
-                    model.sgd_examples(live, order, self._online_lr)
-                else:
-                    model.sgd_batch(*live.tensors(model.device), self._online_lr)
-        for u in np.unique(users[~trained]):
-            its, vals = self._live[int(u)]
-            p, b = model.fold_in_user(torch.tensor(its), torch.tensor(vals))
-            model.set_user(int(u), p, b)
 
     def replay(self, stored: Iterable[StoredRating], users: Iterable[str] = ()) -> int:
         """Bring the model up to date with a store after a (re)start."""

@@ -34,6 +34,22 @@ def small_ratings() -> Ratings:
     return make_ratings()
 
 
+def with_new_ratings(ratings: Ratings, users: list[object], items: list[object],
+                     values: list[float]) -> tuple[Ratings, np.ndarray]:
+    """``ratings`` with rows for the raw ids ``users, items`` and ``values`` appended
+    (`Ratings.append`: new ids join the maps, existing indices and rows are unchanged), as
+    ratings received online arrive: ``(all ratings, the new rows' example ids int64 [m])``."""
+    user_ids, item_ids = ratings.user_ids.extend(users), ratings.item_ids.extend(items)
+    n, m = len(ratings), len(values)
+    timestamps = None
+    if ratings.timestamps is not None:
+        start = int(ratings.timestamps.max()) + 1 if n else 0
+        timestamps = np.arange(start, start + m, dtype=np.int64)
+    new = Ratings(user_ids.indices(users), item_ids.indices(items), np.asarray(values, dtype=np.float32),
+                  timestamps, user_ids, item_ids, ratings.rating_scale)
+    return ratings.append(new), np.arange(n, n + m, dtype=np.int64)
+
+
 #: a small evidence-chain model for unit tests (seconds to train)
 SMALL_REC = {"embedding_size": 8, "hidden_size": 16, "prototypes": 4, "fanouts": (6, 4, 3), "eval_passes": 2}
 

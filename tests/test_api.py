@@ -3,8 +3,10 @@ idempotent durable ingestion, restart replay and hot reload."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 
 from api.app import Settings, create_app
 from recsys.artefact import save_artefact
@@ -250,3 +252,56 @@ def test_not_ready_until_model_and_store_are_open(model_dir, tmp_path):
     assert c.get("/health").status_code == 200
     assert c.get("/ready").status_code == 503
     assert c.get("/v1/predict", params={"user": "0", "item": "1"}).status_code == 503
+
+
+def test_the_service_object_owns_the_ingest_sequence(model_dir, tmp_path):
+    """`Service.ingest`: validate (nothing stored on a bad rating), store, apply under the
+    apply lock, count; `Service.create_user` likewise. The routes only call them."""
+    from api.app import NotReady, Service
+    from recsys.store import NewRating
+
+    service = Service(Settings(model=model_dir, db=tmp_path / "db", api_key=KEY))
+    with pytest.raises(NotReady):
+        service.live()
+    service.open()
+    try:
+        with pytest.raises(ValueError, match="outside the scale"):
+            service.ingest([NewRating("svc", "1", 4.0, None, None), NewRating("svc", "2", 9.0, None, None)])
+        assert list(service.store.replay()) == []  # nothing stored
+        stored = service.ingest([NewRating("svc", "1", 4.0, None, "e1"), NewRating("svc", "2", 2.0, None, None)])
+        assert [s.duplicate for s in stored] == [False, False] and service.live().last_seq == stored[-1].seq
+        assert service.ingest([NewRating("svc", "1", 4.0, None, "e1")])[0].duplicate
+        assert service.live().user_info("svc").n_live_ratings == 2
+        assert service.create_user("svc-empty") and not service.create_user("svc-empty")
+        assert service.live().user_info("svc-empty").path == "fallback"
+        assert "recsys_ingested_ratings_total 2.0" in generate_latest(service.metrics.registry).decode()
+    finally:
+        service.close()
+
+
+def test_online_sgd_of_the_service_is_logged_into_the_artefact_s_rollback_log(tmp_path):
+    """With a rollback log in the artefact, the service's online SGD is `online_sgd` logging
+    into it (grown to cover every live row); the model moves as without a log."""
+    from recsys.explain.rollback import RollbackCallback
+    from recsys.recommender import Recommender
+    from recsys.store import NewRating
+
+    train = make_ratings(n_users=40, n_items=30, n=700)
+    model = build_model("mf", train.n_users, train.n_items, train.rating_scale, {"embedding_size": 8, "n_blocks": 2})
+    cb = RollbackCallback(mode="exact")
+    Trainer(TrainConfig(epochs=5, progress=False), callbacks=[cb]).fit(model, train)
+    logged = save_artefact(tmp_path / "logged", model, train, rollback=cb.log)
+    plain = save_artefact(tmp_path / "plain", model, train)
+    a, b = Recommender.load(logged), Recommender.load(plain)
+    new = [NewRating("0", "5", 5.0, None, None), NewRating("fresh", "1", 4.0, None, None),
+           NewRating("1", "7", 1.0, None, None)]
+    assert a.add_ratings(new) == b.add_ratings(new) == 3
+    log = a.artefact.rollback
+    assert log.n_examples == len(a.ratings) == len(train) + 3
+    rows = log.rows(len(train) + np.arange(3))
+    assert np.abs(rows[:, [0, 2]]).sum() > 0  # the trained users' online updates are logged
+    assert np.abs(rows[:, 1]).sum() == 0  # a fold-in is no gradient step
+    pairs = [("0", "5"), ("1", "7"), ("fresh", "3"), ("2", "2")]
+    assert [p.path for p in a.predict_many(pairs)] == ["online", "online", "fold-in", "model"]
+    np.testing.assert_allclose([p.rating for p in a.predict_many(pairs)], [p.rating for p in b.predict_many(pairs)],
+                               atol=1e-5)

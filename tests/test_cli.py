@@ -105,7 +105,7 @@ def test_unknown_item_on_predict_is_a_clear_error(ratings_file, tmp_path, capsys
     code, _, err = run(capsys, "predict", "--model", tmp_path / "m", "--user", "0", "--item", "nope")
     assert code == 2 and "unknown item id 'nope'" in err
     code, out, _ = run(capsys, "predict", "--model", tmp_path / "m", "--user", "stranger", "--item", "1", "--json")
-    assert code == 0 and json.loads(out)["path"] == "fallback (unknown user)"
+    assert code == 0 and json.loads(out)["path"] == "fallback"  # the service's label (one path, `Recommender`)
 
 
 def test_model_and_optimizer_flags_reach_their_configs():
@@ -118,6 +118,39 @@ def test_model_and_optimizer_flags_reach_their_configs():
     model_cfg, train_cfg = _configs(args)
     assert model_cfg | {"seed": 0} == {"cold_roots": 0.25, "item_bias_reg": 3.0, "mlp_reg": 0.001,
                                        "dropout": 0.1, "target_free_bias": False, "seed": 0}
-    assert train_cfg.optimizer == "kfac" and train_cfg.visit_gain is None  # 0: no cap
+    assert train_cfg.optimizer == "kfac" and train_cfg.kfac.visit_gain is None  # 0: no cap
     args = build_parser().parse_args(["train", "--ratings", "r.csv", "--optimizer", "kfac", "--visit-gain", "0.2"])
-    assert _configs(args)[1].visit_gain == 0.2
+    assert _configs(args)[1].kfac.visit_gain == 0.2
+
+
+def test_predict_recommend_and_explain_take_the_service_s_path(tmp_path, capsys):
+    """`recsys predict`, `recommend` and `explain` answer through `Recommender`, as the
+    service does: the same clipped values, path labels and explanations, for any model."""
+    from recsys.artefact import save_artefact
+    from recsys.models import build_model
+    from recsys.recommender import Recommender
+    from recsys.train import TrainConfig, Trainer
+
+    train = make_ratings(n_users=40, n_items=30, n=700)
+    model = build_model("rec", train.n_users, train.n_items, train.rating_scale,
+                        {"embedding_size": 8, "hidden_size": 16, "prototypes": 4, "fanouts": (4, 2)})
+    Trainer(TrainConfig(epochs=1, batch_size=64, optimizer="adam", learning_rate=0.01, progress=False)).fit(model, train)
+    path = save_artefact(tmp_path / "rec", model, train)
+    service = Recommender.load(path)
+    user, item = train.user_ids.raw(0), train.item_ids.raw(1)
+    code, out, _ = run(capsys, "predict", "--model", path, "--user", user, "--item", item, "--json")
+    want = service.predict(user, item)
+    assert code == 0 and json.loads(out) == {"user": user, "item": item, "title": None, "prediction": want.rating,
+                                            "path": want.path}
+    code, out, _ = run(capsys, "recommend", "--model", path, "--user", user, "--k", "3", "--json")
+    got, want = json.loads(out), service.recommend(user, 3)
+    assert code == 0 and got["path"] == want.path == "model"
+    assert [(i["item"], i["score"]) for i in got["items"]] == [(p.item, p.rating) for p in want.items]
+    assert all(1 <= i["score"] <= 5 for i in got["items"])  # clipped to the scale, as served
+    code, out, _ = run(capsys, "explain", "--model", path, "--user", user, "--item", item, "--k", "2", "--json")
+    got = json.loads(out)
+    assert code == 0 and got["method"] == "evidence-chain shares (first hop)" and len(got["contributions"]) == 2
+    served = service.predict(user, item, explain=2).explanation
+    assert [(c["user"], c["item"], c["effect"]) for c in got["contributions"]] == \
+        [(e["user"], e["item"], e["effect"]) for e in served]
+    assert set(got["terms"]) >= {"global_mean", "user_bias", "item_bias"}

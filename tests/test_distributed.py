@@ -41,7 +41,7 @@ _SGD_LR = 0.018 * 512
 CONFIGS: dict[str, tuple[str, dict, dict, bool]] = {
     "mf-sgd": ("mf", _MF, {"optimizer": "sgd", "learning_rate": _SGD_LR}, True),
     "mf-adam": ("mf", _MF, {"optimizer": "adam", "learning_rate": 0.01}, True),
-    "mf-cov-noise": ("mf", _MF, {"optimizer": "cov-noise", "learning_rate": _SGD_LR, "noise_batch": 64}, False),
+    "mf-cov-noise": ("mf", _MF, {"optimizer": "cov-noise", "learning_rate": _SGD_LR, "noise": {"batch": 64}}, False),
     "mf-kfac": ("mf", _MF, {"optimizer": "kfac", "learning_rate": 0.003}, False),
     "rec": ("rec", {"fanouts": (4, 2), "embedding_size": 16, "hidden_size": 32, "prototypes": 50},
             {"optimizer": "adam", "learning_rate": 2e-3}, False),
@@ -83,6 +83,7 @@ def _small_mf(r):
 
 
 def _unit_checks(dp, out: Path) -> None:
+    from recsys.models.mf.steps import parallel_sgd_batch
     from recsys.optim.capture import LayerCapture
 
     # 1. gradient exchange
@@ -104,7 +105,7 @@ def _unit_checks(dp, out: Path) -> None:
         mine, weight = dp.shard(ids)
         model = _small_mf(r)
         u, i, v = (t[torch.from_numpy(mine)] for t in r.tensors())
-        loss = dp.sgd_batch_step(model, u, i, v, 0.5, weight)
+        loss = parallel_sgd_batch(dp, model, u, i, v, 0.5, weight)
         results[f"sgd-{n}"] = ({k: t.clone() for k, t in model.state_dict().items()}, loss)
 
         model = _small_mf(r)

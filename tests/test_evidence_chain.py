@@ -352,7 +352,7 @@ def test_training_lowers_the_error(ratings):
     dict(optimizer="sgd", learning_rate=0.5),
     dict(optimizer="adagrad", learning_rate=0.05),
     dict(optimizer="adam", learning_rate=0.05, salr=True),
-    dict(optimizer="cov-noise", noise_estimator="sub-batch", noise_base="adam", noise_batch=16, learning_rate=0.02),
+    dict(optimizer="cov-noise", noise={"estimator": "sub-batch", "base": "adam", "batch": 16}, learning_rate=0.02),
     *(dict(optimizer=kind, learning_rate=0.01) for kind in ("kfac", "ekfac", "tkfac", "tekfac")),
 ], ids=lambda s: s["optimizer"] + ("+salr" if s.get("salr") else ""))
 def test_every_shared_optimizer_trains_rec(ratings, settings):
@@ -387,6 +387,45 @@ def test_a_new_user_gets_a_prediction_that_moves_when_a_rating_is_added(trained,
     assert float(model.predict(idx, target)[0]) != second
     assert model.add_ratings(["0"], ["new-item"], [4.0])["new_items"] == 1
     assert model.explain("newcomer", "new-item")["path"] == "model"
+
+
+def test_learn_inserts_like_add_ratings_and_the_explainer_reports_first_hop_shares(ratings):
+    """The serving protocols: `learn(ratings, new)` (rows appended with `Ratings.append`, new
+    users first registered through the maps) is `add_ratings` of those rows, `path` says
+    ``model`` once a user has ratings, and the explainer's contributions are the first hop of
+    `explain` (one `Explanation`, the rest as ``terms``)."""
+    from recsys.models.base import Explainer, OnlineLearner
+    from tests.conftest import with_new_ratings
+
+    a, b = fresh(ratings), fresh(ratings)
+    a.eval()
+    b.eval()
+    assert isinstance(a, OnlineLearner)
+    items = ratings.item_ids.raw_ids
+    grown, new = with_new_ratings(ratings, ["solo"], [items[0]], [3.0])  # "solo" joins the maps
+    empty = np.zeros(0, dtype=np.int64)
+    a.learn(ratings.append(grown.subset(empty)), empty)  # only the maps grew
+    assert a.path(grown.user_ids.index("solo")) == "fallback" and a.path(-1) == "fallback"
+    live, new = with_new_ratings(grown, ["solo", "0", "solo"], [items[1], items[2], items[1]], [5.0, 1.0, 4.0])
+    a.learn(live, new)
+    b.add_user("solo")
+    b.add_ratings(["solo", "0", "solo"], [items[1], items[2], items[1]], [5.0, 1.0, 4.0],
+                  live.timestamps[new].tolist())
+    assert a.ratings.user_ids == b.ratings.user_ids and np.array_equal(a.ratings.values, b.ratings.values)
+    solo = live.user_ids.index("solo")
+    assert a.path(solo) == "model"
+    users, its = torch.tensor([solo, 0, 1]), torch.tensor([3, 2, 4])
+    assert torch.equal(a.predict(users, its), b.predict(users, its))
+    explainer = a.explainer(live)
+    assert isinstance(explainer, Explainer)
+    exp = explainer.explain(solo, 3, 2)
+    ref = a.explain("solo", items[3], top=None)
+    first = [e for e in ref["evidence"] if e["hop"] == 1]
+    assert exp.method == "evidence-chain shares (first hop)" and exp.n_candidates == len(first)
+    assert [(c.example, c.effect) for c in exp.contributions] == [(e["example"], e["share"]) for e in first[:2]]
+    assert exp.terms == ref["terms"] and exp.prediction == ref["prediction"]
+    assert all(c.shares == "hop 1" for c in exp.contributions)
+    assert explainer.explain(-1, 3, 2).method.startswith("none")
 
 
 def test_online_insertion_builds_the_graph_a_rebuild_would(ratings):

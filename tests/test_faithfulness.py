@@ -24,7 +24,7 @@ from tests.conftest import make_ratings
 def test_retrain_with_nothing_removed_reproduces_the_trainer(small_ratings, batch_size, optimizer, stats_freq):
     setup = Setup(MFConfig(embedding_size=8, n_blocks=2),
                   TrainConfig(epochs=3, batch_size=batch_size, optimizer=optimizer, learning_rate=0.005,
-                              noise_batch=4, stats_freq=stats_freq, patience=None, progress=False))
+                              noise={"batch": 4}, kfac={"stats_freq": stats_freq}, patience=None, progress=False))
     ref = MatrixFactorization(small_ratings.n_users, small_ratings.n_items, small_ratings.rating_scale, setup.model)
     Trainer(setup.train).fit(ref, small_ratings)
     again = retrain(small_ratings, setup)

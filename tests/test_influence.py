@@ -185,3 +185,42 @@ def test_cached_newton_equals_the_direct_estimate_and_follows_invalidation(small
     fresh = cache.effects(u, i)[1]
     np.testing.assert_allclose(fresh, estimate_effects(model, r, u, i, "newton")[1], rtol=1e-4, atol=1e-7)
     assert not np.allclose(stale, fresh)
+
+
+def test_the_mf_explainer_caches_newton_by_default_and_follows_online_learning(small_ratings):
+    """`MatrixFactorization.explainer`: None is the service's cached Newton, a named method is
+    computed per query (what `explain` reports); after `learn`, `update` makes the new
+    ratings candidates and refreshes the rows they moved."""
+    from recsys.models.base import Explainer
+    from tests.conftest import with_new_ratings
+
+    r = small_ratings
+    model, log = _fit(r, _setup(epochs=3))
+    cached, direct = model.explainer(r, log), model.explainer(r, log, "newton")
+    assert isinstance(cached, Explainer) and cached.method == direct.method == "newton"
+    cached.warm()
+    for u, i in ((3, 4), (0, 1), (int(r.users[10]), int(r.items[10]))):
+        a, b = cached.explain(u, i, 5), direct.explain(u, i, 5)
+        assert [c.example for c in a.contributions] == [c.example for c in b.contributions]
+        np.testing.assert_allclose([c.effect for c in a.contributions], [c.effect for c in b.contributions],
+                                   rtol=1e-4, atol=1e-7)
+        assert b == explain(model, log, r, r.user_ids.raw(u), r.item_ids.raw(i), 5, "newton")
+        assert a.prediction == pytest.approx(b.prediction, abs=1e-5)
+    model.start_online(r, learning_rate=0.02)
+    rollback = model.explainer(r, log, "rollback")
+    ratings, new = with_new_ratings(r, [r.user_ids.raw(3), "newcomer"], [r.item_ids.raw(5), r.item_ids.raw(4)],
+                                    [5.0, 1.0])
+    model.learn(ratings, new)
+    for ex in (cached, rollback):
+        ex.update(ratings, new)
+    fresh = model.explainer(ratings)
+    got, want = cached.explain(3, 4, 50), fresh.explain(3, 4, 50)
+    assert int(new[0]) in [c.example for c in got.contributions]
+    np.testing.assert_allclose([c.effect for c in got.contributions], [c.effect for c in want.contributions],
+                               rtol=1e-4, atol=1e-7)
+    assert rollback.explain(3, 4, 3).method == "newton"  # the log's trajectory ended with training
+    newcomer = ratings.user_ids.index("newcomer")
+    assert model.path(newcomer) == "fold-in" and model.path(3) == "online" and model.path(0) == "model"
+    assert [c.example for c in cached.explain(newcomer, 4, 5).contributions][0] == int(new[1])
+    ghost = cached.explain(-1, 4, 5)
+    assert ghost.contributions == [] and ghost.method.startswith("none")

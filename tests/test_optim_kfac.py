@@ -261,7 +261,7 @@ def test_eigenbasis_kinds_refuse_sparse_statistics():
         with pytest.raises(ValueError, match="stats_freq=1"):
             KFACPreconditioner(model, kind, stats_freq=2)
         with pytest.raises(ValueError, match="stats_freq must be 1"):
-            TrainConfig(optimizer=kind, stats_freq=2)
+            TrainConfig(optimizer=kind, kfac={"stats_freq": 2})
 
 
 @pytest.mark.parametrize(("kind", "lr"), [("kfac", 1e-3), ("tkfac", 5e-3), ("ekfac", 0.02), ("tekfac", 0.02)])

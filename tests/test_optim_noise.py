@@ -10,7 +10,7 @@ import torch
 
 from recsys.models.mf import MatrixFactorization, MFConfig
 from recsys.optim.factory import build_optimizer
-from recsys.optim.noise import CovNoiseSGD, SubBatchNoise
+from recsys.optim.noise import CovNoiseSGD, NoiseConfig, SubBatchNoise
 from recsys.train import TrainConfig, Trainer
 
 B, B_S, DIM = 8, 2, 4
@@ -110,8 +110,8 @@ def test_cov_noise_trains_mf_through_the_trainer(small_ratings, structure):
     model.prepare(small_ratings)
     u, i, v = small_ratings.tensors()
     before = float(((model.predict(u, i) - v) ** 2).mean().sqrt())
-    Trainer(TrainConfig(epochs=5, batch_size=64, optimizer="cov-noise", learning_rate=0.5, noise_batch=16,
-                        noise_structure=structure, progress=False)).fit(model, small_ratings)
+    Trainer(TrainConfig(epochs=5, batch_size=64, optimizer="cov-noise", learning_rate=0.5,
+                        noise={"batch": 16, "structure": structure}, progress=False)).fit(model, small_ratings)
     assert float(((model.predict(u, i) - v) ** 2).mean().sqrt()) < before
 
 
@@ -163,7 +163,7 @@ def test_sub_batch_noise_at_scale_zero_trains_like_the_plain_large_batch(small_r
     batch's gradient: the same weights as plain SGD through autograd."""
     u, i, v = small_ratings.tensors()
     models = []
-    for cfg in (dict(optimizer="cov-noise", noise_estimator="sub-batch", noise_scale=0.0, noise_batch=16),
+    for cfg in (dict(optimizer="cov-noise", noise={"estimator": "sub-batch", "scale": 0.0, "batch": 16}),
                 dict(optimizer="sgd")):
         model = mf(small_ratings)
         trainer = Trainer(TrainConfig(epochs=2, batch_size=64, learning_rate=0.5, progress=False, **cfg),
@@ -180,8 +180,8 @@ def test_sub_batch_noise_puts_covariance_noise_under_adam(small_ratings):
     model.prepare(small_ratings)
     u, i, v = small_ratings.tensors()
     before = float(((model.predict(u, i) - v) ** 2).mean().sqrt())
-    trainer = Trainer(TrainConfig(epochs=4, batch_size=64, optimizer="cov-noise", noise_estimator="sub-batch",
-                                  noise_base="adam", noise_batch=16, learning_rate=0.01, progress=False))
+    trainer = Trainer(TrainConfig(epochs=4, batch_size=64, optimizer="cov-noise",
+                                  noise={"estimator": "sub-batch", "base": "adam", "batch": 16}, learning_rate=0.01, progress=False))
     trainer.fit(model, small_ratings)
     assert isinstance(trainer.optimizer, torch.optim.Adam) and trainer.sub_batch_noise is not None
     assert float(((model.predict(u, i) - v) ** 2).mean().sqrt()) < before
@@ -189,4 +189,4 @@ def test_sub_batch_noise_puts_covariance_noise_under_adam(small_ratings):
 
 def test_per_example_noise_refuses_another_base():
     with pytest.raises(ValueError, match="sub-batch"):
-        build_optimizer("cov-noise", torch.nn.Linear(2, 1), 0.1, noise_base="adam")
+        build_optimizer("cov-noise", torch.nn.Linear(2, 1), 0.1, noise=NoiseConfig(base="adam"))

@@ -35,7 +35,7 @@ def test_cli_applies_lr_scaling_and_new_flags():
                                       "full", "--noise-scale", "0.5", "--salr"]))
     _, cfg = _configs(ns)
     assert cfg.learning_rate == pytest.approx(0.64)  # MF's default batch is 1
-    assert (cfg.optimizer, cfg.noise_batch, cfg.noise_structure, cfg.noise_scale, cfg.salr) == \
+    assert (cfg.optimizer, cfg.noise.batch, cfg.noise.structure, cfg.noise.scale, cfg.salr is not None) == \
         ("cov-noise", 8, "full", 0.5, True)
     ns = parser.parse_args(_fit_argv(["--model", "rec", "--batch-size", "4096", "--lr-scaling", "sqrt"]))
     _, cfg = _configs(ns)
@@ -120,8 +120,8 @@ def test_salr_trains_mf_through_the_trainer(small_ratings, optimizer, lr):
     model.prepare(small_ratings)
     u, i, v = small_ratings.tensors()
     before = float(((model.predict(u, i) - v) ** 2).mean().sqrt())
-    trainer = Trainer(TrainConfig(epochs=4, batch_size=32, optimizer=optimizer, learning_rate=lr, salr=True,
-                                  salr_every=2, noise_batch=8, progress=False))
+    trainer = Trainer(TrainConfig(epochs=4, batch_size=32, optimizer=optimizer, learning_rate=lr, salr={"every": 2},
+                                  noise={"batch": 8}, progress=False))
     trainer.fit(model, small_ratings)
     assert isinstance(trainer.optimizer, SALR) and trainer.optimizer.history
     assert float(((model.predict(u, i) - v) ** 2).mean().sqrt()) < before

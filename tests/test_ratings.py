@@ -80,3 +80,41 @@ def test_to_frame_round_trips_raw_ids(small_ratings):
     again = Ratings.from_arrays(frame.user, frame.item, frame.rating, frame.timestamp, rating_scale=(1, 5))
     assert np.array_equal(again.values, small_ratings.values)
     assert again.user_ids == small_ratings.user_ids
+
+
+def test_append_keeps_example_ids_and_takes_extended_maps(small_ratings):
+    r = small_ratings
+    user_ids = r.user_ids.extend(["newcomer"])
+    new = Ratings(np.array([0, len(user_ids) - 1]), np.array([1, 2]), np.array([4.0, 2.0], np.float32),
+                  np.array([7, 8]), user_ids, r.item_ids, r.rating_scale)
+    both = r.append(new)
+    assert len(both) == len(r) + 2 and both.user_ids is user_ids and both.item_ids is r.item_ids
+    assert np.array_equal(both.users[: len(r)], r.users) and np.array_equal(both.values[len(r):], [4.0, 2.0])
+    assert np.array_equal(both.timestamps[len(r):], [7, 8]) and both.item_titles is r.item_titles
+    assert r.append(r.subset(np.zeros(len(r), dtype=bool))) is r  # nothing to add
+    no_ts = Ratings(new.users, new.items, new.values, None, user_ids, r.item_ids, r.rating_scale)
+    assert r.append(no_ts).timestamps is None
+    with pytest.raises(ValueError, match="extend"):
+        r.append(Ratings(np.array([0]), np.array([0]), np.array([3.0], np.float32), None,
+                         IdMap(["someone-else"]), r.item_ids, r.rating_scale))
+    with pytest.raises(ValueError, match="scale"):
+        r.append(Ratings(np.array([0]), np.array([0]), np.array([3.0], np.float32), None,
+                         r.user_ids, r.item_ids, (0.0, 10.0)))
+
+
+def test_appending_one_rating_at_a_time_grows_in_place_and_never_changes_an_earlier_result(small_ratings):
+    r = small_ratings
+    one = [r.subset(np.arange(len(r)) == k) for k in range(4)]
+    chain = [r]
+    for piece in one:
+        chain.append(chain[-1].append(piece))
+    assert chain[2].users.base is chain[4].users.base  # the same buffer, grown in place
+    # a second branch from an older result gets its own buffer: the first branch is untouched
+    branch = chain[2].append(one[3])
+    assert branch.users.base is not chain[4].users.base
+    for k, ratings in enumerate(chain):
+        assert len(ratings) == len(r) + k
+        assert np.array_equal(ratings.users[len(r):], [p.users[0] for p in one[:k]])
+        assert np.array_equal(ratings.timestamps[len(r):], [p.timestamps[0] for p in one[:k]])
+    assert np.array_equal(branch.values[-1:], one[3].values) and len(branch) == len(r) + 3
+    assert chain[4].by_user.degrees().sum() == len(r) + 4  # derived views see the appended rows

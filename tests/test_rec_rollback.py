@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from recsys.experiments.rec_rollback import (
+    ChainTap,
     RECRollbackCallback,
     RECRollbackLog,
-    _ChainTap,
     baselines_without,
     evidence_candidates,
     evidence_effects,
@@ -72,10 +72,10 @@ def test_expanded_recomputation_reproduces_the_batch_and_splits_its_gradient_exa
     model.train()
     u, i, _ = ratings.tensors()
     idx = torch.arange(96)
-    with _ChainTap(model) as tap:
+    with ChainTap(model) as tap:
         out = model.forward(u[idx], i[idx])
     roots, chains = tap.calls[0]
-    graph, _ = model._live()
+    graph, _ = model.live()
     root_bias, baseline = training_baseline(model, graph, roots, chains, u[idx], i[idx],
                                             tap.kwargs[0].get("root_keep"))
     group, slot, grad, scores = per_example_gradients(model, chains, roots, u[idx], i[idx], root_bias)
@@ -276,7 +276,8 @@ def test_callback_refuses_what_it_cannot_attribute(ratings):
 
 def test_a_chain_tap_watches_and_masks_one_model_only(ratings):
     """Explaining one REC model must not change what another live model (e.g. in the same
-    service) samples: the tap wraps the model's own `chain_sampler`, not the module."""
+    service) samples: the tap uses the model's own public hooks (`observing`, `substituted`),
+    not the module, and swaps no sampler."""
     watched, other = build(ratings), build(ratings)
     watched.prepare(ratings)
     other.prepare(ratings)
@@ -284,9 +285,13 @@ def test_a_chain_tap_watches_and_masks_one_model_only(ratings):
     other.eval()
     u, i = torch.tensor([0, 1]), torch.tensor([0, 1])
     expected = other(u, i)
-    with _ChainTap(watched) as tap:
-        tap.extra_exclude = torch.arange(ratings.n_users * ratings.n_items)  # hide every rating
+    hide_all = torch.arange(ratings.n_users * ratings.n_items)  # hide every rating
+    with ChainTap(watched, hidden=hide_all) as tap:
         assert torch.equal(other(u, i), expected)
-        watched(u, i)
+        masked = watched(u, i)
     assert len(tap.calls) == watched.config.eval_passes
     assert watched.chain_sampler is other.chain_sampler  # restored
+    # the mask and the observer are gone after the block; within it every chain was empty
+    assert all(len(lvl.examples) == 0 for _, ch in tap.calls for lvl in ch.levels)
+    assert not watched.sampling_observers
+    assert not torch.equal(watched(u, i), masked)

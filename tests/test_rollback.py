@@ -91,9 +91,9 @@ def test_adam_credit_is_the_gradient_through_the_preconditioner():
 
 @pytest.mark.parametrize("optimizer,extra", [
     ("kfac", {}), ("ekfac", {}), ("tkfac", {}), ("tekfac", {}),
-    ("kfac", {"salr": True, "salr_every": 2}),
-    ("cov-noise", {"noise_scale": 0.0, "noise_batch": 2}),
-    ("sgd", {"salr": True, "salr_every": 2}),
+    ("kfac", {"salr": {"every": 2}}),
+    ("cov-noise", {"noise": {"scale": 0.0, "batch": 2}}),
+    ("sgd", {"salr": {"every": 2}}),
 ])
 def test_preconditioned_credits_sum_to_every_rows_change(small_ratings, optimizer, extra):
     # The K-FAC family's row preconditioner is linear in the row's gradient, so crediting each
@@ -121,8 +121,8 @@ def test_injected_covariance_noise_is_credited_to_no_example(small_ratings):
     model = _model(r)
     init = {n: getattr(model, n).weight.detach().clone() for n in SLOT_NAMES}
     cb = RollbackCallback()
-    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=0.02, optimizer="cov-noise", noise_batch=2,
-                      noise_scale=1.0, patience=None, progress=False)
+    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=0.02, optimizer="cov-noise",
+                      noise={"batch": 2, "scale": 1.0}, patience=None, progress=False)
     Trainer(cfg, callbacks=[cb]).fit(model, r)
     assert "noise is not attributed" in cb.log.attribution
     sums = cb.log.row_sums(r, r.n_users, r.n_items)

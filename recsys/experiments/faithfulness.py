@@ -62,7 +62,7 @@ def default_setup(optimizer: str = "sgd", *, seed: int = 0) -> Setup:
         lr = {"adam": 0.003, "sparse-adam": 0.003, "adagrad": 0.05, "cov-noise": 8.0}.get(optimizer, 0.003)
         if optimizer in ("kfac", "ekfac", "tkfac", "tekfac"):
             lr = 0.02  # the family's default 0.01 at batch 256, square-root scaled to 1024
-        extra = {"noise_scale": 0.1} if optimizer == "cov-noise" else {}
+        extra = {"noise": {"scale": 0.1}} if optimizer == "cov-noise" else {}
         train = TrainConfig(epochs=10, learning_rate=lr, lr_decay=1.0, batch_size=1024, optimizer=optimizer,
                             patience=None, progress=False, seed=seed, **extra)
     return Setup(model, train)
@@ -101,11 +101,8 @@ def retrain(train: Ratings, setup: Setup, removed: Sequence[int] | np.ndarray = 
     tensors = train.tensors()
     pre = None
     if kind == "autograd":
-        optimizer = build_optimizer(c.optimizer, model, c.learning_rate, noise_batch=c.noise_batch,
-                                    noise_structure=c.noise_structure, noise_scale=c.noise_scale,
-                                    noise_base=c.noise_base, noise_estimator=c.noise_estimator, seed=c.seed)
-        pre = build_preconditioner(c.optimizer, model, damping=c.damping, visit_gain=c.visit_gain,
-                                   stats_freq=c.stats_freq, seed=c.seed)
+        optimizer = build_optimizer(c.optimizer, model, c.learning_rate, noise=c.noise, seed=c.seed)
+        pre = build_preconditioner(c.optimizer, model, c.kfac, seed=c.seed)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=c.lr_decay)
     for epoch in range(c.epochs):
         lr = c.learning_rate * c.lr_decay ** epoch
@@ -168,7 +165,10 @@ def sample_pairs(train: Ratings, test: Ratings, n: int, rng: np.random.Generator
     return [(int(test.users[r]), int(test.items[r])) for r in rows]
 
 
-def _corr(est: np.ndarray, true: np.ndarray) -> dict:
+def agreement_stats(est: np.ndarray, true: np.ndarray) -> dict:
+    """How well estimated effects ``est [n]`` agree with true ones ``true [n]``: Pearson,
+    Spearman, sign agreement (where the true effect is nonzero) and the least-squares slope
+    of true on estimated; NaN for fewer than 3 pairs or a constant side."""
     if len(est) < 3 or np.std(est) == 0 or np.std(true) == 0:
         return {"pearson": float("nan"), "spearman": float("nan"), "sign_agreement": float("nan"), "slope": float("nan")}
     slope = float(np.dot(est - est.mean(), true - true.mean()) / np.dot(est - est.mean(), est - est.mean()))
@@ -227,12 +227,12 @@ def agreement(train: Ratings, test: Ratings, setup: Setup, model: MatrixFactoriz
         per_pair = [stats.spearmanr(e, t)[0] for e, t in zip(est[m], true, strict=True) if np.std(e) > 0 and np.std(t) > 0]
         prec = [len(set(np.argsort(-np.abs(e))[:5]) & set(np.argsort(-np.abs(t))[:5])) / min(5, len(t))
                 for e, t in zip(est[m], true, strict=True)]
-        res.methods[m] = {**_corr(e_all, true_all), "spearman_per_pair_mean": float(np.nanmean(per_pair)),
+        res.methods[m] = {**agreement_stats(e_all, true_all), "spearman_per_pair_mean": float(np.nanmean(per_pair)),
                           "precision_at_5": float(np.mean(prec)), "estimate_mean_abs": float(np.abs(e_all).mean())}
     if reseed_true:
         rt = np.concatenate(reseed_true)
-        res.reseeded = {m: _corr(np.concatenate(reseed_est[m]), rt) for m in methods}
-        res.reseeded["true_same_vs_reseeded"] = _corr(np.concatenate(true[:len(reseed_true)]), rt)
+        res.reseeded = {m: agreement_stats(np.concatenate(reseed_est[m]), rt) for m in methods}
+        res.reseeded["true_same_vs_reseeded"] = agreement_stats(np.concatenate(true[:len(reseed_true)]), rt)
     return res
 
 

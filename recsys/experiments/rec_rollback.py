@@ -69,7 +69,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recsys.models.rec.chains import Chains, EvidenceGraph, Level
-from recsys.models.rec.model import EvidenceChainModel, RECConfig, fit_baseline
+from recsys.models.rec.model import EvidenceChainModel, RECConfig, SamplingObserver, fit_baseline
 from recsys.optim.credit import ATTRIBUTION, optimizer_factor, optimizer_name
 from recsys.optim.factory import build_optimizer
 from recsys.optim.sampling import make_sampler
@@ -250,69 +250,68 @@ def training_baseline(model: EvidenceChainModel, graph: EvidenceGraph, roots: to
     return root_bias, model.global_mean + rb[:b] + rb[b:]
 
 
-class _ChainTap:
-    """Wraps ``model``'s chain sampler (`EvidenceChainModel.chain_sampler`) while active:
-    records every call's chains and adds ``extra_exclude`` (pair keys) to the excluded
-    ratings (the removal mask). Other models are untouched."""
+class ChainTap:
+    """Watches one REC model's chain sampling while active, through the model's public hooks
+    (`EvidenceChainModel.observing`, `EvidenceChainModel.substituted`): records every
+    sampling pass's ``(roots, chains)`` in ``calls`` (and the sampler's other keyword
+    arguments, e.g. ``root_keep``, in ``kwargs``) when ``record``, calls ``on_sample(graph,
+    roots, chains, targets, kwargs)`` after every sampling (``targets``: the pair keys the
+    model excluded itself, a training batch's pairs in order), and hides the pair keys
+    ``hidden`` from every chain (the removal mask). Other models are untouched."""
 
-    def __init__(self, model: EvidenceChainModel, on_sample=None) -> None:
+    def __init__(self, model: EvidenceChainModel, on_sample: SamplingObserver | None = None, *,
+                 hidden: torch.Tensor | None = None, record: bool = True) -> None:
         self.model = model
         self.calls: list[tuple[torch.Tensor, Chains]] = []
         self.kwargs: list[dict] = []  # each call's other keyword arguments (e.g. root_keep)
-        self.extra_exclude: torch.Tensor | None = None
-        self.recording = True
-        #: called as ``on_sample(graph, roots, chains, targets, kwargs)`` after every sampling,
-        #: ``targets`` the pair keys the caller excluded (a training batch's pairs, in order),
-        #: ``kwargs`` the sampler's other keyword arguments
+        self.hidden = hidden
+        self.recording = record
         self.on_sample = on_sample
-        self._orig = None
+        self._stack: contextlib.ExitStack | None = None
 
-    def __enter__(self) -> _ChainTap:
-        self._orig = orig = self.model.chain_sampler
+    def _observe(self, graph: EvidenceGraph, roots: torch.Tensor, chains: Chains,
+                 targets: torch.Tensor | None, kwargs: dict) -> None:
+        if self.recording:  # one entry per sampling pass
+            for single in chains.split_passes():
+                self.calls.append((roots, single))
+                self.kwargs.append(kwargs)
+        if self.on_sample is not None:
+            self.on_sample(graph, roots, chains, targets, kwargs)
 
-        def wrapped(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int, ...], generator: torch.Generator,
-                    *, exclude: torch.Tensor | None = None, **kwargs: object) -> Chains:
-            targets = exclude
-            if self.extra_exclude is not None and len(self.extra_exclude):
-                extra = self.extra_exclude.to(roots.device)
-                exclude = extra if exclude is None else torch.cat([exclude, extra])
-            chains = orig(graph, roots, fanouts, generator, exclude=exclude, **kwargs)
-            if self.recording:  # one entry per sampling pass
-                for single in chains.split_passes():
-                    self.calls.append((roots, single))
-                    self.kwargs.append(kwargs)
-            if self.on_sample is not None:
-                self.on_sample(graph, roots, chains, targets, kwargs)
-            return chains
-
-        self.model.chain_sampler = wrapped
+    def __enter__(self) -> ChainTap:
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.model.observing(self._observe))
+        if self.hidden is not None:
+            stack.enter_context(self.model.substituted(hidden_pairs=self.hidden))
+        self._stack = stack
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.model.chain_sampler = self._orig
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
 
 
 @contextlib.contextmanager
 def removed(model: EvidenceChainModel, example_ids: Sequence[int] | np.ndarray, *,
-            refit_baseline: bool = True, mask_evidence: bool = True) -> Iterator[_ChainTap]:
+            refit_baseline: bool = True, mask_evidence: bool = True) -> Iterator[None]:
     """Within the block, the model predicts (and trains) as if the training ratings
     ``example_ids`` (rows of its live ratings) were removed: their edges are masked out of
     every sampled chain and the baseline biases are refitted without them. Parameters are
     untouched."""
     r = model.ratings
     ids = np.asarray(example_ids, dtype=np.int64)
-    graph, bias = model.live()
-    tap = _ChainTap(model)
-    tap.recording = False
+    graph, _ = model.live()
+    hidden = None
     if mask_evidence and len(ids):
-        tap.extra_exclude = torch.from_numpy(r.users[ids] * graph.n_items + r.items[ids])
+        hidden = torch.from_numpy(r.users[ids] * graph.n_items + r.items[ids])
     biases = None
     if refit_baseline and len(ids):
         keep = np.ones(len(r), dtype=bool)
         keep[ids] = False
         biases = _fit_baseline(model, r, keep)
-    with model.substituted(biases=biases), tap:
-        yield tap
+    with model.substituted(biases=biases, hidden_pairs=hidden):
+        yield
 
 
 # ----------------------------------------------------------------------------- expanded forward
@@ -465,8 +464,8 @@ def per_example_gradients(model: EvidenceChainModel, chains: Chains, roots: torc
 class RECRollbackCallback(Callback):
     """Trainer plug-in that records a `RECRollbackLog` (see the module docstring).
 
-    While training, the model module's chain sampler is wrapped: right after a training step
-    samples its chains (before the aggregation, so with the step's pre-update weights), the
+    While training, the callback observes the model's chain sampling
+    (`EvidenceChainModel.observing`): right after a training step samples its chains (before the aggregation, so with the step's pre-update weights), the
     per-example prototype-row gradients are recomputed on those chains
     (`per_example_gradients`); ``on_batch_end`` credits them through the optimizer's
     preconditioner. The batch's examples are read from the target pairs the model excludes
@@ -485,7 +484,7 @@ class RECRollbackCallback(Callback):
         self.log: RECRollbackLog | None = None
         self.sampling_states: list[torch.Tensor] = []
         self.seconds = 0.0  # time spent in the logging itself
-        self._tap: _ChainTap | None = None
+        self._observing: contextlib.ExitStack | None = None
         self._pending: tuple | None = None
         self._model: EvidenceChainModel | None = None
         self._trainer: Trainer | None = None
@@ -504,9 +503,8 @@ class RECRollbackCallback(Callback):
                                   optimizer=opt, device=model.device)
         self._values = torch.as_tensor(train.values, dtype=torch.float32, device=model.device)
         self.sampling_states = [model.sampling_state().clone()] if self.record_sampling else []
-        self._tap = _ChainTap(model, self._on_sample)
-        self._tap.recording = False
-        self._tap.__enter__()
+        self._observing = contextlib.ExitStack()
+        self._observing.enter_context(model.observing(self._on_sample))
 
     def _on_sample(self, graph: EvidenceGraph, roots: torch.Tensor, chains: Chains,
                    targets: torch.Tensor | None, kwargs: dict) -> None:
@@ -552,9 +550,9 @@ class RECRollbackCallback(Callback):
         return None
 
     def on_train_end(self, result: TrainResult) -> None:
-        if self._tap is not None:
-            self._tap.__exit__()
-            self._tap = None
+        if self._observing is not None:
+            self._observing.close()
+            self._observing = None
         if self.log is not None:
             self.log.flush()
             if self.store_dtype != self.log.dtype:
@@ -568,7 +566,7 @@ def prediction_chains(model: EvidenceChainModel, user: int, item: int) -> tuple[
     was = model.training
     model.eval()
     try:
-        with _ChainTap(model) as tap, torch.no_grad():
+        with ChainTap(model) as tap, torch.no_grad():
             pred = float(model(torch.tensor([user], device=model.device), torch.tensor([item], device=model.device))[0])
     finally:
         model.train(was)
@@ -665,9 +663,7 @@ def evidence_effects(model: EvidenceChainModel, user: int, item: int, example_id
     basel = np.zeros(len(ids)) if components else None
     for c in range(len(ids)):
         new_bias = torch.from_numpy(np.concatenate([bu[c], bi[c]]).astype(np.float32)).to(model.device)
-        with _ChainTap(model) as tap:
-            tap.recording = False
-            tap.extra_exclude = keys[c:c + 1]
+        with model.substituted(hidden_pairs=keys[c:c + 1]):
             with model.substituted(biases=new_bias):
                 total[c] = base - raw_prediction(model, user, item)
             if components:
@@ -825,7 +821,7 @@ def predict_without(model: EvidenceChainModel, user: int, item: int, removed_ids
 
 
 __all__ = [
-    "EvidenceEffects", "RECExplanation", "RECRollbackCallback", "RECRollbackLog", "baselines_without",
+    "ChainTap", "EvidenceEffects", "RECExplanation", "RECRollbackCallback", "RECRollbackLog", "baselines_without",
     "evidence_candidates", "evidence_effects", "explain_rec", "neighbourhood_candidates", "per_example_gradients",
     "predict_without", "prediction_chains", "raw_prediction", "removed", "retrain", "rollback_effects",
 ]

@@ -1,393 +1,51 @@
 """Explanations: which training ratings raised or lowered a prediction, and by how much.
 
-For a prediction ``x = (u, i)`` of biased MF, the candidates are the training ratings that
-share its user or its item (only they touch ``x``'s rows). Each method estimates, for every
-candidate ``z`` at once, the effect ``f(x; θ) − f(x; θ_{−z})`` in rating points: positive when
-``z`` raised the prediction (removing it would lower it), negative when it lowered it.
-
-Methods (all one vectorised closed form per prediction, no weight copies):
-
-- ``rollback`` (plain gradient rollback, Lawrence et al., arXiv 2010.05516): ``θ_{−z} = θ − Δ_z``
-  with Δ_z from the `RollbackLog` (or reconstructed from the `CompactRollbackLog`, only the
-  terms each candidate's shared row needs): the same-trajectory removal estimate. Path-aware, works
-  for any optimizer and online updates; with SGD its sizes are too large, because the log sums
-  every epoch's updates while, in retraining, the row's other ratings pull it back.
-- ``newton`` (one-row Newton influence): for the row ``z`` shares with ``x`` (user or item),
-  ``θ_{−z} = θ + H_{−z}⁻¹ ∇ℓ_z`` at the final weights, with ``H_{−z}`` the Gauss–Newton matrix
-  of the row's *other* ratings plus their per-visit L2 (``[factors; bias]``, a ``(d+1)²``
-  system per block and row: one solve per row, each candidate a Sherman–Morrison rank-one
-  downdate). Influence restricted to one row. Needs no log.
-- ``fia`` (Cheng et al., arXiv 1811.08120, the peer): influence functions restricted to the
-  user and item factor vectors jointly (``2d × 2d`` per block), with the exact Hessian of the
-  training loss (no downdate, no biases, as published).
-
-`explain` ranks candidates by the absolute effect and maps them to raw ids, rating,
-timestamp and title. The default method is the one the faithfulness harness measured most
-faithful (see ``docs/explanations.md``).
+The public queries over any `recsys.models.base.Explainable` model: `explain` (one
+prediction) and `explain_recommendations` (the `recommend` list), each an
+`recsys.models.base.Explanation`. The estimates themselves live with their model family:
+MF's (``newton``, ``rollback``, ``fia``: `METHODS`; the candidates, `estimate_effects`, the
+serving cache `NewtonInfluence`) in `recsys.models.mf.explain`, re-exported here; the
+evidence-chain model's shares in `recsys.models.rec.explain`. See ``docs/explanations.md``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
-import numpy as np
 import torch
 
 from recsys.errors import UnknownIdError
-from recsys.models.base import RatingModel
-from recsys.models.mf.log import CompactRollbackLog, RollbackLog
+from recsys.models.base import Contribution, Explainable, Explanation, RatingModel, UpdateLog
+from recsys.models.mf.explain import (
+    DEFAULT_METHOD,
+    METHODS,
+    UNITS,
+    NewtonInfluence,
+    candidates,
+    estimate_effects,
+)
 from recsys.ratings import Ratings
 
-METHODS = ("newton", "rollback", "fia")
-#: Method used when none is named: most faithful to exact leave-one-out in the harness.
-DEFAULT_METHOD = "newton"
-UNITS = "rating points"
+
+def _explainer(model: RatingModel, log: UpdateLog | None, train: Ratings, method: str | None):
+    if not isinstance(model, Explainable):
+        raise TypeError(f"{type(model).__name__} does not explain its predictions (base.Explainable)")
+    return model.explainer(train, log, method)  # None: the family's default method
 
 
-@dataclass(frozen=True)
-class Contribution:
-    """One training rating's estimated effect on a prediction (``effect`` in rating points:
-    how much higher the prediction is because this rating was in training)."""
-
-    example: int
-    user: str
-    item: str
-    rating: float
-    timestamp: int | None
-    title: str | None
-    effect: float
-    shares: str  # "user", "item" or "both": which of the prediction's rows it touched
-
-
-@dataclass
-class Explanation:
-    """The top contributions behind ``prediction`` of ``user`` for ``item``."""
-
-    user: str
-    item: str
-    title: str | None
-    prediction: float
-    method: str
-    contributions: list[Contribution] = field(default_factory=list)
-    n_candidates: int = 0
-    units: str = UNITS
-    attribution: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------- candidates
-def candidates(train: Ratings, user: int, item: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Training examples sharing ``user`` or ``item``: ``(example_ids int64 [m], shares_user
-    bool [m], shares_item bool [m])``, user's ratings first; the pair itself (if it is a
-    training rating) appears once with both flags."""
-    bu, bi = train.by_user, train.by_item
-    u_ids = bu.examples[bu.row(user)] if 0 <= user < train.n_users else np.empty(0, np.int64)
-    i_ids = bi.examples[bi.row(item)] if 0 <= item < train.n_items else np.empty(0, np.int64)
-    i_only = i_ids[train.users[i_ids] != user]
-    ids = np.concatenate([u_ids, i_only])
-    return ids, train.users[ids] == user, train.items[ids] == item
-
-
-class _Rows:
-    """float64 numpy copies of the rows one explanation needs (per block)."""
-
-    def __init__(self, model: RatingModel, users: np.ndarray, items: np.ndarray) -> None:
-        k, d = model.config.n_blocks, model.block_size
-        if model.device.type == "cpu":  # numpy views of the tables: no tensor dispatch per query
-            def take(table: torch.Tensor, idx: np.ndarray) -> np.ndarray:
-                return table.detach().numpy()[idx].astype(np.float64)
-            u, i = np.asarray(users), np.asarray(items)
-        else:
-            def take(table: torch.Tensor, idx: torch.Tensor) -> np.ndarray:
-                return table.detach().index_select(0, idx).cpu().numpy().astype(np.float64)
-            u = torch.as_tensor(users, device=model.device)
-            i = torch.as_tensor(items, device=model.device)
-
-        self.P = take(model.user_factors.weight, u).reshape(-1, k, d).transpose(1, 0, 2)  # [K, m, d]
-        self.Q = take(model.item_factors.weight, i).reshape(-1, k, d).transpose(1, 0, 2)
-        self.BU = take(model.user_bias.weight, u).T  # [K, m]
-        self.BI = take(model.item_bias.weight, i).T
-
-    def prediction(self, model: RatingModel, b: int = 0) -> float:
-        """The clipped prediction of pair ``b`` (`RatingModel.predict` for a pair whose user
-        and item both have training ratings), from the rows already gathered."""
-        k = self.P.shape[0]
-        raw = (float(model.global_mean) + self.BU[:, b].mean() + self.BI[:, b].mean()
-               + float(np.einsum("kd,kd->", self.P[:, b], self.Q[:, b])) / k)
-        lo, hi = model.rating_scale
-        return min(max(raw, lo), hi)
-
-
-def estimate_effects(model: RatingModel, train: Ratings, user: int, item: int, method: str = DEFAULT_METHOD,
-                     log: RollbackLog | CompactRollbackLog | None = None, *, rows: _Rows | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Estimated effects of every candidate on the prediction of ``(user, item)`` (indices).
-
-    Returns ``(example_ids [m], effects float64 [m] in rating points, shares_user [m],
-    shares_item [m])``. ``rollback`` needs ``log``. ``rows``: the pair's rows, when the caller
-    has gathered them already."""
-    if method not in METHODS:
-        raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
-    ids, su, si = candidates(train, user, item)
-    if len(ids) == 0:
-        return ids, np.zeros(0), su, si
-    if method == "rollback":
-        if log is None:
-            raise ValueError("the rollback method needs the model's RollbackLog (train with --rollback)")
-        if log.n_examples < len(train):
-            raise ValueError(f"the rollback log covers {log.n_examples} examples, the training ratings "
-                             f"{len(train)}; extend it after online updates")
-        eff = _rollback(model, log, user, item, ids, su, si, rows)
-    elif method == "newton":
-        eff = _newton(model, train, user, item, ids, su, si, rows)
-    else:
-        eff = _fia(model, train, user, item, ids, su, si, rows)
-    return ids, eff, su, si
-
-
-def _rollback(model: RatingModel, log: RollbackLog | CompactRollbackLog, user: int, item: int, ids: np.ndarray,
-              su: np.ndarray, si: np.ndarray, x: _Rows | None = None) -> np.ndarray:
-    """Plain GR: ``f(θ) − f(θ − Δ_z)`` exactly, per block, for the rows shared with x (from
-    the exact log, or from the compact log's reconstruction of Δ_z)."""
-    k, d = model.config.n_blocks, model.block_size
-    x = x or _Rows(model, np.array([user]), np.array([item]))
-    p, q = x.P[:, 0], x.Q[:, 0]  # [K, d]
-    dpq, pdq, dbu, dbi = log.projected(ids, su, si, user, item, p, q)  # each [K, m]
-    a, b = su.astype(np.float64), si.astype(np.float64)
-    per_block = a * (dpq + dbu) + b * (pdq + dbi)
-    both = np.flatnonzero(su & si)
-    if len(both):  # the prediction's own rating moved both rows: the bilinear term
-        rows = log.rows(ids[both])
-        per_block[:, both] -= np.einsum("kmd,kmd->km", rows[..., :d], rows[..., d:2 * d])
-    return per_block.sum(0) / k
-
-
-def _row_newton(theta: np.ndarray, target: np.ndarray, X: np.ndarray, resid: np.ndarray,
-                lam: np.ndarray) -> np.ndarray:
-    """``−x̃ᵀ H_{−z}⁻¹ ∇ℓ_z`` for every rating z of one row, per block.
-
-    theta ``[K, d+1]`` the row ``[factors; bias]``; target ``[K, d+1]`` the prediction's
-    coefficients on it (``[other side's factors; 1]``); X ``[K, m, d+1]`` the row's ratings'
-    coefficients; resid ``[K, m]`` their errors ``r − r̂_block``; lam ``[d+1]`` per-visit L2.
-    ``H_{−z} = Σ_{k≠z} (x_k x_kᵀ + Λ) = A − x_z x_zᵀ`` with ``A = XᵀX + (m−1)Λ``."""
-    m = X.shape[1]
-    A = np.einsum("kmi,kmj->kij", X, X)
-    A[:, np.arange(len(lam)), np.arange(len(lam))] += max(m - 1, 1) * lam
-    G = -resid[..., None] * X + (lam * theta)[:, None, :]  # ∇ℓ_z [K, m, d+1]
-    rhs = np.concatenate([target[:, :, None], X.transpose(0, 2, 1)], axis=2)  # [K, d+1, 1+m]
-    sol = np.linalg.solve(A, rhs)
-    w = sol[:, :, 0]  # A⁻¹ x̃  [K, d+1]
-    Z = sol[:, :, 1:].transpose(0, 2, 1)  # rows A⁻¹ x_z  [K, m, d+1]
-    c_g = np.einsum("kmj,kj->km", G, w)
-    c_x = np.einsum("kmj,kj->km", X, w)
-    t_g = np.einsum("kmj,kmj->km", Z, G)
-    t_x = np.einsum("kmj,kmj->km", Z, X)
-    denom = 1.0 - t_x
-    denom = np.where(np.abs(denom) < 1e-9, 1e-9, denom)
-    return -(c_g + c_x * t_g / denom)
-
-
-def _newton(model: RatingModel, train: Ratings, user: int, item: int, ids: np.ndarray,
-            su: np.ndarray, si: np.ndarray, x: _Rows | None = None) -> np.ndarray:
-    k = model.config.n_blocks
-    mu = float(model.global_mean)
-    x = x or _Rows(model, np.array([user]), np.array([item]))
-    eff = np.zeros(len(ids))
-    for side, mask in (("user", su), ("item", si)):
-        sel = np.flatnonzero(mask)
-        if len(sel) == 0:
-            continue
-        z = ids[sel]
-        r = _Rows(model, train.users[z], train.items[z])
-        vals = train.values[z].astype(np.float64)
-        resid = vals[None, :] - (mu + r.BU + r.BI + np.einsum("kmd,kmd->km", r.P, r.Q))
-        ones = np.ones((k, len(z), 1))
-        if side == "user":
-            theta = np.concatenate([x.P[:, 0], x.BU[:, :1]], axis=1)
-            target = np.concatenate([x.Q[:, 0], np.ones((k, 1))], axis=1)
-            X = np.concatenate([r.Q, ones], axis=2)
-            lam = np.r_[np.full(model.block_size, float(model.reg_user[user])), float(model.bias_reg_user[user])]
-        else:
-            theta = np.concatenate([x.Q[:, 0], x.BI[:, :1]], axis=1)
-            target = np.concatenate([x.P[:, 0], np.ones((k, 1))], axis=1)
-            X = np.concatenate([r.P, ones], axis=2)
-            lam = np.r_[np.full(model.block_size, float(model.reg_item[item])), float(model.bias_reg_item[item])]
-        eff[sel] += _row_newton(theta, target, X, resid, lam).sum(0) / k
-    return eff
-
-
-class NewtonInfluence:
-    """The ``newton`` estimate with per-row precomputation, for serving.
-
-    The effect of candidate ``z`` on row ``r`` (user or item) is linear in the prediction's
-    coefficients ``x̃`` on that row: ``−(A⁻¹ u_z)·x̃`` with ``u_z = ∇ℓ_z + x_z (z_zᵀ∇ℓ_z)/(1 −
-    z_zᵀx_z)`` (the Sherman–Morrison form of `_row_newton`). So the vectors ``s_z = A⁻¹u_z``
-    (``[K, d+1]`` per rating of the row) are computed once per row, on first use, and every
-    later explanation touching that row is a gather and a dot product. Call `invalidate` for
-    rows whose parameters changed (online updates)."""
-
-    def __init__(self, model: RatingModel, train: Ratings) -> None:
-        self.model, self.train = model, train
-        self._rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-
-    def invalidate(self, users: np.ndarray | list[int] = (), items: np.ndarray | list[int] = ()) -> None:
-        """Forget rows made stale by changed parameters of ``users`` / ``items``: their own
-        rows and the rows of everyone they rated or were rated by (whose systems hold them)."""
-        by_user, by_item = self.train.by_user, self.train.by_item
-        for u in set(int(x) for x in users):
-            self._rows.pop(("user", u), None)
-            if 0 <= u < self.train.n_users:
-                for j in by_user.columns[by_user.row(u)]:
-                    self._rows.pop(("item", int(j)), None)
-        for i in set(int(x) for x in items):
-            self._rows.pop(("item", i), None)
-            if 0 <= i < self.train.n_items:
-                for v in by_item.columns[by_item.row(i)]:
-                    self._rows.pop(("user", int(v)), None)
-
-    def _row(self, side: str, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(example ids [m] sorted, s [m, K, d+1])`` of one user or item row."""
-        key = (side, row)
-        if key in self._rows:
-            return self._rows[key]
-        model, train = self.model, self.train
-        k = model.config.n_blocks
-        csr = train.by_user if side == "user" else train.by_item
-        z = np.sort(csr.examples[csr.row(row)])
-        if len(z) == 0:
-            out = (z, np.zeros((0, k, model.block_size + 1)))
-            self._rows[key] = out
-            return out
-        r = _Rows(model, train.users[z], train.items[z])
-        resid = train.values[z].astype(np.float64)[None, :] - (
-            float(model.global_mean) + r.BU + r.BI + np.einsum("kmd,kmd->km", r.P, r.Q))
-        ones = np.ones((k, len(z), 1))
-        if side == "user":
-            theta = np.concatenate([r.P[:, 0], r.BU[:, :1]], axis=1)
-            X = np.concatenate([r.Q, ones], axis=2)
-            lam = np.r_[np.full(model.block_size, float(model.reg_user[row])), float(model.bias_reg_user[row])]
-        else:
-            theta = np.concatenate([r.Q[:, 0], r.BI[:, :1]], axis=1)
-            X = np.concatenate([r.P, ones], axis=2)
-            lam = np.r_[np.full(model.block_size, float(model.reg_item[row])), float(model.bias_reg_item[row])]
-        m = X.shape[1]
-        A = np.einsum("kmi,kmj->kij", X, X)
-        A[:, np.arange(len(lam)), np.arange(len(lam))] += max(m - 1, 1) * lam
-        G = -resid[..., None] * X + (lam * theta)[:, None, :]
-        Z = np.linalg.solve(A, X.transpose(0, 2, 1)).transpose(0, 2, 1)  # A⁻¹ x_z  [K, m, d+1]
-        t_g = np.einsum("kmj,kmj->km", Z, G)
-        t_x = np.einsum("kmj,kmj->km", Z, X)
-        denom = 1.0 - t_x
-        denom = np.where(np.abs(denom) < 1e-9, 1e-9, denom)
-        U = G + X * (t_g / denom)[..., None]
-        S = np.linalg.solve(A, U.transpose(0, 2, 1)).transpose(2, 0, 1)  # [m, K, d+1]
-        out = (z, np.ascontiguousarray(S, dtype=np.float32))  # float32 halves the cache
-        self._rows[key] = out
-        return out
-
-    def warm(self) -> None:
-        """Precompute every row (about 1 s and 85 MB for MovieLens-100K at D=128)."""
-        for u in np.flatnonzero(self.train.user_counts()):
-            self._row("user", int(u))
-        for i in np.flatnonzero(self.train.item_counts()):
-            self._row("item", int(i))
-
-    def effects(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(example ids [m], effects [m])`` like `estimate_effects(..., "newton")`."""
-        ids, su, si = candidates(self.train, user, item)
-        eff = np.zeros(len(ids))
-        if len(ids) == 0:
-            return ids, eff
-        model = self.model
-        k, d = model.config.n_blocks, model.block_size
-        ones = np.ones((k, 1), dtype=np.float32)
-        # the prediction's coefficients on each row, read straight from the (CPU) tables
-        p = model.user_factors.weight.detach().cpu().numpy()[user].reshape(k, d)
-        q = model.item_factors.weight.detach().cpu().numpy()[item].reshape(k, d)
-        for side, mask, target in (("user", su, np.concatenate([q, ones], axis=1)),
-                                   ("item", si, np.concatenate([p, ones], axis=1))):
-            sel = np.flatnonzero(mask)
-            if len(sel) == 0:
-                continue
-            row_ids, S = self._row(side, user if side == "user" else item)
-            pos = np.searchsorted(row_ids, ids[sel])
-            eff[sel] -= np.einsum("mkj,kj->m", S[pos], target) / k
-        return ids, eff
-
-
-def _fia(model: RatingModel, train: Ratings, user: int, item: int, ids: np.ndarray,
-         su: np.ndarray, si: np.ndarray, x: _Rows | None = None) -> np.ndarray:
-    """FIA: ``−∇_θ f(x)ᵀ H⁻¹ ∇_θ ℓ_z`` with θ = (p_u, q_i) per block, exact Hessian of the
-    training loss restricted to θ (block-diagonal unless (u, i) is itself a training rating)."""
-    k, d = model.config.n_blocks, model.block_size
-    mu = float(model.global_mean)
-    x = x or _Rows(model, np.array([user]), np.array([item]))
-    p, q = x.P[:, 0], x.Q[:, 0]
-    r = _Rows(model, train.users[ids], train.items[ids])
-    resid = train.values[ids].astype(np.float64)[None, :] - (
-        mu + r.BU + r.BI + np.einsum("kmd,kmd->km", r.P, r.Q))
-    reg_u, reg_i = float(model.reg_user[user]), float(model.reg_item[item])
-    H = np.zeros((k, 2 * d, 2 * d))
-    Qu = r.Q[:, su]  # the user's items' factors [K, m_u, d]
-    Pi = r.P[:, si]
-    H[:, :d, :d] = np.einsum("kmi,kmj->kij", Qu, Qu) + su.sum() * reg_u * np.eye(d)
-    H[:, d:, d:] = np.einsum("kmi,kmj->kij", Pi, Pi) + si.sum() * reg_i * np.eye(d)
-    both = np.flatnonzero(su & si)
-    if len(both):  # (u, i) is a training rating: ∂²ℓ/∂p∂qᵀ = q pᵀ − e I
-        e = resid[:, both[0]]
-        cross = np.einsum("ki,kj->kij", q, p) - e[:, None, None] * np.eye(d)
-        H[:, :d, d:] = cross
-        H[:, d:, :d] = cross.transpose(0, 2, 1)
-    grad_f = np.concatenate([q, p], axis=1)  # ∇_θ f per block (× 1/K below)
-    w = np.linalg.solve(H + 1e-9 * np.eye(2 * d), grad_f[:, :, None])[:, :, 0]  # [K, 2d]
-    g_user = -resid[..., None] * r.Q + reg_u * p[:, None, :]  # ∇_p ℓ_z  [K, m, d]
-    g_item = -resid[..., None] * r.P + reg_i * q[:, None, :]
-    per_block = (su * np.einsum("kmd,kd->km", g_user, w[:, :d])
-                 + si * np.einsum("kmd,kd->km", g_item, w[:, d:]))
-    return -per_block.sum(0) / k
-
-
-# --------------------------------------------------------------------------- public queries
-def _index(train: Ratings, user: object, item: object) -> tuple[int, int]:
-    return train.user_ids.index(user, "user"), train.item_ids.index(item, "item")
-
-
-def explain(model: RatingModel, log: RollbackLog | CompactRollbackLog | None, train: Ratings, user: object, item: object,
+def explain(model: RatingModel, log: UpdateLog | None, train: Ratings, user: object, item: object,
             k: int = 5, method: str | None = None) -> Explanation:
     """The ``k`` training ratings with the largest estimated effect (by absolute value) on the
     prediction of raw ``user`` for raw ``item``.
 
-    ``method``: ``newton`` (default), ``rollback`` (needs ``log``) or ``fia``. Raises
+    ``method``: one of the model family's methods (MF: `METHODS`, ``newton`` by default,
+    ``rollback`` needs ``log``); None gives the family's default. Raises
     `UnknownIdError` for ids the training ratings never saw."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    method = method or DEFAULT_METHOD
-    u, i = _index(train, user, item)
-    rows = _Rows(model, np.array([u]), np.array([i]))
-    ids, eff, su, si = estimate_effects(model, train, u, i, method, log, rows=rows)
-    if bool(model.known_users[u]) and bool(model.known_items[i]):
-        pred = rows.prediction(model)
-    else:
-        pred = float(model.predict(torch.tensor([u]), torch.tensor([i]))[0])
-    top = np.argsort(-np.abs(eff), kind="stable")[:k]
-    contribs = []
-    for j in top:
-        z = int(ids[j])
-        raw_item = train.item_ids.raw(int(train.items[z]))
-        contribs.append(Contribution(
-            example=z, user=train.user_ids.raw(int(train.users[z])), item=raw_item,
-            rating=float(train.values[z]),
-            timestamp=None if train.timestamps is None else int(train.timestamps[z]),
-            title=train.title(raw_item), effect=float(eff[j]),
-            shares="both" if su[j] and si[j] else ("user" if su[j] else "item")))
-    attribution = log.attribution if (method == "rollback" and log is not None) else None
-    return Explanation(str(user), str(item), train.title(str(item)), pred, method, contribs, len(ids),
-                       attribution=attribution)
+    u, i = train.user_ids.index(user, "user"), train.item_ids.index(item, "item")
+    return _explainer(model, log, train, method).explain(u, i, k)
 
 
-def explain_recommendations(model: RatingModel, log: RollbackLog | CompactRollbackLog | None, train: Ratings, user: object,
+def explain_recommendations(model: RatingModel, log: UpdateLog | None, train: Ratings, user: object,
                             n: int = 10, k: int = 5, method: str | None = None) -> list[Explanation]:
     """Explanations for the ``n`` top-scored items ``user`` has not rated (the `recommend`
     list), each with its ``k`` largest contributions. The ``prediction`` field holds the
@@ -397,9 +55,9 @@ def explain_recommendations(model: RatingModel, log: RollbackLog | CompactRollba
     rated = train.by_user
     scores[torch.from_numpy(rated.columns[rated.row(u)]).to(scores.device)] = -torch.inf
     top = torch.topk(scores, min(n, int(torch.isfinite(scores).sum()))).indices.cpu().numpy()
-    return [explain(model, log, train, user, train.item_ids.raw(int(i)), k, method) for i in top]
+    explainer = _explainer(model, log, train, method)
+    return [explainer.explain(u, int(i), k) for i in top]
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "UNITS", "Contribution", "Explanation", "NewtonInfluence", "UnknownIdError",
-           "candidates",
-           "estimate_effects", "explain", "explain_recommendations"]
+           "candidates", "estimate_effects", "explain", "explain_recommendations"]

@@ -13,6 +13,8 @@ documented fallback and `known_users` / `known_items` say which indices those ar
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -133,6 +135,31 @@ class RatingModel(nn.Module, ABC):
         """The constructor arguments, JSON-serialisable, saved with the artefact."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ training seams
+    def stepper(self, train: Ratings | None, config: Any, *, parallel: Any = None) -> Stepper | None:
+        """The model family's own training step for ``config`` (a `recsys.train.TrainConfig`)
+        over the training ratings ``train``, or None: the `Trainer`'s generic autograd step
+        (``loss`` → ``backward`` → optimizer). ``parallel``: this rank's
+        `recsys.distributed.DataParallel` when training data-parallel. A stepper must not
+        read ``train`` before its first step: the trainer asks with ``train=None`` only to
+        learn its `Stepper.kind`. The default: None."""
+        return None
+
+    def new_update_log(self, train: Ratings, *, kind: str, optimizer: str, mode: str = "compact",
+                       planned_passes: int | None = None) -> UpdateLog:
+        """An empty gradient-rollback `UpdateLog` for training on ``train`` with the step
+        path ``kind`` (`Stepper.kind`, ``autograd`` for the generic step) and the optimizer
+        named ``optimizer``; ``mode`` ``compact`` lets the family store it approximately where
+        it can (``exact``: never), ``planned_passes`` the number of epochs. The family's
+        stepper writes it (`Stepper.attach_log`), or on the autograd path its
+        `update_recorder`. The default: TypeError (no update log for this model)."""
+        raise TypeError(f"{type(self).__name__} keeps no gradient-rollback update log")
+
+    def update_recorder(self, log: UpdateLog) -> UpdateRecorder:
+        """The `UpdateRecorder` that fills ``log`` (made by `new_update_log`) on the generic
+        autograd step. The default: TypeError."""
+        raise TypeError(f"{type(self).__name__} cannot log its updates on the autograd path")
+
 
 # --------------------------------------------------------------------------- explanations
 @dataclass(frozen=True)
@@ -193,23 +220,66 @@ class UpdateLog(Protocol):
     @property
     def attribution(self) -> str: ...
 
+    @property
+    def dtype(self) -> torch.dtype: ...
+
     def extend(self, n_new: int) -> UpdateLog: ...
 
     def close(self) -> UpdateLog: ...
+
+    def compact(self, dtype: torch.dtype) -> UpdateLog:
+        """Cast the stored updates to ``dtype`` (e.g. float16 after training), in place."""
+        ...
+
+    def merge(self, all_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Data-parallel training: each rank logged only its shards' examples; replace the
+        log's summable tensors by ``all_sum`` of them over the ranks, in place."""
+        ...
 
     def save(self, path: str | Path) -> None: ...
 
 
 @runtime_checkable
+class UpdateRecorder(Protocol):
+    """Fills an `UpdateLog` on the `Trainer`'s generic autograd step (made by
+    `RatingModel.update_recorder`): it watches the model's forward/backward passes and,
+    after each optimizer step, `record` credits each example of the step its share of the
+    update (``recsys.optim.credit.credit`` with the step's ``optimizer`` and K-FAC-family
+    ``preconditioner``, None when there is none). Passes inside `paused` are not watched
+    (SALR's extra passes); `remove` detaches it from the model."""
+
+    def record(self, example_ids: np.ndarray, optimizer: Any, preconditioner: Any) -> None: ...
+
+    def paused(self) -> AbstractContextManager[None]: ...
+
+    def remove(self) -> None: ...
+
+
+@runtime_checkable
 class Stepper(Protocol):
-    """A model family's own training step for the `Trainer` (e.g. MF's compiled SGD kernel):
-    applies the examples ``example_ids`` (rows of the training `Ratings`) as one step group
-    at ``learning_rate`` and returns the group's mean loss (the ``train_mse`` of the model's
-    objective, same units on every path)."""
+    """A training step path for the `Trainer`: a model family's own (e.g. MF's compiled SGD
+    kernel, from `RatingModel.stepper`) or the generic autograd one (`recsys.train`).
+
+    ``kind`` names the path (``kernel``, ``kernel-hogwild``, ``closed-form``, ``autograd``;
+    reported as ``TrainResult.step_kind``); ``group_size`` is how many examples of the
+    epoch's order one `step` takes (a batch, or a chunk of per-example steps). `step` applies
+    the step group ``example_ids`` (rows of the training `Ratings`; data-parallel: the global
+    group, the same on every rank, of which the stepper takes its rank's share) at
+    ``learning_rate`` and returns the group's mean loss (the ``train_mse`` of the model's
+    objective, same units on every path). `attach_log` makes the steps record each example's
+    update into an `UpdateLog` (gradient rollback); `end_epoch` runs after every epoch
+    (learning-rate schedules); `close` when training ends (hooks removed)."""
 
     kind: str
+    group_size: int
 
     def step(self, example_ids: np.ndarray, learning_rate: float) -> float: ...
+
+    def attach_log(self, log: UpdateLog) -> None: ...
+
+    def end_epoch(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @runtime_checkable
@@ -221,7 +291,15 @@ class OnlineLearner(Protocol):
     example ids ``int64 [m]`` just appended; the model applies them (MF: online SGD for
     trained users, a fold-in for others; evidence chains: insertion into the live graph).
     ``path(user)`` says which path answers that user now: ``model``, ``online``,
-    ``fold-in`` or ``fallback``."""
+    ``fold-in`` or ``fallback``. ``start_online(train, log=, learning_rate=)`` is called once
+    before the first ``learn`` by whoever serves a trained model (the `Recommender`): ``train``
+    the training ratings (the first rows of every later ``ratings``), ``log`` the artefact's
+    update log (online updates are logged into it, where the family logs), ``learning_rate``
+    the rate of online gradient steps (the final training rate; ignored where there are none).
+    Without it, ``learn`` takes the rows before ``new`` as the training ratings."""
+
+    def start_online(self, train: Ratings, *, log: UpdateLog | None = None,
+                     learning_rate: float | None = None) -> None: ...
 
     def learn(self, ratings: Ratings, new: np.ndarray) -> None: ...
 
@@ -240,9 +318,13 @@ class FoldIn(Protocol):
 class Explainer(Protocol):
     """Explains scores by ratings, against one `Ratings` (training + live): `explain` returns
     the ``k`` contributions largest in absolute effect; `update` is called after online
-    learning appended the example ids ``new`` to the ratings (caches are refreshed)."""
+    learning appended the example ids ``new`` to the ratings (caches are refreshed); `warm`
+    precomputes what later explanations need (a no-op where nothing is cached), so that a
+    server pays it at load rather than on its first request."""
 
     method: str
+
+    def warm(self) -> None: ...
 
     def explain(self, user: int, item: int, k: int) -> Explanation: ...
 

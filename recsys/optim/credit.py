@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from recsys.optim.noise import CovNoiseSGD
+from recsys.optim.salr import SALR
 
 ATTRIBUTION = {
     "sgd": "exact: -lr*grad/|B| per example (per-example L2 included)",
@@ -33,7 +34,7 @@ def credit(optimizer: torch.optim.Optimizer | None, preconditioner: object | Non
     of its gathered rows ``rows [B]`` passed through the K-FAC-family ``preconditioner`` (if any)
     and ``optimizer`` as they stood at this step (read after it; see the module docstring)."""
     scale = 1.0
-    if optimizer is not None and hasattr(optimizer, "base") and hasattr(optimizer, "ratio"):  # SALR
+    if isinstance(optimizer, SALR):  # the base optimizer's rule at the step's scaled rate
         optimizer, scale = optimizer.base, float(optimizer.ratio)
     if preconditioner is not None and name in getattr(preconditioner, "last_rows", {}):
         grad = preconditioner.precondition_rows(name, rows, grad).to(grad.dtype)

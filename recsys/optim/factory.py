@@ -8,9 +8,15 @@ switched to dense gradients, which costs a pass over whole tables per step.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 from torch import nn
+
+from recsys.optim.kfac import KFACConfig
+from recsys.optim.noise import NOISE_ESTIMATORS, CovNoiseSGD, NoiseConfig
+
+__all__ = ["NAMES", "NOISE_ESTIMATORS", "OPTIMIZERS", "PRECONDITIONED", "build_optimizer", "build_preconditioner"]
 
 #: name -> (factory(params, lr), accepts sparse gradients)
 OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], bool]] = {
@@ -27,37 +33,31 @@ PRECONDITIONED = ("kfac", "ekfac", "tkfac", "tekfac")
 NAMES = (*OPTIMIZERS, "cov-noise", *PRECONDITIONED)
 
 
-NOISE_ESTIMATORS = ("per-example", "sub-batch")
-
-
-def build_optimizer(name: str, model: nn.Module, learning_rate: float, *, noise_batch: int = 256,
-                    noise_structure: str = "diag", noise_scale: float = 1.0, noise_base: str = "sgd",
-                    noise_estimator: str = "per-example", seed: int = 0) -> torch.optim.Optimizer:
+def build_optimizer(name: str, model: nn.Module, learning_rate: float, *, noise: NoiseConfig | None = None,
+                    seed: int = 0) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``model``'s parameters, switching its embeddings to dense
     gradients when the optimizer cannot take sparse ones. For the K-FAC family this is the
-    base SGD; build the preconditioner with `build_preconditioner`. ``noise_*`` and ``seed``
-    configure ``cov-noise``: with the ``per-example`` estimator, `recsys.optim.noise.CovNoiseSGD`
-    hooked to ``model`` (SGD only); with ``sub-batch``, the ``noise_base`` optimizer, and the
-    trainer feeds it gradients from `recsys.optim.noise.SubBatchNoise`."""
+    base SGD; build the preconditioner with `build_preconditioner`. ``noise`` (default
+    `NoiseConfig()`) and ``seed`` configure ``cov-noise``: with the ``per-example`` estimator,
+    `recsys.optim.noise.CovNoiseSGD` hooked to ``model`` (SGD only); with ``sub-batch``, the
+    ``noise.base`` optimizer, and the trainer feeds it gradients from
+    `recsys.optim.noise.SubBatchNoise`."""
+    noise = noise or NoiseConfig()
     if name in PRECONDITIONED:
         name = "sgd"
-    if name == "cov-noise" and noise_estimator not in NOISE_ESTIMATORS:
-        raise ValueError(f"unknown noise estimator {noise_estimator!r}; choose one of {NOISE_ESTIMATORS}")
-    if name == "cov-noise" and noise_estimator == "sub-batch":
-        if noise_base not in OPTIMIZERS:
-            raise ValueError(f"unknown noise base {noise_base!r}; choose one of {sorted(OPTIMIZERS)}")
-        return build_optimizer(noise_base, model, learning_rate)
-    if name == "cov-noise" and noise_base != "sgd":
+    if name == "cov-noise" and noise.estimator == "sub-batch":
+        if noise.base not in OPTIMIZERS:
+            raise ValueError(f"unknown noise base {noise.base!r}; choose one of {sorted(OPTIMIZERS)}")
+        return build_optimizer(noise.base, model, learning_rate)
+    if name == "cov-noise" and noise.base != "sgd":
         raise ValueError("per-example covariance noise steps with SGD; use noise_estimator='sub-batch' "
-                         f"to put the noise under {noise_base!r}")
+                         f"to put the noise under {noise.base!r}")
     if name == "cov-noise":
-        from recsys.optim.noise import CovNoiseSGD
-
         for module in model.modules():
             if isinstance(module, nn.Embedding):
                 module.sparse = True
         return CovNoiseSGD([p for p in model.parameters() if p.requires_grad], learning_rate,
-                           noise_batch=noise_batch, structure=noise_structure, noise_scale=noise_scale,
+                           noise_batch=noise.batch, structure=noise.structure, noise_scale=noise.scale,
                            model=model, seed=seed)
     try:
         factory, sparse_ok = OPTIMIZERS[name]
@@ -74,11 +74,12 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float, *, noise_
     return factory([p for p in model.parameters() if p.requires_grad], learning_rate)
 
 
-def build_preconditioner(name: str, model: nn.Module, **options):
-    """The `recsys.optim.kfac.KFACPreconditioner` of kind ``name`` hooked to ``model`` (options:
-    its keyword arguments), or None when ``name`` is not in `PRECONDITIONED`."""
+def build_preconditioner(name: str, model: nn.Module, kfac: KFACConfig | None = None, **options):
+    """The `recsys.optim.kfac.KFACPreconditioner` of kind ``name`` hooked to ``model``, with the
+    options of ``kfac`` (default `KFACConfig()`) and then ``options`` (its other keyword
+    arguments, e.g. ``seed``), or None when ``name`` is not in `PRECONDITIONED`."""
     if name not in PRECONDITIONED:
         return None
     from recsys.optim.kfac import KFACPreconditioner
 
-    return KFACPreconditioner(model, name, **options)
+    return KFACPreconditioner(model, name, **{**asdict(kfac or KFACConfig()), **options})

@@ -70,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -102,6 +103,35 @@ def stable_eigh(matrix: torch.Tensor, previous: tuple[torch.Tensor, torch.Tensor
         return previous[0].clone(), previous[1].clone(), False
     diag = torch.nan_to_num(matrix.detach().diagonal(), nan=0.0, posinf=0.0).clamp_min(0)
     return diag.clone(), torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device), False
+
+
+@dataclass(frozen=True)
+class KFACConfig:
+    """The K-FAC family's options when the trainer builds its preconditioner
+    (`recsys.train.TrainConfig.kfac`; command line ``--damping``, ``--stats-freq``,
+    ``--visit-gain``): ``damping`` relative to the factors' mean eigenvalue; update the
+    curvature factors (and run the Fisher's sampled-target pass) every ``stats_freq`` steps;
+    ``visit_gain``: the per-row trust region κ on embedding rows (None: no cap). See
+    `KFACPreconditioner`."""
+
+    damping: float = 1.0
+    stats_freq: int = 1
+    visit_gain: float | None = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.damping > 0:
+            raise ValueError(f"damping must be > 0, got {self.damping}")
+        if self.stats_freq < 1:
+            raise ValueError(f"stats_freq must be >= 1, got {self.stats_freq}")
+        if self.visit_gain is not None and not self.visit_gain > 0:
+            raise ValueError(f"visit_gain must be > 0 or None (no cap), got {self.visit_gain}")
+
+    def check(self, kind: str) -> None:
+        """ValueError when these options do not suit the preconditioner ``kind`` (EKFAC's
+        kinds update their statistics every step)."""
+        if self.stats_freq > 1 and kind in ("ekfac", "tekfac"):
+            raise ValueError(f"{kind} updates its statistics every step: stats_freq must be 1, "
+                             f"got {self.stats_freq}")
 
 
 class KFACPreconditioner:

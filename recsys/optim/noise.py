@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,6 +32,35 @@ from torch import nn
 from recsys.optim.capture import LayerCapture
 
 STRUCTURES = ("diag", "full", "isotropic")
+#: where the noise's covariance comes from: per-example gradients (`CovNoiseSGD`, plain SGD)
+#: or sub-batch gradients (`SubBatchNoise`, any base optimizer)
+NOISE_ESTIMATORS = ("per-example", "sub-batch")
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The ``cov-noise`` optimizer's options (`recsys.train.TrainConfig.noise`; command line
+    ``--noise-batch``, ``--noise-structure``, ``--noise-scale``, ``--noise-estimator``,
+    ``--noise-base``).
+
+    ``batch``: the small batch ``B_S`` whose gradient noise is restored; ``structure``: the
+    noise covariance (`STRUCTURES`); ``scale``: multiplier on the noise's standard deviation;
+    ``estimator``: ``per-example`` gradients (`CovNoiseSGD`: SGD only) or ``sub-batch``
+    gradients (`SubBatchNoise`: any ``base``); ``base``: the optimizer that steps."""
+
+    batch: int = 256
+    structure: str = "diag"
+    scale: float = 1.0
+    estimator: str = "per-example"
+    base: str = "sgd"
+
+    def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"noise_structure must be diag, full or isotropic, got {self.structure!r}")
+        if self.estimator not in NOISE_ESTIMATORS:
+            raise ValueError(f"noise_estimator must be one of {NOISE_ESTIMATORS}, got {self.estimator!r}")
+        if self.batch < 1 or self.scale < 0:
+            raise ValueError("need noise_batch >= 1, noise_scale >= 0")
 
 
 class CovNoiseSGD(torch.optim.Optimizer):
@@ -141,6 +171,17 @@ class CovNoiseSGD(torch.optim.Optimizer):
                                                             device=grads.device, dtype=grads.dtype)
 
     @torch.no_grad()
+    def draw_noise(self) -> dict[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """One draw of the noise a step would add for the gradients captured since the last
+        step (each parameter drawn on its own, as `noise_for` with its group), without
+        stepping; the captured gradients are consumed. For studies of the noise itself."""
+        self._collect()
+        out = {p: self.noise_for(p, group) for group in self.param_groups for p in group["params"]
+               if p in self._per_example}
+        self._per_example = {}
+        return out
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
@@ -225,6 +266,12 @@ class SubBatchNoise:
                 flat.append((g.to_dense() if g.is_sparse else g).reshape(-1).to(p.dtype))
             p.grad = None
         self._grads.append(torch.cat(flat))
+        self._sizes.append(self.noise_batch if size is None else int(size))
+
+    def record_gradient(self, flat: torch.Tensor, size: int | None = None) -> None:
+        """Record one sub-batch's mean gradient given directly, flat ``[P]`` in the order of
+        ``params`` (`record` takes it from ``.grad`` instead)."""
+        self._grads.append(flat.detach())
         self._sizes.append(self.noise_batch if size is None else int(size))
 
     @torch.no_grad()

@@ -17,8 +17,21 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class SALRConfig:
+    """SALR's options when the trainer wraps its optimizer (`recsys.train.TrainConfig.salr`;
+    command line ``--salr``): estimate the sharpness every ``every`` steps."""
+
+    every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"need salr_every >= 1, got {self.every}")
 
 
 def _grad_norm(params: list[torch.Tensor]) -> float:

@@ -55,15 +55,17 @@ Two storages (`RollbackCallback(mode=...)`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from recsys.models.base import RatingModel
-from recsys.optim.credit import ATTRIBUTION
+from recsys.optim.credit import ATTRIBUTION, credit
 from recsys.ratings import Ratings
 
 SLOTS: tuple[tuple[str, str], ...] = (
@@ -213,6 +215,15 @@ class RollbackLog:
     def close(self) -> RollbackLog:
         """Nothing to finish for the exact log (the compact log takes its last snapshot)."""
         return self
+
+    @torch.no_grad()
+    def merge(self, all_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Data-parallel training: sum the ranks' logs into this one, in place (``all_sum``:
+        a SUM all-reduce, e.g. `recsys.distributed.DataParallel.all_sum`). Each rank logged
+        only its shards' examples, so the logs are disjoint by example and the sum is the
+        single-process log (up to rounding). Summed in float32 whatever the storage dtype."""
+        dtype = self.dtype
+        self.data = all_sum(self.data.float()).to(dtype)
 
     # ------------------------------------------------------------------ reading
     def rows(self, example_ids: np.ndarray) -> np.ndarray:
@@ -524,6 +535,11 @@ class CompactRollbackLog:
         self._n += n_new
         return self
 
+    def merge(self, all_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """The compact log is written by the single-process compiled kernel only."""
+        raise ValueError("the compact rollback log comes from the single-process compiled kernel; "
+                         "data-parallel training logs exactly (RollbackLog)")
+
     def compact(self, dtype: torch.dtype = torch.float16) -> CompactRollbackLog:
         """Cast the snapshots and the accumulated coefficients to ``dtype`` (float16 halves
         them; the overlay stays float32); returns self."""
@@ -752,53 +768,133 @@ def _stack_rows(k: int, d: int, user_factors: torch.Tensor, user_bias: torch.Ten
     return torch.cat([user_factors.detach().reshape(-1, k, d), item_factors.detach().reshape(-1, k, d),
                       user_bias.detach().reshape(-1, k, 1), item_bias.detach().reshape(-1, k, 1)], dim=2)
 
+class AutogradRecorder:
+    """Fills an exact `RollbackLog` of an MF model on the trainer's autograd step (an
+    `recsys.models.base.UpdateRecorder`, made by `MatrixFactorization.update_recorder`).
+
+    Hooks the model's embedding lookups and keeps the gradient of every gathered row (row
+    ``b`` of ``d loss / d gathered`` is example ``b``'s share, even when a user appears twice
+    in the batch); after the optimizer step, `record` credits each example that gradient
+    passed through the step's preconditioner and optimizer (`recsys.optim.credit.credit`;
+    see the module docstring for the rules).
+    """
+
+    def __init__(self, model: RatingModel, log: RollbackLog) -> None:
+        _check_mf(model)
+        self.model, self.log = model, log
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._captured: dict[str, list[list]] = {}
+        self._paused = False
+        for name, _ in SLOTS:
+            module = getattr(model, name)
+            if not isinstance(module, nn.Embedding):
+                raise TypeError(f"rollback on the autograd path needs {name} to be an nn.Embedding")
+            self._captured[name] = []
+
+            def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
+                if torch.is_grad_enabled() and output.requires_grad and mod.training and not self._paused:
+                    entry = [inputs[0], None]
+
+                    def keep(grad: torch.Tensor, entry: list = entry) -> None:
+                        # the last gradient delivered is the loss's: K-FAC's sampled-target
+                        # (Fisher) pass back-propagates through the same lookups before it
+                        entry[1] = grad
+
+                    output.register_hook(keep)
+                    self._captured[name].append(entry)
+
+            self._hooks.append(module.register_forward_hook(hook))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Lookups inside are not recorded (the trainer's extra passes, e.g. SALR's)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    @torch.no_grad()
+    def record(self, example_ids: np.ndarray, optimizer: object, preconditioner: object) -> None:
+        """Credit the step just taken to its examples ``example_ids [B]`` (the batch, in the
+        order its lookups saw them)."""
+        ids = torch.as_tensor(example_ids, device=self.log.user_factors.device)
+        updates = []
+        for name, _ in SLOTS:
+            captured = self._captured[name]
+            if not captured:
+                raise RuntimeError(f"rollback: the step never looked up {name}")
+            if any(grad is None for _, grad in captured):
+                raise RuntimeError(f"rollback: a lookup of {name} got no gradient")
+            # the lookups of one forward pass (the loss may look a row up more than once) are
+            # summed; sub-batches (covariance noise) come as passes in turn, in batch order
+            passes: list[list[torch.Tensor]] = []
+            for idx, g in captured:
+                if passes and len(passes[-1][0]) == len(idx) and torch.equal(passes[-1][0], idx):
+                    passes[-1][1] = passes[-1][1] + g
+                else:
+                    passes.append([idx, g])
+            rows = torch.cat([idx for idx, _ in passes])
+            grad = torch.cat([g for _, g in passes])
+            if len(rows) != len(ids):
+                raise RuntimeError(f"rollback: {name} lookups do not follow the batch's examples")
+            updates.append(-credit(optimizer, preconditioner, name, getattr(self.model, name).weight, rows, grad))
+            captured.clear()
+        self.log.add(ids, *updates)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
 def append_ratings(train: Ratings, new: Ratings) -> tuple[Ratings, np.ndarray]:
-    """``train`` with the ratings of ``new`` (same id maps) appended as new examples; returns
-    the combined `Ratings` and the new example ids ``int64 [len(new)]``. Existing example ids
-    keep their meaning, so a log only needs `RollbackLog.extend`."""
+    """``train`` with the ratings of ``new`` (same id maps) appended as new examples
+    (`Ratings.append`); returns the combined `Ratings` and the new example ids ``int64
+    [len(new)]``. Existing example ids keep their meaning, so a log only needs `RollbackLog.extend`."""
     if new.user_ids is not train.user_ids and new.user_ids != train.user_ids:
         raise ValueError("new ratings must share the training ratings' id maps")
     if new.item_ids is not train.item_ids and new.item_ids != train.item_ids:
         raise ValueError("new ratings must share the training ratings' id maps")
-    ts = None
-    if train.timestamps is not None and new.timestamps is not None:
-        ts = np.concatenate([train.timestamps, new.timestamps])
-    combined = Ratings(np.concatenate([train.users, new.users]), np.concatenate([train.items, new.items]),
-                       np.concatenate([train.values, new.values]), ts, train.user_ids, train.item_ids,
-                       train.rating_scale, train.item_titles)
+    combined = train.append(new)
     return combined, np.arange(len(train), len(combined), dtype=np.int64)
 
 
-def online_sgd(model: RatingModel, log: RollbackLog, train: Ratings, example_ids: Sequence[int] | np.ndarray,
-               learning_rate: float, *, epochs: int = 1, seed: int = 0) -> float:
+def online_sgd(model: RatingModel, log: RollbackLog | CompactRollbackLog | None, train: Ratings,
+               example_ids: Sequence[int] | np.ndarray, learning_rate: float, *, epochs: int = 1, seed: int = 0,
+               shuffle: bool = True) -> float:
     """Online update: incremental SGD over ``example_ids`` (rows of ``train``, e.g. ratings just
-    appended with `append_ratings`) for ``epochs`` passes in a seeded random order, logging
-    every update into ``log`` (grown with `extend` to cover the ids first). Returns the last
-    pass's mean squared block error. The users and items must already have rows in the model."""
+    appended with `Ratings.append`) for ``epochs`` passes, each in a seeded random order
+    (``shuffle=False``: in the order given, e.g. arrival order), logging every update into
+    ``log`` when there is one (grown with `extend` to cover the ids first). Returns the last
+    pass's mean squared block error. The users and items must already have rows in the model.
+
+    On the CPU each pass is the compiled per-example kernel (`sgd_examples`); on other devices
+    one closed-form step over the pass's examples (`sgd_batch`, logged per example). This is
+    the online learning of `MatrixFactorization.learn` (the serving path)."""
     ids = np.asarray(example_ids, dtype=np.int64)
-    if len(ids) and (ids.min() < 0 or ids.max() >= log.n_examples):
+    if log is not None and len(ids) and (ids.min() < 0 or ids.max() >= log.n_examples):
         raise ValueError(f"example ids outside the log's {log.n_examples} rows; call log.extend first")
-    if len(ids) and (ids.max() >= len(train)):
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(train)):
         raise ValueError("example ids outside the training ratings")
-    if log.dtype != torch.float32:
+    if log is not None and log.dtype != torch.float32:
         log.compact(torch.float32)
     u, i = train.users[ids], train.items[ids]
     if len(ids) and ((u >= model.n_users).any() or (i >= model.n_items).any()):
         raise ValueError("online_sgd: a rating's user or item has no row in the model")
     with torch.no_grad():
-        model.known_users[torch.from_numpy(u)] = True
-        model.known_items[torch.from_numpy(i)] = True
+        model.known_users[torch.from_numpy(u).to(model.device)] = True
+        model.known_items[torch.from_numpy(i).to(model.device)] = True
     rng = np.random.default_rng(seed)
     loss = 0.0
     for _ in range(epochs):
-        order = ids[rng.permutation(len(ids))]
-        if model.device.type == "cpu" and hasattr(model, "sgd_examples"):
+        order = ids[rng.permutation(len(ids))] if shuffle else ids
+        if model.device.type == "cpu":
             loss = model.sgd_examples(train, order, learning_rate, log=log)
         else:
-            t = train.tensors(model.device)
-            sq = 0.0
-            for k in order:
-                idx = torch.tensor([k], device=model.device)
-                sq += model.sgd_batch(t[0][idx], t[1][idx], t[2][idx], learning_rate, log=log, example_ids=idx)
-            loss = sq / max(1, len(order))
+            idx = torch.from_numpy(order).to(model.device)
+            users, items, values = (torch.from_numpy(a[order]).to(model.device)
+                                    for a in (train.users, train.items, train.values))
+            loss = model.sgd_batch(users, items, values, learning_rate, log=log,
+                                   example_ids=None if log is None else idx)
     return loss

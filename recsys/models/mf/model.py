@@ -18,17 +18,22 @@ rows of its batch), scaled by row frequency: a row seen ``n`` times gets
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from recsys.models.base import RatingModel
+from recsys.models.base import RatingModel, Stepper
 from recsys.ratings import Ratings
 
 if TYPE_CHECKING:
-    from recsys.models.mf.log import RollbackLog
+    from recsys.models.mf.log import AutogradRecorder, CompactRollbackLog, RollbackLog
+
+if TYPE_CHECKING:  # online learning and explanations (`learn`, `path`, `explainer`)
+    from recsys.models.base import UpdateLog
+    from recsys.models.mf.explain import MFExplainer
+    from recsys.models.mf.online import OnlineState
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class MatrixFactorization(RatingModel):
     name = "mf"
     #: Each optimizer's own starting point on MF (minibatches for the autograd optimizers);
     #: chosen on a validation slice of u1 (`benchmarks/optim_curvature.py`, `optim_noise.py`).
+    #: Option groups (``kfac``, ``noise``) are dicts of their configs' fields.
     optimizer_defaults: ClassVar[dict[str, dict[str, object]]] = {
         "adam": {"batch_size": 256, "learning_rate": 3e-3, "epochs": 20, "lr_decay": 0.9},
         "sparse-adam": {"batch_size": 256, "learning_rate": 3e-3, "epochs": 20, "lr_decay": 0.9},
@@ -81,12 +87,13 @@ class MatrixFactorization(RatingModel):
         # statistic takes smaller steps, hence its larger lr; K-FAC and TKFAC refresh their
         # factors every 10 steps, which leaves the validation curve as it was with every step
         # and saves the Fisher pass (`benchmarks/optim_curvature.py`)
-        **{kind: {"batch_size": 256, "learning_rate": lr, "epochs": 5, "lr_decay": 0.7, "damping": 0.01,
-                  **({"stats_freq": 10} if kind in ("kfac", "tkfac") else {})}
+        **{kind: {"batch_size": 256, "learning_rate": lr, "epochs": 5, "lr_decay": 0.7,
+                  "kfac": {"damping": 0.01, **({"stats_freq": 10} if kind in ("kfac", "tkfac") else {})}}
            for kind, lr in (("kfac", 0.01), ("tkfac", 0.01), ("ekfac", 0.03), ("tekfac", 0.03))},
         # noise 0.1: the largest scale within the seed spread of the plain batch on validation
         # (`benchmarks/results/optim_noise_mf_scales.json`); noise did not help MF
-        "cov-noise": {"batch_size": 4096, "learning_rate": 32.0, "epochs": 40, "lr_decay": 1.0, "noise_scale": 0.1},
+        "cov-noise": {"batch_size": 4096, "learning_rate": 32.0, "epochs": 40, "lr_decay": 1.0,
+                      "noise": {"scale": 0.1}},
     }
 
     def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float],
@@ -191,6 +198,36 @@ class MatrixFactorization(RatingModel):
         return {"user_factors": self.reg_user, "item_factors": self.reg_item,
                 "user_bias": self.bias_reg_user, "item_bias": self.bias_reg_item}
 
+    # ------------------------------------------------------------------ training seams
+    def stepper(self, train: Ratings | None, config: Any, *, parallel: Any = None) -> Stepper | None:
+        """MF's own steps for plain SGD (``config.optimizer == "sgd"``, no SALR): the compiled
+        per-example kernel for batch size 1 on the CPU, closed-form minibatch SGD otherwise
+        (any device, data-parallel over ``parallel``); None (the trainer's autograd step)
+        for every other optimizer. See `recsys.models.mf.steps`."""
+        from recsys.models.mf.steps import ClosedFormStepper, KernelStepper
+
+        if config.optimizer != "sgd" or config.salr is not None:
+            return None
+        if config.batch_size == 1 and torch.device(config.device).type == "cpu" and parallel is None:
+            return KernelStepper(self, train, config)
+        return ClosedFormStepper(self, train, config, parallel=parallel)
+
+    def new_update_log(self, train: Ratings, *, kind: str, optimizer: str, mode: str = "compact",
+                       planned_passes: int | None = None) -> RollbackLog | CompactRollbackLog:
+        """MF's gradient-rollback log (`recsys.models.mf.log`): the compact log on the
+        compiled-kernel path when ``mode`` is ``compact``, the exact `RollbackLog` otherwise."""
+        from recsys.models.mf.log import CompactRollbackLog, RollbackLog
+
+        if kind.startswith("kernel") and mode == "compact":
+            return CompactRollbackLog.for_model(self, train, optimizer=optimizer, planned_passes=planned_passes)
+        return RollbackLog.for_model(self, len(train), optimizer=optimizer)
+
+    def update_recorder(self, log: RollbackLog) -> AutogradRecorder:
+        """Fills the exact ``log`` on the autograd path (`recsys.models.mf.log.AutogradRecorder`)."""
+        from recsys.models.mf.log import AutogradRecorder
+
+        return AutogradRecorder(self, log)
+
     # ------------------------------------------------------------------ fast paths
     def sgd_examples(self, train: Ratings, order: np.ndarray, learning_rate: float,
                      bias_learning_rate: float | None = None, *, hogwild_threads: int = 0,
@@ -201,8 +238,8 @@ class MatrixFactorization(RatingModel):
         thread) unless ``hogwild_threads > 1`` (lock-free parallel updates, see
         `mf_kernels.sgd_examples_hogwild`). CPU only: see `sgd_batch` for any device.
 
-        ``log``: a gradient-rollback log (`recsys.explain.rollback.RollbackLog`, exact, or
-        `~recsys.explain.rollback.CompactRollbackLog`) that records the updates of visit ``k``
+        ``log``: a gradient-rollback log (`recsys.models.mf.log.RollbackLog`, exact, or
+        `~recsys.models.mf.log.CompactRollbackLog`) that records the updates of visit ``k``
         as example ``order[k]``'s (the same weights as without a log, up to float32 rounding)."""
         from recsys.models.mf.kernels import sgd_examples_hogwild, sgd_examples_interleaved
         from recsys.optim.shuffle import gather_examples
@@ -339,3 +376,54 @@ class MatrixFactorization(RatingModel):
         self.item_factors.weight[item] = factors.to(self.device)
         self.item_bias.weight[item] = bias.to(self.device)
         self.known_items[item] = True
+
+    # ------------------------------------------------------------------ online learning
+    # (`recsys.models.base.OnlineLearner`; the rules are in `recsys.models.mf.online`)
+    #: what online learning remembers (None until `start_online` or the first `learn`)
+    _online: OnlineState | None = None
+
+    def start_online(self, train: Ratings, *, log: UpdateLog | None = None,
+                     learning_rate: float | None = None) -> None:
+        """Prepare to learn online after training on ``train`` (its rows are the first example
+        ids of every later `learn`): ``log`` the gradient-rollback log online SGD logs into
+        (grown to cover new rows), ``learning_rate`` the online SGD rate (the final training
+        rate; default `recsys.models.mf.online.DEFAULT_ONLINE_LR`)."""
+        from recsys.models.mf.online import OnlineState
+
+        self._online = OnlineState.start(self, train, log, learning_rate)
+
+    def learn(self, ratings: Ratings, new: np.ndarray) -> None:
+        """Apply the example ids ``new`` of ``ratings`` (training + live, `Ratings.append`):
+        online SGD for users the model was trained on, a fold-in for others; grows the tables
+        to the ratings' id maps first (``new`` may be empty: users were added). Without
+        `start_online`, the rows before ``new`` count as the training ratings and the users
+        known now as the trained ones."""
+        from recsys.models.mf.online import OnlineState, learn
+
+        if self._online is None:
+            known = self.known_users.detach().cpu().numpy().copy()
+            self._online = OnlineState(len(ratings) - len(new), known)
+        learn(self, self._online, ratings, new)
+
+    def path(self, user: int) -> str:
+        """Which path answers index ``user`` now: ``model``, ``online``, ``fold-in`` or ``fallback``."""
+        from recsys.models.mf.online import path
+
+        return path(self, self._online, user)
+
+    @property
+    def trained_examples(self) -> int | None:
+        """Rows of the online ratings the model was trained on (None: not learning online)."""
+        return None if self._online is None else self._online.n_trained
+
+    # ------------------------------------------------------------------ explanations
+    def explainer(self, ratings: Ratings, log: UpdateLog | None = None,
+                  method: str | None = None) -> MFExplainer:
+        """An `recsys.models.base.Explainer` over ``ratings`` (training first, then those
+        learnt online): ``method`` None, the cached one-row Newton the service uses; a named
+        method of `recsys.models.mf.explain.METHODS`, computed per query (``rollback`` needs
+        ``log``). See `recsys.models.mf.explain.MFExplainer`."""
+        from recsys.models.mf.explain import MFExplainer
+
+        n_trained = self.trained_examples
+        return MFExplainer(self, ratings, log, method, n_trained=None if n_trained is None else min(n_trained, len(ratings)))

@@ -338,7 +338,7 @@ def aggregate_compiled(model, chains, root_bias: torch.Tensor | None = None) -> 
     vec = aggregate_levels(
         node_off, np.concatenate(level_nodes), edge_off, cat("parent"), cat("child"), cat("values"), cat("reverse_edge"),
         n_nodes, graph.n_users, graph.proto_slot.numpy(), bias.detach().numpy(), rb,
-        np.float32(float(model.global_mean)), model.prototype_vectors.detach().numpy(),
+        np.float32(float(model.global_mean)), model.prototype_table.detach().numpy(),
         model.fallback_vectors.detach().numpy(), model.gate.detach().numpy(), model.rating_levels.numpy(),
         *_weights(model.phi_user), *_weights(model.phi_item))
     return torch.from_numpy(vec)

@@ -40,9 +40,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -52,6 +52,13 @@ from recsys.models.base import RatingModel
 from recsys.models.rec.chains import Chains, EvidenceGraph, row_positions, rows, sample_chains
 from recsys.models.rec.kernels import aggregate_compiled
 from recsys.ratings import Ratings
+
+if TYPE_CHECKING:  # the explainer of `explainer`
+    from recsys.models.rec.explain import EvidenceChainExplainer
+
+#: ``observer(graph, roots, chains, targets, kwargs)``, called by an `EvidenceChainModel` after
+#: every chain sampling (see `EvidenceChainModel.observing`)
+SamplingObserver = Callable[[EvidenceGraph, torch.Tensor, Chains, "torch.Tensor | None", dict], None]
 
 
 @dataclass(frozen=True)
@@ -197,8 +204,8 @@ class EvidenceChainModel(RatingModel):
     #: seed spread of the plain large batch (validation 0.92692 against 0.92675), so it is
     #: kept: not worse, not better (`benchmarks/results/optim_noise_rec.json`).
     optimizer_defaults: ClassVar[dict[str, dict[str, object]]] = {
-        "cov-noise": {"batch_size": 4096, "learning_rate": 8e-3, "noise_estimator": "sub-batch",
-                      "noise_base": "adam", "noise_batch": 256, "noise_scale": 0.1},
+        "cov-noise": {"batch_size": 4096, "learning_rate": 8e-3,
+                      "noise": {"estimator": "sub-batch", "base": "adam", "batch": 256, "scale": 0.1}},
     }
 
     def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float],
@@ -223,10 +230,14 @@ class EvidenceChainModel(RatingModel):
         self._node_bias: torch.Tensor | None = None  # float32 [n_users + n_items]
         self._train_generator: torch.Generator | None = None
         self._pair_index: tuple[torch.Tensor, torch.Tensor] | None = None  # sorted pair keys, values
-        #: how this model samples its chains (`recsys.models.rec.chains.sample_chains`'s signature);
-        #: an instance attribute so that a tool can watch or mask one model's sampling
-        #: (`recsys.experiments.rec_rollback`) without touching any other
+        #: how this model samples its chains (`recsys.models.rec.chains.sample_chains`'s signature)
         self.chain_sampler = sample_chains
+        #: extension point: called after every chain sampling of this model, in order (see
+        #: `observing`); tools that watch one model's sampling (`recsys.experiments.rec_rollback`)
+        #: register here and leave every other model alone
+        self.sampling_observers: list[SamplingObserver] = []
+        self._hidden_pairs: torch.Tensor | None = None  # pair keys hidden from every sampling
+        self._prototype_override: torch.Tensor | None = None  # see `substituted`
 
     def config_dict(self) -> dict:
         d = asdict(self.config)
@@ -296,25 +307,71 @@ class EvidenceChainModel(RatingModel):
         global node id), on the model's device."""
         return self._live()
 
+    # ------------------------------------------------------------------ extension points
+    # (public hooks for tools that re-run or watch the model's own computation, e.g. the
+    # gradient-rollback harness `recsys.experiments.rec_rollback`; none changes a parameter)
+    @property
+    def prototype_table(self) -> torch.Tensor:
+        """The prototype table ``[p_u + p_i, K]`` the forward pass computes with:
+        `prototype_vectors`, or the table given to `substituted` within its block."""
+        return self.prototype_vectors if self._prototype_override is None else self._prototype_override
+
     @contextlib.contextmanager
     def substituted(self, *, graph: EvidenceGraph | None = None, biases: torch.Tensor | None = None,
-                    prototype_vectors: torch.Tensor | None = None) -> Iterator[None]:
+                    prototype_vectors: torch.Tensor | None = None,
+                    hidden_pairs: torch.Tensor | None = None) -> Iterator[None]:
         """Within the block the model computes with this graph, these baseline biases
-        ``[N]`` and/or this prototype table ``[p_u + p_i, K]`` (e.g. a tensor requiring grad
-        per copy) in place of its own; restored on exit. For tools that re-run the model's
-        own computation on modified evidence (`recsys.experiments.rec_rollback`)."""
+        ``[N]`` and/or this prototype table ``[p_u + p_i, K]`` (any tensor, e.g. one requiring
+        grad per copy; read through `prototype_table`, the parameter is untouched) in place of
+        its own, and hides the ratings ``hidden_pairs`` (pair keys ``user·n_items + item``,
+        `EvidenceGraph.pair_keys`) from every chain it samples, as it hides a batch's own
+        targets; restored on exit (blocks nest). For tools that re-run the model's own
+        computation on modified evidence (`recsys.experiments.rec_rollback`)."""
         self._live()
-        saved = (self._graph, self._node_bias, self._parameters["prototype_vectors"])
+        saved = (self._graph, self._node_bias, self._prototype_override, self._hidden_pairs)
         if graph is not None:
             self._graph = graph
         if biases is not None:
             self._node_bias = biases
         if prototype_vectors is not None:
-            self._parameters["prototype_vectors"] = prototype_vectors
+            self._prototype_override = prototype_vectors
+        if hidden_pairs is not None and len(hidden_pairs):
+            self._hidden_pairs = (hidden_pairs if self._hidden_pairs is None
+                                  else torch.cat([self._hidden_pairs, hidden_pairs.to(self._hidden_pairs.device)]))
         try:
             yield
         finally:
-            self._graph, self._node_bias, self._parameters["prototype_vectors"] = saved
+            self._graph, self._node_bias, self._prototype_override, self._hidden_pairs = saved
+
+    @contextlib.contextmanager
+    def observing(self, observer: SamplingObserver) -> Iterator[None]:
+        """Within the block, ``observer(graph, roots, chains, targets, kwargs)`` is called
+        after every chain sampling of this model (training and inference): ``roots`` the
+        sorted global node ids sampled from, ``chains`` what was drawn (all passes;
+        `Chains.split_passes`), ``targets`` the pair keys the model itself excluded (a training
+        batch's pairs in batch order, an evaluation batch's rated pairs; None when it excluded
+        none), ``kwargs`` the sampler's other keyword arguments (``root_keep``, ``passes``,
+        ...). Registered in `sampling_observers`; removed on exit. Other models are untouched."""
+        self.sampling_observers.append(observer)
+        try:
+            yield
+        finally:
+            self.sampling_observers.remove(observer)
+
+    def _sample(self, graph: EvidenceGraph, roots: torch.Tensor, generator: torch.Generator, *,
+                exclude: torch.Tensor | None = None, **kwargs: object) -> Chains:
+        """Chains from `chain_sampler` with the model's fanouts, ``exclude`` plus the pairs
+        hidden by `substituted`; then the `sampling_observers`."""
+        targets = exclude
+        hidden = self._hidden_pairs
+        if hidden is not None and len(hidden):
+            hidden = hidden.to(roots.device)
+            exclude = hidden if exclude is None else torch.cat([exclude, hidden])
+        kwargs["compiled"] = self.compiled_kernels
+        chains = self.chain_sampler(graph, roots, self.config.fanouts, generator, exclude=exclude, **kwargs)
+        for observer in tuple(self.sampling_observers):
+            observer(graph, roots, chains, targets, kwargs)
+        return chains
 
     def _live(self) -> tuple[EvidenceGraph, torch.Tensor]:
         if self._graph is None or self._node_bias is None:
@@ -405,13 +462,13 @@ class EvidenceChainModel(RatingModel):
         fresh = ~exists
         ts = None
         if base.timestamps is not None:
-            now = np.full(int(fresh.sum()), int(time.time()), dtype=np.int64)
+            ts = np.full(int(fresh.sum()), int(time.time()), dtype=np.int64)
             if timestamps is not None:
-                now = np.asarray(timestamps, dtype=np.int64)[pick][fresh]
-            ts = np.concatenate([base.timestamps, now])
-        live = Ratings(np.concatenate([base.users, u[fresh]]), np.concatenate([base.items, i[fresh]]),
-                       np.concatenate([values_all, vals[fresh].astype(np.float32)]), ts, user_ids, item_ids,
-                       base.rating_scale, base.item_titles)
+                ts = np.asarray(timestamps, dtype=np.int64)[pick][fresh]
+        if values_all is not base.values:  # re-rated pairs carry their new value in place
+            base = dataclasses.replace(base, values=values_all)
+        live = base.append(Ratings(u[fresh], i[fresh], vals[fresh].astype(np.float32), ts, user_ids, item_ids,
+                                   base.rating_scale))
         n_old = len(base)
         graph = graph.insert(u[fresh], i[fresh], vals[fresh], np.arange(n_old, n_old + int(fresh.sum())),
                              live.n_users, live.n_items)
@@ -481,11 +538,11 @@ class EvidenceChainModel(RatingModel):
         `recsys.models.rec.kernels.aggregate_compiled` (same result up to float32 rounding)
         unless ``compiled_kernels`` is off."""
         if (self.compiled_kernels and record is None and not self.training and not torch.is_grad_enabled()
-                and self.device.type == "cpu" and self.prototype_vectors.dtype == torch.float32):
+                and self.device.type == "cpu" and self.prototype_table.dtype == torch.float32):
             return aggregate_compiled(self, chains, root_bias)
         graph, bias = self._live()
         nu, k = graph.n_users, self.config.embedding_size
-        protos = self.prototype_vectors
+        protos = self.prototype_table
 
         def free(nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """Free vectors (zero for non-prototypes) and the prototype mask of graph nodes."""
@@ -591,9 +648,9 @@ class EvidenceChainModel(RatingModel):
         exclude = graph.pair_keys(users, items)
         if not self.training:  # an unrated pair has no edge to hide: exclude the rated ones only
             exclude = exclude[self._lookup(users, items)[0] if rated is None else rated]
-        chains = self.chain_sampler(graph, roots, c.fanouts, generator, exclude=exclude,
-                                    evidence_dropout=c.evidence_dropout if self.training else 0.0,
-                                    root_keep=root_keep, passes=passes, compiled=self.compiled_kernels)
+        chains = self._sample(graph, roots, generator, exclude=exclude,
+                              evidence_dropout=c.evidence_dropout if self.training else 0.0,
+                              root_keep=root_keep, passes=passes)
         root_bias = None if root_keep is None else self.cold_root_bias(chains, root_keep > 0)
         vec = self.root_vectors(chains, record, root_bias).reshape(passes, len(roots), -1)
         b = len(users)
@@ -708,7 +765,7 @@ class EvidenceChainModel(RatingModel):
         outputs = self.forward(users, items)
         err = values - outputs
         c = self.config
-        penalty = c.reg * self.prototype_vectors.square().sum(-1).mean()
+        penalty = c.reg * self.prototype_table.square().sum(-1).mean()
         if c.mlp_reg:
             penalty = penalty + c.mlp_reg * sum(m.weight.square().sum() for m in self.modules()
                                                 if isinstance(m, nn.Linear))
@@ -725,8 +782,7 @@ class EvidenceChainModel(RatingModel):
         passes = self.config.eval_passes
         for s in range(0, len(nodes), chunk):
             roots, inverse = torch.unique(nodes[s:s + chunk], return_inverse=True)
-            chains = self.chain_sampler(graph, roots, self.config.fanouts, gen, passes=passes,
-                                        compiled=self.compiled_kernels)
+            chains = self._sample(graph, roots, gen, passes=passes)
             out[s:s + chunk] = self.root_vectors(chains).reshape(passes, len(roots), -1).mean(0)[inverse]
         return out
 
@@ -822,3 +878,41 @@ class EvidenceChainModel(RatingModel):
                                  "example": int(ex), "share": s})
         return {"user": str(user), "item": str(item), "prediction": prediction, "path": "model",
                 "terms": terms, "evidence": evidence}
+
+    # ------------------------------------------------------------------ serving protocols
+    # (`recsys.models.base.OnlineLearner` and `Explainable`)
+    def start_online(self, train: Ratings, *, log: object | None = None,
+                     learning_rate: float | None = None) -> None:
+        """Nothing to prepare: online learning is insertion into the live ratings (no
+        parameter update, so no learning rate and nothing to log)."""
+
+    def learn(self, ratings: Ratings, new: np.ndarray) -> None:
+        """Insert the example ids ``new`` of ``ratings`` (training + live) into the live
+        ratings (`add_ratings`: no parameter update; a pair rated again takes the new value).
+        Users and items the ratings' id maps hold beyond the model's are added first, in the
+        maps' order, so that an index means the same user here and there."""
+        r = self._require_ratings()
+        if ratings.n_users > r.n_users or ratings.n_items > r.n_items:
+            self._add_ids(list(ratings.user_ids.raw_ids[r.n_users:]), list(ratings.item_ids.raw_ids[r.n_items:]))
+        new = np.asarray(new, dtype=np.int64)
+        if len(new):
+            self.add_ratings(ratings.user_ids.raw_ids[ratings.users[new]], ratings.item_ids.raw_ids[ratings.items[new]],
+                             ratings.values[new], None if ratings.timestamps is None else ratings.timestamps[new])
+
+    def path(self, user: int) -> str:
+        """``model`` for a user with live ratings (vectors are built from them: ratings
+        learnt online are native), ``fallback`` otherwise (``-1``: unknown)."""
+        if user < 0 or user >= len(self.known_users) or not bool(self.known_users[user]):
+            return "fallback"
+        return "model"
+
+    def explainer(self, ratings: Ratings | None = None, log: object | None = None,
+                  method: str | None = None) -> EvidenceChainExplainer:
+        """The evidence-chain shares explainer (`recsys.models.rec.explain`). It explains
+        against the live ratings (which `learn` keeps in step with ``ratings``); ``log`` is
+        not used; ``method`` None or the explainer's own name."""
+        from recsys.models.rec.explain import METHOD, EvidenceChainExplainer
+
+        if method not in (None, METHOD, "shares"):
+            raise ValueError(f"the evidence-chain model explains by {METHOD!r}, not {method!r}")
+        return EvidenceChainExplainer(self)

@@ -1,0 +1,97 @@
+"""MF's online learning (`recsys.models.base.OnlineLearner`): what `MatrixFactorization.learn`
+does with ratings received after training, and which path answers each user since.
+
+- a user the model was trained on: incremental SGD over their new ratings, in arrival order,
+  ``passes`` times at the online learning rate (the final training rate), on the same
+  kernel as training (`recsys.models.mf.log.online_sgd`), logged into the artefact's
+  gradient-rollback log when it has one (grown to cover the new rows first); path ``online``;
+- any other user: a fresh fold-in (`MatrixFactorization.fold_in_user`, a ridge solve on the
+  fixed item factors) from all of that user's ratings, redone whenever they rate again;
+  path ``fold-in``;
+- users with no rating: the bias-only fallback, path ``fallback``; trained users with no
+  new rating: ``model``.
+
+New users (and items) grow the tables first (amortised: at least doubling the user table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from recsys.models.base import RatingModel, UpdateLog
+from recsys.models.mf.log import online_sgd
+from recsys.ratings import Ratings
+
+#: online SGD passes over a trained user's new ratings (what the service has always used)
+ONLINE_PASSES = 3
+#: the online learning rate when none is given (the `TrainConfig` default rate)
+DEFAULT_ONLINE_LR = 0.01
+
+
+@dataclass
+class OnlineState:
+    """What a model learning online remembers: ``n_trained`` rows of the ratings it was
+    trained on (later rows were learnt online), which users had training ratings
+    (``trained``, bool), which users received ratings online (``live``), the update ``log``
+    and the online ``learning_rate`` and ``passes``."""
+
+    n_trained: int
+    trained: np.ndarray
+    log: UpdateLog | None = None
+    learning_rate: float = DEFAULT_ONLINE_LR
+    passes: int = ONLINE_PASSES
+    live: set[int] = field(default_factory=set)
+
+    @classmethod
+    def start(cls, model: RatingModel, train: Ratings, log: UpdateLog | None = None,
+              learning_rate: float | None = None, passes: int = ONLINE_PASSES) -> OnlineState:
+        trained = train.user_counts()[: model.n_users] > 0
+        return cls(len(train), trained, log, DEFAULT_ONLINE_LR if learning_rate is None else float(learning_rate),
+                   passes)
+
+    def is_trained(self, users: np.ndarray) -> np.ndarray:
+        users = np.asarray(users, dtype=np.int64)
+        out = np.zeros(len(users), dtype=bool)
+        inside = (users >= 0) & (users < len(self.trained))
+        out[inside] = self.trained[users[inside]]
+        return out
+
+
+def learn(model: RatingModel, state: OnlineState, ratings: Ratings, new: np.ndarray) -> None:
+    """Apply the example ids ``new`` of ``ratings`` (training + live) to ``model`` in place."""
+    if ratings.n_users > model.n_users or ratings.n_items > model.n_items:
+        model.grow(max(ratings.n_users, 2 * model.n_users) if ratings.n_users > model.n_users else model.n_users,
+                   max(ratings.n_items, model.n_items))
+    new = np.asarray(new, dtype=np.int64)
+    if len(new) == 0:
+        return
+    log = state.log
+    if log is not None and log.n_examples < len(ratings):
+        log.extend(len(ratings) - log.n_examples)  # row k of the log stays example k
+    users = ratings.users[new]
+    trained = state.is_trained(users)
+    state.live.update(users.tolist())
+    if trained.any():
+        online_sgd(model, log, ratings, new[trained], state.learning_rate, epochs=state.passes, shuffle=False)
+    folded = np.unique(users[~trained])
+    if len(folded):
+        mine = np.flatnonzero(np.isin(ratings.users, folded))  # all their ratings, in row order
+        owners = ratings.users[mine]
+        for u in folded.tolist():
+            rows = mine[owners == u]
+            p, b = model.fold_in_user(torch.from_numpy(ratings.items[rows]), torch.from_numpy(ratings.values[rows]))
+            model.set_user(u, p, b)
+
+
+def path(model: RatingModel, state: OnlineState | None, user: int) -> str:
+    """``model``, ``online``, ``fold-in`` or ``fallback`` for index ``user`` (``-1``: unknown)."""
+    if user < 0 or user >= model.n_users or not bool(model.known_users[user]):
+        return "fallback"
+    if state is None:
+        return "model"
+    if bool(state.is_trained(np.array([user]))[0]):
+        return "online" if user in state.live else "model"
+    return "fold-in"
