@@ -10,6 +10,13 @@ never blocks the event loop. Writes need ``Authorization: Bearer $RECSYS_API_KEY
 are open unless ``RECSYS_READ_AUTH=true``. ``POST /v1/admin/reload`` (or SIGHUP) loads a new
 artefact, replays the store into it and swaps it in; requests in flight finish on the old
 one.
+
+Recommendations come from the artefact's ranking model (its ranker, or the model itself when
+it ranks), each item with the ranker's ``score`` and the predicted ``rating`` where a rating
+model is loaded (null otherwise); a user with no interaction gets the popularity list (path
+``popularity``). Ingested ratings are folded into the ranker at once. Rating predictions
+(``/v1/predict``) of a ranker-only artefact are a 400 ("this model ranks; it predicts no
+ratings").
 """
 
 
@@ -50,7 +57,7 @@ from api.schemas import (
     UserOut,
 )
 from recsys.errors import ArtefactError, UnknownIdError
-from recsys.recommender import Prediction, Recommender
+from recsys.recommender import NoRatingModelError, Prediction, Recommender
 from recsys.store import NewRating, RatingStore, StoredRating
 
 log = logging.getLogger("recsys.api")
@@ -175,9 +182,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service.close()
 
     app = FastAPI(title="recsys", version="1", lifespan=lifespan,
-                  description="Rating predictions and recommendations explained by the training ratings behind them.")
+                  description="Recommendations and rating predictions explained by the interactions and ratings "
+                              "behind them.")
     app.state.service = service
     problem = {404: {"model": Problem}, 413: {"model": Problem}}
+    predict_problem = {**problem, 400: {"model": Problem, "description": "the model ranks; it predicts no ratings"}}
 
     @app.middleware("http")
     async def limits_and_metrics(request: Request, call_next):
@@ -200,6 +209,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ValueError)
     async def bad_value(_: Request, exc: ValueError):
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(NoRatingModelError)
+    async def no_rating_model(_: Request, exc: NoRatingModelError):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
 
     def recommender() -> Recommender:
         rec = service.recommender
@@ -254,14 +267,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Request counts, latency histogram and ingested ratings (Prometheus text format)."""
         return PlainTextResponse(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/predict", response_model=PredictionOut, dependencies=reads, responses=problem)
+    @app.get("/v1/predict", response_model=PredictionOut, dependencies=reads, responses=predict_problem)
     def predict(rec: Rec, user: Annotated[str, Query(min_length=1, max_length=128)],
                 item: Annotated[str, Query(min_length=1, max_length=128)],
                 explain: Annotated[int, Query(ge=0, le=50)] = 0) -> PredictionOut:
         """Predict one rating, optionally with the top-`explain` training ratings behind it."""
         return out(rec.predict(user, item, explain=explain))
 
-    @app.post("/v1/predict", response_model=PredictBatchOut, dependencies=reads, responses=problem)
+    @app.post("/v1/predict", response_model=PredictBatchOut, dependencies=reads, responses=predict_problem)
     def predict_batch(rec: Rec, body: PredictBatchIn) -> PredictBatchOut:
         bounded(len(body.pairs))
         preds = rec.predict_many([(p.user, p.item) for p in body.pairs], explain=body.explain)
@@ -271,7 +284,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              responses=problem)
     def recommendations(rec: Rec, user: str, k: Annotated[int, Query(ge=1)] = 10,
                         explain: Annotated[int, Query(ge=0, le=50)] = 0) -> RecommendationsOut:
-        """Top-k items the user has not rated, each with its explanation when asked."""
+        """Top-k items the user has not rated, ranked by the ranking model (popularity for a user
+        with no interaction), each with the ranker's score, the predicted rating where a rating
+        model is loaded, and its explanation when asked (the user's interactions that most
+        raised the item's score, in score units)."""
         if k > settings.max_k:
             raise HTTPException(413, f"k={k}; the limit is {settings.max_k}")
         r = rec.recommend(user, k, explain=explain)

@@ -7,12 +7,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Id = Field(min_length=1, max_length=128, description="a raw user or item id")
-Path = Literal["model", "fold-in", "online", "fallback"]
+Path = Literal["model", "fold-in", "online", "fallback", "popularity"]
 
 
 class Effect(BaseModel):
-    """One training rating and its estimated effect on the prediction, in rating points
-    (positive: it raised the prediction)."""
+    """One training rating (or interaction) and its estimated effect: on a predicted rating in
+    rating points, on a recommended item's ranking score in score units (positive: it raised
+    the prediction or score)."""
 
     user: str
     item: str
@@ -26,8 +27,13 @@ class PredictionOut(BaseModel):
     user: str
     item: str
     title: str | None = None
-    rating: float = Field(description="the predicted rating, on the model's scale")
-    path: Path = Field(description="what produced it: model, fold-in, online or fallback")
+    rating: float | None = Field(description="the predicted rating, on the model's scale; null where the "
+                                             "service has no rating model (a ranker alone)")
+    score: float | None = Field(None, description="recommendations: the ranking model's score (higher: ranked "
+                                                  "earlier; not a rating); with a rating model alone, the "
+                                                  "predicted rating the items were ranked by")
+    path: Path = Field(description="what produced it: model, fold-in, online, fallback, or popularity (a "
+                                   "recommendation list for a user with no interaction)")
     explanation: list[Effect] | None = None
     explanation_method: str | None = None
 

@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ def main() -> None:
     out = {
         "benchmark": "mf_vs_surprise",
         "dataset": "ml-100k canonical folds u1..u5",
-        "ours_config": {"model": MFConfig().__dict__, "train": TrainConfig().__dict__},
+        "ours_config": {"model": asdict(MFConfig()), "train": asdict(TrainConfig())},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "kernel_load_seconds": kernel_load,
         "mean": summary,

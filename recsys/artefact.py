@@ -10,6 +10,12 @@ Layout of an artefact directory::
     ids.json                raw user and item ids in index order, item titles
     rollback.safetensors    optional: the gradient-rollback update log
                             (`recsys.explain.rollback.RollbackLog`), row k = example k
+    ranker/                 optional, beside a rating model: the ranking model fitted on the
+                            same training rows (an artefact directory of its own, same
+                            layout), which the service's recommendations use
+
+The model is a `RatingModel` or a `RankingModel` (``model.json``'s ``task``); a ranking
+model's directory is served as is (recommendations only, no rating predictions).
 
 Writes go to a temporary sibling directory that is renamed into place, so a crash never
 leaves a half-written artefact under the final name.
@@ -31,8 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from recsys.errors import ArtefactError
-from recsys.models import MODELS, build_model
-from recsys.models.base import RatingModel
+from recsys.models import MODELS, Model, build_model
+from recsys.models.base import RankingModel
 from recsys.ratings import IdMap, Ratings
 
 if TYPE_CHECKING:
@@ -41,16 +47,26 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 _FILES = ("model.json", "weights.safetensors", "ratings.safetensors", "ids.json")
 _ROLLBACK = "rollback.safetensors"
+#: the sub-directory holding the ranking model saved beside a rating model
+RANKER_DIR = "ranker"
 
 
 @dataclass
 class Artefact:
-    """A trained model with everything needed to use it from raw ids."""
+    """A trained model with everything needed to use it from raw ids; ``ranker``: the
+    ranking model saved beside a rating model (its own `Artefact`, on the same training
+    rows), None when there is none."""
 
-    model: RatingModel
+    model: Model
     train: Ratings
     metadata: dict = field(default_factory=dict)
     rollback: RollbackLog | None = None
+    ranker: Artefact | None = None
+
+    @property
+    def task(self) -> str:
+        """``rating`` or ``ranking``: what the artefact's model is for."""
+        return self.model.task
 
     @property
     def user_ids(self) -> IdMap:
@@ -61,13 +77,21 @@ class Artefact:
         return self.train.item_ids
 
 
-def save_artefact(path: str | Path, model: RatingModel, train: Ratings, metadata: dict | None = None,
-                  rollback: RollbackLog | None = None) -> Path:
-    """Write ``model`` trained on ``train`` (and its rollback log, if given) to directory
-    ``path`` (replaced atomically)."""
+def save_artefact(path: str | Path, model: Model, train: Ratings, metadata: dict | None = None,
+                  rollback: RollbackLog | None = None, *, ranker: RankingModel | None = None,
+                  ranker_metadata: dict | None = None) -> Path:
+    """Write ``model`` trained (or fitted) on ``train`` (and its rollback log, if given) to
+    directory ``path`` (replaced atomically, the ranker included). ``ranker``: a ranking model
+    fitted on the same ``train``, saved beside a rating model in ``path/ranker`` with
+    ``ranker_metadata``."""
     path = Path(path)
     if model.n_users != train.n_users or model.n_items != train.n_items:
         raise ValueError("model and training ratings disagree on the number of users or items")
+    if ranker is not None:
+        if model.task != "rating" or ranker.task != "ranking":
+            raise ValueError("a ranker is saved beside a rating model: model must rate, ranker must rank")
+        if ranker.n_users != train.n_users or ranker.n_items != train.n_items:
+            raise ValueError("the ranker and the training ratings disagree on the number of users or items")
     if rollback is not None and rollback.n_examples != len(train):
         raise ValueError(f"rollback log has {rollback.n_examples} rows, the training ratings {len(train)}")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +116,7 @@ def save_artefact(path: str | Path, model: RatingModel, train: Ratings, metadata
         meta = {
             "format_version": FORMAT_VERSION,
             "model": model.name,
+            "task": model.task,
             "config": model.config_dict(),
             "n_users": model.n_users,
             "n_items": model.n_items,
@@ -101,6 +126,8 @@ def save_artefact(path: str | Path, model: RatingModel, train: Ratings, metadata
         (tmp / "model.json").write_text(json.dumps(meta, indent=2))
         if rollback is not None:
             rollback.save(tmp / _ROLLBACK)
+        if ranker is not None:
+            save_artefact(tmp / RANKER_DIR, ranker, train, ranker_metadata)
         for name in _FILES + ((_ROLLBACK,) if rollback is not None else ()):
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -119,7 +146,8 @@ def save_artefact(path: str | Path, model: RatingModel, train: Ratings, metadata
 
 
 def load_artefact(path: str | Path, *, device: str | torch.device = "cpu") -> Artefact:
-    """Load an artefact directory; `ArtefactError` says what is missing or inconsistent."""
+    """Load an artefact directory (and the ranker saved beside its model, if any);
+    `ArtefactError` says what is missing or inconsistent."""
     path = Path(path)
     if not path.is_dir():
         raise ArtefactError(f"{path}: no such model directory (train one with `recsys train --out {path}`)")
@@ -159,15 +187,29 @@ def load_artefact(path: str | Path, *, device: str | torch.device = "cpu") -> Ar
     model.to(device).eval()
     rollback = None
     if (path / _ROLLBACK).is_file():
-        from recsys.models.mf.log import RollbackLog
+        # a model family with its own log format loads it (``load_update_log``); else MF's
+        loader = getattr(type(model), "load_update_log", None)
+        if loader is None:
+            from recsys.models.mf.log import RollbackLog
 
+            loader = RollbackLog.load
         try:
-            rollback = RollbackLog.load(path / _ROLLBACK, device=device)
+            rollback = loader(path / _ROLLBACK, device=device)
         except (SafetensorError, OSError, ValueError) as exc:
             raise ArtefactError(f"{path}: corrupt rollback log ({exc})") from None
         if rollback.n_examples != len(train):
             raise ArtefactError(f"{path}: rollback log has {rollback.n_examples} rows, the training ratings {len(train)}")
-    return Artefact(model, train, meta, rollback)
+    ranker = None
+    if (path / RANKER_DIR).is_dir():
+        ranker = load_artefact(path / RANKER_DIR, device=device)
+        if ranker.task != "ranking":
+            raise ArtefactError(f"{path / RANKER_DIR}: holds {ranker.model.name!r}, not a ranking model")
+        same = (len(ranker.train) == len(train) and ranker.user_ids == user_ids and ranker.item_ids == item_ids
+                and np.array_equal(ranker.train.users, train.users) and np.array_equal(ranker.train.items, train.items))
+        if not same:
+            raise ArtefactError(f"{path / RANKER_DIR}: the ranker was fitted on other training rows than the model")
+        ranker.train = train  # one training Ratings for both models (same rows, same maps)
+    return Artefact(model, train, meta, rollback, ranker)
 
 
 def artefact_size_bytes(path: str | Path) -> int:

@@ -1,6 +1,13 @@
 """The ``recsys`` command line: ``train``, ``evaluate``, ``predict``, ``recommend``,
 ``datasets``.
 
+Models are rating models (``mf``, ``rec``: trained by the `Trainer` with the training flags)
+or ranking models (``task == "ranking"``, e.g. ``ease``: they fit themselves from their
+config; flags named like their config fields set them, ``--param KEY=VALUE`` any field).
+``recsys train`` of a rating model also fits the default ranker (`DEFAULT_RANKER`) on the same
+training rows and saves it beside it, so that served recommendations come from a ranker;
+``recsys evaluate --ranking`` with no ``--model`` evaluates the default ranker.
+
 Every stage is the library called from argparse; user mistakes (a bad file, an unknown id,
 a corrupt model directory) print one ``recsys: error: ...`` line and exit with status 2,
 never a stack trace.
@@ -20,8 +27,7 @@ import torch
 
 from recsys.artefact import save_artefact
 from recsys.errors import RecsysError
-from recsys.models import MODELS, build_model
-from recsys.models.base import RatingModel
+from recsys.models import DEFAULT_RANKER, MODELS, Model, build_model, model_task
 from recsys.ratings import Ratings
 from recsys.train import OPTION_GROUPS, TrainConfig, Trainer
 
@@ -37,7 +43,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sep", help="field separator of --ratings (default: sniffed)")
     g.add_argument("--columns", default="user,item,rating",
                    help="roles of the file's columns in order, e.g. user,item,rating,timestamp "
-                        "(use _ for a column to skip); with a header, role=name pairs")
+                        "(use _ for a column to skip); with a header, role=name pairs. Implicit "
+                        "feedback (clicks, plays): no rating column, e.g. user,item[,timestamp] "
+                        "(every interaction 1.0) or user,item,weight[,timestamp] (weighted)")
     header = g.add_mutually_exclusive_group()
     header.add_argument("--header", dest="header", action="store_true", default=None,
                         help="the file has a header line (default: detected)")
@@ -45,8 +53,44 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rating-scale", help="LOW,HIGH (default: the observed range)")
     g.add_argument("--split", default=None,
                    help="canonical fold(s) of the dataset (u1 or u1,u2,u3,u4,u5), or "
-                        "random:FRACTION[:SEED], temporal:FRACTION, cold-users:FRACTION:K[:SEED]")
+                        "random:FRACTION[:SEED], temporal:FRACTION, cold-users:FRACTION:K[:SEED], "
+                        "or the ranking splits temporal-leave:K (each user's last K interactions) "
+                        "and random-leave:K[:SEED]")
     g.add_argument("--test", type=Path, help="a second ratings file (same columns) as the test set")
+    g.add_argument("--relevance", type=_relevance_arg, default=None,
+                   help="ranking metrics: a test item is relevant when its rating is at least this "
+                        "(default 4.0 for explicit ratings; 'all': every test interaction, the "
+                        "default for implicit feedback)")
+
+
+def _relevance_arg(text: str) -> float | str:
+    if text.strip().lower() in ("all", "any", "every"):
+        return "all"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
+def _implicit(args: argparse.Namespace) -> bool:
+    """Whether the data is implicit feedback: a --ratings file with no rating column."""
+    from recsys.datasets import ColumnSpec
+
+    if getattr(args, "ratings", None) is None:
+        return False
+    columns = args.columns if "=" in args.columns else args.columns.split(",")
+    return ColumnSpec.parse(columns).implicit
+
+
+def relevance_threshold(args: argparse.Namespace) -> float | None:
+    """The ranking metrics' relevance rule: ``--relevance``, else None (every test
+    interaction) for implicit feedback and 4.0 for explicit ratings."""
+    value = getattr(args, "relevance", None)
+    if value == "all":
+        return None
+    if value is not None:
+        return float(value)
+    return None if _implicit(args) else 4.0
 
 
 def _rating_scale(text: str | None) -> tuple[float, float] | None:
@@ -102,9 +146,14 @@ def load_folds(args: argparse.Namespace) -> list[tuple[str, Ratings, Ratings | N
 
 
 # --------------------------------------------------------------------------- model and training
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = "mf") -> None:
     g = p.add_argument_group("model and training (defaults tuned on MovieLens-100K validation slices)")
-    g.add_argument("--model", default="mf", choices=sorted(MODELS))
+    default = "mf" if default_model else f"mf, or with --ranking the default ranker ({DEFAULT_RANKER})"
+    g.add_argument("--model", default=default_model, choices=sorted(MODELS),
+                   help=f"default: {default}; ranking models fit themselves (no training flags but those "
+                        "named like their config fields)")
+    g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any field of the model's config (VALUE read as JSON, else as text); repeatable")
     g.add_argument("--embedding-size", type=int)
     g.add_argument("--n-blocks", type=int, help="MF: independent factor blocks averaged (1 = classic MF)")
     g.add_argument("--reg", type=float, help="L2 weight on factors per visit")
@@ -179,22 +228,76 @@ _OPTION_FLAGS: dict[str, tuple[str, str]] = {
 }
 
 
+#: flags every model takes (not training flags)
+_GENERIC_FLAGS = frozenset({"seed", "device", "threads"})
+#: flags that only the `Trainer` of a rating model reads: (dest, value meaning "not given")
+_TRAINING_ONLY = (("validation", 0.0), ("lr_scaling", "none"), ("rollback", False),
+                  ("rollback_float16", False), ("rollback_exact", False), ("nproc", 1))
+
+
+def _flag(name: str) -> str:
+    return "--" + {"dropout": "message-dropout"}.get(name, name.replace("_", "-"))
+
+
 def _check_model_flags(args: argparse.Namespace) -> None:
-    """A flag of another model's config (``--cold-roots`` with MF) is an error, not ignored."""
+    """A flag of another model's config (``--cold-roots`` with MF) is an error, not ignored;
+    so is a training flag given to a ranking model that has no such config field."""
+    model_cls, config_cls = MODELS[args.model]
+    names = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(_params(args)) - names)
+    if unknown:
+        raise RecsysError(f"unknown {args.model} config keys {unknown} (--param); valid: {sorted(names)}")
+    if model_cls.task == "ranking":
+        own = {f.name for f in fields(config_cls)} | _GENERIC_FLAGS
+        flags = ({f.name for _, cls in MODELS.values() for f in fields(cls)} | {f.name for f in fields(TrainConfig)}
+                 | set(_OPTION_FLAGS) | {"salr"}) - {"progress", "patience", "chunk_size", *OPTION_GROUPS}
+        given = [name for name in sorted(flags - own) if getattr(args, name, None) is not None]
+        given += [name for name, unset in _TRAINING_ONLY if getattr(args, name, unset) != unset]
+        if given:
+            raise RecsysError(
+                f"{_flag(given[0])} does not apply to --model {args.model}: a ranking model fits itself "
+                f"from its config (fields: {', '.join(sorted(f.name for f in fields(config_cls)))}; "
+                "set them with the flag of that name or --param KEY=VALUE)")
+        return
     config_cls = MODELS[args.model][1]
     own = {f.name for f in fields(config_cls)} | {f.name for f in fields(TrainConfig)} | set(_OPTION_FLAGS)
     foreign = sorted({f.name for _, cls in MODELS.values() for f in fields(cls)} - own)
     given = [name for name in foreign if getattr(args, name, None) is not None]
     if given:
-        flag = "--" + {"dropout": "message-dropout"}.get(given[0], given[0].replace("_", "-"))
-        raise RecsysError(f"{flag} does not apply to --model {args.model}")
+        raise RecsysError(f"{_flag(given[0])} does not apply to --model {args.model}")
+
+
+def _params(args: argparse.Namespace) -> dict:
+    """``--param KEY=VALUE`` pairs (VALUE as JSON when it parses, else the text)."""
+    out: dict = {}
+    for item in getattr(args, "param", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecsysError(f"--param takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def model_config(args: argparse.Namespace, name: str | None = None) -> dict:
+    """The config of model ``name`` (default ``--model``) from the flags named like its
+    fields, ``--seed`` and ``--param``; for another model (the ranker fitted beside a rating
+    model) only ``--seed``."""
+    name = name or args.model
+    names = {f.name for f in fields(MODELS[name][1])}
+    if name != args.model:  # a ranker beside the rating model: its defaults and the seed
+        return {"seed": args.seed} if "seed" in names else {}
+    cfg = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if "seed" in names or model_task(name) == "rating":
+        cfg["seed"] = args.seed
+    return cfg | _params(args)
 
 
 def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     model_cls, config_cls = MODELS[args.model]
-    model_cfg = {f.name: getattr(args, f.name) for f in fields(config_cls)
-                 if getattr(args, f.name, None) is not None}
-    model_cfg["seed"] = args.seed
+    model_cfg = model_config(args)
     train_over: dict[str, object] = {
         f.name: getattr(args, f.name) for f in fields(TrainConfig)
         if f.name not in ("progress", "patience", *OPTION_GROUPS) and getattr(args, f.name, None) is not None}
@@ -219,13 +322,32 @@ def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
     return model_cfg, train_cfg
 
 
+def fit_ranker(name: str, train: Ratings, config: dict | None = None, *, device: str = "cpu",
+               threads: int | None = None, quiet: bool = True) -> tuple[Model, dict]:
+    """Build the ranking model ``name`` with ``config`` and fit it on ``train`` (it fits
+    itself: no `Trainer` flags); returns it and a summary (``fit_seconds``, its config)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = build_model(name, train.n_users, train.n_items, train.rating_scale, config)
+    model.to(device)
+    summary = dict(model.fit(train, progress=False if quiet else None))
+    model.eval()
+    return model, {"model": name, **summary, "model_config": model.config_dict()}
+
+
 def fit_model(args: argparse.Namespace, train: Ratings, callbacks: Sequence = (),
-              parallel=None) -> tuple[RatingModel, Ratings, dict]:
-    """Build and train the requested model; returns it, the ratings it was fitted on and a
-    summary of the run. ``parallel``: this rank's `recsys.distributed.DataParallel` when
-    training data-parallel."""
+              parallel=None) -> tuple[Model, Ratings, dict]:
+    """Build and train (a rating model) or fit (a ranking model) the requested model; returns
+    it, the ratings it was fitted on and a summary of the run. ``parallel``: this rank's
+    `recsys.distributed.DataParallel` when training data-parallel."""
     from recsys.splits import validation_slice
 
+    if model_task(args.model) == "ranking":
+        if parallel is not None:
+            raise RecsysError(f"--model {args.model} is a ranking model: data-parallel training is for rating models")
+        model, summary = fit_ranker(args.model, train, model_config(args), device=args.device,
+                                    threads=args.threads, quiet=args.quiet)
+        return model, train, summary
     model_cfg, train_cfg = _configs(args)
     fit_part, validation = train, None
     if args.validation:
@@ -310,13 +432,16 @@ def _train_worker(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace, parallel=None) -> int:
-    from recsys.evaluate import evaluate_ratings
+    from recsys.evaluate import evaluate_ranking, evaluate_ratings
 
     main = parallel is None or parallel.is_main
     folds = load_folds(args)
     if len(folds) != 1:
         raise RecsysError("train takes one split; use `recsys evaluate` for several folds")
     name, train, test = folds[0]
+    if model_task(args.model) == "ranking":
+        return _train_ranker(args, name, train, test)
+    ranker_name = _beside_ranker(args)
     if main:
         _print(args, f"training {args.model} on {train.describe()}"
                      + (f" with {parallel.world_size} {parallel.backend} processes" if parallel else ""))
@@ -327,23 +452,96 @@ def _train(args: argparse.Namespace, parallel=None) -> int:
     if not main:
         return 0
     metrics = evaluate_ratings(model, test) if test is not None else {}
+    ranker, ranker_summary = None, None
+    if ranker_name is not None:
+        _print(args, f"fitting the ranker {ranker_name} on the same training rows")
+        ranker, ranker_summary = _fit_beside(args, ranker_name, fit_part)
+        if ranker is not None and test is not None:
+            ranker_summary["test_metrics"] = evaluate_ranking(ranker, fit_part, test, k=args.k,
+                                                              relevance_threshold=relevance_threshold(args))
     if args.out:
         save_artefact(args.out, model, fit_part, {"split": name, "training": summary, "test_metrics": metrics},
-                      rollback=rollback.log if rollback else None)
+                      rollback=rollback.log if rollback else None, ranker=ranker,
+                      ranker_metadata={"split": name, "training": ranker_summary} if ranker is not None else None)
     if args.json:
-        print(json.dumps({"split": name, **summary, **metrics}))
+        print(json.dumps({"split": name, **summary, **metrics, "ranker": ranker_summary}))
         return 0
     print(f"fitted in {summary['fit_seconds']:.2f} s ({summary['epochs_run']} epochs, {summary['step_kind']} steps)")
     if metrics:
         print(f"held-out {name}: RMSE {metrics['rmse']:.4f}  MAE {metrics['mae']:.4f}  "
               f"on {metrics['n_test']:,} ratings ({metrics['n_fallback']} by fallback)")
         _show_examples(model, test)
+    if ranker_summary is not None:
+        if "error" in ranker_summary:
+            print(f"ranker {ranker_name} not saved: {ranker_summary['error']}")
+        else:
+            print(f"ranker {ranker_name} fitted in {ranker_summary['fit_seconds']:.2f} s"
+                  + (f"; {_ranking_line(ranker_summary['test_metrics'])}" if "test_metrics" in ranker_summary else ""))
+    if args.out:
+        print(f"saved to {args.out}" + (f" (recommendations by {ranker_name}, in {args.out}/ranker)" if ranker else ""))
+    return 0
+
+
+def _beside_ranker(args: argparse.Namespace) -> str | None:
+    """The ranker to fit beside a rating model: ``--ranker`` (``none``: no ranker), else
+    `DEFAULT_RANKER` when it is registered."""
+    name = getattr(args, "ranker", None)
+    if name is None:
+        return DEFAULT_RANKER if DEFAULT_RANKER in MODELS else None
+    if name.lower() == "none":
+        return None
+    if name not in MODELS or model_task(name) != "ranking":
+        rankers = sorted(n for n in MODELS if model_task(n) == "ranking")
+        raise RecsysError(f"--ranker {name!r} is not a ranking model; choose one of {', '.join(rankers)} or none")
+    return name
+
+
+def _fit_beside(args: argparse.Namespace, name: str, train: Ratings) -> tuple[Model | None, dict]:
+    """Fit ranker ``name`` (its defaults, ``--seed``) beside the rating model. When the
+    default ranker cannot be fitted (e.g. a catalogue past its memory guard), the rating model
+    is saved alone and the summary says why; a ``--ranker`` named explicitly fails loudly."""
+    try:
+        return fit_ranker(name, train, model_config(args, name), device=args.device, threads=args.threads)
+    except (RecsysError, ValueError, MemoryError) as exc:
+        if getattr(args, "ranker", None) is not None:
+            raise
+        print(f"recsys: warning: the default ranker {name} was not fitted ({exc}); recommendations "
+              "will rank by predicted rating", file=sys.stderr)
+        return None, {"model": name, "error": str(exc)}
+
+
+def _ranking_line(m: dict) -> str:
+    if m.get("n_users") in (None, 0):
+        return "no test user with a relevant item"
+    return (f"P@{m['k']} {m['precision']:.4f}  R@{m['k']} {m['recall']:.4f}  NDCG@{m['k']} {m['ndcg']:.4f}  "
+            f"MAP@{m['k']} {m['map']:.4f}  coverage {m['coverage']:.3f}  ({m['n_users']:,} users)")
+
+
+def _train_ranker(args: argparse.Namespace, name: str, train: Ratings, test: Ratings | None) -> int:
+    """``recsys train --model <ranker>``: fit, evaluate on the test part (ranking metrics),
+    save the ranker alone (served as is)."""
+    from recsys.evaluate import evaluate_ranking
+
+    if getattr(args, "ranker", None) is not None:
+        raise RecsysError(f"--ranker goes with a rating model; --model {args.model} ranks itself")
+    _print(args, f"fitting {args.model} on {train.describe()}")
+    model, _, summary = fit_model(args, train)
+    metrics = (evaluate_ranking(model, train, test, k=args.k, relevance_threshold=relevance_threshold(args))
+               if test is not None else {})
+    if args.out:
+        save_artefact(args.out, model, train, {"split": name, "training": summary, "test_metrics": metrics})
+    if args.json:
+        print(json.dumps({"split": name, **summary, **metrics}))
+        return 0
+    print(f"fitted {args.model} in {summary['fit_seconds']:.2f} s")
+    if metrics:
+        print(f"held-out {name}: {_ranking_line(metrics)}")
     if args.out:
         print(f"saved to {args.out}")
     return 0
 
 
-def _show_examples(model: RatingModel, test: Ratings, n: int = 5) -> None:
+def _show_examples(model: Model, test: Ratings, n: int = 5) -> None:
     rows = np.random.default_rng(0).choice(len(test), size=min(n, len(test)), replace=False)
     u = torch.from_numpy(test.users[rows])
     i = torch.from_numpy(test.items[rows])
@@ -360,32 +558,47 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from recsys.evaluate import evaluate_ranking, evaluate_ratings
 
     folds = load_folds(args)
+    ranker = model_task(args.model) == "ranking"
+    ranking = args.ranking or ranker  # a ranking model is evaluated by its ranking
+    relevance = relevance_threshold(args)
     results = []
     for name, train, test in folds:
         if test is None:
             raise RecsysError("evaluate needs a test set: give --split or --test")
         model, fit_part, summary = fit_model(args, train)
-        res = {"split": name, "n_train": len(fit_part), **evaluate_ratings(model, test),
-               "fit_seconds": summary["fit_seconds"], "epochs_run": summary["epochs_run"]}
-        if args.ranking:
-            res.update(evaluate_ranking(model, train, test, k=args.k))
+        res: dict = {"split": name, "n_train": len(fit_part), "n_test": len(test)}
+        if not ranker:
+            res.update(evaluate_ratings(model, test))
+        res["fit_seconds"] = summary["fit_seconds"]
+        if "epochs_run" in summary:
+            res["epochs_run"] = summary["epochs_run"]
+        if ranking:
+            res.update(evaluate_ranking(model, train, test, k=args.k, relevance_threshold=relevance))
         results.append(res)
         if not args.json:
-            print(f"{name}: RMSE {res['rmse']:.4f}  MAE {res['mae']:.4f}  fit {res['fit_seconds']:.2f} s")
+            parts = [] if ranker else [f"RMSE {res['rmse']:.4f}  MAE {res['mae']:.4f}"]
+            parts += [_ranking_line(res)] if ranking else []
+            print(f"{name}: {'  '.join(parts)}  fit {res['fit_seconds']:.2f} s")
     out: dict = dict(results[0]) if len(results) == 1 else {"folds": results}
     if len(results) > 1:
         numeric = [k for k in results[0] if all(isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)
                                                  for r in results)]
         out["mean"] = {k: float(np.mean([r[k] for r in results])) for k in numeric}
-        out.update({k: out["mean"][k] for k in ("rmse", "mae", "fit_seconds")})
+        out.update({k: out["mean"][k] for k in ("rmse", "mae", "fit_seconds", "precision", "recall", "ndcg",
+                                                 "map", "coverage") if k in out["mean"]})
+        if ranking:
+            out["k"], out["relevance_threshold"] = args.k, relevance
         out["n_train"] = int(sum(r["n_train"] for r in results))
         out["n_test"] = int(sum(r["n_test"] for r in results))
     out["model"] = args.model
     if args.json:
         print(json.dumps(out))
     elif len(results) > 1:
-        print(f"mean over {len(results)} folds: RMSE {out['rmse']:.4f}  MAE {out['mae']:.4f}  "
-              f"fit {out['fit_seconds']:.2f} s")
+        parts = [] if ranker else [f"RMSE {out['rmse']:.4f}  MAE {out['mae']:.4f}"]
+        if ranking:
+            parts.append("  ".join(f"{key} {out[key]:.4f}" for key in ("precision", "recall", "ndcg", "map", "coverage")
+                                   if out.get(key) is not None))
+        print(f"mean over {len(results)} folds: {'  '.join(parts)}  fit {out['fit_seconds']:.2f} s")
     return 0
 
 
@@ -408,13 +621,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
+    """Top-k by the artefact's ranker (its score), with the rating model's predicted rating
+    beside each item where there is one (null otherwise)."""
     rec = _recommender(args).recommend(args.user, args.k)
-    items = [{"item": p.item, "title": p.title, "score": p.rating} for p in rec.items]
+    items = [{"item": p.item, "title": p.title, "score": p.score, "rating": p.rating} for p in rec.items]
     if args.json:
         print(json.dumps({"user": rec.user, "path": rec.path, "items": items}))
     else:
+        print(f"user {rec.user} ({rec.path}): score, predicted rating, item")
         for rank, it in enumerate(items, 1):
-            print(f"{rank:3d}. {it['score']:5.2f}  {it['title'] or it['item']}")
+            rating = "    -" if it["rating"] is None else f"{it['rating']:5.2f}"
+            print(f"{rank:3d}. {it['score']:9.4f}  {rating}  {it['title'] or it['item']}")
     return 0
 
 
@@ -453,7 +670,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(exp.to_dict()))
         return 0
-    print(f"user {exp.user}, item {exp.item}{f' {exp.title}' if exp.title else ''}: predicted "
+    what = "predicted" if "rating" in exp.units else "score"
+    print(f"user {exp.user}, item {exp.item}{f' {exp.title}' if exp.title else ''}: {what} "
           f"{exp.prediction:.3f}; {len(exp.contributions)} of {exp.n_candidates} ratings "
           f"by effect ({exp.method}, {exp.units})")
     for c in exp.contributions:
@@ -534,6 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback-exact", action="store_true",
                    help="record the exact per-example log (2.2x training time) instead of the compact "
                         "one (per-visit errors + table snapshots, ~1.1x; see docs/explanations.md)")
+    p.add_argument("--ranker", default=None,
+                   help=f"with a rating model: the ranking model fitted on the same rows and saved beside it "
+                        f"(in OUT/ranker) for the recommendations (default {DEFAULT_RANKER}; none: no ranker)")
+    p.add_argument("--k", type=int, default=10, help="list length of the held-out ranking metrics")
     p.add_argument("--nproc", type=int, default=1,
                    help="train data-parallel in N local processes (torch.distributed: gloo on the CPU, "
                         "NCCL on CUDA; needs --batch-size > 1; or launch with torchrun --nproc-per-node N "
@@ -543,8 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="train and evaluate on one or more splits")
     _add_data_args(p)
-    _add_model_args(p)
-    p.add_argument("--ranking", action="store_true", help="also precision/recall/NDCG/MAP@k")
+    _add_model_args(p, default_model=None)
+    p.add_argument("--ranking", action="store_true",
+                   help=f"ranking metrics (precision/recall/NDCG/MAP@k, coverage); with no --model, of the "
+                        f"default ranker ({DEFAULT_RANKER}); a rating model ranks by predicted rating")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
@@ -556,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("recommend", help="top-k unrated items for a user with a saved model")
+    p = sub.add_parser("recommend", help="top-k unrated items for a user with a saved model (its ranker)")
     p.add_argument("--model", required=True, type=Path, help="model directory")
     p.add_argument("--user", required=True)
     p.add_argument("--k", type=int, default=10)
@@ -581,6 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "evaluate" and args.model is None:
+        args.model = DEFAULT_RANKER if args.ranking else "mf"
     try:
         if getattr(args, "model", None) in MODELS:
             _check_model_flags(args)

@@ -1,4 +1,5 @@
-"""Accuracy and ranking metrics, and the protocols that compute them for a `RatingModel`.
+"""Accuracy and ranking metrics, and the protocols that compute them for a `RatingModel`
+(error metrics and ranking by predicted rating) or a `RankingModel` (top-N ranking).
 
 Metric functions are pure and vectorised: error metrics take predictions and truth (numpy
 or torch); ranking metrics take the ``[B, k]`` boolean *hit matrix* of top-k lists (``hits[b,
@@ -7,9 +8,12 @@ and return one value per user. The protocols batch over ratings or users and ret
 JSON-serialisable dicts (``float``/``int``/``None``).
 
 Relevance: a test item is relevant to its user when the test rating is at least
-``relevance_threshold`` (default 4.0, "liked" on a 1-5 scale). Training items of a user are
-excluded from that user's top-k list, because recommending what a user already rated is not
-a recommendation.
+``relevance_threshold`` (default 4.0, "liked" on a 1-5 scale); for implicit feedback
+(``relevance_threshold=None``) every test interaction is relevant. Training items of a user
+are excluded from that user's top-k list, because recommending what a user already rated is
+not a recommendation. Every model is ranked by its `score_all` through the same code (one
+metric code for every model): a `RankingModel` by its scores, a `RatingModel` by its
+predicted ratings.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from recsys.models.base import RatingModel
+from recsys.models.base import RankingModel, RatingModel
 from recsys.ratings import CSR, Ratings
 
 ArrayLike = np.ndarray | torch.Tensor
+#: what `evaluate_ranking` ranks with: any model with ``score_all`` and the known-id buffers
+Scorer = RatingModel | RankingModel
 
 
 # ---------------------------------------------------------------------------------- rating errors
@@ -118,7 +124,7 @@ def catalogue_coverage(top_items: ArrayLike, n_items: int) -> float:
 
 
 # ---------------------------------------------------------------------------------- protocols
-def _check_indices(model: RatingModel, ratings: Ratings, what: str) -> None:
+def _check_indices(model: Scorer, ratings: Ratings, what: str) -> None:
     if ratings.n_users > model.n_users or ratings.n_items > model.n_items:
         raise ValueError(
             f"{what} has {ratings.n_users} users x {ratings.n_items} items but the model was "
@@ -131,6 +137,8 @@ def evaluate_ratings(model: RatingModel, test: Ratings, *, batch_size: int = 655
     fallback answered: ``n_unknown_user`` / ``n_unknown_item`` (per ``model.known_users`` /
     ``known_items``) and ``n_fallback`` (either unknown).
     """
+    if model.task != "rating":
+        raise TypeError(f"{model.name} ranks items and predicts no ratings; use evaluate_ranking")
     if len(test) == 0:
         raise ValueError("evaluate_ratings: the test set is empty")
     _check_indices(model, test, "test")
@@ -177,15 +185,19 @@ def _csr_entries(csr: CSR, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return row_pos, csr.columns[offsets + np.arange(total, dtype=np.int64)]
 
 
-def evaluate_ranking(model: RatingModel, train: Ratings, test: Ratings, *, k: int = 10,
-                     relevance_threshold: float = 4.0, batch_users: int = 1024) -> dict:
+def evaluate_ranking(model: Scorer, train: Ratings, test: Ratings, *, k: int = 10,
+                     relevance_threshold: float | None = 4.0, batch_users: int = 1024) -> dict:
     """Top-k metrics of ``model.score_all`` with each user's training items masked out.
 
-    Users with a relevant test item (rating >= ``relevance_threshold``) are evaluated;
-    users with test ratings but none relevant are skipped (``n_users_skipped``). Metric
-    values are means over evaluated users (None when there are none); ``coverage`` is the
-    share of all ``n_items`` indices in some evaluated user's top-k. ``k`` is capped at
-    ``n_items``.
+    The protocol: a test item is relevant when its test value is at least
+    ``relevance_threshold`` (None: every test interaction, for implicit feedback); users
+    with at least one relevant test item are evaluated, users with test rows but none
+    relevant are skipped (``n_users_skipped``); ``n_relevant`` counts every relevant test
+    item of the user (even one the model cannot score), recall divides by it and the ideal
+    DCG of NDCG puts ``min(k, n_relevant)`` hits at the top (binary gains). Metric values
+    (``precision``, ``recall``, ``ndcg``, ``map``) are means over the evaluated users
+    (``n_users``; None when there are none); ``coverage`` is the share of all ``n_items``
+    indices in some evaluated user's top-k. ``k`` is capped at ``n_items``.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -193,7 +205,7 @@ def evaluate_ranking(model: RatingModel, train: Ratings, test: Ratings, *, k: in
     _check_indices(model, train, "train")
     n_items = model.n_items
     k_eff = min(k, n_items)
-    relevant = test.subset(test.values >= relevance_threshold)
+    relevant = test if relevance_threshold is None else test.subset(test.values >= relevance_threshold)
     n_relevant = relevant.user_counts()
     test_users = np.flatnonzero(test.user_counts() > 0)
     users = test_users[n_relevant[test_users] > 0]
@@ -234,27 +246,29 @@ def evaluate_ranking(model: RatingModel, train: Ratings, test: Ratings, *, k: in
     means = [float(s) / n_eval if n_eval else None for s in sums.tolist()]
     return {
         "k": k,
-        "relevance_threshold": float(relevance_threshold),
+        "relevance_threshold": None if relevance_threshold is None else float(relevance_threshold),
         "precision": means[0],
         "recall": means[1],
         "ndcg": means[2],
         "map": means[3],
         "coverage": float(seen.sum()) / n_items if n_eval else None,
+        "n_users": n_eval,
         "n_users_evaluated": n_eval,
         "n_users_skipped": n_skipped,
     }
 
 
-FitFn = Callable[[Ratings], tuple[RatingModel, float]]
+FitFn = Callable[[Ratings], tuple[Scorer, float]]
 
 
 def cross_validate(fit_fn: FitFn, folds: Sequence[tuple[str, Ratings, Ratings]], *,
-                   ranking_k: int | None = None, relevance_threshold: float = 4.0) -> dict:
+                   ranking_k: int | None = None, relevance_threshold: float | None = 4.0) -> dict:
     """Fit and evaluate one model per ``(name, train, test)`` fold.
 
     ``fit_fn(train) -> (model, fit_seconds)``. Each fold's dict holds ``name``,
-    ``fit_seconds``, ``eval_seconds``, the `evaluate_ratings` fields and, when ``ranking_k``
-    is given, the `evaluate_ranking` fields. Returns ``{"folds": [...], "mean": {...}}``,
+    ``fit_seconds``, ``eval_seconds``, the `evaluate_ratings` fields (rating models only:
+    ``model.task == "rating"``) and, when ``ranking_k`` is given (a ranking model: 10 when
+    it is not), the `evaluate_ranking` fields. Returns ``{"folds": [...], "mean": {...}}``,
     the mean taken per numeric field over the folds where it is defined.
     """
     if not folds:
@@ -264,9 +278,11 @@ def cross_validate(fit_fn: FitFn, folds: Sequence[tuple[str, Ratings, Ratings]],
         model, fit_seconds = fit_fn(train)
         started = time.perf_counter()
         row: dict = {"name": name, "fit_seconds": float(fit_seconds)}
-        row.update(evaluate_ratings(model, test))
-        if ranking_k is not None:
-            row.update(evaluate_ranking(model, train, test, k=ranking_k,
+        ranks = model.task == "ranking"
+        if not ranks:
+            row.update(evaluate_ratings(model, test))
+        if ranking_k is not None or ranks:
+            row.update(evaluate_ranking(model, train, test, k=ranking_k or 10,
                                         relevance_threshold=relevance_threshold))
         row["eval_seconds"] = time.perf_counter() - started
         results.append(row)

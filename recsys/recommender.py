@@ -2,13 +2,22 @@
 since (pure Python; the HTTP layer in ``api/`` and the command line only validate, call it
 and map errors).
 
+Two models may answer: the *rating model* (a `RatingModel`: predictions, ``predict``) and the
+*ranking model* (a `RankingModel`: recommendations, ``recommend``). An artefact holds a rating
+model with the ranker saved beside it (``recsys train``), a ranker alone (``recsys train
+--model ease``; it predicts no ratings: `NoRatingModelError`), or a rating model alone (an
+older artefact: recommendations then rank by predicted rating, as before). Recommended items
+carry the ranker's ``score`` and, where a rating model is loaded, the predicted ``rating``.
+
 Every answer says which *path* produced it (the model's `OnlineLearner.path`):
 
 - ``model``: the trained model, for a user and item it was trained on;
-- ``fold-in``: MF for a user it was not trained on, from that user's live ratings (a ridge
-  solve on the fixed item factors, redone whenever the user rates something);
+- ``fold-in``: a user the model was not trained on, placed from that user's live ratings
+  (MF: a ridge solve on the fixed item factors; a ranker: its own fold-in), redone whenever
+  the user rates something;
 - ``online``: a trained user whose live ratings were applied by online SGD steps;
-- ``fallback``: no rating of the user (or item) is known: the bias-only prediction.
+- ``fallback``: no rating of the user (or item) is known: the bias-only prediction;
+- ``popularity``: a ranker's list for a user with no interaction: the most popular items.
 
 The facade keeps ONE `Ratings`: the training ratings, then every rating received online in
 arrival order (`Ratings.append`), so example ``k`` means the same rating to the model's
@@ -30,21 +39,31 @@ import numpy as np
 import torch
 
 from recsys.artefact import Artefact, load_artefact
-from recsys.errors import UnknownIdError
+from recsys.errors import RecsysError, UnknownIdError
+from recsys.models import Model
 from recsys.models.base import Explainable, Explainer, Explanation, OnlineLearner
 from recsys.ratings import IdMap, Ratings
 from recsys.store import NewRating, StoredRating
 
 
+class NoRatingModelError(RecsysError, ValueError):
+    """A rating prediction was asked of an artefact that holds a ranking model only."""
+
+
 @dataclass
 class Prediction:
+    """One (user, item) answer: ``rating`` the predicted rating (None where no rating model is
+    loaded), ``score`` the ranker's score when it is a recommendation (for an artefact with a
+    rating model alone: the predicted rating it was ranked by), ``path`` what produced it."""
+
     user: str
     item: str
-    rating: float
+    rating: float | None
     path: str
     title: str | None = None
     explanation: list[dict] | None = None
     explanation_method: str | None = None
+    score: float | None = None
 
 
 @dataclass
@@ -66,6 +85,8 @@ class UserInfo:
 
 #: why a fallback prediction has no explanation
 FALLBACK_REASON = "none: the prediction uses no rating of this user (fallback)"
+#: why a popularity recommendation has no explanation
+POPULARITY_REASON = "none: the user has no interaction; the most popular items (popularity)"
 
 
 def final_learning_rate(metadata: dict) -> float:
@@ -79,15 +100,25 @@ def final_learning_rate(metadata: dict) -> float:
 class Recommender:
     """Predictions, recommendations, explanations and online ingestion for one artefact.
 
-    ``warm`` (the service): before the first request, make one prediction (compiled kernels
-    load) and let the explainer precompute what it caches. A one-shot command passes False."""
+    ``rater`` is the rating model (None for a ranker-only artefact), ``ranker`` the ranking
+    model (the artefact's ranker, or its model when that ranks; None for a rating model
+    alone). Both learn every rating ingested (`OnlineLearner.learn`) against the one
+    `ratings`. ``warm`` (the service): before the first request, make one prediction or
+    ranking (compiled kernels load) and let the explainers precompute what they cache. A
+    one-shot command passes False."""
 
     #: explanation method (None: the model family's default, e.g. MF's cached one-row Newton)
     explain_method: str | None = None
 
     def __init__(self, artefact: Artefact, *, device: str = "cpu", warm: bool = True) -> None:
         self.artefact = artefact
-        self.model = artefact.model.to(device)
+        #: the artefact's own model (a rating model, or a ranker for a ranker-only artefact)
+        self.model: Model = artefact.model.to(device)
+        self.rater: Model | None = self.model if self.model.task == "rating" else None
+        if self.model.task == "ranking":
+            self.ranker: Model | None = self.model
+        else:
+            self.ranker = artefact.ranker.model.to(device) if artefact.ranker is not None else None
         self.train = artefact.train
         #: training ratings, then every rating applied online (example ids = rows)
         self.ratings: Ratings = artefact.train
@@ -96,17 +127,25 @@ class Recommender:
         self._seen_seq = 0
         self.n_ingested = 0
         self.loaded_at = time.time()
-        self.learner: OnlineLearner | None = self.model if isinstance(self.model, OnlineLearner) else None
-        if self.learner is not None:
-            self.learner.start_online(self.train, log=artefact.rollback,
-                                      learning_rate=final_learning_rate(artefact.metadata))
-        self._explainers: dict[str | None, Explainer] = {}
-        explainer = self._explainer(self.explain_method)
+        lr = final_learning_rate(artefact.metadata)
+        #: the models that learn ingested ratings, rating model first
+        self.learners: list[OnlineLearner] = []
+        for model, log in ((self.rater, artefact.rollback), (self.ranker, None)):
+            if model is not None and isinstance(model, OnlineLearner):
+                model.start_online(self.train, log=log, learning_rate=lr if model is self.rater else None)
+                self.learners.append(model)
+        self._explainers: dict[tuple[str, str | None], Explainer] = {}
+        explainers = [self._explainer(role, self.explain_method) for role in ("rating", "ranking")]
         if warm:
             if len(self.train):  # e.g. REC's compiled inference kernels, before the first request
-                self.model.predict(torch.tensor([int(self.train.users[0])]), torch.tensor([int(self.train.items[0])]))
-            if explainer is not None:
-                explainer.warm()
+                first = torch.tensor([int(self.train.users[0])])
+                if self.rater is not None:
+                    self.rater.predict(first, torch.tensor([int(self.train.items[0])]))
+                if self.ranker is not None:
+                    self.ranker.score_all(first)
+            for explainer in explainers:
+                if explainer is not None:
+                    explainer.warm()
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "cpu", warm: bool = True) -> Recommender:
@@ -132,10 +171,30 @@ class Recommender:
         u = self.user_ids.get(raw)
         return -1 if u is None else u
 
+    def _model_path(self, model: Model, u: int) -> str:
+        if isinstance(model, OnlineLearner):
+            return model.path(u)
+        return "model" if 0 <= u < model.n_users and bool(model.known_users[u]) else "fallback"
+
     def _path(self, u: int) -> str:
-        if self.learner is not None:
-            return self.learner.path(u)
-        return "model" if 0 <= u < self.model.n_users and bool(self.model.known_users[u]) else "fallback"
+        """The path of a prediction for user ``u`` (the rating model's; a ranker-only
+        artefact: the path of the user's recommendations)."""
+        return self._model_path(self.rater, u) if self.rater is not None else self._rank_path(u)
+
+    def _n_interactions(self, u: int) -> int:
+        if u < 0:
+            return 0
+        n_train = int(self._train_counts[u]) if u < len(self._train_counts) else 0
+        return n_train + len(self._live_rows(u))
+
+    def _rank_path(self, u: int) -> str:
+        """The path of user ``u``'s recommendations by the ranker: ``popularity`` for a user
+        with no interaction, else the ranker's own (``model``, ``fold-in``, ``online``)."""
+        assert self.ranker is not None
+        if self._n_interactions(u) == 0:
+            return "popularity"
+        path = self._model_path(self.ranker, u)
+        return "popularity" if path == "fallback" else path
 
     def title(self, raw_item: str) -> str | None:
         return self.train.title(raw_item)
@@ -145,39 +204,81 @@ class Recommender:
         return self.predict_many([(user, item)], explain=explain)[0]
 
     def predict_many(self, pairs: Sequence[tuple[object, object]], *, explain: int = 0) -> list[Prediction]:
+        """Predicted ratings of raw ``(user, item)`` pairs; `NoRatingModelError` when the
+        artefact holds a ranking model only."""
+        if self.rater is None:
+            raise NoRatingModelError(
+                f"this model ({self.model.name}) ranks; it predicts no ratings: ask for the user's "
+                "recommendations instead (or train a rating model, e.g. --model mf)")
         items = [self._item(i) for _, i in pairs]
         with self._lock:
             users = [self._user(u) for u, _ in pairs]
-            values = self.model.predict(torch.tensor(users), torch.tensor(items)).tolist()
+            values = self.rater.predict(torch.tensor(users), torch.tensor(items)).tolist()
             out = []
             for (raw_u, raw_i), u, i, v in zip(pairs, users, items, values, strict=True):
                 p = Prediction(str(raw_u), str(raw_i), float(v), self._path(u), self.title(str(raw_i)))
                 if explain:
-                    p.explanation, p.explanation_method = self._explain(u, i, explain)
+                    p.explanation, p.explanation_method = self._explain("rating", u, i, explain)
                 out.append(p)
             return out
 
     def recommend(self, user: object, k: int = 10, *, explain: int = 0) -> Recommendation:
-        """The ``k`` best-scored items the user has not rated (training or live), each with its
-        clipped predicted rating."""
+        """The ``k`` best items the user has not rated (training or live), in order.
+
+        With a ranker: its ``score_all`` (the popularity ranking, path ``popularity``, for a
+        user with no interaction), each item with the ranker's ``score``, the predicted
+        ``rating`` where a rating model is loaded (else None), and explanations by the
+        ranker's explainer. A rating model alone ranks by its clipped predicted rating
+        (``score`` = ``rating``)."""
         with self._lock:
             u = self._user(user)
-            scores = self.model.score_all(torch.tensor([u]))[0]
-            n_known_items = len(self.item_ids)
-            scores = scores[:n_known_items].clone()
-            for rated in self._rated_items(u):
-                scores[rated.to(scores.device)] = -torch.inf
-            k = max(0, min(k, int(torch.isfinite(scores).sum())))
-            top = torch.topk(scores, k)
-            lo, hi = self.model.rating_scale
-            rec = Recommendation(str(user), self._path(u))
-            for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            if self.ranker is None:
+                return self._recommend_by_rating(u, str(user), k, explain)
+            path = self._rank_path(u)
+            if path == "popularity":
+                scores = self.ranker.popularity_scores(1)[0]
+            else:
+                scores = self.ranker.score_all(torch.tensor([u]))[0]
+            top_scores, top = self._top(u, scores, k)
+            rec = Recommendation(str(user), path)
+            ratings: list[float | None] = [None] * len(top)
+            if self.rater is not None and top:
+                ratings = self.rater.predict(torch.full((len(top),), u), torch.tensor(top)).tolist()
+            for s, i, r in zip(top_scores, top, ratings, strict=True):
                 raw = self.item_ids.raw(i)
-                p = Prediction(str(user), raw, float(min(max(s, lo), hi)), rec.path, self.title(raw))
+                p = Prediction(str(user), raw, None if r is None else float(r), rec.path, self.title(raw),
+                               score=float(s))
                 if explain:
-                    p.explanation, p.explanation_method = self._explain(u, i, explain)
+                    if path == "popularity":
+                        p.explanation_method = POPULARITY_REASON
+                    else:
+                        p.explanation, p.explanation_method = self._explain("ranking", u, i, explain)
                 rec.items.append(p)
             return rec
+
+    def _top(self, u: int, scores: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
+        """The ``k`` best-scored items of ``scores [n_items]`` that user ``u`` has not rated:
+        ``(scores, item indices)``."""
+        scores = scores[:len(self.item_ids)].to(torch.float32).clone()
+        for rated in self._rated_items(u):
+            scores[rated.to(scores.device)] = -torch.inf
+        k = max(0, min(k, int(torch.isfinite(scores).sum())))
+        top = torch.topk(scores, k)
+        return top.values.tolist(), top.indices.tolist()
+
+    def _recommend_by_rating(self, u: int, user: str, k: int, explain: int) -> Recommendation:
+        assert self.rater is not None
+        top_scores, top = self._top(u, self.rater.score_all(torch.tensor([u]))[0], k)
+        lo, hi = self.rater.rating_scale
+        rec = Recommendation(user, self._path(u))
+        for s, i in zip(top_scores, top, strict=True):
+            raw = self.item_ids.raw(i)
+            clipped = float(min(max(s, lo), hi))
+            p = Prediction(user, raw, clipped, rec.path, self.title(raw), score=clipped)
+            if explain:
+                p.explanation, p.explanation_method = self._explain("rating", u, i, explain)
+            rec.items.append(p)
+        return rec
 
     def _live_rows(self, u: int) -> np.ndarray:
         """Rows of ``ratings`` received online from user ``u``."""
@@ -194,18 +295,23 @@ class Recommender:
         return [torch.from_numpy(a) for a in out if len(a)]
 
     # ------------------------------------------------------------------ explanations
-    def _explainer(self, method: str | None) -> Explainer | None:
-        """The model's explainer for ``method`` over the facade's ratings (made on first use,
-        then kept up to date with every rating learnt); None when the model explains nothing."""
-        if method not in self._explainers:
-            if not isinstance(self.model, Explainable):
+    def _explainer(self, role: str, method: str | None) -> Explainer | None:
+        """The ``role`` (``rating`` or ``ranking``) model's explainer for ``method`` over the
+        facade's ratings (made on first use, then kept up to date with every rating learnt);
+        None when there is no such model or it explains nothing."""
+        key = (role, method)
+        if key not in self._explainers:
+            model = self.rater if role == "rating" else self.ranker
+            if model is None or not isinstance(model, Explainable):
                 return None
-            self._explainers[method] = self.model.explainer(self.ratings, self.artefact.rollback, method)
-        return self._explainers[method]
+            log = self.artefact.rollback if role == "rating" else None
+            self._explainers[key] = model.explainer(self.ratings, log, method)
+        return self._explainers[key]
 
     def explain(self, user: object, item: object, k: int = 5, method: str | None = None) -> Explanation:
-        """The explanation of the prediction of raw ``user`` for raw ``item``: its ``k``
-        largest contributions (ratings, training or live) and the method (``method`` None:
+        """The explanation of the rating model's prediction (a ranker-only artefact: of the
+        ranker's score) of raw ``user`` for raw ``item``: its ``k`` largest contributions
+        (ratings or interactions, training or live) and the method (``method`` None:
         `explain_method`). `UnknownIdError` for ids nobody has heard of; a user the model
         has no rating of gets an explanation by no rating (``none: ...``)."""
         if k < 0:
@@ -215,18 +321,19 @@ class Recommender:
             if u is None:
                 raise UnknownIdError("user", user)
             i = self._item(item)
-            explainer = self._explainer(self.explain_method if method is None else method)
+            role = "rating" if self.rater is not None else "ranking"
+            explainer = self._explainer(role, self.explain_method if method is None else method)
             if explainer is None:
                 raise NotImplementedError(f"{type(self.model).__name__} does not explain its predictions")
             return explainer.explain(u, i, k)
 
-    def _explain(self, u: int, i: int, k: int) -> tuple[list[dict] | None, str | None]:
-        """The ``k`` ratings with the largest estimated effect on a prediction (as the
-        service returns them), and the method that estimated them; ``(None, reason)`` where
-        none applies."""
-        if self._path(u) == "fallback":
+    def _explain(self, role: str, u: int, i: int, k: int) -> tuple[list[dict] | None, str | None]:
+        """The ``k`` ratings (interactions) with the largest estimated effect on the ``role``
+        model's prediction (score), as the service returns them, and the method that
+        estimated them; ``(None, reason)`` where none applies."""
+        if role == "rating" and self._path(u) == "fallback":
             return None, FALLBACK_REASON
-        explainer = self._explainer(self.explain_method)
+        explainer = self._explainer(role, self.explain_method)
         if explainer is None:
             return None, None
         exp = explainer.explain(u, i, k)
@@ -247,12 +354,14 @@ class Recommender:
 
     # ------------------------------------------------------------------ writes
     def _learn(self, ratings: Ratings) -> None:
-        """Make ``ratings`` (the facade's ratings, grown) the facade's, and have the model and
-        every explainer learn the rows it added."""
-        if self.learner is None:
+        """Make ``ratings`` (the facade's ratings, grown) the facade's, and have the models
+        (rating model and ranker: the ranker folds the rows in, so the next list changes at
+        once) and every explainer learn the rows it added."""
+        if not self.learners:
             raise NotImplementedError(f"{type(self.model).__name__} cannot learn online")
         new = np.arange(len(self.ratings), len(ratings), dtype=np.int64)
-        self.learner.learn(ratings, new)
+        for learner in self.learners:
+            learner.learn(ratings, new)
         self.ratings = ratings
         for explainer in self._explainers.values():
             explainer.update(ratings, new)

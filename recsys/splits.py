@@ -1,5 +1,9 @@
 """Train/test splits of one `Ratings`, and the command-line grammar that names them.
 
+Rating splits hold out a fraction of the ratings (random, per-user temporal) or of the users
+(cold start); ranking splits hold out a fixed number ``K`` of each user's interactions
+(per-user temporal and random leave-K-out), the protocol of top-N evaluation.
+
 Every split returns a `Split` whose parts are row subsets of the source (`Ratings.subset`),
 so they share its id maps: index ``u`` is the same user in train and test. Unless a function
 says otherwise, train and test are disjoint and together hold every source row exactly once.
@@ -16,14 +20,16 @@ import numpy as np
 
 from recsys.ratings import Ratings
 
-SplitKind = Literal["random", "temporal", "cold-users", "canonical"]
+SplitKind = Literal["random", "temporal", "cold-users", "temporal-leave", "random-leave", "canonical"]
 
 #: Fold names that come with the dataset files (MovieLens-100K ``u1.base``/``u1.test`` ...).
 CANONICAL_FOLDS: tuple[str, ...] = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
 
 SPLIT_GRAMMAR = (
-    "random:FRACTION[:SEED], temporal:FRACTION, cold-users:FRACTION:K[:SEED] "
-    "(FRACTION in (0, 1), K and SEED non-negative integers), "
+    "random:FRACTION[:SEED], temporal:FRACTION, cold-users:FRACTION:K[:SEED], "
+    "temporal-leave:K (each user's last K interactions), random-leave:K[:SEED] (K random "
+    "interactions per user) (FRACTION in (0, 1), K and SEED non-negative integers; K >= 1 for "
+    "the leave-K-out splits), "
     f"or a canonical fold name ({', '.join(CANONICAL_FOLDS)}) resolved by the dataset loader"
 )
 
@@ -151,6 +157,47 @@ def cold_start_users(ratings: Ratings, user_fraction: float = 0.2, revealed: int
     return _split_by_mask(ratings, is_test, f"cold-users:{user_fraction:g}:{revealed}:{seed}", cold)
 
 
+def _leave_k_mask(ratings: Ratings, k: int, order: np.ndarray) -> np.ndarray:
+    """Test mask of leave-``k``-out: for rows sorted by ``order`` (grouped by user), the
+    last ``k`` of each user with more than ``k`` rows."""
+    rank = _rank_within_user(ratings.users, order, ratings.n_users)
+    counts = ratings.user_counts()[ratings.users]
+    return (counts > k) & (rank >= counts - k)
+
+
+def _check_k(k: int) -> int:
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    return int(k)
+
+
+def temporal_leave_k_out(ratings: Ratings, k: int = 1) -> Split:
+    """Per-user temporal leave-``k``-out, the ranking protocol: each user's last ``k``
+    interactions by (timestamp, row) go to test, for every user with **more than** ``k``
+    interactions; users with ``k`` or fewer stay wholly in train (so every test user keeps
+    at least one training interaction and has exactly ``k`` test ones). Every test row of a
+    user is no earlier than all of that user's training rows. `ValueError` when the ratings
+    have no timestamps (use `random_leave_k_out`).
+    """
+    k = _check_k(k)
+    if ratings.timestamps is None:
+        raise ValueError("temporal_leave_k_out needs timestamps, and these ratings have none; "
+                         "use random_leave_k_out (random-leave:K) instead")
+    n = len(ratings)
+    order = np.lexsort((np.arange(n), ratings.timestamps, ratings.users))
+    return _split_by_mask(ratings, _leave_k_mask(ratings, k, order), f"temporal-leave:{k}")
+
+
+def random_leave_k_out(ratings: Ratings, k: int = 1, seed: int = 0) -> Split:
+    """Per-user random leave-``k``-out: ``k`` interactions drawn uniformly at random
+    (``numpy.random.default_rng(seed)``) from each user with **more than** ``k``
+    interactions go to test; users with ``k`` or fewer stay wholly in train."""
+    k = _check_k(k)
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(ratings)), ratings.users))  # random order within each user
+    return _split_by_mask(ratings, _leave_k_mask(ratings, k, order), f"random-leave:{k}:{seed}")
+
+
 def validation_slice(train: Ratings, fraction: float = 0.05, seed: int = 0) -> tuple[Ratings, Ratings]:
     """Split training ratings into ``(fit, validation)`` for early stopping and tuning (never
     carve validation out of the test set).
@@ -216,7 +263,8 @@ class SplitSpec:
     """A parsed split spec (see `parse_split`); `apply` cuts it from a `Ratings`.
 
     ``fraction`` is the test fraction (random, temporal) or user fraction (cold-users);
-    ``revealed`` is K of cold-users; ``fold`` is the canonical fold name (kind
+    ``revealed`` is K of cold-users; ``leave`` is K of the leave-K-out splits
+    (temporal-leave, random-leave); ``fold`` is the canonical fold name (kind
     ``canonical``), which only the dataset loader can resolve.
     """
 
@@ -225,6 +273,7 @@ class SplitSpec:
     revealed: int | None = None
     seed: int = 0
     fold: str | None = None
+    leave: int | None = None
 
     @property
     def name(self) -> str:
@@ -235,6 +284,10 @@ class SplitSpec:
             return f"random:{self.fraction:g}:{self.seed}"
         if self.kind == "temporal":
             return f"temporal:{self.fraction:g}"
+        if self.kind == "temporal-leave":
+            return f"temporal-leave:{self.leave}"
+        if self.kind == "random-leave":
+            return f"random-leave:{self.leave}:{self.seed}"
         return f"cold-users:{self.fraction:g}:{self.revealed}:{self.seed}"
 
     def __str__(self) -> str:
@@ -246,6 +299,12 @@ class SplitSpec:
         if self.kind == "canonical":
             raise ValueError(f"split {self.fold!r} is a canonical fold of the dataset files; "
                              "load it through the dataset loader instead of cutting it")
+        if self.kind == "temporal-leave":
+            assert self.leave is not None
+            return temporal_leave_k_out(ratings, self.leave)
+        if self.kind == "random-leave":
+            assert self.leave is not None
+            return random_leave_k_out(ratings, self.leave, self.seed)
         assert self.fraction is not None
         if self.kind == "random":
             return random_split(ratings, self.fraction, self.seed)
@@ -257,7 +316,8 @@ class SplitSpec:
 
 def parse_split(spec: str) -> SplitSpec:
     """Parse a command-line split spec: ``random:F[:SEED]``, ``temporal:F``,
-    ``cold-users:F:K[:SEED]`` or a canonical fold name (``u1``..``u5``, ``ua``, ``ub``;
+    ``cold-users:F:K[:SEED]``, ``temporal-leave:K``, ``random-leave:K[:SEED]`` or a canonical
+    fold name (``u1``..``u5``, ``ua``, ``ub``;
     returned as kind ``canonical`` for the dataset loader). `ValueError` naming the spec and
     the grammar when malformed.
     """
@@ -298,6 +358,16 @@ def parse_split(spec: str) -> SplitSpec:
             raise fail("cold-users takes FRACTION:K[:SEED]")
         seed = natural(args[2], "seed") if len(args) == 3 else 0
         return SplitSpec("cold-users", fraction(args[0]), natural(args[1], "K"), seed)
+    if kind in ("temporal-leave", "random-leave"):
+        if kind == "temporal-leave" and len(args) != 1:
+            raise fail("temporal-leave takes K only")
+        if kind == "random-leave" and len(args) not in (1, 2):
+            raise fail("random-leave takes K[:SEED]")
+        k = natural(args[0], "K")
+        if k < 1:
+            raise fail("K must be at least 1")
+        seed = natural(args[1], "seed") if len(args) == 2 else 0
+        return SplitSpec(kind, seed=seed, leave=k)  # type: ignore[arg-type]
     raise fail(f"unknown split kind {parts[0]!r}")
 
 
@@ -309,7 +379,9 @@ __all__ = [
     "cold_start_users",
     "count_unknown",
     "parse_split",
+    "random_leave_k_out",
     "random_split",
+    "temporal_leave_k_out",
     "temporal_split",
     "validation_slice",
 ]

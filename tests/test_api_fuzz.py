@@ -10,18 +10,27 @@ from hypothesis import HealthCheck, given, settings
 
 from api.app import Settings, create_app
 from recsys.artefact import save_artefact
-from recsys.models import build_model
+from recsys.models import DEFAULT_RANKER, build_model
 from recsys.train import TrainConfig, Trainer
 from tests.conftest import make_ratings
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
+@pytest.fixture(scope="module", params=["mf", "mf+ranker", "ranker"])
+def client(request, tmp_path_factory):
+    """The service over an MF artefact, MF with the default ranker beside it, and a ranker
+    alone (recommendations by the ranker; rating predictions refused with a 4xx)."""
     train = make_ratings(n_users=20, n_items=15, n=200)
     model = build_model("mf", train.n_users, train.n_items, train.rating_scale, {"embedding_size": 4, "n_blocks": 1})
     Trainer(TrainConfig(epochs=3, progress=False)).fit(model, train)
+    ranker = build_model(DEFAULT_RANKER, train.n_users, train.n_items, train.rating_scale)
+    ranker.fit(train)
     root = tmp_path_factory.mktemp("fuzz")
-    path = save_artefact(root / "mf", model, train)
+    if request.param == "mf":
+        path = save_artefact(root / "mf", model, train)
+    elif request.param == "mf+ranker":
+        path = save_artefact(root / "mf", model, train, ranker=ranker)
+    else:
+        path = save_artefact(root / "ranker", ranker, train)
     with TestClient(create_app(Settings(model=path, db=root / "db", api_key="fuzz"))) as c:
         yield c
 

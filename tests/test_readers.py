@@ -235,8 +235,8 @@ def test_header_names_need_a_header(tmp_path):
         read_ratings(write(tmp_path, "1,1,4\n"), columns="user=a,item=b,rating=c", header=False)
 
 
-@pytest.mark.parametrize("columns", ["user,item", "user,user,item,rating", "who=a,item=b,rating=c",
-                                     ("a", "b")])
+@pytest.mark.parametrize("columns", ["item,rating", "user,user,item,rating", "who=a,item=b,rating=c",
+                                     ("a", "b"), "user,item,rating,weight"])
 def test_bad_column_specs(columns):
     with pytest.raises(ValueError):
         ColumnSpec.parse(columns)

@@ -12,6 +12,15 @@ returns the JSON object it prints::
                            "train": ".../u1.base", "test": ".../u1.test"})
         print(result["rmse"], result["fit_seconds"])
 
+Ranking peers (``cornac-bpr``, ``lenskit-implicitmf``) run as ``rank`` jobs: they save one
+score matrix per run (``.npy``, users x items in the order given) and the caller computes the
+metrics with its own code (``benchmarks/ranking_vs_peers.py``)::
+
+    result = run_peer({"task": "rank", "peer": "cornac-bpr", "train": ".../u1.base",
+                       "users": [1, 2, 3], "items": [1, 2, 50],
+                       "runs": [{"params": {"k": 64}, "out": "/tmp/bpr.npy"}]})
+    print(result["runs"][0]["fit_seconds"])
+
 The peers' interpreter is, in order: the ``python`` argument,
 ``$RECSYS_PEERS_PYTHON``, ``<repo>/.venv-peers/bin/python`` (or
 ``$RECSYS_PEERS_VENV/bin/python``), then ``/work/peers-venv/bin/python``.

@@ -32,6 +32,21 @@ times, ``fit_seconds`` is the fastest fit and ``fit_seconds_all`` lists them all
 (metrics come from the last fit).  Thread knobs are set to the CPUs available
 (cornac ``num_threads``, LensKit ``lenskit.parallel.initialize``; Surprise has
 none) and reported under ``threads``.
+
+``{"task": "rank", "peer": P, "train": PATH, "users": [...], "items": [...], "runs": [...]}``
+    Top-N ranking peers for implicit feedback: ``cornac-bpr`` (``cornac.models.BPR``) or
+    ``lenskit-implicitmf`` (``lenskit.als.ImplicitMFScorer``), fitted on the (user, item)
+    pairs of a MovieLens-style TSV file (both libraries ignore the rating value at their
+    defaults: every row is one positive interaction).  Each entry of ``runs`` is
+    ``{"params": {...}, "out": PATH}`` (or give ``"params"`` and ``"out"`` at top level
+    for one run): the library's defaults overridden by ``params`` are fitted, and the scores
+    of every raw item id of ``items`` for every raw user id of ``users`` are saved to
+    ``out`` as a ``float32 [len(users), len(items)]`` ``.npy`` matrix (higher = ranked
+    earlier; ``-inf`` where the peer knows the user or the item not).  No item is masked
+    and no list is cut here: the caller masks training items, takes the top k and computes
+    the metrics with its own code, the same for every model.  Each run reports its effective
+    ``params``, ``fit_seconds`` (the fit call alone, fastest of ``repeats``),
+    ``score_seconds`` and how many users/items were unknown to the peer.
 """
 
 from __future__ import annotations
@@ -349,6 +364,169 @@ def _cornac_fold(
     )
 
 
+# --------------------------------------------------------------------------- ranking peers
+
+
+def _ranking_pairs(train: pd.DataFrame) -> pd.DataFrame:
+    """One row per (user, item) pair: the interactions a ranking peer is fitted on."""
+    return train.drop_duplicates(["user", "item"], keep="last")
+
+
+def _cornac_bpr_run(
+    train: pd.DataFrame, users: np.ndarray, items: np.ndarray, overrides: dict[str, Any],
+    repeats: int,
+) -> dict[str, Any]:
+    """``cornac.models.BPR`` (library defaults + ``overrides``): scores ``[users, items]``."""
+    import cornac
+    from cornac.models import BPR
+
+    params = constructor_params(BPR, overrides)
+    params.pop("init_params", None)
+    ds, prep_seconds = timed(
+        lambda: _cornac_dataset(
+            train["user"].to_numpy(), train["item"].to_numpy(), train["rating"].to_numpy()
+        )
+    )
+    model, fit_seconds = fit_repeated(lambda: BPR(**params), lambda m: m.fit(ds), repeats)
+    params["num_threads"] = model.num_threads  # what BPR resolved (a seed forces 1)
+
+    def score() -> tuple[np.ndarray, int, int]:
+        out = np.full((len(users), len(items)), -np.inf, dtype=np.float32)
+        iidx = np.array([ds.iid_map.get(i, -1) for i in items.tolist()], dtype=np.int64)
+        known_items = iidx >= 0
+        n_unknown_users = 0
+        for row, u in enumerate(users.tolist()):
+            uidx = ds.uid_map.get(u)
+            if uidx is None:
+                n_unknown_users += 1
+                continue
+            out[row, known_items] = np.asarray(model.score(uidx), dtype=np.float32)[iidx[known_items]]
+        return out, n_unknown_users, int((~known_items).sum())
+
+    (scores, n_unknown_users, n_unknown_items), score_seconds = timed(score)
+    return {
+        "library_version": cornac.__version__,
+        "params": params,
+        "scores": scores,
+        "prep_seconds": prep_seconds,
+        "fit_seconds_all": fit_seconds,
+        "score_seconds": score_seconds,
+        "n_unknown_users": n_unknown_users,
+        "n_unknown_items": n_unknown_items,
+        "threads": {"fit": params["num_threads"], "knob": "BPR(num_threads=...)"},
+        "note": "score = item bias + user . item factors (BPR.score)",
+    }
+
+
+def _lenskit_implicitmf_run(
+    train: pd.DataFrame, users: np.ndarray, items: np.ndarray, overrides: dict[str, Any],
+    repeats: int,
+) -> dict[str, Any]:
+    """``lenskit.als.ImplicitMFScorer`` (library defaults + ``overrides``): the trained user
+    embeddings times the item embeddings, ``[users, items]``."""
+    import lenskit
+    from lenskit.als import ImplicitMFScorer
+    from lenskit.data import from_interactions_df
+    from lenskit.training import TrainingOptions
+
+    threads = _lenskit_init_threads()
+    params = ImplicitMFScorer(**overrides).config.model_dump(mode="json")
+
+    def prepare() -> Any:
+        df = train.rename(columns={"user": "user_id", "item": "item_id"})
+        return from_interactions_df(df[["user_id", "item_id", "rating"]].copy())
+
+    ds, prep_seconds = timed(prepare)
+    scorer, fit_seconds = fit_repeated(
+        lambda: ImplicitMFScorer(**overrides), lambda s: s.train(ds, TrainingOptions()), repeats
+    )
+
+    def score() -> tuple[np.ndarray, int, int]:
+        out = np.full((len(users), len(items)), -np.inf, dtype=np.float32)
+        unums = scorer.users.numbers(users, missing="negative")
+        inums = scorer.items.numbers(items, missing="negative")
+        ku, ki = unums >= 0, inums >= 0
+        block = np.asarray(scorer.user_embeddings)[unums[ku]] @ np.asarray(
+            scorer.item_embeddings
+        )[inums[ki]].T
+        out[np.ix_(np.flatnonzero(ku), np.flatnonzero(ki))] = block
+        return out, int((~ku).sum()), int((~ki).sum())
+
+    (scores, n_unknown_users, n_unknown_items), score_seconds = timed(score)
+    return {
+        "library_version": lenskit.__version__,
+        "params": params,
+        "scores": scores,
+        "prep_seconds": prep_seconds,
+        "fit_seconds_all": fit_seconds,
+        "score_seconds": score_seconds,
+        "n_unknown_users": n_unknown_users,
+        "n_unknown_items": n_unknown_items,
+        "threads": threads,
+        "note": "score = trained user embedding . item embedding (no re-solve from query items)",
+    }
+
+
+RankRunner = Callable[
+    [pd.DataFrame, np.ndarray, np.ndarray, dict[str, Any], int], dict[str, Any]
+]
+RANK_PEERS: dict[str, RankRunner] = {
+    "cornac-bpr": _cornac_bpr_run,
+    "lenskit-implicitmf": _lenskit_implicitmf_run,
+}
+
+
+def _raw_ids(values: Any, what: str) -> np.ndarray:
+    if not isinstance(values, list) or not values:
+        raise JobError(f"rank job needs a non-empty list {what!r} of raw ids")
+    return np.asarray(values, dtype=np.int64)
+
+
+def run_rank(job: dict[str, Any]) -> dict[str, Any]:
+    peer = job.get("peer")
+    if peer not in RANK_PEERS:
+        raise JobError(f"unknown rank peer {peer!r}; expected one of {sorted(RANK_PEERS)}")
+    if not job.get("train"):
+        raise JobError("rank job needs 'train'")
+    runs = job.get("runs")
+    if runs is None:
+        runs = [{"params": job.get("params") or {}, "out": job.get("out")}]
+    if not isinstance(runs, list) or not runs:
+        raise JobError("rank job 'runs' must be a non-empty list of {params, out}")
+    for run in runs:
+        if not isinstance(run, dict) or not run.get("out"):
+            raise JobError("every rank run needs an 'out' path for its score matrix")
+    users = _raw_ids(job.get("users"), "users")
+    items = _raw_ids(job.get("items"), "items")
+    repeats = int(job.get("repeats", 1))
+    train = _ranking_pairs(load_ratings(job["train"]))
+    log(f"{peer}: {len(train)} interactions, {len(runs)} run(s), "
+        f"{len(users)} users x {len(items)} items to score")
+
+    results = []
+    common: dict[str, Any] = {}
+    for run in runs:
+        out = RANK_PEERS[peer](train, users, items, dict(run.get("params") or {}), repeats)
+        scores = out.pop("scores")
+        np.save(run["out"], scores)
+        common = {"library_version": out.pop("library_version"), "threads": out.pop("threads")}
+        results.append({
+            **out,
+            "fit_seconds": min(out["fit_seconds_all"]),
+            "repeats": len(out["fit_seconds_all"]),
+            "out": str(run["out"]),
+        })
+    return {
+        "peer": peer,
+        **common,
+        "n_train": len(train),
+        "n_users": len(users),
+        "n_items": len(items),
+        "train": str(job["train"]),
+        "runs": results,
+    }
+
+
 # --------------------------------------------------------------------------- jobs
 
 FoldRunner = Callable[[pd.DataFrame, pd.DataFrame, dict[str, Any], int], FoldRun]
@@ -493,6 +671,7 @@ def run_throughput(job: dict[str, Any]) -> dict[str, Any]:
 TASKS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "fold": run_fold,
     "throughput": run_throughput,
+    "rank": run_rank,
 }
 
 

@@ -1,4 +1,5 @@
-"""Ratings data: builtin datasets (MovieLens), ratings files, and synthetic ratings.
+"""Ratings data: builtin datasets (MovieLens), ratings files (explicit ratings or implicit
+feedback: `read_ratings`), and synthetic ratings.
 
 The data home (``$RECSYS_DATA``, else the user cache folder) holds downloaded datasets; see
 ``data/README.md``.
@@ -14,11 +15,13 @@ from recsys.datasets.builtin import (
     load_split,
 )
 from recsys.datasets.home import cache_home, data_home
-from recsys.datasets.readers import WHITESPACE, read_ratings
+from recsys.datasets.readers import IMPLICIT_SCALE, WHITESPACE, ColumnSpec, read_ratings
 from recsys.datasets.synthetic import load_ratings_npz, save_ratings_npz, synthetic_ratings
 
 __all__ = [
+    "IMPLICIT_SCALE",
     "WHITESPACE",
+    "ColumnSpec",
     "RemoteArchive",
     "available_datasets",
     "cache_home",

@@ -15,8 +15,22 @@ Column spec (``columns``), one of:
   ``("userId", "movieId", "rating"[, "timestamp"])`` (told apart from roles because its
   entries are not all role names).
 
-Roles are ``user``, ``item``, ``rating`` (required) and ``timestamp`` (optional, integer
-seconds). For Parquet the schema is the header and "line" in errors means the 1-based row.
+Roles are ``user`` and ``item`` (required), ``rating`` or ``weight`` (at most one of them) and
+``timestamp`` (optional, integer seconds). For Parquet the schema is the header and "line" in
+errors means the 1-based row.
+
+Explicit and implicit feedback:
+
+* with a ``rating`` column the file holds *explicit* ratings (any scale);
+* with no ``rating`` column it holds *implicit* feedback (clicks, plays, purchases: "user chose
+  item"), e.g. ``user,item`` or ``user,item,timestamp``. Every interaction gets the value
+  ``1.0`` and the rating scale defaults to ``(0, 1)`` ("no interaction" to "interaction");
+* an optional ``weight`` column gives implicit interactions a strength (play counts, dwell
+  time): finite and non-negative; the scale defaults to ``(0, largest weight)``.
+
+`ColumnSpec.implicit` says which kind a spec reads. Ranking evaluation treats every implicit
+interaction as relevant (`recsys.evaluate.evaluate_ranking` with ``relevance_threshold=None``);
+explicit ratings are relevant from a threshold (``--relevance``, default 4.0).
 """
 
 from __future__ import annotations
@@ -34,8 +48,10 @@ import pyarrow.parquet as pq
 from recsys.errors import RatingsFormatError
 from recsys.ratings import IdMap, Ratings
 
-ROLES = ("user", "item", "rating", "timestamp")
-REQUIRED_ROLES = ("user", "item", "rating")
+ROLES = ("user", "item", "rating", "weight", "timestamp")
+REQUIRED_ROLES = ("user", "item")
+#: the rating scale of implicit feedback without weights: "no interaction" to "interaction"
+IMPLICIT_SCALE = (0.0, 1.0)
 SKIP = frozenset({"_", "skip"})
 WHITESPACE = r"\s+"
 """``sep`` value meaning "runs of spaces and tabs"; sniffed when no other separator fits."""
@@ -56,6 +72,16 @@ class ColumnSpec:
     width: int = 0
     """Fields the positional spec needs: 1 + the last role's position (trailing skips and
     unnamed columns may be absent)."""
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """The roles this spec reads."""
+        return frozenset(self.positions if self.positions is not None else self.names or {})
+
+    @property
+    def implicit(self) -> bool:
+        """Whether the file holds implicit feedback (no ``rating`` column)."""
+        return "rating" not in self.roles
 
     @classmethod
     def parse(cls, columns: Sequence[str] | Mapping[str, str] | str) -> ColumnSpec:
@@ -78,9 +104,10 @@ class ColumnSpec:
         if not 3 <= len(tokens) <= 4:
             raise ValueError(
                 f"columns {tokens} is neither roles ({', '.join(ROLES)}, _) nor 3-4 header "
-                "names for user, item, rating[, timestamp]"
+                "names for user, item, rating[, timestamp] (for implicit feedback by header "
+                "name, say user=NAME,item=NAME[,timestamp=NAME])"
             )
-        return cls._by_name(dict(zip(ROLES, tokens, strict=False)))
+        return cls._by_name(dict(zip(("user", "item", "rating", "timestamp"), tokens, strict=False)))
 
     @classmethod
     def _by_name(cls, names: dict[str, str]) -> ColumnSpec:
@@ -95,6 +122,9 @@ def _check_roles(found: Mapping[str, object], given: object) -> None:
     missing = [r for r in REQUIRED_ROLES if r not in found]
     if missing:
         raise ValueError(f"columns {given} lacks the {', '.join(missing)} column")
+    if "rating" in found and "weight" in found:
+        raise ValueError(f"columns {given} has both rating (explicit ratings) and weight (implicit "
+                         "feedback's strength); give one of them")
 
 
 def read_ratings(
@@ -107,7 +137,13 @@ def read_ratings(
     user_ids: IdMap | None = None,
     item_ids: IdMap | None = None,
 ) -> Ratings:
-    """Ratings from a delimited text file (optionally ``.gz``/``.bz2``) or Parquet file.
+    """Ratings (explicit) or interactions (implicit) from a delimited text file (optionally
+    ``.gz``/``.bz2``) or Parquet file.
+
+    With no ``rating`` column (e.g. ``columns="user,item,timestamp"``) the file is implicit
+    feedback: each row's value is ``1.0`` (or its ``weight`` column) and the rating scale
+    defaults to ``(0, 1)`` (``(0, largest weight)`` with weights); see the module docstring.
+    Repeated (user, item) rows keep the latest, as for ratings.
 
     Args:
         path: the file; Parquet when the suffix is ``.parquet`` or ``.pq``.
@@ -115,13 +151,17 @@ def read_ratings(
             it from the first line (``::``, tab, comma, ``|``, ``;``, else whitespace).
         columns: which column holds which role (module docstring).
         header: whether the first non-blank line is a header; None detects it (a header when
-            that line's rating field is not a number). Header names imply a header.
-        rating_scale: ``(low, high)``; defaults to the observed min and max.
+            that line's rating, weight or else timestamp field is not a number; with only
+            user and item columns, when that line's user field starts with "user"). Header
+            names imply a header.
+        rating_scale: ``(low, high)``; defaults to the observed min and max for ratings,
+            ``(0, 1)`` for implicit feedback, ``(0, largest weight)`` for weights.
         user_ids, item_ids: index into these maps (e.g. a training set's) instead of new ones.
 
     Raises:
-        RatingsFormatError: for a malformed line, non-numeric, empty or NaN rating, non-integer
-            timestamp, empty id, missing header column or a file with no ratings.
+        RatingsFormatError: for a malformed line, non-numeric, empty or NaN rating (or
+            weight; a negative weight too), non-integer timestamp, empty id, missing header
+            column or a file with no ratings.
     """
     path = Path(path)
     spec = ColumnSpec.parse(columns)
@@ -132,7 +172,20 @@ def read_ratings(
     source = str(path)
     users = _ids(fields["user"], "user", lines, source)
     items = _ids(fields["item"], "item", lines, source)
-    values = _ratings(fields["rating"], lines, source)
+    if "rating" in fields:
+        values = _ratings(fields["rating"], lines, source)
+    elif "weight" in fields:
+        values = _ratings(fields["weight"], lines, source, role="weight")
+        k = int(np.argmax(values < 0)) if len(values) and values.min() < 0 else -1
+        if k >= 0:
+            raise RatingsFormatError("weight is negative", path=source, line=int(lines[k]), column="weight",
+                                     value=fields["weight"][k].as_py())
+        if rating_scale is None:
+            top = float(values.max()) if len(values) else 0.0
+            rating_scale = (0.0, top if top > 0 else 1.0)
+    else:
+        values = np.ones(len(users), dtype=np.float64)
+        rating_scale = IMPLICIT_SCALE if rating_scale is None else rating_scale
     timestamps = _timestamps(fields["timestamp"], lines, source) if "timestamp" in fields else None
     return Ratings.from_arrays(users, items, values, timestamps, rating_scale=rating_scale,
                                user_ids=user_ids, item_ids=item_ids, source=source)
@@ -210,8 +263,7 @@ def _read_text(
             raise ValueError("columns given as header names need a file with a header line")
         header = True
     elif header is None:
-        pos = spec.positions["rating"]
-        header = pos < len(first_fields) and not _is_number(first_fields[pos])
+        header = _looks_like_header(spec, first_fields)
 
     n_fields = len(first_fields)
     if spec.positions is not None and spec.width > n_fields:
@@ -236,6 +288,19 @@ def _read_text(
         )
     fields = {role: _clean(pc.list_element(split, pos)) for role, pos in positions.items()}
     return fields, rows + 1
+
+
+def _looks_like_header(spec: ColumnSpec, first: list[str]) -> bool:
+    """Whether the first line of a positional spec's file is a header: its rating (else
+    weight, else timestamp) field is not a number; with only user and item columns, its user
+    field starts with "user" (``user``, ``userId``, ``user_id``)."""
+    assert spec.positions is not None
+    for role in ("rating", "weight", "timestamp"):
+        if role in spec.positions:
+            pos = spec.positions[role]
+            return pos < len(first) and not _is_number(first[pos])
+    pos = spec.positions["user"]
+    return pos < len(first) and first[pos].strip().lower().startswith("user")
 
 
 def _header_positions(names: Mapping[str, str], header: list[str], path: Path,
@@ -317,29 +382,30 @@ def _ids(values: pa.ChunkedArray, role: str, lines: np.ndarray, source: str) -> 
     return values.to_numpy(zero_copy_only=False).astype(object)
 
 
-def _ratings(values: pa.ChunkedArray, lines: np.ndarray, source: str) -> np.ndarray:
-    """Ratings as ``float64 [n]``; any scale, every value finite."""
+def _ratings(values: pa.ChunkedArray, lines: np.ndarray, source: str, role: str = "rating") -> np.ndarray:
+    """Ratings (or implicit weights, ``role="weight"``) as ``float64 [n]``; any scale, every
+    value finite."""
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         k = _fail_at(pc.match_substring_regex(values, _NUMBER))
         if k >= 0:
             text = values[k].as_py()
             if text == "":
-                message = "rating is empty"
+                message = f"{role} is empty"
             elif _is_number(text):
-                message = "rating is NaN or infinite"
+                message = f"{role} is NaN or infinite"
             else:
-                message = "rating is not a number"
-            _raise(message, k, "rating", values, lines, source)
+                message = f"{role} is not a number"
+            _raise(message, k, role, values, lines, source)
     elif not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
-        raise RatingsFormatError(f"rating column has type {values.type}, not numbers",
-                                 path=source, column="rating")
+        raise RatingsFormatError(f"{role} column has type {values.type}, not numbers",
+                                 path=source, column=role)
     numbers = pc.cast(values, pa.float64())
     k = _fail_at(pc.is_valid(numbers))
     if k >= 0:
-        _raise("rating is empty", k, "rating", values, lines, source)
+        _raise(f"{role} is empty", k, role, values, lines, source)
     k = _fail_at(pc.is_finite(numbers))
     if k >= 0:
-        _raise("rating is NaN or infinite", k, "rating", values, lines, source)
+        _raise(f"{role} is NaN or infinite", k, role, values, lines, source)
     return _writable(numbers.to_numpy())
 
 

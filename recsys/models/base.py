@@ -36,6 +36,8 @@ class RatingModel(nn.Module, ABC):
 
     #: Short name used on the command line and in artefacts (``mf``, ``rec``).
     name: ClassVar[str]
+    #: what the model is for: ``rating`` (predict ratings) or ``ranking`` (`RankingModel`)
+    task: ClassVar[str] = "rating"
     #: `TrainConfig` fields this model trains best with (e.g. an optimizer and batch size);
     #: the command line starts from them, explicit flags override them.
     training_defaults: ClassVar[dict[str, object]] = {}
@@ -159,6 +161,70 @@ class RatingModel(nn.Module, ABC):
         """The `UpdateRecorder` that fills ``log`` (made by `new_update_log`) on the generic
         autograd step. The default: TypeError."""
         raise TypeError(f"{type(self).__name__} cannot log its updates on the autograd path")
+
+
+class RankingModel(nn.Module, ABC):
+    """A PyTorch module that ranks items for users (top-N recommendation): its scores order
+    the items a user is likely to pick first; they are not ratings.
+
+    Fitted on *interactions*: a `Ratings` whose rows say which items each user chose (clicks,
+    plays, purchases, or the items they rated) and whose values are the interactions'
+    weights (1 for plain implicit feedback; for explicit data, whatever weighting the model's
+    config asks for). Row ``k`` is interaction (example) ``k``, as for ratings. A user index of
+    ``-1``, or one with no interaction, gets the popularity ranking (`popularity_scores`).
+    State lives in parameters and buffers of fixed shapes (given ``n_users``, ``n_items`` and
+    the config), so artefacts save and load it like any model's.
+    """
+
+    #: Short name used on the command line and in artefacts (``ease``, ``als``, ...).
+    name: ClassVar[str]
+    task: ClassVar[str] = "ranking"
+
+    def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float] = (0.0, 1.0)) -> None:
+        super().__init__()
+        self.n_users = n_users
+        self.n_items = n_items
+        #: the interactions' value range (kept with the artefact; scores are not on it)
+        self.rating_scale = (float(rating_scale[0]), float(rating_scale[1]))
+        self.register_buffer("known_users", torch.zeros(n_users, dtype=torch.bool))
+        self.register_buffer("known_items", torch.zeros(n_items, dtype=torch.bool))
+        #: interactions per item in the fitted data, float32 [n_items]: the popularity ranking
+        self.register_buffer("item_counts", torch.zeros(n_items))
+
+    @property
+    def device(self) -> torch.device:
+        return self.item_counts.device
+
+    def prepare(self, interactions: Ratings) -> None:
+        """Take what every ranker needs before fitting: known users and items, popularity."""
+        self.known_users.copy_(torch.from_numpy(interactions.user_counts() > 0))
+        self.known_items.copy_(torch.from_numpy(interactions.item_counts() > 0))
+        self.item_counts.copy_(torch.from_numpy(interactions.item_counts().astype(np.float32)))
+        self.bind_ratings(interactions)
+
+    def bind_ratings(self, ratings: Ratings) -> None:
+        """Give the model the interactions it scores from (called by `prepare` and, after the
+        weights are loaded, by `recsys.artefact.load_artefact`). Models whose scores are a
+        function of the user's own interactions (item-item models) keep them; the default
+        does nothing."""
+
+    @abstractmethod
+    def fit(self, interactions: Ratings, *, progress: bool | None = None) -> dict:
+        """Fit on ``interactions`` in place (calls `prepare` first); returns a JSON-ready
+        summary (at least ``fit_seconds``)."""
+
+    @abstractmethod
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for each user, ``float32 [B, n_items]`` (higher: ranked
+        earlier). Users ``-1`` or with no interaction get `popularity_scores`."""
+
+    def popularity_scores(self, n: int) -> torch.Tensor:
+        """The non-personalised ranking, ``float32 [n, n_items]``: interaction counts."""
+        return self.item_counts.expand(n, -1).clone()
+
+    def config_dict(self) -> dict:
+        """The constructor arguments, JSON-serialisable, saved with the artefact."""
+        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------- explanations
