@@ -15,13 +15,29 @@ Only then is each canonical test file read: the winner is fitted on the whole tr
 and its test NDCG@10 (and P@10, R@10, MAP, coverage) reported beside binary EASE at λ=500,
 the reference run's baseline. Results: ``benchmarks/results/tune_ease.json``.
 
-    RECSYS_DATA=../shared/data python benchmarks/tune_ease.py [--quick]
+The popularity prior (`EASEConfig.cold_weight`, ``c``) is chosen afterwards, the other
+settings at their defaults, again on the training folds only (`cold_prior_grid`):
+
+- cold validation: from each training fold u1..u5, 20% of the users with more than 5 training
+  ratings (seed 0) are held out of the fit; k ∈ {1, 3, 5} of their training ratings (random)
+  are revealed by ``learn`` and the rest of their training ratings are the validation targets
+  (relevant = rating >= 4, the revealed items masked); NDCG@10 over those users;
+- warm validation: the 15% per-user slices above, all users, NDCG@10.
+
+The ``c`` of `COLD_WEIGHTS` with the best mean cold NDCG@10 (over k and folds) whose mean
+warm NDCG@10 stays within `WARM_TOLERANCE` of the prior-free value (c = 0) wins and becomes
+the default. ``--prior-only`` runs only this part and merges it into the existing results file.
+
+    RECSYS_DATA=../shared/data python benchmarks/tune_ease.py [--quick | --prior-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import itertools
+import json
 import platform
 import time
 from pathlib import Path
@@ -44,7 +60,13 @@ GRID = {
     "disliked_weight": [1.0, 0.5, 0.35, 0.2],
     "gram_weights": [True, False],
 }
-BASELINE = {"weighting": "binary", "reg": 500.0}
+BASELINE = {"weighting": "binary", "reg": 500.0, "cold_weight": 0.0}
+#: the popularity prior's strengths tried (0: off)
+COLD_WEIGHTS = [0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 13.0, 20.0, 50.0]
+REVEAL = (1, 3, 5)
+COLD_SHARE = 0.2
+#: how much mean warm validation NDCG@10 the prior may cost
+WARM_TOLERANCE = 0.002
 
 
 def per_user_holdout(train: Ratings, fraction: float, seed: int = 0) -> tuple[Ratings, Ratings]:
@@ -67,7 +89,8 @@ def configurations(quick: bool) -> list[dict]:
     seen, out = set(), []
     for reg, disliked, gram in itertools.product(grid["reg"], grid["disliked_weight"], grid["gram_weights"]):
         cfg = {"reg": reg, "weighting": "liked", "disliked_weight": disliked,
-               "gram_weights": gram if disliked != 1.0 else True}  # at weight 1 the Gram is binary either way
+               "gram_weights": gram if disliked != 1.0 else True,  # at weight 1 the Gram is binary either way
+               "cold_weight": 0.0}  # the prior is chosen afterwards (cold_prior_grid)
         key = tuple(sorted(cfg.items()))
         if key not in seen:
             seen.add(key)
@@ -81,11 +104,110 @@ def fit_and_score(cfg: dict, fit: Ratings, held_out: Ratings) -> tuple[dict, flo
     return evaluate_ranking(model, fit, held_out, k=10), summary["fit_seconds"]
 
 
+def cold_slices(train: Ratings, share: float = COLD_SHARE, reveal=REVEAL, seed: int = 0):
+    """``(base, {k: (seen, new, targets)})``: ``share`` of the users with more than
+    ``max(reveal)`` ratings (drawn with ``seed``) are held out of ``base``; for each ``k``,
+    ``seen`` = ``base`` followed by ``k`` random ratings of each held-out user (``new``: their
+    example ids in ``seen``), ``targets`` = the rest of the held-out users' ratings."""
+    rng = np.random.default_rng(seed)
+    counts = train.user_counts()
+    eligible = np.flatnonzero(counts > max(reveal))
+    held = np.sort(rng.choice(eligible, size=int(round(share * len(eligible))), replace=False))
+    is_held = np.zeros(train.n_users, dtype=bool)
+    is_held[held] = True
+    base = train.subset(~is_held[train.users])
+    rows = np.flatnonzero(is_held[train.users])
+    order = rows[np.lexsort((rng.random(len(rows)), train.users[rows]))]
+    rank = np.zeros(len(train), dtype=np.int64)
+    u_sorted = train.users[order]
+    rank[order] = np.arange(len(order)) - np.searchsorted(u_sorted, u_sorted, side="left")
+    out = {}
+    for k in reveal:
+        revealed = train.subset(np.flatnonzero(is_held[train.users] & (rank < k)))
+        seen = base.append(revealed)
+        out[k] = (seen, np.arange(len(base), len(seen), dtype=np.int64),
+                  train.subset(np.flatnonzero(is_held[train.users] & (rank >= k))))
+    return base, out, len(held)
+
+
+def with_cold_weight(model, c: float):
+    model.config = dataclasses.replace(model.config, cold_weight=float(c))
+    return model
+
+
+def cold_prior_grid(folds, weights=COLD_WEIGHTS) -> dict:
+    """Cold and warm validation NDCG@10 of every ``cold_weight`` in ``weights`` (the other
+    settings at `EASEConfig`'s defaults; ``B`` does not depend on ``c``, so each fold is fitted
+    once for the cold slices and once for the warm one)."""
+    base_cfg = {**dataclasses.asdict(EASEConfig()), "cold_weight": 0.0}
+    cold = {c: {k: [] for k in REVEAL} for c in weights}
+    popular = {k: [] for k in REVEAL}  # reference: the popularity ranker fitted on the same users
+    warm = {c: [] for c in weights}
+    n_held = {}
+    for name in folds:
+        train = load_split("ml-100k", name)[0]  # the training file only
+        base, slices, n_held[name] = cold_slices(train)
+        model = build_model("ease", train.n_users, train.n_items, train.rating_scale, base_cfg)
+        model.fit(base)
+        pop = build_model("popular", train.n_users, train.n_items, train.rating_scale, {})
+        pop.fit(base)
+        for k, (seen, new, targets) in slices.items():
+            popular[k].append(evaluate_ranking(pop, seen, targets, k=10)["ndcg"])
+            m = copy.deepcopy(model)
+            m.learn(seen, new)
+            for c in weights:
+                cold[c][k].append(evaluate_ranking(with_cold_weight(m, c), seen, targets, k=10)["ndcg"])
+        fit, val = per_user_holdout(train, VALIDATION_FRACTION, seed=0)
+        model = build_model("ease", fit.n_users, fit.n_items, fit.rating_scale, base_cfg)
+        model.fit(fit)
+        for c in weights:
+            warm[c].append(evaluate_ranking(with_cold_weight(model, c), fit, val, k=10)["ndcg"])
+        print(f"{name}: {n_held[name]} users held out; cold k=1 NDCG@10 at c=0 {cold[0.0][1][-1]:.4f}", flush=True)
+    rows = []
+    for c in weights:
+        by_k = {str(k): float(np.mean(cold[c][k])) for k in REVEAL}
+        rows.append({"cold_weight": c, "cold_ndcg_by_k": by_k, "cold_ndcg_mean": float(np.mean(list(by_k.values()))),
+                     "warm_ndcg": float(np.mean(warm[c])),
+                     "per_fold": {"cold": {str(k): cold[c][k] for k in REVEAL}, "warm": warm[c]}})
+        print(f"cold_weight {c:>5g}: cold NDCG@10 " + " / ".join(f"{v:.4f}" for v in by_k.values())
+              + f" (mean {rows[-1]['cold_ndcg_mean']:.4f}), warm {rows[-1]['warm_ndcg']:.4f}", flush=True)
+    pop_by_k = {str(k): float(np.mean(popular[k])) for k in REVEAL}
+    print("popularity (reference): cold NDCG@10 " + " / ".join(f"{v:.4f}" for v in pop_by_k.values()))
+    floor = next(r["warm_ndcg"] for r in rows if r["cold_weight"] == 0.0) - WARM_TOLERANCE
+    allowed = [r for r in rows if r["warm_ndcg"] >= floor]
+    best = max(allowed, key=lambda r: r["cold_ndcg_mean"])
+    print(f"chosen cold_weight {best['cold_weight']:g} (cold mean {best['cold_ndcg_mean']:.4f}, "
+          f"warm {best['warm_ndcg']:.4f} >= {floor:.4f}); EASEConfig() has {EASEConfig().cold_weight:g}")
+    return {
+        "protocol": {
+            "folds": list(folds),
+            "cold": f"per training fold: {COLD_SHARE:.0%} of users with > {max(REVEAL)} training ratings "
+                    "(seed 0) held out of the fit; k of their training ratings (random) revealed by learn, "
+                    "the rest are the targets (relevant = rating >= 4, revealed items masked); NDCG@10",
+            "warm": f"per-user random {VALIDATION_FRACTION:g} of each training fold (seed 0), all users; NDCG@10",
+            "rule": f"max mean cold NDCG@10 over k {list(REVEAL)} and folds, with mean warm NDCG@10 >= "
+                    f"the c=0 value - {WARM_TOLERANCE}",
+            "other_settings": base_cfg, "test_files": "unread"},
+        "n_held_out_users": n_held, "popularity_cold_ndcg_by_k": pop_by_k, "grid": rows, "chosen_cold_weight": best["cold_weight"],
+        "chosen": best, "default_matches_choice": EASEConfig().cold_weight == best["cold_weight"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="u1 only and a 2x2x2 grid (a smoke run)")
+    parser.add_argument("--prior-only", action="store_true",
+                        help="only the popularity prior's grid, merged into the existing results file")
     args = parser.parse_args()
     folds = FOLDS[:1] if args.quick else FOLDS
+    if args.prior_only:
+        prior = cold_prior_grid(folds)
+        path = RESULTS / "tune_ease.json"
+        if not args.quick:
+            report = json.loads(path.read_text()) if path.exists() else {}
+            report["cold_prior"] = prior
+            write_json(path, report)
+        return
     data = {name: load_split("ml-100k", name)[0] for name in folds}  # training files only
     slices = {name: per_user_holdout(train, VALIDATION_FRACTION, seed=0) for name, train in data.items()}
     for name, (fit, val) in slices.items():
@@ -107,6 +229,8 @@ def main() -> None:
     winner = {k: rows[0][k] for k in ("reg", "weighting", "disliked_weight", "gram_weights")}
     print(f"\nwinner (validation only): {winner}  NDCG@10 {rows[0]['validation_ndcg']:.4f}  "
           f"({time.perf_counter() - started:.0f} s)")
+    prior = cold_prior_grid(folds)  # training folds only, like the grid
+    winner["cold_weight"] = prior["chosen_cold_weight"]
 
     # ---- only now: the test files, for the chosen configuration and the reference baseline
     test = {}
@@ -132,7 +256,7 @@ def main() -> None:
                          "grid": GRID},
             "winner": winner, "winner_validation_ndcg": rows[0]["validation_ndcg"],
             "defaults_match_winner": matches,
-            "test": test, "grid": rows,
+            "test": test, "grid": rows, "cold_prior": prior,
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu_threads": torch.get_num_threads()},
         })

@@ -12,7 +12,7 @@ from recsys.evaluate import evaluate_ranking
 from recsys.models import MODELS, build_model
 from recsys.models.base import Explainable, FoldIn, OnlineLearner, RankingModel
 from recsys.models.ease import EASE, EASEConfig
-from recsys.models.ease.explain import METHOD, POPULARITY_REASON
+from recsys.models.ease.explain import METHOD, POPULARITY_REASON, PRIOR_TERM
 from recsys.ratings import IdMap, Ratings
 from tests.conftest import make_ratings, with_new_ratings
 
@@ -49,7 +49,10 @@ def liked(values: np.ndarray, threshold: float = 4.0, disliked: float = DISLIKED
 
 
 def fitted(r: Ratings, **cfg) -> EASE:
-    m = build_model("ease", r.n_users, r.n_items, r.rating_scale, {"disliked_weight": DISLIKED, **cfg})
+    """EASE fitted on ``r``; the popularity prior is off unless ``cold_weight`` is given, so
+    the closed-form checks compare against x_u·B alone."""
+    m = build_model("ease", r.n_users, r.n_items, r.rating_scale,
+                    {"disliked_weight": DISLIKED, "cold_weight": 0.0, **cfg})
     m.fit(r)
     return m
 
@@ -108,10 +111,13 @@ def test_users_without_interactions_and_unknown_users_get_the_popularity_ranking
         m.score_all(torch.tensor([5]))
 
 
+@pytest.mark.parametrize("cold_weight", [0.0, 6.0])
 @pytest.mark.parametrize("top_k", [None, 3])
-def test_explanation_credits_each_interaction_its_exact_share_and_they_sum_to_the_score(top_k):
+def test_explanation_credits_each_interaction_its_exact_share_and_they_sum_to_the_score(top_k, cold_weight):
+    """Contributions + terms = score: the popularity prior, credited to no interaction, is
+    the one term (absent when the prior is off)."""
     r = make_ratings()
-    m = fitted(r, reg=5.0, top_k=top_k)
+    m = fitted(r, reg=5.0, top_k=top_k, cold_weight=cold_weight)
     explainer = m.explainer(r)
     scores = m.score_all(torch.arange(r.n_users))
     for user in (0, 7, 29):
@@ -120,7 +126,13 @@ def test_explanation_credits_each_interaction_its_exact_share_and_they_sum_to_th
             e = explainer.explain(user, item, k=n_rated)
             assert e.method == METHOD and e.units == "score" and e.n_candidates == n_rated
             assert e.prediction == pytest.approx(float(scores[user, item]))
-            assert sum(c.effect for c in e.contributions) == pytest.approx(e.prediction, rel=1e-5, abs=1e-6)
+            terms = e.terms or {}
+            if cold_weight:
+                assert set(terms) == {PRIOR_TERM} and terms[PRIOR_TERM] > 0
+            else:
+                assert e.terms is None
+            total = sum(c.effect for c in e.contributions) + sum(terms.values())
+            assert total == pytest.approx(e.prediction, rel=1e-5, abs=1e-6)
             # each effect is x_uj · B_j,item for the interaction's own row
             for c in e.contributions:
                 j = int(r.items[c.example])
@@ -295,3 +307,82 @@ def test_on_movielens_u1_the_default_beats_binary_ease_and_popularity(ml100k_u1)
             for name, model in (("default", default), ("binary", binary), ("popular", popular))}
     assert ndcg["default"] > ndcg["binary"] > ndcg["popular"]
     assert ndcg["default"] > 0.45
+
+
+# ------------------------------------------------------------------ the popularity prior
+def test_cold_weight_zero_gives_exactly_the_prior_free_scores_and_the_default_is_on():
+    r = make_ratings()
+    off = fitted(r, reg=5.0, cold_weight=0.0)
+    x = np.zeros((r.n_users, r.n_items), dtype=np.float32)
+    x[r.users, r.items] = np.where(r.values >= 4, 1.0, DISLIKED)
+    users = torch.arange(r.n_users)
+    b = off.weights
+    assert torch.equal(off.score_all(users), torch.from_numpy(x) @ b)  # bit for bit x_u·B
+    assert torch.count_nonzero(off.prior_scores(off.score_all(users), np.full(r.n_users, 3))) == 0
+    assert EASEConfig().cold_weight > 0
+    on = fitted(r, reg=5.0, cold_weight=EASEConfig().cold_weight)
+    torch.testing.assert_close(on.weights, off.weights)  # the prior does not touch B
+    assert not torch.equal(on.score_all(users), off.score_all(users))
+
+
+def test_the_prior_is_c_over_n_plus_c_times_the_users_top_score_times_scaled_popularity():
+    r = make_ratings()
+    c = 4.0
+    on, off = fitted(r, reg=5.0, cold_weight=c), fitted(r, reg=5.0, cold_weight=0.0)
+    users = torch.arange(r.n_users)
+    ease = off.score_all(users).double()
+    n = torch.from_numpy(r.user_counts()).double()  # make_ratings: one rating per (user, item)
+    pop = on.item_counts.double() / on.item_counts.max()
+    expected = ease + (c / (n + c) * ease.abs().amax(dim=1))[:, None] * pop[None, :]
+    torch.testing.assert_close(on.score_all(users).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_prior_vanishes_as_the_user_interacts_more():
+    """One user revealed 1, 2, 4, ... interactions: the prior's share of the score on the most
+    popular item, relative to the user's top EASE score, is exactly c/(n + c), falling to 0."""
+    r = make_ratings(n_users=30, n_items=60, n=900, seed=3)
+    c = 5.0
+    m = fitted(r, reg=5.0, cold_weight=c)
+    off = fitted(r, reg=5.0, cold_weight=0.0)
+    top = int(torch.argmax(m.item_counts))
+    shares = []
+    order = np.random.default_rng(0).permutation(r.n_items)
+    for n in (1, 2, 4, 8, 16, 32, 59):
+        items = torch.from_numpy(order[:n].copy())
+        values = torch.full((n,), 5.0)
+        ease = off.fold_in_user(items, values)
+        prior = m.fold_in_user(items, values) - ease
+        share = float(prior[top]) / float(ease.abs().max())
+        assert share == pytest.approx(c / (n + c), rel=1e-4)
+        torch.testing.assert_close(prior, (c / (n + c)) * ease.abs().max() * m.item_counts / m.item_counts.max())
+        shares.append(share)
+    assert all(a > b for a, b in zip(shares, shares[1:], strict=False)) and shares[-1] < 0.08
+
+
+def test_with_the_prior_on_a_user_with_no_interaction_still_gets_popularity_exactly():
+    r = tiny()
+    m = fitted(r, reg=1.0, cold_weight=6.0)
+    counts = torch.tensor((TABLE > 0).sum(0), dtype=torch.float32)
+    assert torch.equal(m.score_all(torch.tensor([4, -1])), counts.expand(2, -1))
+    assert torch.equal(m.fold_in_user(torch.zeros(0, dtype=torch.int64), torch.zeros(0)), counts)
+    e = m.explainer(r).explain(4, 2, k=3)
+    assert e.method == POPULARITY_REASON and e.prediction == float(counts[2]) and not e.terms
+
+
+def test_with_the_prior_on_fold_in_by_learn_equals_the_direct_fold_in_of_the_row():
+    r = make_ratings()
+    m = fitted(r, reg=5.0, cold_weight=6.0)
+    items, values = ["3", "7", "11"], [5.0, 2.0, 4.0]
+    grown, new = with_new_ratings(r, ["newcomer"] * 3, items, values)
+    m.learn(grown, new)
+    u = grown.user_ids.index("newcomer")
+    idx = torch.from_numpy(grown.item_ids.indices(items))
+    torch.testing.assert_close(m.score_all(torch.tensor([u]))[0], m.fold_in_user(idx, torch.tensor(values)))
+    e = m.explainer(grown).explain(u, 0, k=3)
+    assert sum(c.effect for c in e.contributions) + e.terms[PRIOR_TERM] == pytest.approx(e.prediction, rel=1e-5)
+
+
+def test_a_bad_cold_weight_is_refused_by_name():
+    for bad in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="cold_weight"):
+            EASEConfig(cold_weight=bad)

@@ -58,16 +58,20 @@ class UserRows:
         new = np.asarray(new, dtype=np.int64)
         self.n_users = max(self.n_users, ratings.n_users)
         self.n_rows = len(ratings)
-        touched = np.unique(ratings.users[new])
-        for u in touched.tolist():
-            mine = new[ratings.users[new] == u]
+        users = ratings.users[new]
+        order = np.argsort(users, kind="stable")  # by user, in example order within a user
+        touched, starts = np.unique(users[order], return_index=True)
+        bounds = np.append(starts, len(order))
+        for j, u in enumerate(touched.tolist()):
+            mine = new[order[bounds[j]:bounds[j + 1]]]
             items, values, examples = self.row(u)
-            merged = dict(zip(items.tolist(), zip(values.tolist(), examples.tolist(), strict=True), strict=True))
-            for k in mine.tolist():  # in example order: the latest value of a pair wins
-                merged[int(ratings.items[k])] = (float(ratings.values[k]), k)
-            keys = np.array(sorted(merged), dtype=np.int64)
-            self.changed[u] = (keys, np.array([merged[i][0] for i in keys.tolist()], dtype=np.float32),
-                               np.array([merged[i][1] for i in keys.tolist()], dtype=np.int64))
+            all_items = np.concatenate([items, ratings.items[mine]])
+            all_values = np.concatenate([values, ratings.values[mine].astype(np.float32)])
+            all_examples = np.concatenate([examples, mine])
+            # the last occurrence of an item wins: first in the reversed arrays
+            keys, first = np.unique(all_items[::-1], return_index=True)
+            last = len(all_items) - 1 - first
+            self.changed[u] = (keys.astype(np.int64), all_values[last], all_examples[last])
         return touched
 
     def matrix(self, users: np.ndarray, n_items: int, weights) -> sp.csr_matrix:
