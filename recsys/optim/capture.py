@@ -97,3 +97,48 @@ class LayerCapture:
             h.remove()
         self._handles = []
         self.records = {key: [] for key in self.modules}
+
+
+class LookupGradients:
+    """Per embedding table, ``[indices, gradient]`` of every lookup of a training forward
+    pass: the gradient of the loss with respect to the gathered rows (row ``b`` is example
+    ``b``'s share, even when a row is looked up twice in a batch). Gradient rollback credits
+    each example its rows' gradient from these (`recsys.optim.credit`). The last gradient
+    delivered to a lookup is kept: K-FAC's sampled-target (Fisher) pass back-propagates
+    through the same lookups before the loss does."""
+
+    def __init__(self, tables: Iterable[tuple[str, nn.Module]]) -> None:
+        tables = dict(tables)
+        for name, module in tables.items():
+            if not isinstance(module, nn.Embedding):
+                raise TypeError(f"rollback on the autograd path needs {name} to be an nn.Embedding")
+        #: table name -> the step's lookups so far, ``[indices, gradient or None]`` each
+        self.captured: dict[str, list[list]] = {name: [] for name in tables}
+        self._paused = False
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in tables.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if torch.is_grad_enabled() and output.requires_grad and module.training and not self._paused:
+                entry = [inputs[0], None]
+
+                def keep(grad: torch.Tensor) -> None:
+                    entry[1] = grad
+
+                output.register_hook(keep)
+                self.captured[name].append(entry)
+        return hook
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Lookups inside are not captured (the trainer's extra passes, e.g. SALR's)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

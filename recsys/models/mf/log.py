@@ -55,16 +55,15 @@ Two storages (`RollbackCallback(mode=...)`):
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from recsys.models.base import RatingModel
+from recsys.optim.capture import LookupGradients
 from recsys.optim.credit import ATTRIBUTION, credit
 from recsys.ratings import Ratings
 
@@ -782,37 +781,8 @@ class AutogradRecorder:
     def __init__(self, model: RatingModel, log: RollbackLog) -> None:
         _check_mf(model)
         self.model, self.log = model, log
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._captured: dict[str, list[list]] = {}
-        self._paused = False
-        for name, _ in SLOTS:
-            module = getattr(model, name)
-            if not isinstance(module, nn.Embedding):
-                raise TypeError(f"rollback on the autograd path needs {name} to be an nn.Embedding")
-            self._captured[name] = []
-
-            def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
-                if torch.is_grad_enabled() and output.requires_grad and mod.training and not self._paused:
-                    entry = [inputs[0], None]
-
-                    def keep(grad: torch.Tensor, entry: list = entry) -> None:
-                        # the last gradient delivered is the loss's: K-FAC's sampled-target
-                        # (Fisher) pass back-propagates through the same lookups before it
-                        entry[1] = grad
-
-                    output.register_hook(keep)
-                    self._captured[name].append(entry)
-
-            self._hooks.append(module.register_forward_hook(hook))
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Lookups inside are not recorded (the trainer's extra passes, e.g. SALR's)."""
-        self._paused = True
-        try:
-            yield
-        finally:
-            self._paused = False
+        self.lookups = LookupGradients((name, getattr(model, name)) for name, _ in SLOTS)
+        self.paused = self.lookups.paused
 
     @torch.no_grad()
     def record(self, example_ids: np.ndarray, optimizer: object, preconditioner: object) -> None:
@@ -821,7 +791,7 @@ class AutogradRecorder:
         ids = torch.as_tensor(example_ids, device=self.log.user_factors.device)
         updates = []
         for name, _ in SLOTS:
-            captured = self._captured[name]
+            captured = self.lookups.captured[name]
             if not captured:
                 raise RuntimeError(f"rollback: the step never looked up {name}")
             if any(grad is None for _, grad in captured):
@@ -843,9 +813,7 @@ class AutogradRecorder:
         self.log.add(ids, *updates)
 
     def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self.lookups.remove()
 
 
 def append_ratings(train: Ratings, new: Ratings) -> tuple[Ratings, np.ndarray]:

@@ -19,8 +19,7 @@ for Adagrad, approximate for Adam/SparseAdam (see `ATTRIBUTION`).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from recsys.optim.capture import LookupGradients
 from recsys.optim.credit import ATTRIBUTION, credit
 from recsys.ratings import Ratings
 
@@ -212,34 +212,11 @@ class RankAutogradRecorder:
 
     def __init__(self, model: nn.Module, log: RankRollbackLog) -> None:
         self.model, self.log = model, log
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._captured: dict[str, list[list]] = {name: [] for name in TABLES}
-        self._paused = False
-        for name in TABLES:
-            module = getattr(model, name)
-
-            def hook(mod: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
-                if torch.is_grad_enabled() and output.requires_grad and mod.training and not self._paused:
-                    entry = [inputs[0], None]
-
-                    def keep(grad: torch.Tensor, entry: list = entry) -> None:
-                        entry[1] = grad
-
-                    output.register_hook(keep)
-                    self._captured[name].append(entry)
-
-            self._hooks.append(module.register_forward_hook(hook))
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        self._paused = True
-        try:
-            yield
-        finally:
-            self._paused = False
+        self.lookups = LookupGradients((name, getattr(model, name)) for name in TABLES)
+        self.paused = self.lookups.paused
 
     def _take(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        captured = self._captured[name]
+        captured = self.lookups.captured[name]
         if len(captured) != 1 or captured[0][1] is None:
             raise RuntimeError(f"rollback: expected one differentiated lookup of {name} per step, "
                                f"got {len(captured)}")
@@ -270,6 +247,4 @@ class RankAutogradRecorder:
                      idx[:, 1:], up_item_rows[:, 1:])
 
     def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self.lookups.remove()
