@@ -294,3 +294,38 @@ def test_compact_log_logs_online_updates_exactly(small_ratings):
     sums = fresh.row_sums(combined, r.n_users, r.n_items)
     for n in SLOT_NAMES:
         torch.testing.assert_close(sums[n], getattr(model, n).weight.detach() - before[n], atol=2e-6, rtol=0)
+
+
+def test_compact_overlay_grows_in_place_one_ingestion_at_a_time_and_still_takes_ids_out_of_order(small_ratings):
+    """The service logs every ingestion into the overlay: ids arriving in order append (the
+    backing arrays grow geometrically instead of being copied each time), an id out of order
+    still lands on its own row, and each example's row is the sum of what it was given."""
+    r = small_ratings
+    first = r.subset(np.arange(250))
+    log, _ = _fit(first, _model(r), mode="compact")
+    log.extend(len(r) - 250)
+    d = log.block_size * log.n_blocks
+    expected = {}
+
+    def give(ids):
+        ids = np.asarray(ids)
+        rows = torch.arange(1, len(ids) + 1, dtype=torch.float32)[:, None]
+        log.add(ids, rows.expand(-1, d), rows.expand(-1, log.n_blocks), 2 * rows.expand(-1, d),
+                2 * rows.expand(-1, log.n_blocks))
+        for z, v in zip(ids.tolist(), rows[:, 0].tolist(), strict=True):
+            expected[z] = expected.get(z, 0.0) + v
+
+    for start in range(250, 270, 4):  # in order, one batch at a time
+        give(np.arange(start, start + 4))
+    backing = log.overlay.base
+    give([270, 271])
+    assert log.overlay.base is backing  # appended into the same buffer
+    give([265, 251])  # again, out of order: existing rows
+    give([len(r) - 1])
+    give([280])  # new and before the last id: merged in place of an append
+    assert np.array_equal(log.overlay_ids, np.sort(list(expected)))
+    rows = log.rows(np.array(sorted(expected)))  # [K, m, 2d+2]
+    d_block = log.block_size
+    for j, z in enumerate(sorted(expected)):
+        np.testing.assert_allclose(rows[:, j, :d_block], expected[z], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(rows[:, j, 2 * d_block + 1], 2 * expected[z], rtol=0, atol=1e-6)

@@ -342,6 +342,9 @@ class CompactRollbackLog:
         self.closed = False
         self.overlay_ids = np.empty(0, dtype=np.int64)
         self.overlay = np.zeros((0, n_blocks, 2 * block_size + 2), dtype=np.float32)
+        #: over-allocated ``(ids, rows)`` behind ``overlay_ids`` / ``overlay`` while online
+        #: examples arrive in order (each ingestion appends, amortised O(its rows))
+        self._overlay_room: tuple[np.ndarray, np.ndarray] | None = None
         self._np_dtype = np.dtype(np.float32)
         self._acc: np.ndarray | None = None
         self._v: np.ndarray | None = None  # per-example Σ lr of the open segment, when calls repeat examples
@@ -499,13 +502,32 @@ class CompactRollbackLog:
         return self
 
     def _overlay_positions(self, ids: np.ndarray) -> np.ndarray:
-        new = np.setdiff1d(np.unique(ids), self.overlay_ids)
-        if len(new):
+        """The overlay rows of example ``ids``, adding zero rows for ids not there yet."""
+        unique = np.unique(ids)
+        m = len(self.overlay_ids)
+        pos = np.minimum(np.searchsorted(self.overlay_ids, unique), max(m - 1, 0))
+        new = unique[~(self.overlay_ids[pos] == unique)] if m else unique
+        if len(new) and (m == 0 or new[0] > self.overlay_ids[-1]):
+            self._append_overlay(new)  # online examples arrive in order: append
+        elif len(new):
             merged = np.union1d(self.overlay_ids, new)
             grown = np.zeros((len(merged), *self.overlay.shape[1:]), dtype=np.float32)
             grown[np.searchsorted(merged, self.overlay_ids)] = self.overlay
-            self.overlay_ids, self.overlay = merged, grown
+            self.overlay_ids, self.overlay, self._overlay_room = merged, grown, None
         return np.searchsorted(self.overlay_ids, ids)
+
+    def _append_overlay(self, new: np.ndarray) -> None:
+        """Append zero rows for the sorted ids ``new`` (all past the last overlay id), growing
+        the backing arrays geometrically."""
+        m, total = len(self.overlay_ids), len(self.overlay_ids) + len(new)
+        room = self._overlay_room
+        if room is None or len(room[0]) < total or self.overlay.base is not room[1]:
+            cap = max(2 * total, 1024)
+            room = (np.empty(cap, dtype=np.int64), np.zeros((cap, *self.overlay.shape[1:]), dtype=np.float32))
+            room[0][:m], room[1][:m] = self.overlay_ids, self.overlay
+            self._overlay_room = room
+        room[0][m:total], room[1][m:total] = new, 0.0
+        self.overlay_ids, self.overlay = room[0][:total], room[1][:total]
 
     def _record_overlay(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, ids: np.ndarray,
                         tables: tuple, hogwild_threads: int) -> None:
@@ -524,7 +546,8 @@ class CompactRollbackLog:
         if len(ids) and (ids.min() < 0 or ids.max() >= self.n_examples):
             raise ValueError(f"example ids outside the log's {self.n_examples} rows; call extend first")
         rows = _stack_rows(self.n_blocks, self.block_size, user_factors, user_bias, item_factors, item_bias)
-        np.add.at(self.overlay, self._overlay_positions(ids), rows.float().cpu().numpy())
+        pos = self._overlay_positions(ids)  # first: it may replace the overlay array
+        np.add.at(self.overlay, pos, rows.float().cpu().numpy())
 
     def extend(self, n_new: int) -> CompactRollbackLog:
         """Cover ``n_new`` more examples (ratings appended to the training `Ratings`): their
