@@ -81,11 +81,11 @@ class IdMap:
 
     def extend(self, raw_ids: Iterable[object]) -> IdMap:
         """A new map with the unseen ``raw_ids`` appended (existing indices unchanged)."""
-        new = [str(x) for x in raw_ids]
-        fresh = pd.Index(pd.unique(np.asarray(new, dtype=object))).difference(self._index, sort=False)
-        if len(fresh) == 0:
+        new = np.asarray([str(x) for x in raw_ids], dtype=object)
+        unseen = new[self._index.get_indexer(new) < 0]  # a hash lookup; no set difference
+        if len(unseen) == 0:
             return self
-        return IdMap(np.concatenate([self.raw_ids, fresh.to_numpy()]))
+        return IdMap(np.concatenate([self.raw_ids, pd.unique(unseen)]))
 
 
 class CSR(NamedTuple):
