@@ -66,10 +66,11 @@ from threadpoolctl import threadpool_limits
 from recsys.datasets import data_home, load_dataset, load_split
 from recsys.evaluate import evaluate_ranking, map_at_k, ndcg_at_k, precision_at_k, recall_at_k
 from recsys.ratings import Ratings
-from recsys.splits import temporal_split
+from recsys.splits import reveal_order, temporal_split
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers.client import PeerError, peers_available, run_peer  # noqa: E402
+from peers.run_peer import json_safe  # noqa: E402
 from results_file import write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -321,20 +322,6 @@ def ranker_scores(model: Any, users: np.ndarray, batch: int = 1024) -> np.ndarra
     return torch.cat(parts).numpy()
 
 
-def json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
 # ---------------------------------------------------------------------------- one split
 def run_split(name: str, train: Ratings, test: Ratings, *, temporal: bool, rankers: list[str],
               peers: list[str], grids: dict[str, dict[str, list]], use_grid: bool,
@@ -352,7 +339,7 @@ def run_split(name: str, train: Ratings, test: Ratings, *, temporal: bool, ranke
             check = evaluate_ranking(model, train, test, k=K, relevance_threshold=THRESHOLD)
             m["evaluate_ranking_ndcg"] = check["ndcg"]
             res[label] = {**m, "fit_seconds": fit_s, "params": model.config_dict()
-                          if _has_config(model) else {}, "fit_summary": json_ready(summary)}
+                          if _has_config(model) else {}, "fit_summary": json_safe(summary)}
             if keep_models is not None:
                 keep_models[rname] = model
         except Exception as exc:  # a ranker still being written must not stop the run
@@ -397,7 +384,7 @@ def run_split(name: str, train: Ratings, test: Ratings, *, temporal: bool, ranke
                     label = f"{kind} ({tag})"
                     params = info.get("params", info) if kind in SUBPROCESS_PEERS else info
                     res[label] = {**rank_metrics(sc, users, train, test), "fit_seconds": fs,
-                                  "params": json_ready(params)}
+                                  "params": json_safe(params)}
                     if kind in SUBPROCESS_PEERS:
                         res[label]["library_version"] = info.get("library_version")
                     log(_line(name, label, res[label]))
@@ -505,18 +492,10 @@ def cold_start(train: Ratings, test: Ratings, default: str, rankers: list[str],
     _, n_rel = eval_users(test)
     counts = train.user_counts()
     eligible = np.flatnonzero((counts > max(reveal)) & (n_rel > 0))
-    rng = np.random.default_rng(seed)
-    cold = np.sort(rng.choice(eligible, size=int(round(share * len(eligible))), replace=False))
+    cold, rank = reveal_order(train, eligible, share, seed)
     is_cold = np.zeros(train.n_users, dtype=bool)
     is_cold[cold] = True
-    base = train.subset(~is_cold[train.users])
-    cold_rows = np.flatnonzero(is_cold[train.users])
-    # a random order of each cold user's training rows: revealing k takes the first k
-    order = cold_rows[np.lexsort((rng.random(len(cold_rows)), train.users[cold_rows]))]
-    rank = np.zeros(len(train), dtype=np.int64)
-    u_sorted = train.users[order]
-    starts = np.searchsorted(u_sorted, u_sorted, side="left")
-    rank[order] = np.arange(len(order)) - starts
+    base = train.subset(rank < 0)
     mask = train.subset(is_cold[train.users])
     ctest = test.subset(is_cold[test.users])
     out: dict[str, Any] = {
@@ -653,7 +632,7 @@ def main() -> None:
                         keep_models=u1_models if s == "u1" else None)
         rep["seconds"] = time.perf_counter() - t0
         report["splits"].append(rep)
-        write_json(args.out, json_ready(report))
+        write_json(args.out, json_safe(report))
 
     folds = [r for r in report["splits"] if r["split"] in FOLDS]
     summary: dict[str, Any] = {}
@@ -668,22 +647,22 @@ def main() -> None:
             summary["temporal"] = {"table": table, "verdict": verdict(table, default)}
             print_table("ML-100K per-user temporal split (latest 20%)", table, default)
     report["summary"] = summary
-    write_json(args.out, json_ready(report))
+    write_json(args.out, json_safe(report))
 
     if not args.no_latency and u1_models:
         tr, _ = load_split("ml-100k", "u1")
         report["recommend_latency_u1"] = {
             "what": "score_all([u]) + mask the user's training items + top 10, CPU, 1 thread",
             "results": recommend_latency(u1_models, tr, args.latency_users)}
-        write_json(args.out, json_ready(report))
+        write_json(args.out, json_safe(report))
     if not args.no_cold:
         tr, te = load_split("ml-100k", "u1")
         u1 = next((r for r in report["splits"] if r["split"] == "u1"), None)
         als_params = (u1 or {}).get("validation", {}).get("implicit-als", {}).get("chosen", {})
         report["cold_start_u1"] = cold_start(tr, te, default, rankers, als_params)
-        write_json(args.out, json_ready(report))
+        write_json(args.out, json_safe(report))
     report["total_seconds"] = time.perf_counter() - started
-    write_json(args.out, json_ready(report))
+    write_json(args.out, json_safe(report))
     print(f"\nwrote {args.out} in {report['total_seconds']:.0f} s")
 
 

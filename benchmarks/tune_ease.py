@@ -51,6 +51,7 @@ from recsys.evaluate import evaluate_ranking
 from recsys.models import build_model
 from recsys.models.ease import EASEConfig
 from recsys.ratings import Ratings
+from recsys.splits import reveal_order
 
 RESULTS = Path(__file__).parent / "results"
 FOLDS = ("u1", "u2", "u3", "u4", "u5")
@@ -109,24 +110,15 @@ def cold_slices(train: Ratings, share: float = COLD_SHARE, reveal=REVEAL, seed: 
     ``max(reveal)`` ratings (drawn with ``seed``) are held out of ``base``; for each ``k``,
     ``seen`` = ``base`` followed by ``k`` random ratings of each held-out user (``new``: their
     example ids in ``seen``), ``targets`` = the rest of the held-out users' ratings."""
-    rng = np.random.default_rng(seed)
-    counts = train.user_counts()
-    eligible = np.flatnonzero(counts > max(reveal))
-    held = np.sort(rng.choice(eligible, size=int(round(share * len(eligible))), replace=False))
-    is_held = np.zeros(train.n_users, dtype=bool)
-    is_held[held] = True
-    base = train.subset(~is_held[train.users])
-    rows = np.flatnonzero(is_held[train.users])
-    order = rows[np.lexsort((rng.random(len(rows)), train.users[rows]))]
-    rank = np.zeros(len(train), dtype=np.int64)
-    u_sorted = train.users[order]
-    rank[order] = np.arange(len(order)) - np.searchsorted(u_sorted, u_sorted, side="left")
+    held, rank = reveal_order(train, np.flatnonzero(train.user_counts() > max(reveal)), share, seed)
+    is_held = rank >= 0
+    base = train.subset(~is_held)
     out = {}
     for k in reveal:
-        revealed = train.subset(np.flatnonzero(is_held[train.users] & (rank < k)))
+        revealed = train.subset(np.flatnonzero(is_held & (rank < k)))
         seen = base.append(revealed)
         out[k] = (seen, np.arange(len(base), len(seen), dtype=np.int64),
-                  train.subset(np.flatnonzero(is_held[train.users] & (rank >= k))))
+                  train.subset(np.flatnonzero(is_held & (rank >= k))))
     return base, out, len(held)
 
 

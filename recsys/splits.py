@@ -157,6 +157,27 @@ def cold_start_users(ratings: Ratings, user_fraction: float = 0.2, revealed: int
     return _split_by_mask(ratings, is_test, f"cold-users:{user_fraction:g}:{revealed}:{seed}", cold)
 
 
+def reveal_order(ratings: Ratings, eligible: np.ndarray, share: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Nested cold-start reveals, for curves over ``k`` revealed ratings on the same users:
+    ``round(share · len(eligible))`` users drawn (seeded) from the user indices ``eligible``,
+    and every row's reveal rank ``int64 [n]``: for a drawn user's rows, its position in a
+    seeded random order of that user's ratings (revealing ``k`` takes ``rank < k``, so the
+    ``k = 1`` reveal is part of the ``k = 3`` one); ``-1`` for every other user's rows.
+    Returns ``(held-out users, sorted int64 [m], rank)``."""
+    share = _check_fraction(share, "share")
+    rng = np.random.default_rng(seed)
+    eligible = np.asarray(eligible, dtype=np.int64)
+    held = np.sort(rng.choice(eligible, size=int(round(share * len(eligible))), replace=False))
+    is_held = np.zeros(ratings.n_users, dtype=bool)
+    is_held[held] = True
+    rows = np.flatnonzero(is_held[ratings.users])
+    order = rows[np.lexsort((rng.random(len(rows)), ratings.users[rows]))]
+    rank = np.full(len(ratings), -1, dtype=np.int64)
+    u_sorted = ratings.users[order]
+    rank[order] = np.arange(len(order)) - np.searchsorted(u_sorted, u_sorted, side="left")
+    return held, rank
+
+
 def _leave_k_mask(ratings: Ratings, k: int, order: np.ndarray) -> np.ndarray:
     """Test mask of leave-``k``-out: for rows sorted by ``order`` (grouped by user), the
     last ``k`` of each user with more than ``k`` rows."""
@@ -381,6 +402,7 @@ __all__ = [
     "parse_split",
     "random_leave_k_out",
     "random_split",
+    "reveal_order",
     "temporal_leave_k_out",
     "temporal_split",
     "validation_slice",

@@ -16,6 +16,7 @@ from recsys.splits import (
     count_unknown,
     parse_split,
     random_split,
+    reveal_order,
     temporal_split,
     validation_slice,
 )
@@ -217,3 +218,24 @@ def test_split_spec_apply_matches_the_functions(ratings: Ratings) -> None:
     assert same_split(cold, cold_start_users(ratings, 0.2, 3, 1))
     with pytest.raises(ValueError, match="dataset loader"):
         parse_split("u1").apply(ratings)
+
+
+def test_reveal_order_draws_a_share_of_the_eligible_users_and_nests_their_reveals(ratings):
+    """Held-out users come from ``eligible`` only; each one's rows are ranked 0..n_u-1 (a
+    permutation), so revealing k takes exactly k of their ratings and the k=1 reveal lies inside
+    the k=3 one; every other user's rows rank -1; the same seed gives the same draw."""
+    counts = ratings.user_counts()
+    eligible = np.flatnonzero(counts > 3)
+    held, rank = reveal_order(ratings, eligible, 0.5, seed=4)
+    assert len(held) == round(0.5 * len(eligible)) and np.isin(held, eligible).all()
+    assert np.array_equal(held, np.sort(held))
+    is_held = np.isin(ratings.users, held)
+    assert (rank[~is_held] == -1).all()
+    for u in held:
+        mine = rank[ratings.users == u]
+        assert np.array_equal(np.sort(mine), np.arange(counts[u]))
+    one, three = (rank >= 0) & (rank < 1), (rank >= 0) & (rank < 3)
+    assert one.sum() == len(held) and three.sum() == 3 * len(held) and (three[one]).all()
+    again_held, again_rank = reveal_order(ratings, eligible, 0.5, seed=4)
+    assert np.array_equal(again_held, held) and np.array_equal(again_rank, rank)
+    assert not np.array_equal(reveal_order(ratings, eligible, 0.5, seed=5)[1], rank)

@@ -17,6 +17,7 @@ additive in the user's own interactions: ``x_u·y_i = Σ_j c_uj (y_iᵀ W_u⁻¹
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -110,21 +111,14 @@ class ALS(ImplicitFactorModel):
             return w
         return (np.sign(w) * (1.0 + c.alpha * np.abs(w))).astype(np.float32)
 
-    def new_library(self, *, gpu: bool, items: np.ndarray | None = None) -> Any:
+    def library_spec(self) -> tuple[Callable[..., Any], type, dict]:
         import implicit.als
         import implicit.cpu.als
 
         c = self.config
-        kwargs = dict(factors=c.embedding_size, regularization=c.reg, alpha=self.library_alpha(),
-                      iterations=c.iterations, random_state=c.seed)
-        with library_threads():  # the constructor checks the BLAS threads
-            if gpu:
-                lib = implicit.als.AlternatingLeastSquares(**kwargs, use_gpu=True)
-            else:
-                lib = implicit.cpu.als.AlternatingLeastSquares(**kwargs, num_threads=c.num_threads)
-        if items is not None:
-            lib.item_factors = np.ascontiguousarray(items, dtype=np.float32)
-        return lib
+        options = dict(factors=c.embedding_size, regularization=c.reg, alpha=self.library_alpha(),
+                       iterations=c.iterations, random_state=c.seed)
+        return implicit.als.AlternatingLeastSquares, implicit.cpu.als.AlternatingLeastSquares, options
 
     # ------------------------------------------------------------------ fitting
     def fit(self, interactions: Ratings, *, progress: bool | None = None) -> dict:

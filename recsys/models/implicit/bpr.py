@@ -25,6 +25,7 @@ items first as the fitted row does (tested), and ranks validation items as well 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -90,21 +91,14 @@ class BPR(ImplicitFactorModel):
     def table_width(self) -> int:
         return self.config.embedding_size + 1
 
-    def new_library(self, *, gpu: bool, items: np.ndarray | None = None) -> Any:
+    def library_spec(self) -> tuple[Callable[..., Any], type, dict]:
         import implicit.bpr
         import implicit.cpu.bpr
 
         c = self.config
-        kwargs = dict(factors=c.embedding_size, learning_rate=c.learning_rate, regularization=c.reg,
-                      iterations=c.iterations, random_state=c.seed)
-        with library_threads():  # the constructor checks the BLAS threads
-            if gpu:
-                lib = implicit.bpr.BayesianPersonalizedRanking(**kwargs, use_gpu=True)
-            else:
-                lib = implicit.cpu.bpr.BayesianPersonalizedRanking(**kwargs, num_threads=c.num_threads)
-        if items is not None:
-            lib.item_factors = np.ascontiguousarray(items, dtype=np.float32)
-        return lib
+        options = dict(factors=c.embedding_size, learning_rate=c.learning_rate, regularization=c.reg,
+                       iterations=c.iterations, random_state=c.seed)
+        return implicit.bpr.BayesianPersonalizedRanking, implicit.cpu.bpr.BayesianPersonalizedRanking, options
 
     def fit(self, interactions: Ratings, *, progress: bool | None = None) -> dict:
         """Fit on ``interactions`` through the library (``BayesianPersonalizedRanking.fit`` on the

@@ -8,7 +8,7 @@ buffers, scoring, the user×item CSR handed to the library, and online fold-in b
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -187,7 +187,21 @@ class ImplicitFactorModel(RankingModel):
         return self._lib_cache[1]
 
     def new_library(self, *, gpu: bool, items: np.ndarray | None = None) -> Any:
-        """A fresh library model with this config (``items``: its item factors)."""
+        """A fresh library model with this config, on `implicit`'s GPU or CPU backend
+        (``items``: its item factors)."""
+        gpu_class, cpu_class, options = self.library_spec()
+        with library_threads():  # the constructor checks the BLAS threads
+            if gpu:
+                lib = gpu_class(**options, use_gpu=True)
+            else:
+                lib = cpu_class(**options, num_threads=self.config.num_threads)
+        if items is not None:
+            lib.item_factors = np.ascontiguousarray(items, dtype=np.float32)
+        return lib
+
+    def library_spec(self) -> tuple[Callable[..., Any], type, dict]:
+        """``(factory that takes use_gpu, CPU class, constructor options)`` of the wrapped
+        `implicit` model."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ fold-in and online
