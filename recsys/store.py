@@ -10,8 +10,18 @@ committed*: a writer thread takes everything queued while the previous commit wa
 (plus what arrives within ``group_window_s``, default 0: no added delay) into one
 transaction and acknowledges each caller after it commits.
 
-Idempotency: a client-supplied ``event_id`` is unique; re-sending it returns the original
-row instead of storing a duplicate.
+Idempotency: a client-supplied ``event_id`` is unique; re-sending it with the same payload
+returns the original row instead of storing a duplicate; re-sending it with a different payload
+(user, item, rating, or a given timestamp that differs) is an `EventIdConflictError` for that
+request alone (nothing of it is stored; other requests of the same group commit are not
+affected).
+
+Order: every commit happens under the exclusive lock and numbers its rows after the last
+committed ``seq``, so readers (in this process or another) see ``seq`` values appear in
+order and without gaps: once ``seq`` S is visible, every ``seq`` below it is too. That is what
+lets a follower apply the log by a single cursor (`replay` after the last ``seq`` applied;
+`last_seq` to see whether there is anything new). Users created with no ratings have their
+own cursor (`new_users`, ordered by their row id).
 """
 
 from __future__ import annotations
@@ -50,6 +60,11 @@ class StoreClosedError(RecsysError):
     """The store was closed; nothing more can be written."""
 
 
+class EventIdConflictError(RecsysError):
+    """An ``event_id`` already stored (or repeated in one request) came with a different
+    payload; nothing of the request was stored."""
+
+
 @dataclass(frozen=True)
 class StoredRating:
     """One rating as stored: ``seq`` is its position in the log (1-based, increasing)."""
@@ -61,6 +76,12 @@ class StoredRating:
     timestamp: int
     event_id: str | None
     duplicate: bool = False  # True when this event_id had already been stored
+
+
+def _same_payload(stored: StoredRating, new: NewRating) -> bool:
+    """Whether ``new`` is a retry of ``stored`` (a missing timestamp matches any)."""
+    return (stored.user == new.user and stored.item == new.item and stored.rating == float(new.rating)
+            and (new.timestamp is None or int(new.timestamp) == stored.timestamp))
 
 
 @dataclass(frozen=True)
@@ -75,17 +96,25 @@ class NewRating:
 class RatingStore:
     """A durable, append-only rating log (see the module docstring)."""
 
+    #: seconds a connection waits on SQLite's own locks (held briefly by other processes)
+    busy_timeout_s = 30.0
+
     def __init__(self, path: str | Path, *, group_window_s: float = 0.0, max_group: int = 10_000) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+b")  # noqa: SIM115
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
-        self._read = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        # busy_timeout: a reader or a checkpoint of another process may hold SQLite's own locks
+        # briefly; writers are serialised by the file lock below, so a wait is short
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                     timeout=self.busy_timeout_s)
+        with self._exclusive_file():  # two processes creating the same new store at once
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(_SCHEMA)
+        self._read = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                     timeout=self.busy_timeout_s)
+        self._read_lock = threading.Lock()
         self._group_window_s = group_window_s
         self._max_group = max_group
         self._queue: queue.Queue[tuple[list[NewRating], Future] | None] = queue.Queue()
@@ -96,8 +125,9 @@ class RatingStore:
     # ------------------------------------------------------------------ writing
     def add(self, ratings: Sequence[NewRating], timeout: float | None = 30.0) -> list[StoredRating]:
         """Store ``ratings`` durably; returns them as stored (in order), after the commit.
-        Ratings whose ``event_id`` was seen before come back with ``duplicate=True`` and the
-        original values."""
+        Ratings whose ``event_id`` was seen before with the same payload come back with
+        ``duplicate=True`` and the original values; a different payload under a known
+        ``event_id`` raises `EventIdConflictError` and stores nothing of ``ratings``."""
         if self._closed:
             raise StoreClosedError("the rating store is closed")
         if not ratings:
@@ -142,12 +172,17 @@ class RatingStore:
                     fut.set_exception(exc)
                 continue
             for (_, fut), res in zip(batch, results, strict=True):
-                fut.set_result(res)
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
 
-    def _commit(self, groups: list[list[NewRating]]) -> list[list[StoredRating]]:
-        """One transaction for all groups: look up known event ids in bulk, number the new
-        rows explicitly (we hold the only write lock, so numbers are consecutive), insert
-        them with one ``executemany``."""
+    def _commit(self, groups: list[list[NewRating]]) -> list[list[StoredRating] | EventIdConflictError]:
+        """One transaction for all groups (one group: one caller's ratings): look up known
+        event ids in bulk, number the new rows explicitly (we hold the only write lock, so
+        numbers are consecutive), insert them with one ``executemany``. A group that reuses
+        an event id with a different payload gets its `EventIdConflictError` instead and
+        adds nothing."""
         now = time.time()
         with self._exclusive():
             cur = self._conn.cursor()
@@ -163,22 +198,38 @@ class RatingStore:
                     known.update({row[5]: StoredRating(*row, duplicate=True) for row in rows})
                 row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'ratings'").fetchone()
                 seq = row[0] if row else 0
-                out: list[list[StoredRating]] = []
+                out: list[list[StoredRating] | EventIdConflictError] = []
                 inserts = []
                 for group in groups:
-                    stored = []
+                    stored, group_inserts, group_known = [], [], {}
+                    conflict = None
                     for r in group:
-                        if r.event_id is not None and r.event_id in known:
-                            stored.append(known[r.event_id])
+                        old = group_known.get(r.event_id) or known.get(r.event_id) if r.event_id is not None else None
+                        if old is not None:
+                            if not _same_payload(old, r):
+                                conflict = EventIdConflictError(
+                                    f"event_id {r.event_id!r} is already stored as seq {old.seq} with user "
+                                    f"{old.user!r}, item {old.item!r}, rating {old.rating:g}, timestamp "
+                                    f"{old.timestamp}; this request sends user {r.user!r}, item {r.item!r}, "
+                                    f"rating {float(r.rating):g}, timestamp {r.timestamp}: use a new event_id for "
+                                    "a new rating (nothing of this request was stored)")
+                                break
+                            stored.append(old)
                             continue
                         seq += 1
                         ts = int(now) if r.timestamp is None else int(r.timestamp)
                         s = StoredRating(seq, r.user, r.item, float(r.rating), ts, r.event_id)
                         if r.event_id is not None:  # a repeat later in this same batch is a duplicate
-                            known[r.event_id] = StoredRating(seq, r.user, r.item, float(r.rating), ts,
-                                                             r.event_id, duplicate=True)
-                        inserts.append((seq, r.user, r.item, float(r.rating), ts, r.event_id, now))
+                            group_known[r.event_id] = StoredRating(seq, r.user, r.item, float(r.rating), ts,
+                                                                   r.event_id, duplicate=True)
+                        group_inserts.append((seq, r.user, r.item, float(r.rating), ts, r.event_id, now))
                         stored.append(s)
+                    if conflict is not None:
+                        seq -= len(group_inserts)  # this group adds nothing: the next numbers follow on
+                        out.append(conflict)
+                        continue
+                    known.update(group_known)
+                    inserts.extend(group_inserts)
                     out.append(stored)
                 cur.executemany("INSERT INTO ratings(seq, user, item, rating, timestamp, event_id, received_at) "
                                 "VALUES (?, ?, ?, ?, ?, ?, ?)", inserts)
@@ -194,14 +245,21 @@ class RatingStore:
 
         def __enter__(self) -> None:
             self.store._write_lock.acquire()
-            fcntl.flock(self.store._lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self.store._lock_file.fileno(), fcntl.LOCK_EX)
+            except BaseException:
+                self.store._write_lock.release()
+                raise
 
         def __exit__(self, *exc: object) -> None:
             fcntl.flock(self.store._lock_file.fileno(), fcntl.LOCK_UN)
             self.store._write_lock.release()
 
     def _exclusive(self) -> RatingStore._FileLock:
+        """The writers' lock: this process's threads, then every process on the file."""
         return RatingStore._FileLock(self)
+
+    _exclusive_file = _exclusive
 
     # ------------------------------------------------------------------ reading
     def replay(self, after_seq: int = 0, batch: int = 10_000) -> Iterator[StoredRating]:
@@ -220,8 +278,26 @@ class RatingStore:
 
     def users(self) -> list[str]:
         """Users created through `add_user`, in creation order."""
+        return [u for _, u in self.new_users()]
+
+    def new_users(self, after: int = 0) -> list[tuple[int, str]]:
+        """``(position, user)`` of the users created through `add_user` after position
+        ``after`` (0: all), in creation order; positions are increasing row ids."""
         with self._read_lock:
-            return [u for (u,) in self._read.execute("SELECT user FROM users ORDER BY created_at, user")]
+            return self._read.execute("SELECT rowid, user FROM users WHERE rowid > ? ORDER BY rowid",
+                                      (after,)).fetchall()
+
+    def last_seq(self) -> int:
+        """The ``seq`` of the last committed rating (0: none); cheap enough to poll."""
+        with self._read_lock:
+            row = self._read.execute("SELECT seq FROM sqlite_sequence WHERE name = 'ratings'").fetchone()
+        return int(row[0]) if row else 0
+
+    def last_user(self) -> int:
+        """The position of the last user created through `add_user` (0: none)."""
+        with self._read_lock:
+            row = self._read.execute("SELECT MAX(rowid) FROM users").fetchone()
+        return int(row[0] or 0)
 
     def count(self) -> int:
         with self._read_lock:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 
 import pytest
 
-from recsys.store import NewRating, RatingStore, StoreClosedError
+from recsys.store import EventIdConflictError, NewRating, RatingStore, StoreClosedError, StoredRating
 
 
 def test_ratings_come_back_in_order_with_consecutive_sequence_numbers(tmp_path):
@@ -21,11 +22,92 @@ def test_ratings_come_back_in_order_with_consecutive_sequence_numbers(tmp_path):
 
 def test_event_ids_are_stored_once_even_within_one_batch(tmp_path):
     with RatingStore(tmp_path / "db") as store:
-        a = store.add([NewRating("u", "a", 4.0, event_id="e1"), NewRating("u", "a", 5.0, event_id="e1")])
-        b = store.add([NewRating("u", "a", 3.0, event_id="e1"), NewRating("u", "c", 3.0, event_id="e2")])
+        a = store.add([NewRating("u", "a", 4.0, event_id="e1"), NewRating("u", "a", 4.0, event_id="e1")])
+        b = store.add([NewRating("u", "a", 4.0, event_id="e1"), NewRating("u", "c", 3.0, event_id="e2")])
         assert [r.duplicate for r in a + b] == [False, True, True, False]
         assert {r.seq for r in a + b[:1]} == {1} and b[0].rating == 4.0
         assert store.count() == 2
+
+
+def test_a_retry_without_timestamp_matches_the_stored_one(tmp_path):
+    with RatingStore(tmp_path / "db") as store:
+        first = store.add([NewRating("u", "a", 4.0, 123, event_id="e1")])[0]
+        assert store.add([NewRating("u", "a", 4.0, None, event_id="e1")])[0] == \
+            StoredRating(first.seq, "u", "a", 4.0, 123, "e1", duplicate=True)
+
+
+@pytest.mark.parametrize("changed", [NewRating("u", "a", 5.0, 100, "e1"), NewRating("v", "a", 4.0, 100, "e1"),
+                                     NewRating("u", "b", 4.0, 100, "e1"), NewRating("u", "a", 4.0, 101, "e1")])
+def test_an_event_id_reused_with_another_payload_is_a_conflict_and_stores_nothing_of_the_request(tmp_path, changed):
+    with RatingStore(tmp_path / "db") as store:
+        store.add([NewRating("u", "a", 4.0, 100, "e1")])
+        with pytest.raises(EventIdConflictError, match="event_id 'e1' is already stored as seq 1"):
+            store.add([NewRating("w", "z", 1.0, None, "fresh"), changed])
+        with pytest.raises(EventIdConflictError):  # the same id twice in one request, payloads differ
+            store.add([NewRating("w", "z", 1.0, None, "e9"), NewRating("w", "z", 2.0, None, "e9")])
+        assert store.count() == 1 and store.last_seq() == 1
+        assert store.add([NewRating("w", "z", 1.0, None, "fresh")])[0].seq == 2  # numbering goes on
+
+
+def test_a_conflict_fails_only_its_own_request_within_a_group_commit(tmp_path):
+    with RatingStore(tmp_path / "db", group_window_s=0.05) as store:
+        store.add([NewRating("u", "a", 4.0, 100, "e1")])
+        results: dict[str, object] = {}
+
+        def send(name: str, ratings: list[NewRating]) -> None:
+            try:
+                results[name] = store.add(ratings)
+            except EventIdConflictError as exc:
+                results[name] = exc
+
+        threads = [threading.Thread(target=send, args=("bad", [NewRating("x", "a", 1.0, None, "n1"),
+                                                               NewRating("u", "a", 2.0, 100, "e1")])),
+                   threading.Thread(target=send, args=("good", [NewRating("y", "b", 3.0, None, "n2")]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert isinstance(results["bad"], EventIdConflictError)
+        assert [r.seq for r in results["good"]] == [2]
+        assert [r.event_id for r in store.replay()] == ["e1", "n2"]
+
+
+def test_the_log_is_followed_by_cursors(tmp_path):
+    with RatingStore(tmp_path / "db") as store:
+        assert store.last_seq() == 0 and store.last_user() == 0 and store.new_users() == []
+        store.add([NewRating("u", "a", 4.0), NewRating("u", "b", 3.0)])
+        store.add_user("x")
+        store.add_user("y")
+        assert not store.add_user("x")
+        assert store.last_seq() == 2 and [r.seq for r in store.replay(after_seq=1)] == [2]
+        assert store.new_users() == [(1, "x"), (2, "y")] and store.new_users(after=1) == [(2, "y")]
+        assert store.last_user() == 2 and store.users() == ["x", "y"]
+
+
+def _write_from_another_process(path: str, writer: int, n: int) -> None:
+    with RatingStore(path) as store:
+        for k in range(n):
+            store.add([NewRating(f"p{writer}", str(k), 3.0, None, f"{writer}-{k}")])
+
+
+def test_writers_in_several_processes_share_one_gapless_log(tmp_path):
+    """Each process has its own connection, writer thread and group commits; the file lock
+    serialises them, so sequence numbers stay consecutive and nothing is lost."""
+    ctx = multiprocessing.get_context("spawn")
+    path = str(tmp_path / "db")
+    RatingStore(path).close()
+    procs = [ctx.Process(target=_write_from_another_process, args=(path, w, 40)) for w in range(3)]
+    for p in procs:
+        p.start()
+    with RatingStore(path) as store:
+        for k in range(40):
+            store.add([NewRating("here", str(k), 2.0, None, f"here-{k}")])
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+        rows = list(store.replay())
+        assert [r.seq for r in rows] == list(range(1, 161)) and store.last_seq() == 160
+        assert len({r.event_id for r in rows}) == 160
 
 
 def test_data_survives_reopening(tmp_path):
