@@ -1,12 +1,26 @@
-"""Request and response bodies of the REST API (pydantic v2)."""
+"""Request and response bodies of the REST API (pydantic v2).
+
+Ids (users, items, event ids; in paths, queries and bodies alike) follow one rule, `ID_RULE`:
+1 to `MAX_ID_LENGTH` characters, none of them ``/``, a control character or a lone
+surrogate. Numbers are strict: a rating is a JSON number (an integer is fine; a string such
+as ``"4"`` or a boolean is a 422), finite; a timestamp a JSON integer. The limits that depend
+on the settings (entries per request, ``k``, explanation length) are set on these models by
+`bounded_models` so that the OpenAPI document states them."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-Id = Field(min_length=1, max_length=128, description="a raw user or item id")
+#: the longest id (users, items, event ids) the service accepts
+MAX_ID_LENGTH = 128
+#: what an id may hold: 1 to MAX_ID_LENGTH characters, no '/', no control character (lone
+#: surrogates are refused too: pydantic's strings are valid Unicode)
+ID_PATTERN = rf"^[^/\x00-\x1f\x7f]{{1,{MAX_ID_LENGTH}}}$"
+ID_RULE = (f"1 to {MAX_ID_LENGTH} characters; no '/', no control character (U+0000-U+001F, U+007F), "
+           "no lone surrogate")
+Id = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, description=f"a raw user or item id: {ID_RULE}")
 Path = Literal["model", "fold-in", "online", "fallback", "popularity"]
 
 
@@ -47,7 +61,7 @@ class PairIn(BaseModel):
 class PredictBatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pairs: list[PairIn] = Field(min_length=1)
-    explain: int = Field(0, ge=0, le=50)
+    explain: int = Field(0, ge=0, le=50, strict=True)
 
 
 class PredictBatchOut(BaseModel):
@@ -64,15 +78,33 @@ class RatingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: str = Id
     item: str = Id
-    rating: float = Field(allow_inf_nan=False)
-    timestamp: int | None = Field(None, ge=0, le=2**62)
-    event_id: str | None = Field(None, min_length=1, max_length=128,
-                                 description="client id of this rating; retries with the same id are stored once")
+    rating: float = Field(strict=True, allow_inf_nan=False,
+                          description="a finite JSON number on the model's rating scale (integers are fine; "
+                                      "strings and booleans are not)")
+    timestamp: int | None = Field(None, ge=0, le=2**62, strict=True, description="seconds since 1970 (default: now)")
+    event_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN,
+                                 description="client id of this rating; a retry with the same id and payload is "
+                                             "stored once (answered as a duplicate), the same id with another "
+                                             f"payload is a 409. {ID_RULE}")
 
 
 class RatingsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ratings: list[RatingIn] = Field(min_length=1)
+
+
+def bounded_models(max_batch: int, max_explain: int) -> tuple[type[PredictBatchIn], type[RatingsIn]]:
+    """`PredictBatchIn` and `RatingsIn` with the service's limits in their schema: at most
+    ``max_batch`` pairs or ratings, at most ``max_explain`` explanation entries."""
+    predict = create_model("PredictBatchIn", __base__=PredictBatchIn,
+                           pairs=(list[PairIn], Field(min_length=1, max_length=max_batch,
+                                                      description=f"1 to {max_batch} pairs")),
+                           explain=(int, Field(0, ge=0, le=max_explain, strict=True,
+                                               description="explanation entries per prediction")))
+    ratings = create_model("RatingsIn", __base__=RatingsIn,
+                           ratings=(list[RatingIn], Field(min_length=1, max_length=max_batch,
+                                                          description=f"1 to {max_batch} ratings")))
+    return predict, ratings
 
 
 class StoredOut(BaseModel):
@@ -86,7 +118,7 @@ class StoredOut(BaseModel):
 
 
 class RatingsOut(BaseModel):
-    accepted: int = Field(description="ratings newly stored and applied")
+    accepted: int = Field(description="ratings newly stored and applied to the live model (before the reply)")
     duplicates: int = Field(description="ratings whose event_id was already stored")
     ratings: list[StoredOut]
 
@@ -115,9 +147,27 @@ class ReloadIn(BaseModel):
     model: str | None = Field(None, description="artefact directory; default: the one configured")
 
 
+class SkippedOut(BaseModel):
+    seq: int | None
+    user: str
+    item: str
+    rating: float
+    reason: str
+
+
 class ReloadOut(BaseModel):
     model: str
-    replayed: int
+    replayed: int = Field(description="stored ratings applied to the new model")
+    skipped: int = Field(description="stored ratings the new model cannot apply (unknown item, off its scale): "
+                                     "left out, still in the store")
+    skipped_examples: list[SkippedOut] = Field(description="the first few skipped ratings and why")
+
+
+class ReadyOut(BaseModel):
+    model: bool
+    store: bool
+    applied_seq: int = Field(0, description="seq of the last stored rating the live model has applied")
+    skipped: int = Field(0, description="stored ratings the live model cannot apply (see /v1/admin/reload)")
 
 
 class Problem(BaseModel):

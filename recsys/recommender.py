@@ -29,8 +29,11 @@ has no vector for an item nobody has rated, and inventing one would be a guess.
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 import time
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +129,11 @@ class Recommender:
         self._train_counts = self.train.user_counts()
         self._seen_seq = 0
         self.n_ingested = 0
+        #: stored ratings this model could not apply (skipped, see `add_ratings`): count, the
+        #: first few as ``{"seq", "user", "item", "rating", "reason"}``, and every skipped seq
+        self.n_skipped = 0
+        self.skipped_examples: list[dict] = []
+        self._skipped_seqs = array("q")
         self.loaded_at = time.time()
         lr = final_learning_rate(artefact.metadata)
         #: the models that learn ingested ratings, rating model first
@@ -379,39 +387,91 @@ class Recommender:
 
     def validate(self, ratings: Sequence[NewRating]) -> None:
         """Reject what `add_ratings` could not apply, before it is stored: unknown items
-        (`UnknownIdError`) and ratings outside the model's scale (`ValueError`)."""
-        lo, hi = self.model.rating_scale
+        (`UnknownIdError`) and ratings outside the model's scale or not finite (`ValueError`)."""
         for r in ratings:
-            self._item(r.item)
-            if not lo <= r.rating <= hi:
-                raise ValueError(f"rating {r.rating} for item {r.item!r} is outside the scale {lo:g}..{hi:g}")
+            problem = self._unmappable(r)
+            if problem is not None:
+                raise UnknownIdError("item", r.item) if problem.startswith("unknown item") else ValueError(problem)
 
-    def add_ratings(self, ratings: Iterable[StoredRating | NewRating]) -> int:
-        """Apply stored ratings to the live model, in order; returns how many were applied.
-        Ratings already applied (by ``seq``) and duplicates are skipped, so replaying a store
-        twice is harmless. Unknown items raise `UnknownIdError` before anything is applied."""
-        batch = [r for r in ratings if not getattr(r, "duplicate", False)
-                 and getattr(r, "seq", self._seen_seq + 1) > self._seen_seq]
-        if not batch:
-            return 0
-        items = np.asarray([self._item(r.item) for r in batch], dtype=np.int64)
+    def _unmappable(self, r: StoredRating | NewRating) -> str | None:
+        """Why this model cannot apply rating ``r`` (None: it can)."""
+        if self.item_ids.get(r.item) is None:
+            return f"unknown item id {r.item!r}"
+        lo, hi = self.model.rating_scale
+        if not (math.isfinite(r.rating) and lo <= r.rating <= hi):
+            return f"rating {r.rating} for item {r.item!r} is outside the scale {lo:g}..{hi:g}"
+        return None
+
+    #: how many skipped ratings `skipped_examples` lists
+    max_skipped_examples = 20
+
+    def add_ratings(self, ratings: Iterable[StoredRating | NewRating], *, skip_unmappable: bool = False) -> int:
+        """Apply ratings to the live model, in order; returns how many were applied.
+
+        Stored ratings (with a ``seq``) must come in increasing ``seq`` order (`ValueError`
+        otherwise); those already applied (``seq <= last_seq``) and duplicates are skipped,
+        so replaying a store twice is harmless. A rating this model cannot apply (an item it
+        does not know, a value outside its scale): with ``skip_unmappable`` (following a store,
+        whose rows an earlier artefact accepted) it is left out, counted in ``n_skipped``,
+        listed in ``skipped_examples`` and its seq still counts as seen; without, the first
+        one raises `UnknownIdError` or `ValueError` before anything is applied."""
+        batch: list[StoredRating | NewRating] = []
+        skipped: list[tuple[StoredRating | NewRating, str]] = []
+        last = self._seen_seq
+        for r in ratings:
+            if getattr(r, "duplicate", False):
+                continue
+            seq = getattr(r, "seq", None)
+            if seq is not None:
+                if seq <= self._seen_seq:
+                    continue
+                if seq <= last:
+                    raise ValueError(f"stored ratings must come in sequence order: seq {seq} after {last}")
+                last = seq
+            problem = self._unmappable(r)
+            if problem is None:
+                batch.append(r)
+            elif skip_unmappable:
+                skipped.append((r, problem))
+            else:
+                self.validate([r])
         with self._lock:
-            r = self.ratings
-            user_ids = r.user_ids.extend([r_.user for r_ in batch])
-            now = int(time.time())
-            new = Ratings(user_ids.indices([r_.user for r_ in batch]), items,
-                          np.asarray([r_.rating for r_ in batch], dtype=np.float32),
-                          np.asarray([now if r_.timestamp is None else r_.timestamp for r_ in batch], dtype=np.int64),
-                          user_ids, r.item_ids, r.rating_scale)
-            self._learn(r.append(new))
-            seqs = [r_.seq for r_ in batch if getattr(r_, "seq", None) is not None]
-            if seqs:
-                self._seen_seq = max(self._seen_seq, *seqs)
-            self.n_ingested += len(batch)
+            for r, problem in skipped:
+                self._skip(r, problem)
+            if batch:
+                items = np.asarray([self.item_ids.get(r_.item) for r_ in batch], dtype=np.int64)
+                r = self.ratings
+                user_ids = r.user_ids.extend([r_.user for r_ in batch])
+                now = int(time.time())
+                new = Ratings(user_ids.indices([r_.user for r_ in batch]), items,
+                              np.asarray([r_.rating for r_ in batch], dtype=np.float32),
+                              np.asarray([now if r_.timestamp is None else r_.timestamp for r_ in batch],
+                                         dtype=np.int64),
+                              user_ids, r.item_ids, r.rating_scale)
+                self._learn(r.append(new))
+                self.n_ingested += len(batch)
+            self._seen_seq = last
             return len(batch)
 
+    def _skip(self, r: StoredRating | NewRating, reason: str) -> None:
+        self.n_skipped += 1
+        seq = getattr(r, "seq", None)
+        if seq is not None:
+            self._skipped_seqs.append(seq)
+        if len(self.skipped_examples) < self.max_skipped_examples:
+            self.skipped_examples.append({"seq": seq, "user": r.user, "item": r.item, "rating": r.rating,
+                                          "reason": reason})
+
+    def skipped_seqs(self, first: int, last: int) -> list[int]:
+        """The seqs in ``first..last`` that this model skipped as unmappable."""
+        lo = bisect.bisect_left(self._skipped_seqs, first)
+        hi = bisect.bisect_right(self._skipped_seqs, last)
+        return list(self._skipped_seqs[lo:hi])
+
     def replay(self, stored: Iterable[StoredRating], users: Iterable[str] = ()) -> int:
-        """Bring the model up to date with a store after a (re)start."""
+        """Bring the model up to date with a store after a (re)start: ``users`` created with
+        no rating, then ``stored`` in seq order; rows it cannot apply are skipped and counted
+        (`add_ratings` with ``skip_unmappable``), so one bad row blocks nothing."""
         for user in users:
             self.add_user(user)
         n = 0
@@ -419,9 +479,9 @@ class Recommender:
         for r in stored:
             chunk.append(r)
             if len(chunk) >= 10_000:
-                n += self.add_ratings(chunk)
+                n += self.add_ratings(chunk, skip_unmappable=True)
                 chunk = []
-        return n + self.add_ratings(chunk)
+        return n + self.add_ratings(chunk, skip_unmappable=True)
 
     @property
     def last_seq(self) -> int:

@@ -42,7 +42,7 @@ def client(model_dir, tmp_path):
 
 def test_health_ready_and_openapi(client):
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").json() == {"model": True, "store": True}
+    assert client.get("/ready").json() == {"model": True, "store": True, "applied_seq": 0, "skipped": 0}
     paths = client.get("/openapi.json").json()["paths"]
     for route in ("/v1/predict", "/v1/users/{user}/recommendations", "/v1/ratings", "/v1/users",
                   "/v1/users/{user}", "/health", "/ready", "/metrics"):
@@ -63,7 +63,7 @@ def test_predict_batch_and_size_limit(model_dir, tmp_path):
         preds = res.json()["predictions"]
         assert [p["path"] for p in preds] == ["model", "fallback"]
         too_many = {"pairs": [{"user": "0", "item": "1"}] * 4}
-        assert c.post("/v1/predict", json=too_many).status_code == 413
+        assert c.post("/v1/predict", json=too_many).status_code == 422  # the schema says at most 3
 
 
 def test_unknown_item_is_404_with_message(client):
@@ -90,7 +90,7 @@ def test_recommendations_exclude_rated_items(client, model_dir):
     res = client.get("/v1/users/0/recommendations", params={"k": 5})
     items = [p["item"] for p in res.json()["items"]]
     assert res.status_code == 200 and len(items) == 5 and not rated & set(items)
-    assert client.get("/v1/users/0/recommendations", params={"k": 1000}).status_code == 413
+    assert client.get("/v1/users/0/recommendations", params={"k": 1000}).status_code == 422  # k <= max_k
 
 
 def test_writes_need_the_key(client):
@@ -238,7 +238,7 @@ def test_ratings_received_online_explain_later_predictions(client):
         {"user": "explained", "item": "1", "rating": 5, "timestamp": 1700000000},
         {"user": "explained", "item": "2", "rating": 1, "timestamp": 1700000001}]})
     res = client.get("/v1/predict", params={"user": "explained", "item": "3", "explain": 5}).json()
-    assert res["path"] == "fold-in" and res["explanation_method"] == "newton"
+    assert res["path"] == "fold-in" and "newton" in res["explanation_method"]
     own = [e for e in res["explanation"] if e["user"] == "explained"]
     assert {(e["item"], e["rating"], e["timestamp"]) for e in own} == {("1", 5.0, 1700000000), ("2", 1.0, 1700000001)}
     client.post("/v1/ratings", headers=AUTH, json={"ratings": [{"user": "0", "item": "3", "rating": 5}]})
