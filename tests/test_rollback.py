@@ -93,13 +93,18 @@ def test_adam_credit_is_the_gradient_through_the_preconditioner():
     ("kfac", {}), ("ekfac", {}), ("tkfac", {}), ("tekfac", {}),
     ("kfac", {"salr": {"every": 2}}),
     ("cov-noise", {"noise": {"scale": 0.0, "batch": 2}}),
+    ("cov-noise", {"noise": {"scale": 0.0, "batch": 4, "estimator": "sub-batch", "base": "sgd"}}),
+    ("cov-noise", {"noise": {"scale": 0.0, "batch": 5, "estimator": "sub-batch", "base": "sgd"}}),
+    ("cov-noise", {"noise": {"scale": 0.0, "batch": 4, "estimator": "sub-batch", "base": "adagrad"}}),
     ("sgd", {"salr": {"every": 2}}),
 ])
 def test_preconditioned_credits_sum_to_every_rows_change(small_ratings, optimizer, extra):
     # The K-FAC family's row preconditioner is linear in the row's gradient, so crediting each
     # example its own gradient through it splits every step exactly; over a whole fit the
-    # credits of a row's examples sum to the row's change. Covariance noise at scale 0 and
-    # SALR's rescaled rate (its extra passes are not logged) split exactly too.
+    # credits of a row's examples sum to the row's change. Covariance noise at scale 0 (both
+    # estimators; the sub-batch one credits each sub-batch by its share of the batch, also when
+    # the last sub-batch is short: 16 = 5 + 5 + 5 + 1) and SALR's rescaled rate (its extra
+    # passes are not logged) split exactly too; Adagrad under sub-batches is exact per step.
     r = small_ratings
     model = _model(r)
     init = {n: getattr(model, n).weight.detach().clone() for n in SLOT_NAMES}

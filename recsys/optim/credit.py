@@ -5,6 +5,8 @@ read from the optimizer's state after the step. The rules and their exactness ar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from recsys.optim.noise import CovNoiseSGD
@@ -18,8 +20,27 @@ ATTRIBUTION = {
     "sparse-adam": "approximate: -lr*grad/|B|/(sqrt(v_hat_t)+eps), momentum credited at its step",
     **{kind: "exact per step given the factors: -lr*P_row(grad/|B|), the step's row preconditioner"
        for kind in ("kfac", "ekfac", "tkfac", "tekfac")},
-    "cov-noise": "as sgd (or the sub-batch estimator's base optimizer); the injected noise is not attributed",
+    "cov-noise": "as sgd (or the sub-batch estimator's base optimizer, each sub-batch credited by its share "
+                 "n_j/B of the batch); the injected noise is not attributed",
 }
+
+
+def batch_passes(passes: Sequence[tuple[torch.Tensor, torch.Tensor]], n_examples: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's gathered rows ``[n_examples]`` and their gradients ``[n_examples, width]``
+    from its backward passes ``(indices [n_j], gradient [n_j, width])``, in batch order.
+
+    One pass: the batch's own mean loss, each row's gradient is its example's share already.
+    Several passes (sub-batch covariance noise, `recsys.optim.noise.SubBatchNoise`): each
+    pass back-propagated its own sub-batch's *mean* loss and the step follows the weighted
+    mean ``Σ_j (n_j / B) g_j``, so each pass is credited by its share ``n_j / B`` of the batch
+    (without it every credit is ``B / n_j`` times too large)."""
+    rows = torch.cat([idx for idx, _ in passes])
+    if len(rows) != n_examples:
+        raise RuntimeError(f"rollback: {len(rows)} lookups in the step's passes for a batch of {n_examples}")
+    if len(passes) == 1:
+        return rows, passes[0][1]
+    return rows, torch.cat([g * (len(idx) / n_examples) for idx, g in passes])
 
 
 def optimizer_name(optimizer: torch.optim.Optimizer | None) -> str:

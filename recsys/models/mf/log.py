@@ -64,7 +64,7 @@ from safetensors.torch import load_file, save_file
 
 from recsys.models.base import RatingModel
 from recsys.optim.capture import LookupGradients
-from recsys.optim.credit import ATTRIBUTION, credit
+from recsys.optim.credit import ATTRIBUTION, batch_passes, credit
 from recsys.ratings import Ratings
 
 SLOTS: tuple[tuple[str, str], ...] = (
@@ -827,10 +827,9 @@ class AutogradRecorder:
                     passes[-1][1] = passes[-1][1] + g
                 else:
                     passes.append([idx, g])
-            rows = torch.cat([idx for idx, _ in passes])
-            grad = torch.cat([g for _, g in passes])
-            if len(rows) != len(ids):
+            if sum(len(idx) for idx, _ in passes) != len(ids):
                 raise RuntimeError(f"rollback: {name} lookups do not follow the batch's examples")
+            rows, grad = batch_passes(passes, len(ids))  # each sub-batch by its share of the batch
             updates.append(-credit(optimizer, preconditioner, name, getattr(self.model, name).weight, rows, grad))
             captured.clear()
         self.log.add(ids, *updates)
