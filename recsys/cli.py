@@ -681,16 +681,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_explain_eval(args: argparse.Namespace) -> int:
-    from recsys.experiments.faithfulness import summary_run
+    """Faithfulness of the served explanations of the model ``recsys train`` would fit with
+    the same flags (its defaults by default) against exact leave-one-out retraining."""
+    from recsys.experiments.faithfulness import Setup, served_run
 
     folds = load_folds(args)
     if len(folds) != 1 or folds[0][2] is None:
         raise RecsysError("explain-eval needs one split with a test set, e.g. --dataset ml-100k --split u1")
     if args.model != "mf":
-        raise RecsysError(f"explain-eval measures MF explanations; got --model {args.model}")
+        raise RecsysError(f"explain-eval measures mf explanations; got --model {args.model}")
+    for name in ("pairs", "candidates", "removal_pairs"):
+        if getattr(args, name) < 1:
+            raise RecsysError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.fold_in_users < 0:
+        raise RecsysError(f"--fold-in-users must be >= 0, got {args.fold_in_users}")
+    _check_model_flags(args)
+    model_cfg, train_cfg = _configs(args)
+    setup = Setup(MODELS["mf"][1](**model_cfg), replace(train_cfg, progress=False))
     _, train, test = folds[0]
-    out = summary_run(train, test, optimizer=args.optimizer, n_pairs=args.pairs, n_candidates=args.candidates,
-                      seed=args.seed)
+    out = served_run(train, test, setup=setup, method=args.method, n_predictions=args.pairs,
+                     n_candidates=args.candidates, n_removal_pairs=args.removal_pairs,
+                     fold_in_users=args.fold_in_users, noise_floor=not args.no_noise_floor, seed=args.seed)
+    out.pop("points")
     if args.json:
         print(json.dumps(out))
     else:
@@ -713,13 +725,18 @@ def _add_explain_parsers(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("explain-eval", help="faithfulness of MF explanations against exact leave-one-out")
+    p = sub.add_parser("explain-eval", help="faithfulness of the served explanations against exact leave-one-out "
+                                            "(the model `recsys train` fits with the same flags)")
     _add_data_args(p)
-    p.add_argument("--model", default="mf")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adagrad", "sparse-adam"])
-    p.add_argument("--pairs", type=int, default=6, help="test predictions for the leave-one-out test")
-    p.add_argument("--candidates", type=int, default=10, help="candidates per prediction")
-    p.add_argument("--seed", type=int, default=0)
+    _add_model_args(p)
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="the estimate to score (default: what the service serves, cached one-row newton)")
+    p.add_argument("--pairs", type=int, default=30, help="test predictions for the agreement test")
+    p.add_argument("--candidates", type=int, default=20, help="random candidates per prediction")
+    p.add_argument("--removal-pairs", type=int, default=50, help="test predictions for the top-1 removal test")
+    p.add_argument("--fold-in-users", type=int, default=20, help="cold users folded in from 5 ratings (0: skip)")
+    p.add_argument("--no-noise-floor", action="store_true",
+                   help="skip the re-seeded truth (halves the retrains; no noise_floor_spearman)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain_eval)
 

@@ -102,3 +102,34 @@ def test_setup_reseeding_changes_the_trajectory(small_ratings):
     setup = Setup(MFConfig(embedding_size=8, n_blocks=1), TrainConfig(epochs=2, patience=None, progress=False))
     a, b = retrain(small_ratings, setup), retrain(small_ratings, replace(setup), seed=5)
     assert not torch.equal(a.user_factors.weight, b.user_factors.weight)
+
+
+EXPLAIN_EVAL_KEYS = {"spearman", "slope", "top1_direction_rate", "random_direction_rate", "n_pairs", "n_candidates",
+                     "noise_floor_spearman", "embedding_size", "method", "fold_in"}
+
+
+def test_cli_explain_eval_scores_the_served_explainer_with_its_noise_floor_and_fold_in(ratings_file, capsys):
+    """`recsys explain-eval` trains what `recsys train` would with the same flags and scores the
+    service's explanation (cached Newton) against leave-one-out retraining, beside the
+    re-seeded truth; fold-in users are explained exactly (their ridge's leave-one-out)."""
+    assert main(["explain-eval", "--ratings", str(ratings_file), "--columns", "user,item,rating,timestamp",
+                 "--split", "random:0.1", "--embedding-size", "8", "--n-blocks", "2", "--epochs", "4",
+                 "--pairs", "3", "--candidates", "4", "--removal-pairs", "3", "--fold-in-users", "2",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert EXPLAIN_EVAL_KEYS <= set(out)
+    assert out["embedding_size"] == 8 and out["n_pairs"] == 3 and out["n_candidates"] == 4
+    assert out["n_removal_pairs"] == 3 and out["method"].startswith("newton (cached")
+    for key in ("spearman", "noise_floor_spearman"):
+        assert -1 <= out[key] <= 1
+    for key in ("top1_direction_rate", "random_direction_rate"):
+        assert 0 <= out[key] <= 1
+    fold_in = out["fold_in"]
+    assert fold_in["method"].startswith("fold-in exact") and fold_in["n_users"] == 2
+    assert fold_in["spearman"] == pytest.approx(1.0) and fold_in["slope"] == pytest.approx(1.0, abs=1e-4)
+    assert fold_in["max_abs_error"] < 1e-5
+
+
+def test_cli_explain_eval_rejects_bad_counts(ratings_file, capsys):
+    assert main(["explain-eval", "--ratings", str(ratings_file), "--split", "random:0.1", "--pairs", "0"]) == 2
+    assert "--pairs must be at least 1" in capsys.readouterr().err

@@ -224,3 +224,45 @@ def test_the_mf_explainer_caches_newton_by_default_and_follows_online_learning(s
     assert [c.example for c in cached.explain(newcomer, 4, 5).contributions][0] == int(new[1])
     ghost = cached.explain(-1, 4, 5)
     assert ghost.contributions == [] and ghost.method.startswith("none")
+
+
+def _refolded_prediction(model, ratings, rows, item) -> float:
+    """The prediction of ``item`` for a user folded in from the ratings ``rows`` alone."""
+    p, b = model.fold_in_user(torch.from_numpy(ratings.items[rows]), torch.from_numpy(ratings.values[rows]))
+    with torch.no_grad():
+        return float(model.global_mean + b + model.item_bias.weight[item].mean()
+                     + (p * model.item_factors.weight[item]).sum() / model.config.n_blocks)
+
+
+def test_fold_in_users_are_explained_by_the_exact_refold_without_each_rating(small_ratings):
+    """A user on the fold-in path is the ridge `fold_in_user` solved: each of their ratings'
+    effect is the prediction minus that of the user re-folded without it (Sherman–Morrison,
+    to 1e-5), also after they rate again; the item's other ratings keep the Newton estimate."""
+    from tests.conftest import with_new_ratings
+
+    r = small_ratings
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r)
+    items = [r.item_ids.raw(j) for j in (0, 2, 5, 7)]
+    ratings, new = with_new_ratings(r, ["newcomer"] * 4, items, [5.0, 1.0, 4.0, 2.0])
+    model.learn(ratings, new)
+    explainer = model.explainer(ratings)
+    u = ratings.user_ids.index("newcomer")
+    assert model.path(u) == "fold-in"
+    for step in range(2):
+        mine = np.flatnonzero(ratings.users == u)
+        for item in (1, 5, 9):
+            ids, eff, su, si, method = explainer.effects(u, item)
+            assert method.startswith("fold-in exact") and set(ids[su]) == set(mine) and not (su & si).any()
+            base = _refolded_prediction(model, ratings, mine, item)
+            assert raw_prediction(model, u, item) == pytest.approx(base, abs=1e-5)
+            for z in mine:
+                true = base - _refolded_prediction(model, ratings, mine[mine != z], item)
+                assert eff[ids == z][0] == pytest.approx(true, abs=1e-5)
+            assert si.sum() == (ratings.items[ids] == item).sum() - (item in ratings.items[mine])
+        if step == 0:  # the user rates again: re-folded, and explained from the new fold
+            ratings, more = with_new_ratings(ratings, ["newcomer"], [r.item_ids.raw(9)], [3.0])
+            model.learn(ratings, more)
+            explainer.update(ratings, more)
+    top = explainer.explain(u, 1, 2)
+    assert top.method.startswith("fold-in exact") and len(top.contributions) == 2

@@ -364,30 +364,202 @@ def cached_newton_latency(model: MatrixFactorization, train: Ratings, test: Rati
             "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), "precompute_seconds": warm_s}
 
 
-def summary_run(train: Ratings, test: Ratings, *, optimizer: str = "sgd", n_pairs: int = 6,
-                n_candidates: int = 10, n_removal_pairs: int | None = None, seed: int = 0,
-                overhead_reps: int = 2) -> dict:
-    """The figures ``recsys explain-eval`` prints: tests A (k=1), B and C on one split.
+def served_setup(optimizer: str | None = None, *, seed: int = 0) -> Setup:
+    """What ``recsys train`` fits by default (no validation slice): `MFConfig()` (D=128 in 4
+    blocks) and `TrainConfig.for_model` (the compiled SGD kernel, 32 epochs), no early
+    stopping; ``optimizer``: that optimizer with MF's own defaults for it, as ``recsys train
+    --optimizer`` gives."""
+    over: dict[str, object] = {"patience": None, "progress": False, "seed": seed}
+    if optimizer is not None:
+        over["optimizer"] = optimizer
+    return Setup(MFConfig(seed=seed), TrainConfig.for_model(MatrixFactorization, **over))
 
-    Faithfulness uses `default_setup` (D=32, one block); overhead and explanation latency use
-    the default MF config (D=128, 4 blocks) with the default training config (the kernel)."""
-    setup = default_setup(optimizer, seed=seed)
-    model, log, _ = fit_logged(train, setup)
-    b = agreement(train, test, setup, model, log, n_pairs=n_pairs, n_candidates=n_candidates, seed=seed)
-    a = removal(train, test, setup, model, log, n_pairs=n_removal_pairs or max(n_pairs, 10), ks=(1,), seed=seed)
-    cost = training_overhead(train, MFConfig(), TrainConfig(patience=None, progress=False), reps=overhead_reps)
-    big = MatrixFactorization(train.n_users, train.n_items, train.rating_scale, MFConfig())
-    cb = RollbackCallback()
-    Trainer(TrainConfig(patience=None, progress=False), callbacks=[cb]).fit(big, train)
-    lat = explain_latency(big, cb.log, train, test, n=200, seed=seed)
-    best = b.methods[DEFAULT_METHOD]
-    return {
-        "optimizer": optimizer, "default_method": DEFAULT_METHOD,
-        "spearman": best["spearman"], "pearson": best["pearson"], "precision_at_5": best["precision_at_5"],
-        "top1_direction_rate": a.strategies[f"{DEFAULT_METHOD}@1"]["direction_rate"],
-        "random_direction_rate": a.strategies["random-neighbour@1"]["direction_rate"],
-        "overhead_ratio": cost["overhead_ratio"], "explain_p50_ms": lat["p50_ms"], "explain_p99_ms": lat["p99_ms"],
-        "log_bytes_per_example": cost["log_bytes_per_example_float32"],
-        "methods": b.methods, "removal": a.strategies, "n_pairs": b.n_pairs, "n_candidates": n_candidates,
-        "setup": setup.to_dict(),
+
+def _reseeded(setup: Setup, seed: int) -> Setup:
+    return Setup(replace(setup.model, seed=seed), replace(setup.train, seed=seed))
+
+
+def _positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Positions in ``ids`` of each of ``wanted`` (all present)."""
+    order = np.argsort(ids, kind="stable")
+    return order[np.searchsorted(ids, wanted, sorter=order)]
+
+
+def fold_in_agreement(model: MatrixFactorization, train: Ratings, test: Ratings, n_users: int = 20,
+                      n_revealed: int = 5, n_items: int = 4, seed: int = 0) -> dict:
+    """Cold users as the service folds them in: ``n_users`` users of ``test`` (with at least
+    ``n_revealed`` training ratings) come back as new users with ``n_revealed`` of their
+    training ratings (on a copy of ``model``, through `MatrixFactorization.learn`, the path
+    `recsys.recommender.Recommender` takes); for ``n_items`` of their test items, the effect
+    of each revealed rating as the served explainer gives it (`MFExplainer.effects`) against
+    the truth, the prediction minus that of the user re-folded without the rating
+    (`MatrixFactorization.fold_in_user`). Also scores the one-row Newton estimate on those
+    users (what fold-in users were explained with before: the training model's per-visit L2
+    on a row that never trained) against the same truth."""
+    import copy
+
+    rng = np.random.default_rng(seed + 7)
+    counts = train.user_counts()
+    users = np.unique(test.users)
+    users = users[counts[users] >= n_revealed]
+    users = rng.choice(users, size=min(n_users, len(users)), replace=False)
+    clone = copy.deepcopy(model)
+    clone.start_online(train)
+    raw_new = [f"cold-{train.user_ids.raw(int(u))}" for u in users]
+    user_ids = train.user_ids.extend(raw_new)
+    revealed = [rng.choice(train.by_user.examples[train.by_user.row(int(u))], size=n_revealed, replace=False)
+                for u in users]
+    rows = np.concatenate(revealed)
+    new_users = np.repeat([user_ids.index(r, "user") for r in raw_new], n_revealed)
+    new = Ratings(new_users, train.items[rows], train.values[rows], None, user_ids, train.item_ids,
+                  train.rating_scale)
+    ratings = train.append(new)
+    clone.learn(ratings, np.arange(len(train), len(ratings)))
+    explainer = clone.explainer(ratings)
+    est, old, true, methods = [], [], [], set()
+    for n, u in enumerate(users):
+        nu = int(new_users[n * n_revealed])
+        items = test.items[test.users == u]
+        items = rng.choice(items, size=min(n_items, len(items)), replace=False)
+        mine = np.arange(len(train) + n * n_revealed, len(train) + (n + 1) * n_revealed)
+        for i in items:
+            ids, eff, _, _, method = explainer.effects(nu, int(i))
+            methods.add(method)
+            est.append(eff[_positions(ids, mine)])
+            o_ids, o_eff, _, _ = estimate_effects(clone, ratings, nu, int(i), "newton")
+            old.append(o_eff[_positions(o_ids, mine)])
+            base = raw_prediction(clone, nu, int(i))
+            t = []
+            for z in mine:
+                keep = mine[mine != z]
+                p, b = clone.fold_in_user(torch.from_numpy(ratings.items[keep]), torch.from_numpy(ratings.values[keep]))
+                with torch.no_grad():
+                    q = clone.item_factors.weight[int(i)]
+                    pred = (float(clone.global_mean) + float(b) + float(clone.item_bias.weight[int(i)].mean())
+                            + float((p * q).sum()) / clone.config.n_blocks)
+                t.append(base - pred)
+            true.append(np.array(t))
+    e_all, o_all, t_all = np.concatenate(est), np.concatenate(old), np.concatenate(true)
+    return {**{k: v for k, v in agreement_stats(e_all, t_all).items()},
+            "method": " | ".join(sorted(methods)), "n_users": len(users), "n_revealed": n_revealed,
+            "n_points": len(t_all), "true_mean_abs": float(np.abs(t_all).mean()),
+            "max_abs_error": float(np.abs(e_all - t_all).max()),
+            "previous_one_row_newton": {**agreement_stats(o_all, t_all),
+                                        "estimate_mean_abs": float(np.abs(o_all).mean())}}
+
+
+def served_run(train: Ratings, test: Ratings, *, setup: Setup | None = None, method: str | None = None,
+               n_predictions: int = 30, n_candidates: int = 20, n_removal_pairs: int = 50,
+               fold_in_users: int = 20, noise_floor: bool = True, seed: int = 0) -> dict:
+    """The figures ``recsys explain-eval`` prints, on the model and method the service uses.
+
+    The model: ``setup`` (default `served_setup`: ``recsys train``'s defaults), trained by
+    the `Trainer`; its explainer: ``model.explainer(train, log, method)`` (``method`` None:
+    the service's default, one-row Newton cached per row; ``rollback`` trains with the log).
+    Truth: same-trajectory leave-one-out (`retrain`, same seed). Returned (JSON-ready):
+
+    - agreement over ``n_predictions`` test predictions × ``n_candidates`` random candidates
+      each: ``spearman``, ``pearson``, ``slope`` (least squares of true on estimated),
+      ``sign_agreement``, ``precision_at_5``;
+    - ``noise_floor_spearman``: Spearman between the truth and the truth retrained under
+      another seed (initial weights and shuffles), the same points; ``spearman_vs_reseeded``:
+      the estimate against that other truth;
+    - removal over ``n_removal_pairs`` other test predictions: ``top1_direction_rate`` (share
+      where removing the estimated top-1 moved the prediction the way its effect says),
+      ``random_direction_rate`` (a random candidate removed instead, judged against the
+      top-1's direction: the paper's random-neighbour baseline), ``random_own_direction_rate``
+      (the random candidate judged by its own estimated sign);
+    - ``fold_in``: `fold_in_agreement` for ``fold_in_users`` cold users of 5 ratings;
+    - ``points``: every agreement point (user, item, example, true, estimate[, true_reseeded])."""
+    setup = setup or served_setup(seed=seed)
+    if method == "rollback":
+        model, log, _ = fit_logged(train, setup)
+    else:
+        model, log = build(train, setup), None
+        Trainer(setup.train).fit(model, train)
+    model.eval()
+    explainer = model.explainer(train, log, method)
+    explainer.warm()
+    rng = np.random.default_rng(seed)
+    alt_seed = setup.train.seed + 1000
+    alt_full = retrain(train, setup, seed=alt_seed) if noise_floor else None
+
+    def served(u: int, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        ids, eff, _, _, used = explainer.effects(u, i)
+        return ids, eff, used
+
+    # agreement (test B) on the served estimate
+    pairs = sample_pairs(train, test, n_predictions, rng, min_candidates=n_candidates)
+    est, true, alt, used_methods = [], [], [], set()
+    prec, points = [], []
+    for u, i in pairs:
+        ids, eff, used = served(u, i)
+        used_methods.add(used)
+        pick = np.sort(rng.choice(len(ids), size=min(n_candidates, len(ids)), replace=False))
+        base = raw_prediction(model, u, i)
+        t = np.array([base - raw_prediction(retrain(train, setup, [ids[j]]), u, i) for j in pick])
+        est.append(eff[pick])
+        true.append(t)
+        prec.append(len(set(np.argsort(-np.abs(eff[pick]))[:5]) & set(np.argsort(-np.abs(t))[:5])) / min(5, len(t)))
+        if alt_full is not None:
+            alt_base = raw_prediction(alt_full, u, i)
+            alt.append(np.array([alt_base - raw_prediction(retrain(train, setup, [ids[j]], seed=alt_seed), u, i)
+                                 for j in pick]))
+        points.extend({"user": u, "item": i, "example": int(ids[j]), "true": float(t[c]), "estimate": float(eff[j]),
+                       **({"true_reseeded": float(alt[-1][c])} if alt_full is not None else {})}
+                      for c, j in enumerate(pick))
+    e_all, t_all = np.concatenate(est), np.concatenate(true)
+    agree = agreement_stats(e_all, t_all)
+    out: dict = {
+        "method": " | ".join(sorted(used_methods)) + (" (cached per row: the service's default)" if method is None else ""),
+        "embedding_size": setup.model.embedding_size, "n_blocks": setup.model.n_blocks,
+        "optimizer": setup.train.optimizer, "epochs": setup.train.epochs,
+        "n_pairs": len(pairs), "n_candidates": n_candidates, "n_points": len(t_all),
+        "spearman": agree["spearman"], "pearson": agree["pearson"], "slope": agree["slope"],
+        "sign_agreement": agree["sign_agreement"], "precision_at_5": float(np.mean(prec)),
+        "true_mean_abs": float(np.abs(t_all).mean()), "estimate_mean_abs": float(np.abs(e_all).mean()),
     }
+    if alt:
+        a_all = np.concatenate(alt)
+        floor = agreement_stats(t_all, a_all)
+        out["noise_floor_spearman"] = floor["spearman"]
+        out["noise_floor_slope"] = floor["slope"]
+        out["spearman_vs_reseeded"] = agreement_stats(e_all, a_all)["spearman"]
+        out["slope_vs_reseeded"] = agreement_stats(e_all, a_all)["slope"]
+    else:
+        out["noise_floor_spearman"] = None
+
+    # removal (test A): the estimated top-1 against a random neighbour
+    rng_a = np.random.default_rng(seed + 1)
+    rem_pairs = sample_pairs(train, test, n_removal_pairs, rng_a, min_candidates=2)
+    top_along, rand_along, rand_own, top_pred = [], [], [], []
+    for u, i in rem_pairs:
+        ids, eff, _ = served(u, i)
+        base = raw_prediction(model, u, i)
+        top = int(np.argmax(np.abs(eff)))
+        direction = -np.sign(eff[top]) or 1.0
+        change = raw_prediction(retrain(train, setup, [ids[top]]), u, i) - base
+        top_along.append(change * direction)
+        top_pred.append(abs(eff[top]))
+        r = int(rng_a.integers(len(ids)))
+        change_r = raw_prediction(retrain(train, setup, [ids[r]]), u, i) - base
+        rand_along.append(change_r * direction)
+        rand_own.append(change_r * (-np.sign(eff[r]) or 1.0))
+    top_along, rand_along = np.array(top_along), np.array(rand_along)
+    out.update({
+        "n_removal_pairs": len(rem_pairs),
+        "top1_direction_rate": float(np.mean(top_along > 0)),
+        "random_direction_rate": float(np.mean(rand_along > 0)),
+        "random_own_direction_rate": float(np.mean(np.array(rand_own) > 0)),
+        "top1_mean_change_along_estimate": float(top_along.mean()),
+        "top1_mean_abs_estimate": float(np.mean(top_pred)),
+        "random_mean_abs_change": float(np.abs(rand_along).mean()),
+    })
+    out["fold_in"] = (fold_in_agreement(model, train, test, n_users=fold_in_users, seed=seed)
+                      if fold_in_users else None)
+    out["setup"] = setup.to_dict()
+    out["points"] = points
+    out["truth"] = ("same-trajectory leave-one-out: full retrain from the same initial weights and seed without "
+                    "the rating (epoch orders kept, the removed visits skipped; global mean and per-row L2 "
+                    "weights of the full data)")
+    return out
