@@ -9,7 +9,9 @@ Layout of an artefact directory::
                             row k is training example k, for explanations and serving
     ids.json                raw user and item ids in index order, item titles
     rollback.safetensors    optional: the gradient-rollback update log
-                            (`recsys.explain.rollback.RollbackLog`), row k = example k
+                            (`recsys.models.mf.log.RollbackLog` or `CompactRollbackLog`,
+                            the compact one without its examples' users and items, which
+                            ratings.safetensors holds), row k = example k
     ranker/                 optional, beside a rating model: the ranking model fitted on the
                             same training rows (an artefact directory of its own, same
                             layout), which the service's recommendations use
@@ -125,7 +127,10 @@ def save_artefact(path: str | Path, model: Model, train: Ratings, metadata: dict
         }
         (tmp / "model.json").write_text(json.dumps(meta, indent=2))
         if rollback is not None:
-            rollback.save(tmp / _ROLLBACK)
+            if getattr(rollback, "mode", None) == "compact" and hasattr(rollback, "n_base"):
+                rollback.save(tmp / _ROLLBACK, with_examples=False)  # ratings.safetensors holds them
+            else:
+                rollback.save(tmp / _ROLLBACK)
         if ranker is not None:
             save_artefact(tmp / RANKER_DIR, ranker, train, ranker_metadata)
         for name in _FILES + ((_ROLLBACK,) if rollback is not None else ()):
@@ -189,12 +194,13 @@ def load_artefact(path: str | Path, *, device: str | torch.device = "cpu") -> Ar
     if (path / _ROLLBACK).is_file():
         # a model family with its own log format loads it (``load_update_log``); else MF's
         loader = getattr(type(model), "load_update_log", None)
+        extra = {}
         if loader is None:
             from recsys.models.mf.log import RollbackLog
 
-            loader = RollbackLog.load
+            loader, extra = RollbackLog.load, {"examples": train}  # a compact log's users and items
         try:
-            rollback = loader(path / _ROLLBACK, device=device)
+            rollback = loader(path / _ROLLBACK, device=device, **extra)
         except (SafetensorError, OSError, ValueError) as exc:
             raise ArtefactError(f"{path}: corrupt rollback log ({exc})") from None
         if rollback.n_examples != len(train):

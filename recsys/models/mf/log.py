@@ -43,14 +43,14 @@ Two storages (`RollbackCallback(mode=...)`):
   far larger than the cache (prefetched a few visits ahead): measured about 2x the training
   time of an unlogged fit.
 - compact (`CompactRollbackLog`, the default on the compiled-kernel path): the kernel adds
-  only ``lr·e`` per block to a small per-example accumulator, and the log keeps
-  snapshots of the tables at a few knots (after passes 0, 1, 2, 4, 8, … and at the end);
-  Δ_z is reconstructed on demand for the examples an explanation needs, with the rows the
-  error multiplies interpolated between knots. Approximate (about 2% relative error on the
-  factor updates on MovieLens-100K, measured against the exact log by
-  ``benchmarks/rollback_faithfulness.py``), about 1.1x the training time of an unlogged fit,
-  a quarter of the exact log's bytes. Updates after training (online) are logged exactly
-  into an overlay.
+  only ``lr·ē`` (the block-mean error) and ``lr`` to a two-column per-example accumulator,
+  and the log keeps int8 snapshots of the tables at a few knots (after passes 0, 1, 2, 4,
+  8, … and at the end); per segment between knots an example keeps one float16. Δ_z is
+  reconstructed on demand for the examples an explanation needs, with the rows the error
+  multiplies and the blocks' deviations from the mean error interpolated between knots.
+  Approximate (errors against the exact log and bytes per rating at 10^7 ratings measured
+  by ``benchmarks/rollback_log_size.py``). Updates after training (online) are logged
+  exactly into an overlay.
 """
 
 from __future__ import annotations
@@ -266,15 +266,17 @@ class RollbackLog:
                   metadata={"format": "recsys-rollback-1", "optimizer": self.optimizer})
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> RollbackLog | CompactRollbackLog:
-        """Read a log written by `save` (exact) or `CompactRollbackLog.save`; ValueError when
-        the file is not one."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu",
+             examples: Ratings | None = None) -> RollbackLog | CompactRollbackLog:
+        """Read a log written by `save` (exact) or `CompactRollbackLog.save`; ``examples``:
+        the training ratings, for a compact log saved without them (inside an artefact).
+        ValueError when the file is not one."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-        if meta.get("format") == CompactRollbackLog.FORMAT:
-            return CompactRollbackLog.load(path)
+        if str(meta.get("format", "")).startswith("recsys-rollback-compact-"):
+            return CompactRollbackLog.load(path, examples)
         if meta.get("format") != "recsys-rollback-1":
             raise ValueError(f"{path}: not a recsys rollback log")
         data = load_file(str(path), device=str(device)).get("updates")
@@ -290,29 +292,42 @@ class CompactRollbackLog:
     """The gradient-rollback log of the compiled SGD kernel, stored compactly and expanded
     lazily: Δ_z is reconstructed for the examples an explanation asks about.
 
-    A batch-1 SGD visit ``t`` of example ``z = (u, i)`` at learning rate ``lr_t`` moves
-    ``p_u`` by ``lr_t (e_{z,t} q_i(t) − reg_u p_u(t))`` (per block; the same for ``q_i``, and
-    ``lr_b,t (e_{z,t} − reg_b b(t))`` for the bias slots). Everything in it but the error
+    A batch-1 SGD visit ``t`` of example ``z = (u, i)`` at learning rate ``lr_t`` moves block
+    ``b`` of ``p_u`` by ``lr_t (e_{z,t,b} q_i(t) − reg_u p_u(t))`` (the same for ``q_i``, and
+    ``lr_b,t (e_{z,t,b} − reg_b b(t))`` for the bias slots). Everything in it but the errors
     ``e`` is a row of the tables at the time of the visit. So, while training, the kernel adds
-    only ``lr_t·e_{z,t}`` (``K`` numbers) and ``lr_t`` to ``z``'s row of an accumulator, and
-    the log keeps snapshots of the tables at *knots*: the start, after passes 1, 2, 4, 8, …
-    and at the end. Between two knots a row is taken to move linearly; the accumulator of
-    each segment between knots is split between its two knots by the segment's
-    learning-rate-weighted mean position ``ᾱ``, giving per example and knot ``j`` the
-    coefficients ``c_{z,j} = Σ_t lr_t e_{z,t} h_j(t)`` and ``v_{z,j} = Σ_t lr_t h_j(t)``; then
+    only ``lr_t·ē_{z,t}`` (the error averaged over the ``K`` blocks) and ``lr_t`` to ``z``'s
+    row of a two-column accumulator, and the log keeps snapshots of the tables at *knots*:
+    the start, after passes 1, 2, 4, 8, … and at the end. Between two knots a row is taken to
+    move linearly; each segment between knots is split between its two knots by the
+    segment's learning-rate-weighted mean position ``ᾱ``.
+
+    Per segment ``s`` (knots ``s``, ``s+1``) an example keeps ``c̄_{z,s} = Σ_t lr_t ē_{z,t}``
+    (float16) and the segment keeps ``v_s = Σ_t lr_t`` (one number while every example is
+    visited equally often, else per example). A block's error differs from the mean by
+    ``pred̄ − pred_b``, a function of the tables only, so it is taken from the knots:
+
+        c_{z,s,b} ≈ c̄_{z,s} + v_s ((1−ᾱ_s) dev_{z,s,b} + ᾱ_s dev_{z,s+1,b}),
+        dev_{z,j,b} = mean_b' pred_j,b'(z) − pred_j,b(z)   (block predictions at knot j)
+
+    (exact for ``K = 1``). Spreading ``c`` and ``v`` onto the knots gives ``c_{z,j,b}``,
+    ``v_{z,j}``, and then
 
         Δp_z ≈ Σ_j c_{z,j} Q_j[i] − reg_u Σ_j v_{z,j} P_j[u]      (per block)
         Δb_u,z ≈ ρ (Σ_j c_{z,j} − breg_u Σ_j v_{z,j} BU_j[u])      (ρ = bias lr / lr)
 
-    and symmetrically for ``q_i`` and ``b_i``. ``Σ_j c_{z,j} = Σ_t lr_t e_{z,t}`` exactly, so
-    only the rows the errors multiply are approximated. Measured against the exact log on
-    MovieLens-100K u1 (``benchmarks/rollback_faithfulness.py``): about 2% relative error on the
-    factor updates, 0.03% on the bias updates, 0.3% on the rollback effects.
+    and symmetrically for ``q_i`` and ``b_i``.
 
-    Training cost: one read-modify-write of ``K`` floats per visit (prefetched; the visit
-    weights ``Σ lr`` are one number per segment while every epoch visits each example once)
-    and a copy of the tables per knot; storage ``(S·(K+1))`` floats per example for ``S`` segments plus
-    ``S + 1`` table snapshots (about a quarter of the exact log at D=128).
+    Storage (format ``recsys-rollback-compact-2``): per example and segment one float16
+    (``2·S`` bytes; ``S = 6`` at the default 32 epochs), the example's user and item (int32;
+    left out of the file inside an artefact, whose training ratings hold them), and per knot
+    the factor tables as int8 with one scale per row (``D + 2`` bytes a row, scale float16)
+    and the bias tables in the log's `dtype` (float32 by default, float16 after
+    ``compact(torch.float16)``). Measured errors against the exact log and the bytes per
+    rating at 10^7 ratings: ``benchmarks/rollback_log_size.py``.
+
+    Training cost: one read-modify-write of two floats per visit (prefetched) and a quantised
+    copy of the tables per knot.
 
     After `close` (the end of training), further updates (``online_sgd``, `add`) are logged
     exactly into a sparse overlay: rows for the examples they touch, added to the
@@ -320,7 +335,7 @@ class CompactRollbackLog:
     """
 
     mode = "compact"
-    FORMAT = "recsys-rollback-compact-1"
+    FORMAT = "recsys-rollback-compact-2"
 
     def __init__(self, users: np.ndarray, items: np.ndarray, n_blocks: int, block_size: int, *,
                  optimizer: str = "sgd", planned_passes: float | None = None) -> None:
@@ -334,8 +349,17 @@ class CompactRollbackLog:
         self.optimizer = optimizer
         self.planned_passes = planned_passes
         self.knot_passes: list[float] = []
-        self.knots: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # (P, Q, BU, BI)
-        self.segments: list[np.ndarray] = []  # [n_base, K+1] per closed segment
+        #: while training: one quantised snapshot per knot, ``(P int8, P scale, Q int8, Q scale, BU, BI)``;
+        #: after `close` stacked knot-minor into `knot_tables`
+        self._knot_list: list[tuple[np.ndarray, ...]] = []
+        self.knot_tables: dict[str, np.ndarray] | None = None
+        #: per closed segment: ``Σ lr·ē`` of each example, float16 ``[n_base]`` (stacked ``[n_base, S]`` after close)
+        self._coef_list: list[np.ndarray] = []
+        self.coefficients: np.ndarray | None = None
+        #: per closed segment: ``Σ lr`` when equal for every example, else NaN and a per-example column
+        self.visit_weights: list[float] = []
+        self._visit_list: list[np.ndarray] = []
+        self.example_visit_weights: np.ndarray | None = None  # float16 [n_base, S'] for the uneven segments
         self.alpha: list[float] = []
         self.regs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.bias_ratio: float | None = None
@@ -345,14 +369,12 @@ class CompactRollbackLog:
         #: over-allocated ``(ids, rows)`` behind ``overlay_ids`` / ``overlay`` while online
         #: examples arrive in order (each ingestion appends, amortised O(its rows))
         self._overlay_room: tuple[np.ndarray, np.ndarray] | None = None
-        self._np_dtype = np.dtype(np.float32)
+        self._np_dtype = np.dtype(np.float32)  # the bias snapshots' dtype
         self._acc: np.ndarray | None = None
-        self._v: np.ndarray | None = None  # per-example Σ lr of the open segment, when calls repeat examples
-        self._v_all = 0.0  # Σ lr of the open segment's calls that visited every example once
         self._seg_w = self._seg_wt = 0.0
         self._visits = 0
         self._live: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._stacked: tuple[np.ndarray, ...] | None = None
+        self._reading: dict[str, np.ndarray] | None = None
         self._alpha_cache: np.ndarray | None = None
 
     @classmethod
@@ -379,23 +401,35 @@ class CompactRollbackLog:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the bias snapshots (the coefficients are float16 and the factor
+        snapshots int8 whatever it is)."""
         return _TORCH_DTYPES[self._np_dtype]
 
     @property
     def n_knots(self) -> int:
-        return len(self.knots)
+        return len(self.knot_passes)
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.alpha)
 
     @property
     def attribution(self) -> str:
-        return ("sgd, compact log: -lr*grad per visit with the rows it multiplies interpolated between "
-                "table snapshots (about 2% error on the factor updates, measured)")
+        return ("sgd, compact log: -lr*grad per visit, the block-mean error accumulated per segment, the rows it "
+                "multiplies and the blocks' deviations interpolated between int8 table snapshots (measured "
+                "against the exact log by benchmarks/rollback_log_size.py)")
+
+    def _arrays(self) -> list[np.ndarray]:
+        arrays = [self.overlay_ids, self.overlay, *self._coef_list, *self._visit_list, *(self.regs or ())]
+        arrays += [t for knot in self._knot_list for t in knot]
+        arrays += [a for a in (self.coefficients, self.example_visit_weights, self._acc) if a is not None]
+        arrays += list((self.knot_tables or {}).values())
+        return arrays
 
     @property
     def nbytes(self) -> int:
-        arrays = [self.users, self.items, self.overlay_ids, self.overlay, *self.segments,
-                  *(t for knot in self.knots for t in knot), *(self.regs or ())]
-        arrays += [a for a in (self._acc, self._v) if a is not None]
-        return int(sum(a.nbytes for a in arrays))
+        """Bytes held in memory (the examples' users and items included)."""
+        return int(sum(a.nbytes for a in self._arrays()) + self.users.nbytes + self.items.nbytes)
 
     @property
     def bytes_per_example(self) -> float:
@@ -411,11 +445,7 @@ class CompactRollbackLog:
                example_ids: np.ndarray, tables: tuple, *, hogwild_threads: int = 0) -> None:
         """Run the compiled SGD kernel over the visits (see `RollbackLog.record`), logging
         compactly while training and exactly into the overlay after `close`."""
-        from recsys.models.mf.log_kernels import (
-            is_permutation,
-            sgd_examples_compact_logged,
-            sgd_examples_hogwild_compact_logged,
-        )
+        from recsys.models.mf.log_kernels import sgd_examples_compact_logged, sgd_examples_hogwild_compact_logged
 
         if (self.n_blocks, self.block_size) != (model.config.n_blocks, model.block_size):
             raise ValueError(f"log shaped for {self.n_blocks} blocks of {self.block_size}, model has "
@@ -428,8 +458,6 @@ class CompactRollbackLog:
             return
         if len(ids) and ids.max() >= self.n_base:
             raise ValueError("the compact log records the examples it was created for; close() it first")
-        if self._np_dtype != np.float32:
-            raise ValueError("the compact log records in float32; compact() only after training")
         P, Q, BU, BI, _mu, lr, lr_b, reg_u, reg_i, bias_reg_u, bias_reg_i, _sq = tables
         ratio = float(lr_b) / float(lr)
         if self.bias_ratio is None:
@@ -438,22 +466,14 @@ class CompactRollbackLog:
             raise ValueError("the compact log needs one bias/factor learning-rate ratio for the whole run; "
                              "use RollbackCallback(mode='exact')")
         self._live = (P, Q, BU, BI)
-        if not self.knots:
+        if not self.knot_passes:
             self.regs = tuple(np.array(r, dtype=np.float32) for r in (reg_u, reg_i, bias_reg_u, bias_reg_i))
             self._knot()
         if self._acc is None:
-            self._acc = np.zeros((self.n_base, self.n_blocks), dtype=np.float32)
-            self._v, self._v_all = None, 0.0
+            self._acc = np.zeros((self.n_base, 2), dtype=np.float32)
             self._seg_w = self._seg_wt = 0.0
         kernel = sgd_examples_hogwild_compact_logged if hogwild_threads > 1 else sgd_examples_compact_logged
         kernel(users, items, values, ids, *tables, self._acc)
-        # the visit weights Σ lr: one number while every call is an epoch visiting each example once
-        if is_permutation(ids, self.n_base):
-            self._v_all += float(lr)
-        else:
-            if self._v is None:
-                self._v = np.zeros(self.n_base, dtype=np.float64)
-            np.add.at(self._v, ids, float(lr))
         n = max(1, self.n_base)
         w = float(lr) * len(ids)
         self._seg_w += w
@@ -473,9 +493,10 @@ class CompactRollbackLog:
 
     def _knot(self) -> None:
         assert self._live is not None
-        self.knots.append(tuple(np.array(t, dtype=np.float32) for t in self._live))
+        P, Q, BU, BI = self._live
+        self._knot_list.append((*_quantise_rows(P), *_quantise_rows(Q), np.array(BU, dtype=self._np_dtype),
+                                np.array(BI, dtype=self._np_dtype)))
         self.knot_passes.append(self._visits / max(1, self.n_base))
-        self._stacked = None
 
     def _close_segment(self) -> None:
         if self._acc is None:
@@ -485,21 +506,45 @@ class CompactRollbackLog:
         tau_b = self.knot_passes[-1]
         mean_t = self._seg_wt / self._seg_w if self._seg_w > 0 else 0.5 * (tau_a + tau_b)
         self.alpha.append(float(np.clip((mean_t - tau_a) / (tau_b - tau_a), 0.0, 1.0)) if tau_b > tau_a else 0.5)
-        segment = np.empty((self.n_base, self.n_blocks + 1), dtype=np.float32)
-        segment[:, :-1] = self._acc
-        segment[:, -1] = self._v_all if self._v is None else self._v + self._v_all
-        self.segments.append(segment)
-        self._acc = self._v = None
+        self._coef_list.append(self._acc[:, 0].astype(np.float16))
+        v = self._acc[:, 1]
+        if len(v) and np.all(v == v[0]):  # every example visited alike (epochs of permutations)
+            self.visit_weights.append(float(v[0]))
+        else:
+            self.visit_weights.append(float("nan"))
+            self._visit_list.append(v.astype(np.float16))
+        self._acc = None
 
     def close(self) -> CompactRollbackLog:
-        """End the compact part (training): snapshot the tables as the last knot. Later
-        updates go to the exact overlay. Called by `RollbackCallback` at the end of training
-        (and lazily by the readers); returns self."""
+        """End the compact part (training): snapshot the tables as the last knot and stack
+        the snapshots and coefficients for reading. Later updates go to the exact overlay.
+        Called by `RollbackCallback` at the end of training (and lazily by the readers);
+        returns self."""
         if not self.closed:
             self._close_segment()
             self.closed = True
             self._live = None
+            self._stack()
         return self
+
+    def _stack(self) -> None:
+        """Move the per-knot snapshots into knot-minor tables (one row's knots contiguous)
+        and the per-segment columns into ``[n_base, S]`` arrays, freeing each list entry
+        as it is copied."""
+        if self._knot_list:
+            names = ("user_factors", "user_scale", "item_factors", "item_scale", "user_bias", "item_bias")
+            first = self._knot_list[0]
+            tables = {name: np.empty((t.shape[0], len(self._knot_list), *t.shape[1:]), dtype=t.dtype)
+                      for name, t in zip(names, first, strict=True)}
+            for j in range(len(self._knot_list)):
+                for name, t in zip(names, self._knot_list[j], strict=True):
+                    tables[name][:, j] = t
+                self._knot_list[j] = ()
+            self.knot_tables = tables
+        self._knot_list = []
+        self.coefficients = _columns(self._coef_list, self.n_base, np.float16)
+        self.example_visit_weights = _columns(self._visit_list, self.n_base, np.float16)
+        self._reading = None
 
     def _overlay_positions(self, ids: np.ndarray) -> np.ndarray:
         """The overlay rows of example ``ids``, adding zero rows for ids not there yet."""
@@ -563,48 +608,56 @@ class CompactRollbackLog:
                          "data-parallel training logs exactly (RollbackLog)")
 
     def compact(self, dtype: torch.dtype = torch.float16) -> CompactRollbackLog:
-        """Cast the snapshots and the accumulated coefficients to ``dtype`` (float16 halves
-        them; the overlay stays float32); returns self."""
+        """Cast the bias snapshots to ``dtype`` (float16 halves them; the coefficients and the
+        row scales stay float16, the factor snapshots int8 and the overlay float32); returns
+        self."""
         np_dtype = next((k for k, v in _TORCH_DTYPES.items() if v == dtype), None)
         if np_dtype is None:
             raise ValueError(f"the compact log stores float16, float32 or float64, not {dtype}")
         self.close()
-        self.knots = [tuple(t.astype(np_dtype) for t in knot) for knot in self.knots]
-        self.segments = [s.astype(np_dtype) for s in self.segments]
+        if self.knot_tables is not None:
+            for name in ("user_bias", "item_bias"):
+                self.knot_tables[name] = self.knot_tables[name].astype(np_dtype)
         self._np_dtype = np.dtype(np_dtype)
-        self._stacked = None
+        self._reading = None
         return self
 
     # ------------------------------------------------------------------ reading
-    def _tables(self) -> tuple[np.ndarray, ...]:
-        """Knot snapshots stacked float32 row-major over the knots, ``[rows, J, ...]``, and the
-        segments ``[n, S, K+1]``, so that one example's knots are contiguous (built once, after
-        `close`; a float16 log is read through float32 copies)."""
+    def _tables(self) -> dict[str, np.ndarray]:
+        """The knot tables for reading: int8 factors as stored, scales and biases as float32
+        (built once after `close`)."""
         self.close()
-        if self._stacked is None:
-            tables = tuple(np.stack([knot[s] for knot in self.knots], axis=1).astype(np.float32, copy=False)
-                           for s in range(4))
-            segments = (np.stack(self.segments, axis=1).astype(np.float32, copy=False) if self.segments
-                        else np.zeros((self.n_base, 0, self.n_blocks + 1), np.float32))
-            if self._np_dtype == np.float32:  # keep one copy: the lists become views of the stacks
-                self.knots = [tuple(t[:, j] for t in tables) for j in range(len(self.knots))]
-                self.segments = [segments[:, j] for j in range(segments.shape[1])]
-            self._stacked = (*tables, segments)
-        return self._stacked
+        if self._reading is None:
+            t = self.knot_tables or {}
+            self._reading = {name: (a if a.dtype == np.int8 else a.astype(np.float32, copy=False))
+                             for name, a in t.items()}
+        return self._reading
 
     def _alpha_array(self) -> np.ndarray:
         if self._alpha_cache is None or len(self._alpha_cache) != len(self.alpha):
             self._alpha_cache = np.asarray(self.alpha, dtype=np.float64)
         return self._alpha_cache
 
-    def _coefficients(self, ids: np.ndarray) -> np.ndarray:
-        """``[J, m, K+1]`` float64: ``c_{z,j}`` per block and ``v_{z,j}`` for ``ids < n_base``."""
-        out = np.zeros((len(self.segments) + 1, len(ids), self.n_blocks + 1))
-        for s, (acc, a) in enumerate(zip(self.segments, self.alpha, strict=True)):
-            g = acc[ids].astype(np.float64)
-            out[s] += (1.0 - a) * g
-            out[s + 1] += a * g
-        return out
+    def _segment_terms(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(c̄, v)``, float64 ``[m, S]`` each: the segment coefficients and visit weights of
+        examples ``ids < n_base``."""
+        coef = self.coefficients[ids].astype(np.float64)
+        visits = np.empty_like(coef)
+        uneven = 0
+        for s, w in enumerate(self.visit_weights):
+            if np.isnan(w):
+                visits[:, s] = self.example_visit_weights[ids, uneven]
+                uneven += 1
+            else:
+                visits[:, s] = w
+        return coef, visits
+
+    def _knot_rows(self, side: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Dequantised knot rows of ``side`` (``user`` or ``item``): factors float64
+        ``[m, J, K, d]`` and biases ``[m, J, K]``."""
+        t = self._tables()
+        f = t[f"{side}_factors"][rows].astype(np.float64) * t[f"{side}_scale"][rows][..., None]
+        return f.reshape(len(rows), -1, self.n_blocks, self.block_size), t[f"{side}_bias"][rows].astype(np.float64)
 
     def _overlay_hits(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(positions in ids, overlay rows)`` of the ids the overlay holds."""
@@ -622,24 +675,29 @@ class CompactRollbackLog:
         out = np.zeros((k, len(ids), 2 * d + 2))
         self.close()
         base = np.flatnonzero(ids < self.n_base)
-        if len(base) and self.segments:
-            tables = self._tables()
+        if len(base) and self.n_segments:
             z = ids[base]
-            m, n_knots = len(z), len(self.knots)
-            c = self._coefficients(z)
-            ce, v = c[..., :k], c[..., k]
             u, i = self.users[z], self.items[z]
-            P = tables[0][u].transpose(1, 0, 2).astype(np.float64).reshape(n_knots, m, k, d)
-            Q = tables[1][i].transpose(1, 0, 2).astype(np.float64).reshape(n_knots, m, k, d)
-            BU = tables[2][u].transpose(1, 0, 2).astype(np.float64)
-            BI = tables[3][i].transpose(1, 0, 2).astype(np.float64)
+            P, BU = self._knot_rows("user", u)  # [m, J, K, d], [m, J, K]
+            Q, BI = self._knot_rows("item", i)
+            alpha = self._alpha_array()[None, :, None]
+            pred = BU + BI + np.einsum("mjkd,mjkd->mjk", P, Q)
+            dev = pred.mean(-1, keepdims=True) - pred  # [m, J, K]
+            coef, visits = self._segment_terms(z)  # [m, S]
+            seg = coef[..., None] + visits[..., None] * ((1 - alpha) * dev[:, :-1] + alpha * dev[:, 1:])
+            c = np.zeros_like(dev)  # knot coefficients [m, J, K]
+            c[:, :-1] += (1 - alpha) * seg
+            c[:, 1:] += alpha * seg
+            v = np.zeros(dev.shape[:2])
+            v[:, :-1] += (1 - alpha[..., 0]) * visits
+            v[:, 1:] += alpha[..., 0] * visits
             reg_u, reg_i, breg_u, breg_i = (r.astype(np.float64) for r in self.regs)
             rho = self.bias_ratio
-            sum_c = ce.sum(0)  # [m, K]
-            dp = np.einsum("jmk,jmkd->mkd", ce, Q) - reg_u[u][:, None, None] * np.einsum("jm,jmkd->mkd", v, P)
-            dq = np.einsum("jmk,jmkd->mkd", ce, P) - reg_i[i][:, None, None] * np.einsum("jm,jmkd->mkd", v, Q)
-            dbu = rho * (sum_c - breg_u[u][:, None] * np.einsum("jm,jmk->mk", v, BU))
-            dbi = rho * (sum_c - breg_i[i][:, None] * np.einsum("jm,jmk->mk", v, BI))
+            dp = np.einsum("mjk,mjkd->mkd", c, Q) - reg_u[u][:, None, None] * np.einsum("mj,mjkd->mkd", v, P)
+            dq = np.einsum("mjk,mjkd->mkd", c, P) - reg_i[i][:, None, None] * np.einsum("mj,mjkd->mkd", v, Q)
+            sum_c = c.sum(1)  # [m, K]
+            dbu = rho * (sum_c - breg_u[u][:, None] * np.einsum("mj,mjk->mk", v, BU))
+            dbi = rho * (sum_c - breg_i[i][:, None] * np.einsum("mj,mjk->mk", v, BI))
             out[:, base, :d] = dp.transpose(1, 0, 2)
             out[:, base, d:2 * d] = dq.transpose(1, 0, 2)
             out[:, base, 2 * d] = dbu.T
@@ -652,15 +710,15 @@ class CompactRollbackLog:
     def projected(self, example_ids: np.ndarray, shares_user: np.ndarray, shares_item: np.ndarray,
                   user: int, item: int, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, ...]:
         """`RollbackLog.projected`, computed only for the row each candidate shares with the
-        prediction: one gather of the other side's rows per knot, no full Δ vectors."""
+        prediction: one pass over the other side's knot rows, no full Δ vectors."""
         ids = np.asarray(example_ids, dtype=np.int64)
         k, d = self.n_blocks, self.block_size
         terms = [np.zeros((k, len(ids))) for _ in range(4)]  # Δp·q, p·Δq, Δb_u, Δb_i
         self.close()
-        if self.segments:
+        if self.n_segments:
             from recsys.models.mf.log_kernels import compact_projection
 
-            *tables, segments = self._tables()
+            t = self._tables()
             base = ids < self.n_base
             sel_u = np.flatnonzero(np.asarray(shares_user, dtype=bool) & base)
             sel_i = np.flatnonzero(np.asarray(shares_item, dtype=bool) & base)
@@ -670,16 +728,20 @@ class CompactRollbackLog:
             side[len(sel_u):] = True
             p32 = np.ascontiguousarray(p, dtype=np.float32)
             q32 = np.ascontiguousarray(q, dtype=np.float32)
-            n_knots = len(self.knots)
-            own_p = tables[0][user].reshape(n_knots, k, d).astype(np.float64)
-            own_q = tables[1][item].reshape(n_knots, k, d).astype(np.float64)
-            own_dot = np.stack([np.einsum("jkd,kd->jk", own_p, q32), np.einsum("jkd,kd->jk", own_q, p32)])
-            own_bias = np.stack([tables[2][user], tables[3][item]]).astype(np.float64)
+            own_p, own_bu = self._knot_rows("user", np.array([user]))
+            own_q, own_bi = self._knot_rows("item", np.array([item]))
+            own_rows = np.ascontiguousarray(np.stack([own_p[0], own_q[0]]).reshape(2, self.n_knots, k * d),
+                                            dtype=np.float32)
+            own_dot = np.stack([np.einsum("jkd,kd->jk", own_p[0], q32), np.einsum("jkd,kd->jk", own_q[0], p32)])
+            own_bias = np.stack([own_bu[0], own_bi[0]])
             reg_u, reg_i, breg_u, breg_i = self.regs
             own_reg = np.array([[reg_u[user], breg_u[user]], [reg_i[item], breg_i[item]]], dtype=np.float64)
+            coef, visits = self._segment_terms(z)
             dots, biases = np.empty((k, len(z))), np.empty((k, len(z)))
-            compact_projection(z, other_rows, side, tables[0], tables[1], p32, q32, own_dot, own_bias, own_reg,
-                               segments, self._alpha_array(), float(self.bias_ratio), dots, biases)
+            compact_projection(other_rows, side, t["user_factors"], t["user_scale"], t["user_bias"],
+                               t["item_factors"], t["item_scale"], t["item_bias"], p32, q32, own_rows, own_dot,
+                               own_bias, own_reg, coef, visits, self._alpha_array(), float(self.bias_ratio),
+                               dots, biases)
             n_u = len(sel_u)
             terms[0][:, sel_u], terms[2][:, sel_u] = dots[:, :n_u], biases[:, :n_u]
             terms[1][:, sel_i], terms[3][:, sel_i] = dots[:, n_u:], biases[:, n_u:]
@@ -717,62 +779,101 @@ class CompactRollbackLog:
         return log
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> None:
-        """Write the log as safetensors (closing it first)."""
+    def save(self, path: str | Path, *, with_examples: bool = True) -> None:
+        """Write the log as safetensors (closing it first). ``with_examples=False`` leaves out
+        the examples' users and items (inside an artefact, whose training ratings hold them:
+        `load` then needs ``examples``)."""
         self.close()
-        tables = tuple(np.stack([knot[s] for knot in self.knots]) for s in range(4)) if self.knots else tuple(
-            np.zeros((0, 0, w), np.float32) for w in (self.n_blocks * self.block_size,) * 2 + (self.n_blocks,) * 2)
-        segments = (np.stack(self.segments) if self.segments
-                    else np.zeros((0, self.n_base, self.n_blocks + 1), dtype=self._np_dtype))
+        k = self.n_blocks
+        tables = self.knot_tables or {
+            "user_factors": np.zeros((0, 0, k * self.block_size), np.int8), "user_scale": np.zeros((0, 0), np.float32),
+            "item_factors": np.zeros((0, 0, k * self.block_size), np.int8), "item_scale": np.zeros((0, 0), np.float32),
+            "user_bias": np.zeros((0, 0, k), np.float32), "item_bias": np.zeros((0, 0, k), np.float32)}
         regs = self.regs or tuple(np.zeros(0, np.float32) for _ in range(4))
-        arrays = {"users": self.users, "items": self.items, "segments": segments,
+        arrays = {"coefficients": self.coefficients, "example_visit_weights": self.example_visit_weights,
+                  "visit_weights": np.asarray(self.visit_weights, dtype=np.float64),
                   "alpha": np.asarray(self.alpha, dtype=np.float64),
                   "knot_passes": np.asarray(self.knot_passes, dtype=np.float64),
                   "overlay_ids": self.overlay_ids, "overlay": self.overlay}
-        arrays.update({f"knots_{name}": t for (name, _), t in zip(SLOTS_ORDERED, tables, strict=True)})
+        if with_examples:
+            arrays.update(users=self.users, items=self.items)
+        arrays.update({f"knots_{name}": t for name, t in tables.items()})
         arrays.update({name: r for name, r in zip(_REG_NAMES, regs, strict=True)})
         meta = {"format": self.FORMAT, "optimizer": self.optimizer, "n_examples": str(self.n_examples),
-                "n_blocks": str(self.n_blocks), "block_size": str(self.block_size),
+                "n_base": str(self.n_base), "n_blocks": str(self.n_blocks), "block_size": str(self.block_size),
                 "bias_ratio": repr(self.bias_ratio if self.bias_ratio is not None else 1.0),
-                "planned_passes": repr(self.planned_passes)}
-        save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, str(path), metadata=meta)
+                "planned_passes": repr(self.planned_passes), "bias_dtype": str(self._np_dtype)}
+        save_file({name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in arrays.items()}, str(path),
+                  metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> CompactRollbackLog:
-        """Read a log written by `save`; ValueError when the file is not one."""
+    def load(cls, path: str | Path, examples: Ratings | None = None) -> CompactRollbackLog:
+        """Read a log written by `save`; ``examples``: the training ratings whose first rows
+        the log was recorded on (needed when it was saved without them). ValueError when the
+        file is not one."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
+        if meta.get("format") == "recsys-rollback-compact-1":
+            raise ValueError(f"{path}: a compact rollback log of an older recsys (format 1); retrain with --rollback")
         if meta.get("format") != cls.FORMAT:
             raise ValueError(f"{path}: not a recsys compact rollback log")
-        t = {k: v.numpy() for k, v in load_file(str(path)).items()}
+        t = {name: v.numpy() for name, v in load_file(str(path)).items()}
         try:
+            n_base = int(meta["n_base"])
+            if "users" in t:
+                users, items = t["users"], t["items"]
+            elif examples is None or len(examples) < n_base:
+                raise ValueError(f"saved without its examples: pass the training ratings (>= {n_base} rows)")
+            else:
+                users, items = examples.users[:n_base], examples.items[:n_base]
             planned = None if meta.get("planned_passes", "None") == "None" else float(meta["planned_passes"])
-            log = cls(t["users"], t["items"], int(meta["n_blocks"]), int(meta["block_size"]),
+            log = cls(users, items, int(meta["n_blocks"]), int(meta["block_size"]),
                       optimizer=meta.get("optimizer", "sgd"), planned_passes=planned)
             log._n = int(meta["n_examples"])
             log.bias_ratio = float(meta["bias_ratio"])
+            log._np_dtype = np.dtype(meta.get("bias_dtype", "float32"))
             log.knot_passes = [float(x) for x in t["knot_passes"]]
             log.alpha = [float(x) for x in t["alpha"]]
-            log.segments = list(t["segments"])
-            stacked = tuple(t[f"knots_{name}"] for name, _ in SLOTS_ORDERED)
-            log.knots = [tuple(s[j] for s in stacked) for j in range(len(log.knot_passes))]
-            log.regs = tuple(t[name] for name in _REG_NAMES) if log.knots else None
+            log.visit_weights = [float(x) for x in t["visit_weights"]]
+            log.coefficients, log.example_visit_weights = t["coefficients"], t["example_visit_weights"]
+            names = ("user_factors", "user_scale", "item_factors", "item_scale", "user_bias", "item_bias")
+            log.knot_tables = {name: t[f"knots_{name}"] for name in names} if log.knot_passes else None
+            log.regs = tuple(t[name] for name in _REG_NAMES) if log.knot_passes else None
             log.overlay_ids, log.overlay = t["overlay_ids"].astype(np.int64), t["overlay"].astype(np.float32)
-            log._np_dtype = np.dtype(t["segments"].dtype)
         except (KeyError, ValueError, IndexError) as exc:
             raise ValueError(f"{path}: malformed compact rollback log ({exc})") from None
-        if len(log.segments) != len(log.alpha) or (log.knots and len(log.knots) != len(log.segments) + 1):
+        n_seg = len(log.alpha)
+        consistent = (len(log.visit_weights) == n_seg and log.coefficients.shape == (n_base, n_seg)
+                      and log.example_visit_weights.shape == (n_base, int(np.isnan(log.visit_weights).sum()))
+                      and (not log.knot_passes or log.knot_tables["user_factors"].shape[1] == n_seg + 1))
+        if not consistent:
             raise ValueError(f"{path}: malformed compact rollback log (knots and segments disagree)")
         log.closed = True
         return log
 
 
-#: Snapshot tables in storage order (P, Q, BU, BI) and the regularisation buffers saved.
-SLOTS_ORDERED: tuple[tuple[str, str], ...] = (
-    ("user_factors", "user"), ("item_factors", "item"), ("user_bias", "user"), ("item_bias", "item"),
-)
+def _quantise_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 copy of ``table [rows, D]`` with one float16 scale per row (``row ≈ int8 · scale``;
+    the largest entry of a row maps to ±127)."""
+    t = np.asarray(table, dtype=np.float32)
+    scale = (np.abs(t).max(axis=1) / 127.0).astype(np.float16)
+    safe = np.where(scale > 0, scale, np.float16(1.0)).astype(np.float32)
+    return np.rint(t / safe[:, None]).clip(-127, 127).astype(np.int8), scale
+
+
+def _columns(columns: list[np.ndarray], n: int, dtype: type) -> np.ndarray:
+    """Stack per-segment columns ``[n]`` into ``[n, len(columns)]``, freeing each as it is copied."""
+    out = np.empty((n, len(columns)), dtype=dtype)
+    for s in range(len(columns)):
+        out[:, s] = columns[s]
+        columns[s] = None
+    columns.clear()
+    return out
+
+
+#: The regularisation buffers saved with a compact log.
 _REG_NAMES = ("reg_user", "reg_item", "bias_reg_user", "bias_reg_item")
 _TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
                  np.dtype(np.float64): torch.float64}

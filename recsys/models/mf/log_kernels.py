@@ -21,8 +21,8 @@ from numba.extending import intrinsic
 #   ``log[z] = [K, 2d+2]`` with ``log[z, b] = [Δp (d) | Δq (d) | Δb_u | Δb_i]``: a visit
 #   read-modify-writes one contiguous stretch of ``K·(2d+2)`` floats (1 KB at D=128), at a
 #   random place of a log far larger than the cache, so the logged epoch is memory-bound.
-# - compact (`sgd_examples_compact_logged`): only ``lr·e_b`` (per block) is added to the
-#   example's row of a small per-segment accumulator ``acc [n, K]``; the updates are
+# - compact (`sgd_examples_compact_logged`): only ``lr·ē`` (block-mean error) is added to the
+#   example's row of a small per-segment accumulator ``acc [n, 2]`` (with ``lr``); the updates are
 #   reconstructed later from snapshots of the tables (`recsys.models.mf.log.CompactRollbackLog`).
 #
 # Both prefetch the log row (all its cache lines) of a visit a few visits ahead, so its cache
@@ -150,11 +150,11 @@ def _compact_shards(
     bias_reg_u: np.ndarray,
     bias_reg_i: np.ndarray,
     shard_sq_err: np.ndarray,
-    acc: np.ndarray,  # float32 [n_rows, n_blocks] (accumulated in place)
+    acc: np.ndarray,  # float32 [n_rows, 2] (accumulated in place)
 ) -> None:
-    """Compact logging: `sgd_examples_hogwild`'s loop that also adds ``lr·e_b`` (the step's
-    error times the learning rate, per block ``b``) to ``acc[z, b]`` for the visited example
-    ``z = log_rows[k]`` (16 bytes per visit at K=4: one cache line)."""
+    """Compact logging: `sgd_examples_hogwild`'s loop that also adds ``lr·ē`` (the step's
+    error averaged over the blocks, times the learning rate) to ``acc[z, 0]`` and ``lr`` to
+    ``acc[z, 1]`` for the visited example ``z = log_rows[k]`` (8 bytes per visit)."""
     n_shards = len(shard_sq_err)
     n_blocks = BU.shape[1]
     d = P.shape[1] // n_blocks
@@ -163,17 +163,19 @@ def _compact_shards(
     lr_bias = np.float32(lr_bias)
     n = len(users)
     step = (n + n_shards - 1) // n_shards
+    mean_lr = lr / np.float32(n_blocks)
     for s in prange(n_shards):
         sq = 0.0
         hi_k = min(n, (s + 1) * step)
         for k in range(s * step, hi_k):
             if k + _PREFETCH < hi_k:
-                _prefetch_rows(acc, log_rows[k + _PREFETCH], n_blocks)
+                _prefetch_rows(acc, log_rows[k + _PREFETCH], 2)
             u = users[k]
             i = items[k]
             z = log_rows[k]
             ru = reg_u[u]
             ri = reg_i[i]
+            e_sum = np.float32(0.0)
             for b in range(n_blocks):
                 pu = P[u, b * d:(b + 1) * d]
                 qi = Q[i, b * d:(b + 1) * d]
@@ -189,7 +191,9 @@ def _compact_shards(
                     qf = qi[f]
                     pu[f] = pf + lr * (e * qf - ru * pf)
                     qi[f] = qf + lr * (e * pf - ri * qf)
-                acc[z, b] += lr * e
+                e_sum += e
+            acc[z, 0] += mean_lr * e_sum
+            acc[z, 1] += lr
         shard_sq_err[s] = sq
 
 
@@ -207,62 +211,89 @@ sgd_examples_hogwild_compact_logged = njit(parallel=True, fastmath=True, cache=T
 
 @njit(fastmath=True, cache=True, nogil=True)
 def compact_projection(
-    ids: np.ndarray,  # int64 [m]: candidate examples (rows of the segment accumulators)
     other_rows: np.ndarray,  # int64 [m]: each candidate's row on the side it does not share
     shares_item: np.ndarray,  # bool [m]: False: it shares the user (other side: items), True: the item
-    user_tables: np.ndarray,  # float32 [n_users, J, n_blocks * d]: the user table at each knot
-    item_tables: np.ndarray,  # float32 [n_items, J, n_blocks * d]
+    user_factors: np.ndarray,  # int8 [n_users, J, n_blocks * d]: the user table at each knot, quantised
+    user_scale: np.ndarray,  # float32 [n_users, J]: row scales (row = int8 * scale)
+    user_bias: np.ndarray,  # float32 [n_users, J, n_blocks]
+    item_factors: np.ndarray,  # int8 [n_items, J, n_blocks * d]
+    item_scale: np.ndarray,  # float32 [n_items, J]
+    item_bias: np.ndarray,  # float32 [n_items, J, n_blocks]
     p: np.ndarray,  # float32 [n_blocks, d]: the prediction's user factors
     q: np.ndarray,  # float32 [n_blocks, d]: the prediction's item factors
+    own_rows: np.ndarray,  # float32 [2, J, n_blocks * d]: the prediction's user, item rows at each knot
     own_dot: np.ndarray,  # float64 [2, J, n_blocks]: the prediction's own knot rows · (q, p)
     own_bias: np.ndarray,  # float64 [2, J, n_blocks]: the prediction's own bias slots at each knot
     own_reg: np.ndarray,  # float64 [2, 2]: (factor L2, bias L2) of the prediction's user, item
-    segments: np.ndarray,  # float32 [n_examples, S, n_blocks + 1]: accumulated lr*e per block, lr
+    coef: np.ndarray,  # float64 [m, S]: each candidate's Σ lr·ē per segment
+    visits: np.ndarray,  # float64 [m, S]: each candidate's Σ lr per segment
     alpha: np.ndarray,  # float64 [S]: share of each segment credited to its end knot
     bias_ratio: float,  # bias learning rate / factor learning rate
     dot_out: np.ndarray,  # float64 [n_blocks, m] (out): Δ(own row) · (other prediction row)
     bias_out: np.ndarray,  # float64 [n_blocks, m] (out): Δ(own bias slot)
 ) -> None:
-    """The compact rollback log's query (`recsys.explain.rollback.CompactRollbackLog.projected`),
-    both sides in one pass: per candidate, its knot coefficients ``c_j`` (per block) and
-    ``v_j`` from the segment accumulators; the change of the row it shares with the
-    prediction, projected on the prediction's other row, is ``Σ_j c_j (other_j[row] · x) −
-    reg Σ_j v_j (own_j · x)``, and of the shared bias slot ``ρ (Σ_j c_j − breg Σ_j v_j
-    own_bias_j)``. No full update vector is formed."""
-    n_seg = segments.shape[1]
-    n_knots = user_tables.shape[1]
+    """The compact rollback log's query (`recsys.models.mf.log.CompactRollbackLog.projected`),
+    both sides in one pass: per candidate, the block predictions at each knot (its other
+    row against the prediction's own row) give the blocks' deviations from the mean error,
+    hence its per-block segment coefficients and their knot shares ``c_j`` (and ``v_j``);
+    the change of the row it shares with the prediction, projected on the prediction's other
+    row ``x``, is ``Σ_j c_j (other_j[row] · x) − reg Σ_j v_j (own_j · x)``, and of the
+    shared bias slot ``ρ (Σ_j c_j − breg Σ_j v_j own_bias_j)``. No full update vector is
+    formed."""
+    n_knots = user_factors.shape[1]
+    n_seg = n_knots - 1
     n_blocks = p.shape[0]
     d = p.shape[1]
-    for c in range(len(ids)):
-        z = ids[c]
+    other_x = np.empty((n_knots, n_blocks))
+    dev = np.empty((n_knots, n_blocks))
+    seg_c = np.empty((max(n_seg, 1), n_blocks))
+    for c in range(len(other_rows)):
         r = other_rows[c]
         side = 1 if shares_item[c] else 0
-        tables = user_tables if side == 1 else item_tables
+        factors = user_factors if side == 1 else item_factors
+        scale = user_scale if side == 1 else item_scale
+        bias = user_bias if side == 1 else item_bias
         x = p if side == 1 else q
         reg = own_reg[side, 0]
         breg = own_reg[side, 1]
+        for j in range(n_knots):
+            s = scale[r, j]
+            mean = 0.0
+            for b in range(n_blocks):
+                acc_x = np.float32(0.0)
+                acc_o = np.float32(0.0)
+                for f in range(d):
+                    v = np.float32(factors[r, j, b * d + f])
+                    acc_x += v * x[b, f]
+                    acc_o += v * own_rows[side, j, b * d + f]
+                other_x[j, b] = s * acc_x
+                dev[j, b] = -(own_bias[side, j, b] + bias[r, j, b] + s * acc_o)  # −pred, mean added below
+                mean -= dev[j, b]
+            mean /= n_blocks
+            for b in range(n_blocks):
+                dev[j, b] += mean
+        for t in range(n_seg):
+            for b in range(n_blocks):
+                seg_c[t, b] = coef[c, t] + visits[c, t] * ((1.0 - alpha[t]) * dev[t, b] + alpha[t] * dev[t + 1, b])
         for b in range(n_blocks):
             dot_out[b, c] = 0.0
             bias_out[b, c] = 0.0
         for j in range(n_knots):
             wa = 1.0 - alpha[j] if j < n_seg else 0.0
             wb = alpha[j - 1] if j > 0 else 0.0
-            v = 0.0
+            vj = 0.0
             if j < n_seg:
-                v += wa * segments[z, j, n_blocks]
+                vj += wa * visits[c, j]
             if j > 0:
-                v += wb * segments[z, j - 1, n_blocks]
+                vj += wb * visits[c, j - 1]
             for b in range(n_blocks):
                 cj = 0.0
                 if j < n_seg:
-                    cj += wa * segments[z, j, b]
+                    cj += wa * seg_c[j, b]
                 if j > 0:
-                    cj += wb * segments[z, j - 1, b]
-                dot = np.float32(0.0)
-                for f in range(d):
-                    dot += tables[r, j, b * d + f] * x[b, f]
-                dot_out[b, c] += cj * dot - reg * v * own_dot[side, j, b]
-                bias_out[b, c] += bias_ratio * (cj - breg * v * own_bias[side, j, b])
+                    cj += wb * seg_c[j - 1, b]
+                dot_out[b, c] += cj * other_x[j, b] - reg * vj * own_dot[side, j, b]
+                bias_out[b, c] += bias_ratio * (cj - breg * vj * own_bias[side, j, b])
 
 
 @njit(cache=True, nogil=True)
