@@ -636,19 +636,42 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve with ``--workers`` uvicorn processes (default: one per core). Every worker loads
+    the model and follows the one rating store (api/service.py), so all answer alike."""
+    import os
+
     import uvicorn
 
     from api.app import Settings, create_app
+    from recsys.store import RatingStore
 
-    overrides = {"model": args.model}
+    overrides = {"model": args.model.resolve()}
     if args.db is not None:
-        overrides["db"] = args.db
+        overrides["db"] = args.db.resolve()
     settings = Settings(**overrides)
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    if workers < 1:
+        raise RecsysError(f"--workers must be at least 1, got {workers}")
     from recsys.artefact import load_artefact as _check  # fail fast, with a one-line error
 
-    _check(settings.model)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, workers=1,
-                log_level="warning" if args.quiet else "info")
+    try:
+        _check(settings.model)
+        RatingStore(settings.db).close()
+    except RecsysError:
+        raise
+    except Exception as exc:  # a malformed artefact or an unusable store path: one line, no stack trace
+        raise RecsysError(f"cannot serve {settings.model} with the store {settings.db}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    log_level = "warning" if args.quiet else "info"
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, workers=1, log_level=log_level)
+        return 0
+    # each worker process builds its app from RECSYS_* (create_app() reads Settings from them)
+    os.environ["RECSYS_MODEL"], os.environ["RECSYS_DB"] = str(settings.model), str(settings.db)
+    # a spawned worker re-imports this module (torch) before it can answer the supervisor's
+    # health check: on a busy machine that takes longer than uvicorn's default 5 s
+    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=workers,
+                log_level=log_level, timeout_worker_healthcheck=60)
     return 0
 
 
@@ -809,6 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", type=Path, help="SQLite rating store (default: $RECSYS_DB or ./recsys-ratings.sqlite3)")
+    p.add_argument("--workers", type=int, help="uvicorn worker processes (default: one per CPU core); each "
+                   "loads the model and follows the rating store")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_serve)
 

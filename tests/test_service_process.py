@@ -1,5 +1,8 @@
-"""The service as users run it: `recsys serve` in its own process, spoken to over HTTP; and
-the durability promise, checked by SIGKILL while a client is ingesting."""
+"""The service as users run it: `recsys serve` in its own process(es), spoken to over HTTP;
+the durability promise, checked by SIGKILL while a client is ingesting; several processes on
+one store (two servers, or one server with two workers) agreeing on every acknowledged rating;
+a chunked oversize body refused over the wire; a malformed artefact refused at startup with a
+one-line message."""
 
 from __future__ import annotations
 
@@ -39,13 +42,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir, db) -> None:
+    def __init__(self, model_dir, db, workers: int = 1, **env_settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "RECSYS_API_KEY": KEY}
+        env = {**os.environ, "RECSYS_API_KEY": KEY, **env_settings}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "recsys.cli", "serve", "--model", str(model_dir), "--db", str(db),
-             "--port", str(self.port), "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             "--port", str(self.port), "--workers", str(workers), "--quiet"], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -122,9 +126,13 @@ def test_sigkill_loses_no_acknowledged_rating_and_duplicates_none(model_dir, tmp
     server = Server(model_dir, db)
     try:
         with httpx.Client(base_url=server.url, timeout=10) as http:
-            # retrying everything the client sent is harmless: event ids make it idempotent
-            retry = {"ratings": [{"user": "user-0", "item": "0", "rating": 1, "event_id": e} for e in acked[:50]]}
-            assert http.post("/v1/ratings", headers=AUTH, json=retry).json()["accepted"] == 0
+            # retrying what the client sent is harmless: event ids make it idempotent
+            def sent(n: int) -> dict:
+                return {"user": f"user-{n % 7}", "item": str(n % 30), "rating": 1 + n % 5, "event_id": f"e{n}"}
+
+            retry = {"ratings": [sent(int(e[1:])) for e in acked[:50]]}
+            res = http.post("/v1/ratings", headers=AUTH, json=retry).json()
+            assert (res["accepted"], res["duplicates"]) == (0, len(retry["ratings"]))
             per_user = {f"user-{k}": 0 for k in range(7)}
             for e in stored:
                 per_user[f"user-{int(e[1:]) % 7}"] += 1
@@ -132,3 +140,103 @@ def test_sigkill_loses_no_acknowledged_rating_and_duplicates_none(model_dir, tmp
                 assert http.get(f"/v1/users/{user}").json()["n_ratings"] == count  # all replayed and applied
     finally:
         server.kill()
+
+
+def write_concurrently(urls: list[str], writers: int = 8, per_writer: int = 20) -> list[int]:
+    """``writers`` threads, each sending ``per_writer`` single-rating POSTs for user "shared"
+    over a fresh connection each (so every worker gets some), alternating between ``urls``;
+    returns every acknowledged seq."""
+    acked: list[int] = []
+    failures: list[str] = []
+
+    def write(w: int) -> None:
+        for k in range(per_writer):
+            url = urls[(w + k) % len(urls)]
+            body = {"ratings": [{"user": "shared", "item": str((w + k) % 30), "rating": 3, "event_id": f"{w}-{k}"}]}
+            res = httpx.post(f"{url}/v1/ratings", headers=AUTH, json=body, timeout=30)
+            if res.status_code != 200:
+                failures.append(res.text)
+                continue
+            acked.append(res.json()["ratings"][0]["seq"])
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+    return acked
+
+
+def test_two_servers_on_one_store_converge_on_every_acknowledged_rating(model_dir, tmp_path):
+    """Two `recsys serve` processes share one SQLite store: writes to both are stored once
+    each, in one gapless log; each server answers a read with min_seq at once, and without
+    it converges by its follower (polling every 50 ms)."""
+    db = tmp_path / "ratings.db"
+    a, b = Server(model_dir, db), Server(model_dir, db)
+    try:
+        acked = write_concurrently([a.url, b.url])
+        assert sorted(acked) == list(range(1, 161))
+        for server in (a, b):
+            info = httpx.get(f"{server.url}/v1/users/shared", params={"min_seq": 160}, timeout=10).json()
+            assert info["n_live_ratings"] == 160
+        # one more write through a; b sees it by its follower alone
+        seq = httpx.post(f"{a.url}/v1/ratings", headers=AUTH, timeout=10, json={"ratings": [
+            {"user": "late", "item": "1", "rating": 5}]}).json()["ratings"][0]["seq"]
+        start = time.monotonic()
+        while httpx.get(f"{b.url}/v1/users/late", timeout=10).status_code == 404:
+            assert time.monotonic() - start < 10, "the other server never applied the write"
+            time.sleep(0.005)
+        assert httpx.get(f"{b.url}/ready", timeout=10).json()["applied_seq"] >= seq
+        assert httpx.get(f"{a.url}/v1/users/shared/recommendations", params={"k": 5}).status_code == 200
+    finally:
+        a.kill()
+        b.kill()
+
+
+def test_a_server_with_two_workers_applies_every_acknowledged_rating_in_each_worker(model_dir, tmp_path):
+    server = Server(model_dir, tmp_path / "ratings.db", workers=2)
+    try:
+        acked = write_concurrently([server.url])
+        assert sorted(acked) == list(range(1, 161))
+        seen = set()
+        for _ in range(20):  # fresh connections land on both workers
+            res = httpx.get(f"{server.url}/v1/users/shared", params={"min_seq": max(acked)}, timeout=10)
+            seen.add(res.json()["n_live_ratings"])
+            assert httpx.get(f"{server.url}/ready", timeout=10).json()["applied_seq"] >= 0
+        assert seen == {160}
+    finally:
+        server.kill()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_over_the_wire(model_dir, tmp_path):
+    server = Server(model_dir, tmp_path / "ratings.db", RECSYS_MAX_BODY_BYTES="2000")
+    try:
+        def chunks():
+            yield b'{"ratings": ['
+            for _ in range(2000):
+                yield b'{"user": "c", "item": "1", "rating": 3},'
+            yield b'{"user": "c", "item": "1", "rating": 3}]}'
+
+        res = httpx.post(f"{server.url}/v1/ratings", headers=AUTH, content=chunks(), timeout=10)
+        assert res.status_code == 413 and "over 2000 bytes" in res.json()["detail"]
+        res = httpx.post(f"{server.url}/v1/ratings", content=chunks(), timeout=10)
+        assert res.status_code == 401  # no key: refused before the body
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{server.url}/ready", timeout=10).json()["applied_seq"] == 0  # nothing stored
+    finally:
+        server.kill()
+
+
+def test_a_malformed_artefact_stops_serve_with_one_line(model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "ids.json").write_text('{"users": 5, "items": null}')  # JSON, but not ids
+    res = subprocess.run([sys.executable, "-m", "recsys.cli", "serve", "--model", str(broken), "--db",
+                          str(tmp_path / "db"), "--port", str(free_port())], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.startswith("recsys: error:") and str(broken) in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
