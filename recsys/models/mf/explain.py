@@ -437,8 +437,9 @@ class MFExplainer:
             pred = float(model.predict(torch.tensor([user]), torch.tensor([item]))[0])
             return Explanation(raw_u, raw_i, title, pred, FALLBACK_REASON)
         ids, eff, su, si, method, rows = self._effects(user, item)
-        if rows is not None and bool(model.known_items[item]):
-            pred = rows.prediction(model)
+        if bool(model.known_items[item]) and (rows is not None or model.device.type == "cpu"):
+            # the prediction from the pair's rows (numpy views on the CPU): no tensor dispatch
+            pred = (rows or _Rows(model, np.array([user]), np.array([item]))).prediction(model)
         else:
             pred = float(model.predict(torch.tensor([user]), torch.tensor([item]))[0])
         top = np.argsort(-np.abs(eff), kind="stable")[:k]

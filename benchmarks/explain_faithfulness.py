@@ -1,0 +1,139 @@
+"""Faithfulness and latency of the explanations the service serves, for MF (issue 22).
+
+Part A (`recsys.experiments.faithfulness.served_run`, what ``recsys explain-eval`` prints):
+the model ``recsys train`` fits by default on MovieLens-100K u1 (D=128 in 4 blocks, the
+compiled SGD kernel, 32 epochs), its served explainer (the one-row Newton estimate cached per
+row), scored against exact same-trajectory leave-one-out retraining on ``--pairs`` test
+predictions x ``--candidates`` random candidates, with the truth retrained under another seed
+as the noise floor; top-1 removal on ``--removal-pairs`` other predictions beside a random
+neighbour; cold users folded in from 5 ratings against the exact re-fold.
+
+Part B: latency of the service path in-process (`recsys.recommender.Recommender` loaded from
+a saved artefact, explainers warmed as the service does): ``explain(user, item, 5)`` and
+``predict(user, item, explain=5)`` for ``--latency-pairs`` test pairs of trained users, and
+``explain`` for users folded in through ``add_ratings``; wall and thread-CPU p50 / p99
+(thread CPU is what a query costs when other processes preempt it).
+
+    RECSYS_DATA=../shared/data python benchmarks/explain_faithfulness.py [--quick] [--latency-only]
+
+Writes ``benchmarks/results/explain_faithfulness.json`` (``--latency-only`` keeps part A of an
+existing file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from results_file import write_json  # this folder is on the path when run as a script
+
+from recsys.artefact import save_artefact
+from recsys.datasets import load_split
+from recsys.experiments.faithfulness import sample_pairs, served_run, served_setup
+from recsys.models.mf import MatrixFactorization
+from recsys.ratings import Ratings
+from recsys.recommender import Recommender
+from recsys.store import NewRating
+from recsys.train import Trainer
+
+RESULTS = Path(__file__).parent / "results" / "explain_faithfulness.json"
+
+
+def _percentiles(seconds: list[float]) -> dict:
+    ms = np.asarray(seconds) * 1e3
+    return {"n": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "max_ms": float(ms.max())}
+
+
+def _timed(call, args: list[tuple]) -> dict:
+    """Wall and thread-CPU percentiles of ``call(*a)`` over ``args`` (after 5 warm-up calls)."""
+    for a in args[:5]:
+        call(*a)
+    wall, cpu = [], []
+    for a in args:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        call(*a)
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    return {"wall": _percentiles(wall), "thread_cpu": _percentiles(cpu)}
+
+
+def latency(train: Ratings, test: Ratings, n_pairs: int, n_cold: int, seed: int = 0) -> dict:
+    """Part B (see the module docstring)."""
+    setup = served_setup(seed=seed)
+    model = MatrixFactorization(train.n_users, train.n_items, train.rating_scale, setup.model)
+    Trainer(setup.train).fit(model, train)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_artefact(Path(tmp) / "model", model, train, {"split": "u1"})
+        t0 = time.perf_counter()
+        rec = Recommender.load(Path(tmp) / "model")  # warms the cached Newton rows, as the service does
+        load_s = time.perf_counter() - t0
+    pairs = sample_pairs(train, test, n_pairs, np.random.default_rng(seed))
+    raw = [(train.user_ids.raw(u), train.item_ids.raw(i)) for u, i in pairs]
+    out = {"load_seconds_with_warm_explainer": load_s,
+           "explain_trained": _timed(lambda u, i: rec.explain(u, i, 5), raw),
+           "predict_explain5_trained": _timed(lambda u, i: rec.predict(u, i, explain=5), raw)}
+    rng = np.random.default_rng(seed + 3)
+    counts = train.user_counts()
+    donors = rng.choice(np.flatnonzero(counts >= 5), size=n_cold, replace=False)
+    cold = []
+    for d in donors:
+        rows = rng.choice(train.by_user.examples[train.by_user.row(int(d))], size=5, replace=False)
+        name = f"cold-{train.user_ids.raw(int(d))}"
+        rec.add_ratings([NewRating(name, train.item_ids.raw(int(train.items[z])), float(train.values[z]))
+                         for z in rows])
+        cold.extend((name, train.item_ids.raw(int(i))) for i in rng.choice(train.n_items, size=10, replace=False))
+    first = rec.explain(cold[0][0], cold[0][1], 5)
+    out["explain_fold_in"] = {**_timed(lambda u, i: rec.explain(u, i, 5), cold), "method": first.method}
+    out["predict_explain5_fold_in"] = _timed(lambda u, i: rec.predict(u, i, explain=5), cold)
+    out["method_trained"] = rec.explain(*raw[0], 5).method
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, minutes less)")
+    ap.add_argument("--latency-only", action="store_true")
+    ap.add_argument("--pairs", type=int, default=30)
+    ap.add_argument("--candidates", type=int, default=20)
+    ap.add_argument("--removal-pairs", type=int, default=50)
+    ap.add_argument("--fold-in-users", type=int, default=20)
+    ap.add_argument("--latency-pairs", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if args.quick:
+        args.pairs, args.candidates, args.removal_pairs, args.fold_in_users, args.latency_pairs = 4, 5, 4, 3, 50
+    torch.set_num_threads(args.threads)
+    train, test = load_split("ml-100k", "u1")
+    out = json.loads(RESULTS.read_text()) if args.latency_only and RESULTS.exists() else {}
+    if not args.latency_only:
+        t0 = time.perf_counter()
+        served = served_run(train, test, n_predictions=args.pairs, n_candidates=args.candidates,
+                            n_removal_pairs=args.removal_pairs, fold_in_users=args.fold_in_users, seed=args.seed)
+        served["seconds"] = time.perf_counter() - t0
+        out["served_mf"] = served
+        shown = {k: v for k, v in served.items() if k not in ("points", "setup")}
+        print(json.dumps(shown, indent=1))
+    t0 = time.perf_counter()
+    out["latency"] = latency(train, test, args.latency_pairs, 20 if not args.quick else 3, seed=args.seed)
+    out["latency"]["seconds"] = time.perf_counter() - t0
+    print(json.dumps(out["latency"], indent=1))
+    out["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
+                      "load_average_at_end": os.getloadavg(), "torch": torch.__version__}
+    out["command"] = "RECSYS_DATA=../shared/data python benchmarks/explain_faithfulness.py" + (
+        " --quick" if args.quick else "") + (" --latency-only" if args.latency_only else "")
+    if not args.quick:
+        write_json(RESULTS, out)
+        print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
