@@ -127,6 +127,11 @@ class Recommender:
         self.ratings: Ratings = artefact.train
         self._lock = threading.RLock()
         self._train_counts = self.train.user_counts()
+        #: read caches: each user's live rows (indexed up to row ``_live_indexed`` of
+        #: ``ratings``, extended on the next read), and each model's `OnlineLearner` answer
+        self._live_index: dict[int, list[int]] = {}
+        self._live_indexed = len(self.train)
+        self._online: dict[int, bool] = {}
         self._seen_seq = 0
         self.n_ingested = 0
         #: stored ratings this model could not apply (skipped, see `add_ratings`): count, the
@@ -180,7 +185,10 @@ class Recommender:
         return -1 if u is None else u
 
     def _model_path(self, model: Model, u: int) -> str:
-        if isinstance(model, OnlineLearner):
+        online = self._online.get(id(model))
+        if online is None:  # a runtime protocol check costs microseconds: once per model
+            online = self._online[id(model)] = isinstance(model, OnlineLearner)
+        if online:
             return model.path(u)
         return "model" if 0 <= u < model.n_users and bool(model.known_users[u]) else "fallback"
 
@@ -221,13 +229,19 @@ class Recommender:
         items = [self._item(i) for _, i in pairs]
         with self._lock:
             users = [self._user(u) for u, _ in pairs]
-            values = self.rater.predict(torch.tensor(users), torch.tensor(items)).tolist()
             out = []
-            for (raw_u, raw_i), u, i, v in zip(pairs, users, items, values, strict=True):
-                p = Prediction(str(raw_u), str(raw_i), float(v), self._path(u), self.title(str(raw_i)))
+            for (raw_u, raw_i), u, i in zip(pairs, users, items, strict=True):
+                p = Prediction(str(raw_u), str(raw_i), None, self._path(u), self.title(str(raw_i)))
                 if explain:
-                    p.explanation, p.explanation_method = self._explain("rating", u, i, explain)
+                    # the explanation carries the prediction it explains: one model call, not two
+                    p.explanation, p.explanation_method, p.rating = self._explain("rating", u, i, explain, p.path)
                 out.append(p)
+            missing = [j for j, p in enumerate(out) if p.rating is None]
+            if missing:
+                values = self.rater.predict(torch.tensor([users[j] for j in missing]),
+                                            torch.tensor([items[j] for j in missing])).tolist()
+                for j, v in zip(missing, values, strict=True):
+                    out[j].rating = float(v)
             return out
 
     def recommend(self, user: object, k: int = 10, *, explain: int = 0) -> Recommendation:
@@ -252,27 +266,38 @@ class Recommender:
             ratings: list[float | None] = [None] * len(top)
             if self.rater is not None and top:
                 ratings = self.rater.predict(torch.full((len(top),), u), torch.tensor(top)).tolist()
+            raw_items = self.item_ids.raw_ids
             for s, i, r in zip(top_scores, top, ratings, strict=True):
-                raw = self.item_ids.raw(i)
+                raw = str(raw_items[i])
                 p = Prediction(str(user), raw, None if r is None else float(r), rec.path, self.title(raw),
                                score=float(s))
                 if explain:
                     if path == "popularity":
                         p.explanation_method = POPULARITY_REASON
                     else:
-                        p.explanation, p.explanation_method = self._explain("ranking", u, i, explain)
+                        p.explanation, p.explanation_method, _ = self._explain("ranking", u, i, explain, path)
                 rec.items.append(p)
             return rec
 
     def _top(self, u: int, scores: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
         """The ``k`` best-scored items of ``scores [n_items]`` that user ``u`` has not rated:
-        ``(scores, item indices)``."""
-        scores = scores[:len(self.item_ids)].to(torch.float32).clone()
-        for rated in self._rated_items(u):
-            scores[rated.to(scores.device)] = -torch.inf
-        k = max(0, min(k, int(torch.isfinite(scores).sum())))
-        top = torch.topk(scores, k)
-        return top.values.tolist(), top.indices.tolist()
+        ``(scores, item indices)``, best first (ties: the lower index). A partial sort
+        (``argpartition``) in numpy: O(n_items + k log k)."""
+        values = scores[:len(self.item_ids)].detach().to("cpu", torch.float32).numpy().copy()
+        rated = self._rated_items(u)
+        if len(rated):
+            values[rated] = -np.inf
+        k = max(0, min(k, int(np.isfinite(values).sum())))
+        if k == 0:
+            return [], []
+        key = -values
+        if k < len(key):
+            kth = np.partition(key, k - 1)[k - 1]
+            chosen = np.flatnonzero(key <= kth)  # every tie at the k-th score, in index order
+        else:
+            chosen = np.arange(len(key))
+        top = chosen[np.argsort(key[chosen], kind="stable")][:k]
+        return values[top].tolist(), top.tolist()
 
     def _recommend_by_rating(self, u: int, user: str, k: int, explain: int) -> Recommendation:
         assert self.rater is not None
@@ -284,23 +309,41 @@ class Recommender:
             clipped = float(min(max(s, lo), hi))
             p = Prediction(user, raw, clipped, rec.path, self.title(raw), score=clipped)
             if explain:
-                p.explanation, p.explanation_method = self._explain("rating", u, i, explain)
+                p.explanation, p.explanation_method, _ = self._explain("rating", u, i, explain, rec.path)
             rec.items.append(p)
         return rec
 
     def _live_rows(self, u: int) -> np.ndarray:
-        """Rows of ``ratings`` received online from user ``u``."""
-        n = len(self.train)
-        return n + np.flatnonzero(self.ratings.users[n:] == u)
+        """Rows of ``ratings`` received online from user ``u``, ``int64 [m]`` in order: from
+        a per-user index extended by the rows added since the last read (O(new rows) once,
+        then a lookup, instead of a scan of every live row per request). Rows never change
+        once added (example ``k`` is the same rating for good), so the index stays valid."""
+        total = len(self.ratings)
+        if self._live_indexed < total:
+            start = self._live_indexed
+            users = self.ratings.users[start:total]
+            order = np.argsort(users, kind="stable")
+            keys, first = np.unique(users[order], return_index=True)
+            bounds = np.append(first, len(order))
+            for j, user in enumerate(keys.tolist()):
+                self._live_index.setdefault(user, []).extend((start + order[bounds[j]:bounds[j + 1]]).tolist())
+            self._live_indexed = total
+        rows = self._live_index.get(u)
+        return np.asarray(rows, dtype=np.int64) if rows else np.zeros(0, dtype=np.int64)
 
-    def _rated_items(self, u: int) -> list[torch.Tensor]:
-        out = []
+    def _rated_items(self, u: int) -> np.ndarray:
+        """Items user ``u`` rated (training or live; repeats possible), ``int64 [m]``."""
+        parts = []
         if 0 <= u < self.train.n_users:
             csr = self.train.by_user
-            out.append(csr.columns[csr.row(u)])
+            parts.append(csr.columns[csr.row(u)])
         if u >= 0:
-            out.append(self.ratings.items[self._live_rows(u)])
-        return [torch.from_numpy(a) for a in out if len(a)]
+            live = self._live_rows(u)
+            if len(live):
+                parts.append(self.ratings.items[live])
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # ------------------------------------------------------------------ explanations
     def _explainer(self, role: str, method: str | None) -> Explainer | None:
@@ -335,20 +378,22 @@ class Recommender:
                 raise NotImplementedError(f"{type(self.model).__name__} does not explain its predictions")
             return explainer.explain(u, i, k)
 
-    def _explain(self, role: str, u: int, i: int, k: int) -> tuple[list[dict] | None, str | None]:
+    def _explain(self, role: str, u: int, i: int, k: int, path: str | None = None
+                 ) -> tuple[list[dict] | None, str | None, float | None]:
         """The ``k`` ratings (interactions) with the largest estimated effect on the ``role``
-        model's prediction (score), as the service returns them, and the method that
-        estimated them; ``(None, reason)`` where none applies."""
-        if role == "rating" and self._path(u) == "fallback":
-            return None, FALLBACK_REASON
+        model's prediction (score), as the service returns them, the method that estimated
+        them and the prediction (score) explained; ``(None, reason, None)`` where none
+        applies. ``path``: user ``u``'s path, when the caller has it already."""
+        if role == "rating" and (path if path is not None else self._path(u)) == "fallback":
+            return None, FALLBACK_REASON, None
         explainer = self._explainer(role, self.explain_method)
         if explainer is None:
-            return None, None
+            return None, None, None
         exp = explainer.explain(u, i, k)
         if exp.method.startswith("none"):
-            return None, exp.method
+            return None, exp.method, exp.prediction
         return [{"user": c.user, "item": c.item, "title": c.title, "rating": c.rating,
-                 "timestamp": c.timestamp, "effect": c.effect} for c in exp.contributions], exp.method
+                 "timestamp": c.timestamp, "effect": c.effect} for c in exp.contributions], exp.method, exp.prediction
 
     def user_info(self, user: object) -> UserInfo:
         with self._lock:

@@ -13,6 +13,8 @@ A user with no interaction gets the popularity ranking, which no interaction exp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -27,6 +29,20 @@ POPULARITY_REASON = "none: popularity (the user has no interaction)"
 PRIOR_TERM = "popularity prior"
 
 
+@dataclass(frozen=True)
+class _UserParts:
+    """One user's served scores ``[n_items]`` (with the prior where it is on), prior
+    ``[n_items]`` (None when off), and interactions: items, input weights (float64) and
+    example ids ``[m]``."""
+
+    user: int
+    scores: np.ndarray
+    prior: np.ndarray | None
+    items: np.ndarray
+    weights: np.ndarray
+    examples: np.ndarray
+
+
 class EASEExplainer:
     """Explains an `EASE` model's scores by the user's interactions. ``ratings`` are the
     interactions the model holds (training first, then those learnt online):
@@ -39,37 +55,46 @@ class EASEExplainer:
     def __init__(self, model: RankingModel, ratings: Ratings) -> None:
         self.model = model
         self.ratings = ratings
-        #: the last user's ``(user, score row, prior row)``: a list of k items explained for
-        #: one user scores the user once (cleared when the ratings grow)
-        self._last: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
+        #: the last user's scores and row: a list of k items explained for one user scores
+        #: the user once (cleared when the ratings grow)
+        self._last: _UserParts | None = None
+        self._raw_item_ids: tuple[object, np.ndarray] | None = None
 
     def warm(self) -> None:
         """Nothing to precompute."""
+
+    def _raw_items(self) -> np.ndarray:
+        """The raw item ids in index order (one array per id map: indexing it costs far less
+        than a lookup through the map per contribution)."""
+        ids = self.ratings.item_ids
+        if self._raw_item_ids is None or self._raw_item_ids[0] is not ids:
+            self._raw_item_ids = (ids, ids.raw_ids)
+        return self._raw_item_ids[1]
 
     def update(self, ratings: Ratings, new: np.ndarray) -> None:
         """Explain against the grown ``ratings`` from now on."""
         self.ratings = ratings
         self._last = None
 
-    def _rows(self, user: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The user's served score row and popularity-prior row (None when the prior is off),
-        ``float32 [n_items]`` each, from one `EASE.score_parts` call."""
-        if self._last is None or self._last[0] != user:
+    def _user(self, user: int) -> _UserParts:
+        """What every explanation of ``user`` reuses (one `EASE.score_parts` call and one
+        row read per user, kept for the next call: a list of k items is explained for one
+        user)."""
+        last = self._last
+        if last is None or last.user != user:
             ease, prior, _ = self.model.score_parts(torch.tensor([user]))
+            ease, prior = ease[0].detach().cpu().numpy(), prior[0].detach().cpu().numpy()
             on = bool(self.model.config.cold_weight)
-            self._last = (user, (ease + prior)[0] if on else ease[0], prior[0] if on else None)
-        return self._last[1], self._last[2]
+            items, values, examples = self.model.user_row(user)
+            last = self._last = _UserParts(user, ease + prior if on else ease, prior if on else None, items,
+                                           self.model.input_weights(values).astype(np.float64), examples)
+        return last
 
     def contributions(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray]:
         """Every interaction of index ``user`` with its effect on the score of ``item``:
         ``(example ids int64 [m], effects float64 [m])``; the effects sum to the score."""
-        model = self.model
-        items, values, examples = model.user_row(user)
-        sources, weights = model.item_weights(item)
-        lookup = np.zeros(model.n_items, dtype=np.float64)
-        lookup[sources] = weights
-        effects = model.input_weights(values).astype(np.float64) * lookup[items]
-        return examples, effects
+        parts = self._user(user)
+        return parts.examples, parts.weights * self.model.source_weights(parts.items, item)
 
     def explain(self, user: int, item: int, k: int) -> Explanation:
         """The ``k`` interactions of index ``user`` with the largest absolute effect on the
@@ -81,25 +106,43 @@ class EASEExplainer:
         model, r = self.model, self.ratings
         if not 0 <= item < model.n_items:
             raise IndexError(f"item index {item} outside the model's {model.n_items} items")
-        raw_i = r.item_ids.raw(item)
+        raw_items = self._raw_items()
+        raw_i = str(raw_items[item])
         title = r.title(raw_i)
         known = 0 <= user < min(model.n_users, r.n_users)
         raw_u = r.user_ids.raw(user) if known else ""
         if not known or model.path(user) != "model":
             score = float(model.popularity_scores(1)[0, item])
             return Explanation(raw_u, raw_i, title, score, POPULARITY_REASON, units=self.units)
-        scores, prior = self._rows(user)
-        score = float(scores[item])
+        parts = self._user(user)
+        score, prior = float(parts.scores[item]), parts.prior
         examples, effects = self.contributions(user, item)
-        order = np.argsort(-np.abs(effects), kind="stable")[:k]
-        contribs = [Contribution(
-            example=int(ex), user=raw_u, item=r.item_ids.raw(int(r.items[ex])), rating=float(r.values[ex]),
-            timestamp=None if r.timestamps is None else int(r.timestamps[ex]),
-            title=r.title(r.item_ids.raw(int(r.items[ex]))), effect=float(effects[j]), shares="item-item")
-            for j, ex in ((int(j), int(examples[j])) for j in order)]
+        order = _top_abs(effects, k)
+        contribs = []
+        for j in order.tolist():
+            ex = int(examples[j])
+            raw = str(raw_items[r.items[ex]])
+            contribs.append(Contribution(
+                example=ex, user=raw_u, item=raw, rating=float(r.values[ex]),
+                timestamp=None if r.timestamps is None else int(r.timestamps[ex]),
+                title=r.title(raw), effect=float(effects[j]), shares="item-item"))
         terms = None if prior is None else {PRIOR_TERM: float(prior[item])}
         return Explanation(raw_u, raw_i, title, score, METHOD, contribs, len(examples),
                            units=self.units, terms=terms)
+
+
+def _top_abs(values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest ``|values|``, largest first (ties: the lower position,
+    as a stable sort orders them), by a partial sort: O(m + k log k), not O(m log m)."""
+    m = len(values)
+    if k <= 0 or m == 0:
+        return np.zeros(0, dtype=np.int64)
+    key = -np.abs(values)
+    if k < m and m > 512:  # below that a full sort costs less than the partial one's extra passes
+        kth = np.partition(key, k - 1)[k - 1]
+        chosen = np.flatnonzero(key <= kth)  # ties at the k-th value all in, in position order
+        return chosen[np.argsort(key[chosen], kind="stable")][:k]
+    return np.argsort(key, kind="stable")[:k]
 
 
 __all__ = ["METHOD", "POPULARITY_REASON", "PRIOR_TERM", "EASEExplainer"]

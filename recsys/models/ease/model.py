@@ -168,6 +168,12 @@ class EASE(RankingModel):
             self.register_buffer("weights", torch.zeros(n_items, k))
         self._rows: UserRows | None = None
         self._sparse_cache: tuple[tuple, torch.Tensor] | None = None
+        #: bumped whenever the rows scores are computed from change (`bind_ratings`, `learn`)
+        self._rows_version = 0
+        #: the last single user's ``(key, ease, prior, degree)`` (numpy, float32 [n_items]):
+        #: a recommendation and the explanations of its items score the user once
+        self._last_user: tuple[tuple, np.ndarray, np.ndarray, int] | None = None
+        self._weights_view: tuple[torch.Tensor, np.ndarray] | None = None
 
     @property
     def pruned(self) -> bool:
@@ -204,6 +210,7 @@ class EASE(RankingModel):
     def bind_ratings(self, ratings: Ratings) -> None:
         """Keep the interactions of ``ratings`` by user (the rows scores are computed from)."""
         self._rows = UserRows(ratings)
+        self._rows_version += 1
 
     def fit(self, interactions: Ratings, *, progress: bool | None = None) -> dict:
         """Fit ``B`` on ``interactions`` in closed form (float64, on the model's device: torch
@@ -309,9 +316,63 @@ class EASE(RankingModel):
         u = users.detach().cpu().numpy().astype(np.int64).reshape(-1)
         if (u >= self.n_users).any():
             raise IndexError("user index beyond the model's tables")
+        if len(u) == 1 and self.device.type == "cpu":
+            ease1, prior1, degree = self.user_parts(int(u[0]))
+            return (torch.from_numpy(ease1.copy())[None], torch.from_numpy(prior1.copy())[None],
+                    np.array([degree], dtype=np.int64))
         ease = self.score_rows(rows.matrix(u, self.n_items, self.input_weights))
         degrees = rows.degrees(u)
         return ease, self.prior_scores(ease, degrees), degrees
+
+    def user_parts(self, user: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """One user's ``(x_u·B, prior, degree)`` as in `score_parts` (``float32 [n_items]``
+        each, numpy, CPU models), computed with numpy (a single user's few hundred
+        multiply-adds per item cost less than the tensor and sparse-matrix set-up around
+        them) and kept until the user, the rows or the weights change: treat them as
+        read-only."""
+        key = (int(user), self._rows_version, self.weights._version, self.weights.data_ptr(),
+               float(self.config.cold_weight))
+        last = self._last_user
+        if last is not None and last[0] == key:
+            return last[1], last[2], last[3]
+        items, values, _ = self._require_rows().row(int(user)) if user >= 0 else (np.zeros(0, np.int64), None, None)
+        ease = np.zeros(self.n_items, dtype=np.float32)
+        if len(items):
+            w = self.input_weights(values)
+            if not self.pruned:
+                weights = self._weights_numpy()
+                for start in range(0, len(items), 256):  # a gather of at most 256 rows of B at a time
+                    ease += w[start:start + 256] @ weights[items[start:start + 256]]
+            else:
+                x = sp.csr_matrix((w, items, [0, len(items)]), shape=(1, self.n_items))
+                ease = self.score_rows(x)[0].numpy()
+        prior = np.zeros(self.n_items, dtype=np.float32)
+        c = float(self.config.cold_weight)
+        counts = self.item_counts.detach().numpy()
+        top = float(counts.max()) if self.n_items else 0.0
+        if c > 0.0 and top > 0.0 and self.n_items:
+            prior = (c / (len(items) + c) * float(np.abs(ease).max()) / top * counts).astype(np.float32)
+        self._last_user = (key, ease, prior, len(items))
+        return ease, prior, len(items)
+
+    def _weights_numpy(self) -> np.ndarray:
+        """``weights`` as a numpy view (CPU), kept while the buffer is the same tensor."""
+        w = self.weights
+        if self._weights_view is None or self._weights_view[0] is not w:
+            self._weights_view = (w, w.detach().numpy())
+        return self._weights_view[1]
+
+    def source_weights(self, sources: np.ndarray, item: int) -> np.ndarray:
+        """``B_j,item`` for the source items ``sources [m]``, ``float32 [m]`` (pruned: 0 where
+        ``j`` is not among the weights kept for ``item``)."""
+        sources = np.asarray(sources, dtype=np.int64)
+        if not self.pruned:
+            return self._weights_numpy()[sources, item] if self.device.type == "cpu" else \
+                self.weights[torch.from_numpy(sources).to(self.device), item].cpu().numpy()
+        kept, w = self.item_weights(item)
+        pos = np.searchsorted(kept, sources).clip(max=max(len(kept) - 1, 0))
+        hit = kept[pos] == sources if len(kept) else np.zeros(len(sources), bool)
+        return np.where(hit, w[pos] if len(kept) else 0.0, 0.0).astype(np.float32)
 
     @torch.no_grad()
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
@@ -363,6 +424,7 @@ class EASE(RankingModel):
             raise ValueError(f"EASE cannot learn interactions with items it was not fitted on "
                              f"(it has {self.n_items} items); refit to add items")
         self._grow(ratings.n_users)
+        self._rows_version += 1
         rows = self._rows
         if rows is None or rows.n_rows != len(ratings) - len(new):
             self.bind_ratings(ratings)
