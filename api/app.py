@@ -28,12 +28,14 @@ model is loaded (null otherwise); a user with no interaction gets the popularity
 
 
 import asyncio
+import logging
 import signal
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request, Response, status
+from fastapi import HTTPException as FastAPIHTTPException
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -66,17 +68,26 @@ from recsys.store import EventIdConflictError, NewRating
 
 __all__ = ["NotReady", "Service", "Settings", "create_app"]
 
+log = logging.getLogger("recsys.api")
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     service = Service(settings)
+
+    def reload_on_signal() -> None:
+        try:
+            service.reload()
+            app.openapi_schema = None
+        except ArtefactError as exc:  # the model serving now keeps serving
+            log.error("reload on SIGHUP failed: %s", exc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(service.open)
         loop = asyncio.get_running_loop()
         try:
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, service.reload))
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, reload_on_signal))
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
             pass
         yield
@@ -114,6 +125,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            (EventIdConflictError, 409), (NotApplied, 409), (StaleRead, 409)):
         app.add_exception_handler(exc_type, problem(code))
 
+    @app.exception_handler(405)
+    async def method_not_allowed(request: Request, exc: FastAPIHTTPException) -> JSONResponse:
+        """405 with every method the path answers in ``Allow`` (GET and POST /v1/predict are
+        two routes; the router would name only the first)."""
+        methods = sorted({m for route in app.router.routes if getattr(route, "methods", None)
+                          and route.path_regex.match(request.url.path) for m in route.methods})
+        return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(methods)})
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         """422 with where and what, without echoing the input (it may be NaN, or huge)."""
@@ -145,12 +164,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     Explain = Annotated[int, Query(ge=0, le=settings.max_explain, description="explanation entries per prediction")]
     PredictBatchIn, RatingsIn = bounded_models(settings.max_batch, settings.max_explain)
 
-    too_large = {413: {"model": Problem, "description": f"request body over {settings.max_body_bytes} bytes"}}
+    invalid_request = {422: {"model": Problem, "description": "the request does not match this document "
+                                                            "(detail: the list of what is wrong where), or a "
+                                                            "rating off the model's scale"}}
+    unparsable = {400: {"model": Problem, "description": "the body cannot be read as JSON"}}
+    too_large = {**unparsable, **invalid_request, 413: {"model": Problem, "description": f"request body over {settings.max_body_bytes} bytes"}}
     unauthorised = {401: {"model": Problem, "description": "no 'Authorization: Bearer <key>' header"},
                     403: {"model": Problem, "description": "wrong key, or writes disabled (no key configured)"}}
     not_ready = {503: {"model": Problem, "description": "the model is not loaded yet"}}
     stale = {409: {"model": Problem, "description": "min_seq is not committed yet"}}
-    read_problems = {**not_ready, **stale, **(unauthorised if settings.read_auth else {})}
+    read_problems = {**not_ready, **stale, **invalid_request, **(unauthorised if settings.read_auth else {})}
     unknown = {404: {"model": Problem, "description": "an item (or user) id nobody has heard of"}}
     no_rating_model = {400: {"model": Problem, "description": "the model ranks; it predicts no ratings"}}
 
@@ -234,19 +257,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return CreatedOut(user=body.user, created=created)
 
     @app.post("/v1/admin/reload", response_model=ReloadOut, dependencies=writes,
-              responses={422: {"model": Problem, "description": "the artefact is missing or malformed; the "
-                                                                "model serving now keeps serving"},
-                         **unauthorised, **too_large, **not_ready})
+              responses={**unauthorised, **too_large, **not_ready,
+                         404: {"model": Problem, "description": "no such artefact directory"},
+                         422: {"model": Problem, "description": "the artefact is malformed (or the body does not "
+                                                                "match this document); the model serving now "
+                                                                "keeps serving"}})
     def reload(body: ReloadIn | None = None) -> ReloadOut:
         """Load an artefact (default: the configured one), replay the store into it (stored
         ratings it cannot apply are skipped and reported), warm it, swap it in."""
         service.live()
+        path = Path(body.model) if body and body.model else None
+        if path is not None and not path.is_dir():
+            return JSONResponse({"detail": f"{path}: no such model directory"}, status_code=404)
         try:
-            fresh = service.reload(Path(body.model) if body and body.model else None)
+            fresh = service.reload(path)
         except ArtefactError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=422)
+        app.openapi_schema = None  # the document states the live model's rating scale
         rec = fresh.recommender
         return ReloadOut(model=str(service.settings.model), replayed=rec.n_ingested, skipped=rec.n_skipped,
                          skipped_examples=rec.skipped_examples)
 
+    def openapi() -> dict:
+        """FastAPI's document, with the live model's rating scale on `RatingIn.rating`; for
+        a ranker-only model, without ``/v1/predict`` (which then answers only 400)."""
+        if app.openapi_schema is None:
+            doc = FastAPI.openapi(app)
+            rec = service.recommender
+            if rec is not None and rec.rater is None:
+                del doc["paths"]["/v1/predict"]
+                doc["info"]["description"] += (" This model ranks; it predicts no ratings: /v1/predict is "
+                                               "not offered (it answers 400).")
+            if rec is not None:
+                lo, hi = rec.model.rating_scale
+                rating = doc["components"]["schemas"]["RatingIn"]["properties"]["rating"]
+                rating["minimum"], rating["maximum"] = float(lo), float(hi)
+                rating["description"] += f"; this model's scale: {lo:g} to {hi:g} (422 outside)"
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
 #: the longest id (users, items, event ids) the service accepts
 MAX_ID_LENGTH = 128
@@ -20,6 +22,19 @@ MAX_ID_LENGTH = 128
 ID_PATTERN = rf"^[^/\x00-\x1f\x7f]{{1,{MAX_ID_LENGTH}}}$"
 ID_RULE = (f"1 to {MAX_ID_LENGTH} characters; no '/', no control character (U+0000-U+001F, U+007F), "
            "no lone surrogate")
+def _json_number(value: object) -> object:
+    """Refuse what JSON would not call a number (a string, a boolean) before pydantic's lax
+    int conversion, which then takes ``3`` and ``3.0`` (JSON Schema integers) alike."""
+    if isinstance(value, (str, bool, bytes)):
+        raise ValueError("Input should be a JSON number, not a string or boolean")
+    return value
+
+
+#: an integer as JSON Schema means it (``3`` or ``3.0``; not ``"3"``, not ``true``)
+JsonInt = Annotated[int, BeforeValidator(_json_number)]
+#: the largest timestamp: 2^53 - 1, the largest integer every JSON reader keeps exact
+MAX_TIMESTAMP = 2**53 - 1
+
 Id = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, description=f"a raw user or item id: {ID_RULE}")
 Path = Literal["model", "fold-in", "online", "fallback", "popularity"]
 
@@ -61,7 +76,7 @@ class PairIn(BaseModel):
 class PredictBatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pairs: list[PairIn] = Field(min_length=1)
-    explain: int = Field(0, ge=0, le=50, strict=True)
+    explain: JsonInt = Field(0, ge=0, le=50)
 
 
 class PredictBatchOut(BaseModel):
@@ -81,11 +96,14 @@ class RatingIn(BaseModel):
     rating: float = Field(strict=True, allow_inf_nan=False,
                           description="a finite JSON number on the model's rating scale (integers are fine; "
                                       "strings and booleans are not)")
-    timestamp: int | None = Field(None, ge=0, le=2**62, strict=True, description="seconds since 1970 (default: now)")
+    timestamp: int | None = Field(None, ge=0, le=MAX_TIMESTAMP, description="seconds since 1970 (default: now)")
     event_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN,
                                  description="client id of this rating; a retry with the same id and payload is "
                                              "stored once (answered as a duplicate), the same id with another "
                                              f"payload is a 409. {ID_RULE}")
+
+
+    _timestamp_is_a_number = field_validator("timestamp", mode="before")(_json_number)
 
 
 class RatingsIn(BaseModel):
@@ -99,7 +117,7 @@ def bounded_models(max_batch: int, max_explain: int) -> tuple[type[PredictBatchI
     predict = create_model("PredictBatchIn", __base__=PredictBatchIn,
                            pairs=(list[PairIn], Field(min_length=1, max_length=max_batch,
                                                       description=f"1 to {max_batch} pairs")),
-                           explain=(int, Field(0, ge=0, le=max_explain, strict=True,
+                           explain=(JsonInt, Field(0, ge=0, le=max_explain,
                                                description="explanation entries per prediction")))
     ratings = create_model("RatingsIn", __base__=RatingsIn,
                            ratings=(list[RatingIn], Field(min_length=1, max_length=max_batch,
@@ -170,5 +188,14 @@ class ReadyOut(BaseModel):
     skipped: int = Field(0, description="stored ratings the live model cannot apply (see /v1/admin/reload)")
 
 
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="where: 'body', 'query' or 'path', then the field")
+    msg: str
+    type: str
+
+
 class Problem(BaseModel):
-    detail: str
+    """Every error answer: ``detail``, a message, or (a request that does not match the
+    schema, 422) the list of what is wrong where."""
+
+    detail: str | list[FieldError]

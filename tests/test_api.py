@@ -173,7 +173,7 @@ def test_reload_swaps_the_model_and_keeps_live_ratings(client, model_dir):
     assert res.status_code == 200 and res.json()["replayed"] >= 1
     assert client.get("/v1/users/r1").json()["n_ratings"] == 1
     bad = client.post("/v1/admin/reload", headers=AUTH, json={"model": str(model_dir) + "-missing"})
-    assert bad.status_code == 422 and "no such model directory" in bad.json()["detail"]
+    assert bad.status_code == 404 and "no such model directory" in bad.json()["detail"]
     assert client.get("/v1/predict", params={"user": "0", "item": "1"}).status_code == 200
 
 
