@@ -711,8 +711,10 @@ def cmd_explain_eval(args: argparse.Namespace) -> int:
     folds = load_folds(args)
     if len(folds) != 1 or folds[0][2] is None:
         raise RecsysError("explain-eval needs one split with a test set, e.g. --dataset ml-100k --split u1")
-    if args.model != "mf":
-        raise RecsysError(f"explain-eval measures mf explanations; got --model {args.model}")
+    if args.model not in ("mf", "rec"):
+        raise RecsysError(f"explain-eval measures mf and rec explanations; got --model {args.model}")
+    if args.model == "rec" and args.method is not None:
+        raise RecsysError("--method is for mf; rec is scored with its served explainer")
     for name in ("pairs", "candidates", "removal_pairs"):
         if getattr(args, name) < 1:
             raise RecsysError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -720,12 +722,19 @@ def cmd_explain_eval(args: argparse.Namespace) -> int:
         raise RecsysError(f"--fold-in-users must be >= 0, got {args.fold_in_users}")
     _check_model_flags(args)
     model_cfg, train_cfg = _configs(args)
-    setup = Setup(MODELS["mf"][1](**model_cfg), replace(train_cfg, progress=False))
     _, train, test = folds[0]
-    out = served_run(train, test, setup=setup, method=args.method, n_predictions=args.pairs,
-                     n_candidates=args.candidates, n_removal_pairs=args.removal_pairs,
-                     fold_in_users=args.fold_in_users, noise_floor=not args.no_noise_floor, seed=args.seed)
-    out.pop("points")
+    if args.model == "rec":  # REC's served explainer against leave-one-out (recsys.experiments.rec_faithfulness)
+        from recsys.experiments.rec_faithfulness import fit_and_run
+
+        out = fit_and_run(train, test, model_cfg, replace(train_cfg, progress=False), n_pairs=args.pairs,
+                          n_candidates=args.candidates, n_removal_pairs=args.removal_pairs,
+                          n_fold_in_users=args.fold_in_users, noise_floor=not args.no_noise_floor, seed=args.seed)
+    else:
+        setup = Setup(MODELS["mf"][1](**model_cfg), replace(train_cfg, progress=False))
+        out = served_run(train, test, setup=setup, method=args.method, n_predictions=args.pairs,
+                         n_candidates=args.candidates, n_removal_pairs=args.removal_pairs,
+                         fold_in_users=args.fold_in_users, noise_floor=not args.no_noise_floor, seed=args.seed)
+        out.pop("points")
     if args.json:
         print(json.dumps(out))
     else:

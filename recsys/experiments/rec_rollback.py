@@ -64,11 +64,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
 from recsys.models.rec.chains import Chains, EvidenceGraph, Level
+from recsys.models.rec.explain import baselines_without, leave_one_out_effects
 from recsys.models.rec.model import EvidenceChainModel, RECConfig, SamplingObserver, fit_baseline
 from recsys.optim.credit import ATTRIBUTION, optimizer_factor, optimizer_name
 from recsys.optim.factory import build_optimizer
@@ -600,42 +600,6 @@ def neighbourhood_candidates(train: Ratings, user: int, item: int) -> np.ndarray
     return np.union1d(np.flatnonzero(train.users == user), np.flatnonzero(train.items == item))
 
 
-def baselines_without(ratings: Ratings, removed_ids: np.ndarray, mean: float, reg: float,
-                      sweeps: int = 8, item_reg: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`fit_baseline` refitted without one rating, for each of ``removed_ids [C]`` at once
-    (sparse products): ``(b_u [C, n_users], b_i [C, n_items])``, float64."""
-    item_reg = reg if item_reg is None else item_reg
-    u, i, v = ratings.users, ratings.items, ratings.values.astype(np.float64)
-    nu, ni = ratings.n_users, ratings.n_items
-    z = np.asarray(removed_ids, dtype=np.int64)
-    c = len(z)
-    a = sp.csr_matrix((np.ones(len(u)), (i, u)), shape=(ni, nu))  # item x user incidence
-    resid = v - mean
-    si = np.bincount(i, weights=resid, minlength=ni)
-    su = np.bincount(u, weights=resid, minlength=nu)
-    ci = np.bincount(i, minlength=ni).astype(np.float64)
-    cu = np.bincount(u, minlength=nu).astype(np.float64)
-    rows = np.arange(c)
-    ci_c = np.broadcast_to(ci, (c, ni)).copy()
-    cu_c = np.broadcast_to(cu, (c, nu)).copy()
-    ci_c[rows, i[z]] -= 1
-    cu_c[rows, u[z]] -= 1
-    si_c = np.broadcast_to(si, (c, ni)).copy()
-    su_c = np.broadcast_to(su, (c, nu)).copy()
-    si_c[rows, i[z]] -= resid[z]
-    su_c[rows, u[z]] -= resid[z]
-    bu = np.zeros((c, nu))
-    bi = np.zeros((c, ni))
-    for _ in range(sweeps):
-        s = si_c - (a @ bu.T).T
-        s[rows, i[z]] += bu[rows, u[z]]
-        bi = s / (item_reg + ci_c)
-        s = su_c - (a.T @ bi.T).T
-        s[rows, u[z]] += bi[rows, i[z]]
-        bu = s / (reg + cu_c)
-    return bu, bi
-
-
 @dataclass
 class EvidenceEffects:
     """``total`` = prediction minus prediction with the rating removed from the live ratings
@@ -650,28 +614,9 @@ class EvidenceEffects:
 def evidence_effects(model: EvidenceChainModel, user: int, item: int, example_ids: np.ndarray, *,
                      components: bool = False) -> EvidenceEffects:
     """Evidence effect of each candidate (see the module docstring): exact, one masked
-    evaluation per candidate, baselines refitted for all candidates at once."""
-    r = model.ratings
-    graph, bias = model.live()
-    ids = np.asarray(example_ids, dtype=np.int64)
-    base = raw_prediction(model, user, item)
-    reg, item_reg = _baseline_regs(model)
-    bu, bi = baselines_without(r, ids, float(model.global_mean), reg, item_reg=item_reg)
-    keys = torch.from_numpy(r.users[ids] * graph.n_items + r.items[ids])
-    total = np.zeros(len(ids))
-    chain = np.zeros(len(ids)) if components else None
-    basel = np.zeros(len(ids)) if components else None
-    for c in range(len(ids)):
-        new_bias = torch.from_numpy(np.concatenate([bu[c], bi[c]]).astype(np.float32)).to(model.device)
-        with model.substituted(hidden_pairs=keys[c:c + 1]):
-            with model.substituted(biases=new_bias):
-                total[c] = base - raw_prediction(model, user, item)
-            if components:
-                chain[c] = base - raw_prediction(model, user, item)
-        if components:
-            with model.substituted(biases=new_bias):
-                basel[c] = base - raw_prediction(model, user, item)
-    return EvidenceEffects(total, chain, basel)
+    evaluation per candidate, baselines refitted for all candidates at once (the served
+    explainer's `recsys.models.rec.explain.leave_one_out_effects`)."""
+    return EvidenceEffects(*leave_one_out_effects(model, user, item, example_ids, components=components))
 
 
 def rollback_effects(model: EvidenceChainModel, log: RECRollbackLog, user: int, item: int,
