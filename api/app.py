@@ -29,6 +29,7 @@ model is loaded (null otherwise); a user with no interaction gets the popularity
 
 import asyncio
 import logging
+import os
 import signal
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -193,7 +194,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         could not apply."""
         rec, store = service.recommender, service.store
         body = {"model": rec is not None, "store": store is not None, "applied_seq": service.applied_seq,
-                "skipped": service.skipped}
+                "skipped": service.skipped, "artefact": str(service.settings.model),
+                "generation": service.generation, "worker_pid": os.getpid()}
         return JSONResponse(body, status_code=200 if rec is not None and store is not None else 503)
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)

@@ -186,6 +186,10 @@ class ReadyOut(BaseModel):
     store: bool
     applied_seq: int = Field(0, description="seq of the last stored rating the live model has applied")
     skipped: int = Field(0, description="stored ratings the live model cannot apply (see /v1/admin/reload)")
+    artefact: str = Field("", description="the artefact directory this worker serves")
+    generation: int = Field(0, description="its generation in the store's record of chosen models (0: none "
+                                           "chosen; every process on the store converges on the latest)")
+    worker_pid: int = Field(0, description="the process id of the worker that answered")
 
 
 class FieldError(BaseModel):

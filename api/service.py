@@ -26,6 +26,14 @@ committed rating is applied exactly once and in commit order, whoever wrote it.
 - `reload` loads the new artefact beside the live one (the old one keeps serving; a bad
   artefact is an `ArtefactError`, answered 422), replays the store into it, warms it, then
   under the apply lock catches it up and swaps it in.
+- **One model for every process on the store.** A successful reload records the artefact's
+  path in the store as a new generation (`RatingStore.choose_model`); every other worker's
+  follower sees the generation move and reloads the same path in the background (its old
+  model serving meanwhile). A worker that starts (or is restarted by uvicorn) loads the
+  store's chosen model, falling back to ``settings.model`` when none was chosen. A worker
+  that cannot load a chosen artefact keeps its model, logs why and counts it
+  (``recsys_reload_failures_total``); ``/ready`` says which artefact and generation each
+  worker serves.
 """
 
 from __future__ import annotations
@@ -97,6 +105,10 @@ class Metrics:
                                 registry=self.registry)
         Gauge("recsys_applied_seq", "seq of the last stored rating the live model has applied",
               registry=self.registry).set_function(lambda: service.applied_seq)
+        self.reload_failures = Counter("recsys_reload_failures_total",
+                                       "reloads of a chosen artefact this worker could not load", registry=self.registry)
+        Gauge("recsys_model_generation", "generation of the artefact this worker serves (see /ready)",
+              registry=self.registry).set_function(lambda: service.generation)
         Gauge("recsys_skipped_ratings", "stored ratings the live model could not apply (unknown item, off scale)",
               registry=self.registry).set_function(lambda: service.skipped)
 
@@ -121,6 +133,9 @@ class Service:
         self._apply_lock = threading.Lock()
         self._stop = threading.Event()
         self._follower: threading.Thread | None = None
+        #: the generation of the store's chosen model this worker serves (0: none chosen yet)
+        self.generation = 0
+        self._model_reloader: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -130,6 +145,10 @@ class Service:
     def open(self) -> None:
         """Open the store, load, replay and warm the model, start following the store."""
         self.store = RatingStore(self.settings.db)
+        chosen = self.store.chosen_model()
+        if chosen is not None:
+            self.generation, path = chosen[0], Path(chosen[1])
+            self.settings.model = path
         self._live = self._load(self.settings.model)
         self._follower = threading.Thread(target=self._follow, name="store-follower", daemon=True)
         self._follower.start()
@@ -138,6 +157,8 @@ class Service:
         self._stop.set()
         if self._follower is not None:
             self._follower.join(timeout=5)
+        if self._model_reloader is not None:
+            self._model_reloader.join(timeout=60)
         if self.store is not None:
             self.store.close()
 
@@ -217,15 +238,32 @@ class Service:
         return applied
 
     def _follow(self) -> None:
-        """The background follower: poll the store's cursors, catch up when they moved."""
+        """The background follower: poll the store's cursors, catch up when they moved;
+        reload (in its own thread) when another process chose a new model."""
         while not self._stop.wait(self.settings.follow_interval_s):
             try:
                 live = self._live
                 if live is not None and (self.store.last_seq() > live.recommender.last_seq
                                          or self.store.last_user() > live.users_cursor):
                     self.catch_up()
+                chosen = self.store.chosen_model()
+                if chosen is not None and chosen[0] > self.generation and (
+                        self._model_reloader is None or not self._model_reloader.is_alive()):
+                    self._model_reloader = threading.Thread(target=self._follow_model, args=chosen,
+                                                            name="model-follower", daemon=True)
+                    self._model_reloader.start()
             except Exception:  # keep following; the next poll retries
                 log.exception("following the rating store failed")
+
+    def _follow_model(self, generation: int, path: str) -> None:
+        """Serve the model another process chose (generation ``generation``)."""
+        try:
+            self.reload(Path(path), generation=generation)
+        except ArtefactError as exc:
+            with self._reload_lock:
+                self.generation = max(self.generation, generation)  # not retried; the old model serves
+            self.metrics.reload_failures.inc()
+            log.error("cannot serve the model chosen through another process (generation %d): %s", generation, exc)
 
     def wait_for(self, min_seq: int) -> None:
         """Return once the live model has applied the store up to ``min_seq`` (catching up
@@ -263,12 +301,20 @@ class Service:
         return created and not existed
 
     # ------------------------------------------------------------------ reload
-    def reload(self, path: Path | None = None) -> Loaded:
+    def reload(self, path: Path | None = None, *, generation: int | None = None) -> Loaded:
         """Load ``path`` (default: the configured artefact) beside the live model, then swap
-        it in caught up with the store; `ArtefactError` leaves the live model serving."""
+        it in caught up with the store; `ArtefactError` leaves the live model serving.
+        Without ``generation`` (a reload asked of this process) the path is recorded in the
+        store as a new generation, which the other processes follow; with it (following
+        one), nothing is recorded and a generation already served is not loaded again."""
         with self._reload_lock:
+            if generation is not None and generation <= self.generation:
+                return self._live
             path = path or self.settings.model
             fresh = self._load(path)
+            if generation is None:
+                generation = self.store.choose_model(str(path))
+            self.generation = max(self.generation, generation)
             with self._apply_lock:  # catch up with what was committed while loading, then swap
                 applied = self._apply_new(fresh)
                 self._live = fresh

@@ -656,7 +656,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         _check(settings.model)
-        RatingStore(settings.db).close()
+        with RatingStore(settings.db) as store:  # every worker (and process on the store) serves this model
+            store.choose_model(str(settings.model))
     except RecsysError:
         raise
     except Exception as exc:  # a malformed artefact or an unusable store path: one line, no stack trace

@@ -22,6 +22,10 @@ order and without gaps: once ``seq`` S is visible, every ``seq`` below it is too
 lets a follower apply the log by a single cursor (`replay` after the last ``seq`` applied;
 `last_seq` to see whether there is anything new). Users created with no ratings have their
 own cursor (`new_users`, ordered by their row id).
+
+The store also records which model artefact the processes sharing it should serve
+(`choose_model`, `chosen_model`): a reload through one process is a new *generation* the
+others follow.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ CREATE TABLE IF NOT EXISTS ratings (
 CREATE TABLE IF NOT EXISTS users (
     user        TEXT PRIMARY KEY,
     created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS models (
+    generation  INTEGER PRIMARY KEY AUTOINCREMENT,
+    path        TEXT NOT NULL,
+    chosen_at   REAL NOT NULL
 );
 """
 
@@ -286,6 +295,19 @@ class RatingStore:
         with self._read_lock:
             return self._read.execute("SELECT rowid, user FROM users WHERE rowid > ? ORDER BY rowid",
                                       (after,)).fetchall()
+
+    def choose_model(self, path: str) -> int:
+        """Record that every process on this store should serve the artefact at ``path``;
+        returns the new generation (1, 2, ...)."""
+        with self._exclusive():
+            cur = self._conn.execute("INSERT INTO models(path, chosen_at) VALUES (?, ?)", (path, time.time()))
+            return int(cur.lastrowid)
+
+    def chosen_model(self) -> tuple[int, str] | None:
+        """``(generation, path)`` of the last `choose_model`, None if there was none."""
+        with self._read_lock:
+            row = self._read.execute("SELECT generation, path FROM models ORDER BY generation DESC LIMIT 1").fetchone()
+        return None if row is None else (int(row[0]), row[1])
 
     def last_seq(self) -> int:
         """The ``seq`` of the last committed rating (0: none); cheap enough to poll."""

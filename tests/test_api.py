@@ -3,6 +3,8 @@ idempotent durable ingestion, restart replay and hot reload."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -42,7 +44,9 @@ def client(model_dir, tmp_path):
 
 def test_health_ready_and_openapi(client):
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").json() == {"model": True, "store": True, "applied_seq": 0, "skipped": 0}
+    ready = client.get("/ready").json()
+    assert ready == {"model": True, "store": True, "applied_seq": 0, "skipped": 0, "artefact": ready["artefact"],
+                     "generation": 0, "worker_pid": os.getpid()} and ready["artefact"].endswith("mf")
     paths = client.get("/openapi.json").json()["paths"]
     for route in ("/v1/predict", "/v1/users/{user}/recommendations", "/v1/ratings", "/v1/users",
                   "/v1/users/{user}", "/health", "/ready", "/metrics"):

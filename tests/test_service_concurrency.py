@@ -186,3 +186,44 @@ def test_a_reload_swaps_in_a_model_caught_up_with_writes_made_while_it_loaded(mo
         assert live.last_seq == sent[-1] and live.user_info("during-reload").n_live_ratings == len(sent)
     finally:
         service.close()
+
+
+def wait_until(condition, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.01)
+
+
+def test_a_reload_through_one_service_is_followed_by_the_other_and_by_a_restart(model_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "retrained"
+    shutil.copytree(model_dir, other)
+    settings = dict(model=model_dir, db=tmp_path / "db", api_key=KEY)
+    a, b = Service(Settings(**settings)), Service(Settings(**settings))
+    a.open()
+    b.open()
+    try:
+        a.ingest([NewRating("kept", "1", 4.0)])
+        a.reload(other)
+        assert a.generation == 1 and a.settings.model == other
+        wait_until(lambda: b.generation == 1 and b.settings.model == other)
+        assert b.live().user_info("kept").n_live_ratings == 1  # the followed model replayed the store
+        # a chosen artefact that cannot be loaded: both keep serving, count it and move on
+        with RatingStore(tmp_path / "db") as store:
+            store.choose_model(str(tmp_path / "missing"))
+        wait_until(lambda: a.generation == b.generation == 2)
+        assert a.settings.model == b.settings.model == other
+        assert a.live().predict("kept", "2").rating is not None
+    finally:
+        a.close()
+        b.close()
+    restarted = Service(Settings(**settings))  # e.g. a worker uvicorn restarts: the latest loadable choice
+    with RatingStore(tmp_path / "db") as store:
+        store.choose_model(str(other))
+    restarted.open()
+    try:
+        assert restarted.settings.model == other and restarted.generation == 3
+    finally:
+        restarted.close()

@@ -199,12 +199,23 @@ def test_a_server_with_two_workers_applies_every_acknowledged_rating_in_each_wor
     try:
         acked = write_concurrently([server.url])
         assert sorted(acked) == list(range(1, 161))
-        seen = set()
-        for _ in range(20):  # fresh connections land on both workers
-            res = httpx.get(f"{server.url}/v1/users/shared", params={"min_seq": max(acked)}, timeout=10)
-            seen.add(res.json()["n_live_ratings"])
-            assert httpx.get(f"{server.url}/ready", timeout=10).json()["applied_seq"] >= 0
-        assert seen == {160}
+        count_by_worker: dict[int, int] = {}
+        deadline = time.monotonic() + 30
+        while len(count_by_worker) < 2:  # fresh connections until both workers have answered
+            assert time.monotonic() < deadline, "only one worker ever answered"
+            with httpx.Client(base_url=server.url, timeout=10) as http:  # one connection: one worker
+                n = http.get("/v1/users/shared", params={"min_seq": max(acked)}).json()["n_live_ratings"]
+                count_by_worker[http.get("/ready").json()["worker_pid"]] = n
+        assert set(count_by_worker.values()) == {160}
+        # a reload answered by one worker is followed by the other: both end on generation 2
+        res = httpx.post(f"{server.url}/v1/admin/reload", headers=AUTH, json={}, timeout=60)
+        assert res.status_code == 200
+        deadline = time.monotonic() + 30
+        by_worker: dict[int, int] = {}
+        while len(by_worker) < 2 or set(by_worker.values()) != {2}:
+            assert time.monotonic() < deadline, by_worker
+            ready = httpx.get(f"{server.url}/ready", timeout=10).json()
+            by_worker[ready["worker_pid"]] = ready["generation"]
     finally:
         server.kill()
 

@@ -142,3 +142,11 @@ def test_invalid_ratings_and_closed_store_are_errors(tmp_path):
     store.close()
     with pytest.raises(StoreClosedError):
         store.add([NewRating("u", "a", 1.0)])
+
+
+def test_the_chosen_model_is_the_last_one_recorded(tmp_path):
+    with RatingStore(tmp_path / "db") as store:
+        assert store.chosen_model() is None
+        assert store.choose_model("/models/a") == 1 and store.choose_model("/models/b") == 2
+    with RatingStore(tmp_path / "db") as store:
+        assert store.chosen_model() == (2, "/models/b")
