@@ -19,9 +19,11 @@ validation slice chooses every learning rate and noise scale; u1.test is only re
 6. Large batches as a speed lever: training seconds until the test RMSE reaches the small
    batch's final test RMSE, per batch (scaled lr).
 
-MF: plain large batches step with the closed-form minibatch SGD (the production path); noisy
-ones with `recsys.optim.noise.CovNoiseSGD` through autograd (per-example gradients from the
-gathered rows). REC: Adam (its default) plain, and Adam fed the large batch's gradient plus
+MF: every regime steps on one path, `recsys.optim.noise.CovNoiseSGD` through autograd
+(per-example gradients from the gathered rows); the plain ones with noise scale 0 (the same
+step, the same per-example capture, no noise drawn), so seconds and training MSE compare the
+noise, not step paths (``--plain-path closed-form``: plain runs on the closed-form minibatch SGD,
+the production path, as the first study did). REC: Adam (its default) plain, and Adam fed the large batch's gradient plus
 noise estimated from its B_S sub-batches (`recsys.optim.noise.SubBatchNoise`): REC's memoised
 chains have no per-rating gradients to take.
 
@@ -87,6 +89,8 @@ def code_version() -> str:
 
 
 CODE_VERSION = code_version()
+#: MF's plain runs: ``same`` (the noisy runs' path, noise scale 0) or ``closed-form``
+PLAIN_PATH = {"path": "same"}
 
 
 class TestCurve(Callback):
@@ -113,6 +117,8 @@ def train_config(model_name: str, *, batch: int, lr: float, epochs: int, seed: i
     base = dict(EvidenceChainModel.training_defaults) if model_name == "rec" else {"optimizer": "sgd"}
     base.update(batch_size=batch, learning_rate=lr, epochs=epochs, seed=seed, patience=None,
                 progress=False, lr_decay=1.0 if model_name == "mf" else base.get("lr_decay", 1.0))
+    if noise is None and model_name == "mf" and PLAIN_PATH["path"] == "same":
+        noise = ("diag", 0.0)  # the noisy runs' step and capture, no noise
     if noise is not None:
         structure, scale = noise
         base.update(optimizer="cov-noise", noise={"structure": structure, "scale": scale, "batch": 256})
@@ -123,7 +129,7 @@ def train_config(model_name: str, *, batch: int, lr: float, epochs: int, seed: i
 
 def run(model_name: str, data, *, batch: int, lr: float, epochs: int, seed: int,
         noise: tuple[str, float] | None = None) -> dict:
-    key = json.dumps([CODE_VERSION, model_name, REC_CONFIG if model_name == "rec" else None, batch,
+    key = json.dumps([CODE_VERSION, PLAIN_PATH["path"], model_name, REC_CONFIG if model_name == "rec" else None, batch,
                       float(f"{lr:.10g}"), epochs, seed, None if noise is None else [noise[0], float(noise[1])]],
                      sort_keys=True)
     if key in CACHE["runs"]:
@@ -339,7 +345,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="> 1: run the fixed-lr protocol (with --no-own-lr) in this many processes")
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script")
+    parser.add_argument("--plain-path", choices=("same", "closed-form"), default="same",
+                        help="MF's plain runs: the noisy runs' autograd step at noise 0 (default) or closed-form SGD")
+    parser.add_argument("--out", default=None, help="results file name (default optim_noise_<model>.json)")
     args = parser.parse_args()
+    PLAIN_PATH["path"] = args.plain_path
     structures = tuple(args.structures.split(","))
     if args.minor_seeds is None:
         args.minor_seeds = args.seeds
@@ -512,7 +522,8 @@ def main() -> None:
            "regimes": regimes, "gaps": gaps, "noise_scale_on_validation": scale_rows,
            "speed": speed, "speed_lever": speed_lever,
            "own_lr_structures": own_structures, "note": args.note}
-    path = RESULTS / f"optim_noise_{args.model}{'_quick' if args.quick else ''}.json"
+    out["plain_path"] = args.plain_path if mf else None
+    path = RESULTS / (args.out or f"optim_noise_{args.model}{'_quick' if args.quick else ''}.json")
     path.write_text(json.dumps(out, indent=1))
     print(json.dumps({"small": regimes[f"B={small}"]["summary"], "gaps": gaps, "speed": speed,
                       "speed_lever": speed_lever}, indent=1))

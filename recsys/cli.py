@@ -183,9 +183,11 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None = "mf"
                                            "kfac", "ekfac", "tkfac", "tekfac"])
     g.add_argument("--salr", action="store_true", default=None,
                    help="scale the learning rate by local sharpness / median sharpness (SALR)")
-    g.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default="none",
-                   help="scale the (default or given) learning rate from the model's default batch "
-                        "size to --batch-size: linear (SGD), sqrt (adaptive)")
+    g.add_argument("--lr-scaling", choices=["auto", "none", "linear", "sqrt"], default="auto",
+                   help="scale the optimizer's reference schedule (its tuned batch size, learning rate, "
+                        "epochs, K-FAC damping) to --batch-size: auto (default: the optimizer's own rule, "
+                        "linear for SGD-like, sqrt for adaptive; off when --lr is given), linear or sqrt "
+                        "(scale the given or reference rate by that rule), none (no scaling)")
     g.add_argument("--noise-batch", type=int, help="cov-noise: the small batch whose gradient noise is restored")
     g.add_argument("--noise-structure", choices=["diag", "full", "isotropic"], help="cov-noise: noise covariance")
     g.add_argument("--noise-scale", type=float, help="cov-noise: multiplier on the noise's standard deviation")
@@ -231,7 +233,7 @@ _OPTION_FLAGS: dict[str, tuple[str, str]] = {
 #: flags every model takes (not training flags)
 _GENERIC_FLAGS = frozenset({"seed", "device", "threads"})
 #: flags that only the `Trainer` of a rating model reads: (dest, value meaning "not given")
-_TRAINING_ONLY = (("validation", 0.0), ("lr_scaling", "none"), ("rollback", False),
+_TRAINING_ONLY = (("validation", 0.0), ("lr_scaling", "auto"), ("rollback", False),
                   ("rollback_float16", False), ("rollback_exact", False), ("nproc", 1))
 
 
@@ -295,7 +297,9 @@ def model_config(args: argparse.Namespace, name: str | None = None) -> dict:
     return cfg | _params(args)
 
 
-def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
+def _configs(args: argparse.Namespace, examples: int | None = None) -> tuple[dict, TrainConfig]:
+    """The model's config and the `TrainConfig` from the flags; ``examples``: training ratings
+    per epoch (the batch-size scaling's step floor, `recsys.optim.scaling.MIN_STEPS`)."""
     model_cls, config_cls = MODELS[args.model]
     model_cfg = model_config(args)
     train_over: dict[str, object] = {
@@ -309,16 +313,11 @@ def _configs(args: argparse.Namespace) -> tuple[dict, TrainConfig]:
         train_over["salr"] = {}  # SALR with its defaults
     # the model's own training defaults (e.g. REC: Adam, batches), those of the optimizer
     # chosen instead of the model's own, then explicit flags
-    train_cfg = replace(TrainConfig.for_model(model_cls, **train_over),
+    # (and the optimizer's reference schedule scaled to --batch-size, `recsys.optim.scaling`)
+    train_cfg = replace(TrainConfig.for_model(model_cls, lr_scaling=getattr(args, "lr_scaling", "auto"),
+                                              examples=examples, **train_over),
                         patience=args.patience if args.validation else None,
                         progress=False if args.quiet else None)
-    scaling = getattr(args, "lr_scaling", "none")
-    if scaling != "none":
-        from recsys.optim.scaling import scale_lr
-
-        base_batch = int(model_cls.training_defaults.get("batch_size", TrainConfig().batch_size))
-        train_cfg = replace(train_cfg, learning_rate=scale_lr(train_cfg.learning_rate, base_batch,
-                                                              train_cfg.batch_size, scaling))
     return model_cfg, train_cfg
 
 
@@ -348,10 +347,12 @@ def fit_model(args: argparse.Namespace, train: Ratings, callbacks: Sequence = ()
         model, summary = fit_ranker(args.model, train, model_config(args), device=args.device,
                                     threads=args.threads, quiet=args.quiet)
         return model, train, summary
-    model_cfg, train_cfg = _configs(args)
     fit_part, validation = train, None
     if args.validation:
         fit_part, validation = validation_slice(train, args.validation, seed=args.seed)
+    model_cfg, train_cfg = _configs(args, examples=len(fit_part))
+    if train_cfg.scaling is not None and train_cfg.scaling.warning and (parallel is None or parallel.is_main):
+        print(f"recsys: warning: {train_cfg.scaling.warning}", file=sys.stderr)
     model = build_model(args.model, train.n_users, train.n_items, train.rating_scale, model_cfg)
     result = Trainer(train_cfg, callbacks=callbacks, parallel=parallel).fit(model, fit_part, validation)
     summary = {

@@ -44,10 +44,18 @@ from recsys.optim.kfac import KFACConfig
 from recsys.optim.noise import NoiseConfig, SubBatchNoise
 from recsys.optim.salr import SALR, SALRConfig
 from recsys.optim.sampling import SAMPLERS, make_sampler
+from recsys.optim.scaling import KFAC_FAMILY, BatchScaling, Reference, scale_schedule
 from recsys.ratings import Ratings
 
 if TYPE_CHECKING:
     from recsys.distributed import DataParallel
+
+#: training stops (`TrainingDivergedError`) when the training MSE is not finite, or when
+#: `DIVERGENCE_STRIKES` step groups in a row are above `DIVERGENCE_GROWTH` times the first
+#: group's and each above the one before: a run that fits never gets there (Adagrad at a
+#: large rate spikes to 10x on its first step and falls back), a diverging one within a few steps
+DIVERGENCE_GROWTH = 10.0
+DIVERGENCE_STRIKES = 3
 
 #: the per-optimizer option groups of `TrainConfig`: field name -> config class
 OPTION_GROUPS: dict[str, type] = {"noise": NoiseConfig, "kfac": KFACConfig, "salr": SALRConfig}
@@ -93,25 +101,59 @@ class TrainConfig:
     kfac: KFACConfig = field(default_factory=KFACConfig)
     #: wrap the optimizer in `recsys.optim.salr.SALR` (autograd path); None: no SALR
     salr: SALRConfig | None = None
+    #: how `for_model` scaled the optimizer's reference schedule to ``batch_size``
+    #: (`recsys.optim.scaling.BatchScaling`; None: not scaled). A record: the fields above
+    #: already hold the scaled values.
+    scaling: BatchScaling | None = None
 
     @classmethod
-    def for_model(cls, model: type[RatingModel] | RatingModel, **overrides: object) -> TrainConfig:
+    def for_model(cls, model: type[RatingModel] | RatingModel, *, lr_scaling: str = "auto",
+                  examples: int | None = None, **overrides: object) -> TrainConfig:
         """The config a model trains with by default: these defaults, then the model's
         ``training_defaults``, then its ``optimizer_defaults`` for the chosen optimizer (when
         ``overrides`` names one other than the model's own), then ``overrides``. An option
         group (``noise``, ``kfac``, ``salr``) given as a dict at any layer updates the fields
-        of the layers below it; given as a config (or None), it replaces them."""
+        of the layers below it; given as a config (or None), it replaces them.
+
+        The layers below ``overrides`` are the optimizer's *reference* schedule. When
+        ``overrides`` asks for another ``batch_size``, the learning rate (and, unless given,
+        the epochs, decay and the K-FAC family's damping and factor interval) are scaled to it
+        by `recsys.optim.scaling.scale_schedule`: ``lr_scaling`` ``auto`` (the optimizer's own
+        rule; off when ``overrides`` gives a ``learning_rate``), ``linear`` or ``sqrt`` (scale
+        the given or reference rate by that rule), ``none`` (no scaling). ``examples``:
+        training examples per epoch, for the scaled schedule's step floor
+        (`recsys.optim.scaling.MIN_STEPS`)."""
         base = dict(model.training_defaults)
         layers = [base]
         optimizer = overrides.get("optimizer", base.get("optimizer", cls.optimizer))
         if optimizer != base.get("optimizer", cls.optimizer):
             layers.append(model.optimizer_defaults.get(optimizer, {}))
-        layers.append(overrides)
-        merged: dict[str, object] = {}
-        for layer in layers:
-            for key, value in layer.items():
-                merged[key] = _layer_group(merged.get(key), value) if key in OPTION_GROUPS else value
-        return cls(**merged)
+        reference = cls(**_merge_layers([*layers, {"optimizer": optimizer}]))
+        config = cls(**_merge_layers([*layers, overrides]))
+        if config.batch_size == reference.batch_size and lr_scaling in ("auto", "none"):
+            return config
+        if lr_scaling == "none" or (lr_scaling == "auto" and "learning_rate" in overrides):
+            return config
+        kfac = optimizer in KFAC_FAMILY
+        ref = Reference(reference.learning_rate, reference.batch_size, reference.epochs, reference.lr_decay,
+                        reference.kfac.damping if kfac else None, reference.kfac.stats_freq if kfac else None)
+        given_lr = overrides.get("learning_rate")
+        scaled = scale_schedule(optimizer, ref, config.batch_size, lr_scaling, examples=examples,
+                                learning_rate=None if given_lr is None else float(given_lr))
+        changes: dict[str, object] = {"learning_rate": scaled.learning_rate, "scaling": scaled}
+        if "epochs" not in overrides:
+            changes["epochs"] = scaled.epochs
+        if "lr_decay" not in overrides:
+            changes["lr_decay"] = scaled.lr_decay
+        given_kfac = overrides.get("kfac") if isinstance(overrides.get("kfac"), dict) else {}
+        if kfac and not isinstance(overrides.get("kfac"), KFACConfig):
+            kfac_changes = {}
+            if scaled.damping is not None and "damping" not in given_kfac:
+                kfac_changes["damping"] = scaled.damping
+            if scaled.stats_freq is not None and "stats_freq" not in given_kfac and optimizer in ("kfac", "tkfac"):
+                kfac_changes["stats_freq"] = scaled.stats_freq
+            changes["kfac"] = replace(config.kfac, **kfac_changes)
+        return replace(config, **changes)
 
     def __post_init__(self) -> None:
         for name, config_cls in OPTION_GROUPS.items():
@@ -136,6 +178,15 @@ class TrainConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
         if self.optimizer in PRECONDITIONED:
             self.kfac.check(self.optimizer)
+
+
+def _merge_layers(layers: Sequence[dict]) -> dict[str, object]:
+    """The fields of `TrainConfig.for_model`'s layers merged, later layers first."""
+    merged: dict[str, object] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            merged[key] = _layer_group(merged.get(key), value) if key in OPTION_GROUPS else value
+    return merged
 
 
 def _layer_group(below: object, value: object) -> object:
@@ -202,6 +253,13 @@ class Callback:
         yield
 
 
+def train_mse(outputs: torch.Tensor, values: torch.Tensor) -> float:
+    """The training MSE every step path reports (``EpochRecord.train_mse``): the mean squared
+    error of the model's outputs ``[B, m]`` (`RatingModel.loss_terms`; MF: each block's
+    prediction) against the ratings ``values [B]``, before the step, without penalties."""
+    return float((values.unsqueeze(-1) - outputs).square().mean())
+
+
 class AutogradStepper:
     """The generic step, for any `RatingModel` and optimizer: ``model.loss`` → ``backward``
     → ``optimizer.step``, with what the config adds around it: the K-FAC-family
@@ -246,6 +304,8 @@ class AutogradStepper:
         if c.salr is not None:
             self.optimizer = SALR(self.optimizer, every=c.salr.every)
         self.recorder: UpdateRecorder | None = None
+        #: whether the model has Gaussian outputs (`RatingModel.loss_terms`) to report the MSE of
+        self._outputs = True
 
     @property
     def _hooked(self) -> list[Any]:
@@ -265,7 +325,7 @@ class AutogradStepper:
         u, i, r = (t[idx] for t in self.tensors)
         self.optimizer.zero_grad(set_to_none=True)
         sampling = self.model.sampling_state() if self.config.salr is not None else None
-        loss = self._backward(u, i, r, weight, examples=len(example_ids))
+        mse = self._backward(u, i, r, weight, examples=len(example_ids), report="mse")
         if self.preconditioner is not None:
             # KL clipping needs the step's learning rate
             self.preconditioner.param_groups[0]["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -276,7 +336,7 @@ class AutogradStepper:
             self.optimizer.step()
         if self.recorder is not None and len(mine):
             self.recorder.record(mine, self.optimizer, self.preconditioner)
-        return loss
+        return mse
 
     def end_epoch(self) -> None:
         self.scheduler.step()
@@ -290,30 +350,30 @@ class AutogradStepper:
             self.recorder.remove()
 
     def _backward(self, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor, weight: float = 1.0, *,
-                  statistics: bool = True, examples: int | None = None) -> float:
+                  statistics: bool = True, examples: int | None = None, report: str = "loss") -> float:
         """The batch's (``u, i, r [n]``) loss and ``backward`` (through the preconditioner's,
         which also records its statistics, when there is one and ``statistics``); returns the
-        batch loss. Data-parallel: this rank's loss and outputs are scaled by its share
-        ``weight`` of the global batch (``examples`` ratings), the recorded curvature/noise
-        statistics gathered over the ranks, the gradients summed over them, and the global
-        batch's loss returned."""
+        batch's objective (``report="loss"``: ``model.loss``, penalties included) or its
+        training MSE (``"mse"``: `train_mse` of the outputs, no penalty). Data-parallel: this
+        rank's loss and outputs are scaled by its share ``weight`` of the global batch
+        (``examples`` ratings), the recorded curvature/noise statistics gathered over the
+        ranks, the gradients summed over them, and the global batch's figure returned."""
         model, dp = self.model, self.parallel
         pre = self.preconditioner if statistics else None
         local = 0.0
         if statistics and self.sub_batch_noise is not None:
-            return self._sub_batch_backward(u, i, r)
+            return self._sub_batch_backward(u, i, r, report)
         if dp is None or len(u):
+            outputs, batch_loss = self._loss_terms(u, i, r)
+            local = (float(batch_loss.detach()) if report == "loss" or outputs is None
+                     else train_mse(outputs.detach(), r))
+            if dp is not None:
+                batch_loss, local = batch_loss * weight, local * weight
+                outputs = None if outputs is None else outputs * weight
             if pre is not None:
-                outputs, batch_loss = model.loss_terms(u, i, r)
-                if dp is not None:
-                    outputs, batch_loss = outputs * weight, batch_loss * weight
                 pre.backward(outputs, batch_loss)
             else:
-                batch_loss = model.loss(u, i, r)
-                if dp is not None:
-                    batch_loss = batch_loss * weight
                 batch_loss.backward()
-            local = float(batch_loss.detach())
         if dp is None:
             return local
         if statistics:
@@ -323,20 +383,34 @@ class AutogradStepper:
         tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
         return dp.reduce_gradients([p for p in model.parameters() if p.requires_grad], local, row_tables=tables)
 
-    def _sub_batch_backward(self, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor) -> float:
+    def _loss_terms(self, u: torch.Tensor, i: torch.Tensor,
+                    r: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``model.loss_terms`` (outputs, loss); ``(None, model.loss)`` for a model without
+        Gaussian outputs (a ranking loss: its objective is then its training figure)."""
+        if self._outputs:
+            try:
+                return self.model.loss_terms(u, i, r)
+            except NotImplementedError:
+                if self.preconditioner is not None:
+                    raise
+                self._outputs = False
+        return None, self.model.loss(u, i, r)
+
+    def _sub_batch_backward(self, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor, report: str = "loss") -> float:
         """Back-propagate the batch as sub-batches of ``noise.batch`` ratings and leave their
         mean gradient plus covariance noise (`SubBatchNoise`) in ``.grad``; returns the batch's
-        mean loss."""
+        mean loss (``report="loss"``) or training MSE (``"mse"``)."""
         noise = self.sub_batch_noise
         assert noise is not None
         total = torch.zeros((), device=u.device)
         for s in range(0, len(u), noise.noise_batch):
             sub = slice(s, s + noise.noise_batch)
             n = len(u[sub])
-            loss = self.model.loss(u[sub], i[sub], r[sub])
+            outputs, loss = self._loss_terms(u[sub], i[sub], r[sub])
             loss.backward()
             noise.record(n)
-            total += loss.detach() * n
+            total += (loss.detach() if report == "loss" or outputs is None
+                      else (r[sub].unsqueeze(-1) - outputs.detach()).square().mean()) * n
         noise.apply()
         return float(total) / len(u)  # one device sync per step, not one per sub-batch
 
@@ -453,6 +527,9 @@ class Trainer:
         best_state: dict[str, torch.Tensor] | None = None
         best_rmse = math.inf
         since_best = 0
+        first_loss: float | None = None  # the first step group's training MSE
+        previous: float | None = None  # the last step group's
+        rising = 0  # consecutive step groups far above the first and rising
         start = time.perf_counter()
         bar = tqdm(total=c.epochs * len(train), unit="rating", unit_scale=True,
                    disable=True if c.progress is False or (dp is not None and not dp.is_main)
@@ -468,11 +545,16 @@ class Trainer:
                 for batch_no, s in enumerate(range(0, len(order), stepper.group_size)):
                     ids = order[s:s + stepper.group_size]
                     loss = stepper.step(ids, lr)
-                    if not math.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"training loss became {loss} at epoch {epoch + 1}, batch {batch_no + 1} "
-                            f"(learning rate {lr:g}); lower the learning rate or raise the regularisation"
-                        )
+                    if first_loss is None:
+                        first_loss = loss
+                    # far above the start and still rising: a strike (a spike that falls back,
+                    # e.g. Adagrad's first steps at a large rate, is not one)
+                    far = math.isfinite(first_loss) and loss > DIVERGENCE_GROWTH * max(first_loss, 1e-3)
+                    rising = 0 if not far else (rising + 1 if previous is not None and loss > previous else 1)
+                    previous = loss
+                    if not math.isfinite(loss) or rising >= DIVERGENCE_STRIKES:
+                        raise TrainingDivergedError(self._divergence_message(model, loss, first_loss, epoch,
+                                                                             batch_no, lr))
                     sq_sum += loss * len(ids)
                     count += len(ids)
                     mine = ids if dp is None else dp.shard(ids)[0]  # this rank's slice of the group
@@ -506,6 +588,31 @@ class Trainer:
         if best_state is not None and result.best_epoch != len(result.history):
             model.load_state_dict(best_state)
         result.fit_seconds = time.perf_counter() - start
+
+    def _divergence_message(self, model: RatingModel, loss: float, first_loss: float, epoch: int,
+                            batch_no: int, learning_rate: float) -> str:
+        """Why training stopped (`TrainingDivergedError`): where, at which rate and batch, and a
+        rate to try: the optimizer's reference rate scaled to this batch when it is below
+        half of the one that diverged (`TrainConfig.for_model`), else a quarter of it."""
+        c = self.config
+        what = (f"training MSE {loss:.4g}, more than {DIVERGENCE_GROWTH:g}x the first step's {first_loss:.4g} "
+                f"and rising for {DIVERGENCE_STRIKES} steps"
+                if math.isfinite(loss) else f"training MSE became {loss}")
+        suggestion = learning_rate / 4
+        source = "a quarter of it"
+        if self.optimizer_factory is None:
+            try:
+                scaled = TrainConfig.for_model(model, optimizer=c.optimizer, batch_size=c.batch_size)
+            except (TypeError, ValueError):
+                scaled = None
+            if scaled is not None and scaled.learning_rate <= c.learning_rate / 2:
+                suggestion = scaled.learning_rate
+                rule = scaled.scaling.rule if scaled.scaling is not None else "none"
+                source = (f"{c.optimizer}'s reference rate for {model.name} scaled to batch {c.batch_size} "
+                          f"by the {rule} rule")
+        return (f"training diverged at epoch {epoch + 1}, batch {batch_no + 1}: {what} (optimizer "
+                f"{c.optimizer}, learning rate {learning_rate:g}, batch size {c.batch_size}). Try --lr "
+                f"{suggestion:.4g} ({source}), or raise the regularisation")
 
     @staticmethod
     @torch.no_grad()

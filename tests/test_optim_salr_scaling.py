@@ -34,7 +34,8 @@ def test_cli_applies_lr_scaling_and_new_flags():
                                       "--optimizer", "cov-noise", "--noise-batch", "8", "--noise-structure",
                                       "full", "--noise-scale", "0.5", "--salr"]))
     _, cfg = _configs(ns)
-    assert cfg.learning_rate == pytest.approx(0.64)  # MF's default batch is 1
+    # the given rate is scaled from cov-noise's own reference batch on MF (4,096), not MF's batch 1
+    assert cfg.learning_rate == pytest.approx(0.01 * 64 / MatrixFactorization.optimizer_defaults["cov-noise"]["batch_size"])
     assert (cfg.optimizer, cfg.noise.batch, cfg.noise.structure, cfg.noise.scale, cfg.salr is not None) == \
         ("cov-noise", 8, "full", 0.5, True)
     ns = parser.parse_args(_fit_argv(["--model", "rec", "--batch-size", "4096", "--lr-scaling", "sqrt"]))

@@ -453,7 +453,10 @@ class KFACPreconditioner:
         if "QG" not in st or (self.steps - 1) % group["update_freq"] == 0:
             old_q = st.get("QG")
             prev = (st["dG"], st["QG"]) if old_q is not None else None
-            st["dG"], st["QG"], _ = stable_eigh(st["G"] / corr / root, prev, group["jitter"])
+            # the eigenvalues of G itself: TKFAC's 1/√δ is applied at use, with the current δ,
+            # like the row factor's (a δ frozen at the refresh would mix two δ's in one row's
+            # curvature, and TEKFAC's visit cap would then differ from EKFAC's)
+            st["dG"], st["QG"], _ = stable_eigh(st["G"] / corr, prev, group["jitter"])
             if "S" in st and old_q is not None:
                 st["S"] = st["S"] @ (old_q.T @ st["QG"]).square()
         grad = weight.grad
@@ -523,7 +526,7 @@ class KFACPreconditioner:
                     batch_floor = torch.where(present, batch_floor[pos], 0.0)
                 a_eff = torch.maximum(a_eff, batch_floor)
             a_eff = a_eff.add_(st["row_sum"] * (inv / n_rows), alpha=damping).clamp_min_(1e-30)
-            g_base = self._damped_eigenvalues(name, dg, damping)
+            g_base = self._damped_eigenvalues(name, dg, damping) / root
             curvature = g_base[None, :] if l2 is None else (l2 / root)[:, None] + g_base[None, :]
             scale = (curvature * a_eff[:, None]).reciprocal_()
         gain_cap = group.get("visit_gain")
@@ -532,7 +535,7 @@ class KFACPreconditioner:
             # lr/B · tr(P_r G)/m times its residual (P_r this step's preconditioner of the row,
             # G the per-example curvature, m the predictions per example); c_r visits in the
             # batch: c_r times that, capped at visit_gain (a trust region per row)
-            gain = (scale @ (dg * root)) * freq * (group["lr"] / self._n_outputs)
+            gain = (scale @ dg) * freq * (group["lr"] / self._n_outputs)
             scale = scale.mul_((gain_cap / gain.clamp_min_(gain_cap))[:, None])
         proj = (g_vals @ st["QG"]).mul_(scale)
         self.last_rows[name] = (g_rows, scale)
