@@ -461,7 +461,7 @@ def applied_check(server: Server, users: list[str], expected: np.ndarray, timeou
 def train_u1(folder: Path) -> Path:
     model = folder / "mf-u1"
     subprocess.run([sys.executable, "-m", "recsys.cli", "train", "--dataset", "ml-100k", "--split", "u1",
-                    "--out", str(model), "--quiet"], check=True, cwd=str(HERE.parent))
+                    "--out", str(model), "--quiet"], check=True, cwd=str(HERE.parent), stdout=subprocess.DEVNULL)
     return model
 
 
