@@ -1,11 +1,13 @@
 """Latency, ingestion rate and server CPU per request of ``recsys serve``, beside a bare
 FastAPI + SQLite app doing the same work (`bare_app.py`), measured open loop in one run.
 
-Servers. ``recsys serve --model M --db D --port P --quiet`` is launched as a user would,
-with its defaults (its default number of uvicorn workers; the count found is recorded), on
+Servers. ``recsys serve --model M --db D --port P`` is launched as a user would, with its
+defaults (its default number of uvicorn workers, the count found recorded; its access log
+on, as without ``--quiet``, written to a file), on
 a MovieLens-100K u1 model trained with ``recsys train`` defaults (an MF rating model with
 the default ranker beside it); then the bare app (``uvicorn bare_app:app --workers N``) with
-the same number of workers, on the same artefact. Each server runs alone.
+the same number of workers, on the same artefact, without an access log (the floor). Each
+server runs alone.
 
 Load. Reads are sent open loop: request ``k`` is scheduled at ``t0 + k/rate`` and its
 latency counted from that *scheduled* time, so a server that falls behind cannot hide its
@@ -108,10 +110,11 @@ def descendants(pid: int) -> list[int]:
 class Server:
     """A server process tree: start, wait for ``/ready``, CPU of the tree, stop."""
 
-    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int) -> None:
-        self.name, self.port = name, port
-        self.proc = subprocess.Popen(command, env={**os.environ, **env}, cwd=str(HERE.parent),
-                                     start_new_session=True)
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.name, self.port, self.log = name, port, log
+        with open(log, "ab") as out:  # the server's own output (access log and all) goes to a file
+            self.proc = subprocess.Popen(command, env={**os.environ, **env}, cwd=str(HERE.parent),
+                                         start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
         self.started = time.perf_counter()
         self.ready_seconds = self._wait_ready()
         self.pids = descendants(self.proc.pid)
@@ -125,7 +128,8 @@ class Server:
         deadline = time.perf_counter() + timeout
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited with status {self.proc.returncode} before it was ready")
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise SystemExit(f"{self.name} exited with status {self.proc.returncode} before it was ready:\n{tail}")
             try:
                 status, _ = http_get("127.0.0.1", self.port, "/ready", timeout=2)
                 if status == 200:
@@ -194,10 +198,12 @@ class Server:
 
 
 def start_recsys(model: Path, db: Path, extra: tuple[str, ...] = ()) -> Server:
-    """``recsys serve`` with its defaults (``extra``: more flags, e.g. for a profile)."""
+    """``recsys serve`` with its defaults, as a user starts it (no ``--quiet``: its access log
+    is on, written to ``db``'s folder; ``extra``: more flags, e.g. for a profile)."""
     port = free_port()
     return Server("recsys serve", [sys.executable, "-m", "recsys.cli", "serve", "--model", str(model), "--db", str(db),
-                                   "--port", str(port), "--quiet", *extra], {"RECSYS_API_KEY": KEY}, port)
+                                   "--port", str(port), *extra], {"RECSYS_API_KEY": KEY}, port,
+                  db.with_name("recsys-serve.log"))
 
 
 def start_bare(model: Path, db: Path, workers: int) -> Server:
@@ -205,7 +211,7 @@ def start_bare(model: Path, db: Path, workers: int) -> Server:
     return Server("bare app", [sys.executable, "-m", "uvicorn", "bare_app:app", "--app-dir", str(HERE),
                                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
                                "--log-level", "warning", "--no-access-log"],
-                  {"BARE_MODEL": str(model), "BARE_DB": str(db)}, port)
+                  {"BARE_MODEL": str(model), "BARE_DB": str(db)}, port, db.with_name("bare-app.log"))
 
 
 # ---------------------------------------------------------------------------- HTTP
@@ -520,10 +526,10 @@ def run_server(server: Server, users: list[str], items: list[str], args: argpars
     for rate in args.predict_rates:
         r = open_loop(server, predict_paths, rate, args.seconds, **load)
         out["predict_explain"].append(r)
-        report(server.name, f"predict explain=5 @{rate}", r)
+        report(server.name, f"predict explain=5 @{rate:g}", r)
     r = open_loop(server, rec_paths, args.recommend_rate, args.seconds, **load)
     out["recommend_k10_explain3"] = r
-    report(server.name, f"recommend k10 e3 @{args.recommend_rate}", r)
+    report(server.name, f"recommend k10 e3 @{args.recommend_rate:g}", r)
     out["ingest"] = []
     for batch in args.batches:
         r = ingest(server, batch, args.clients, args.ingest_seconds, users, items, rng, check_applied=check_applied)
