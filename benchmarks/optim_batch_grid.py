@@ -19,6 +19,10 @@ reference for; the others start from REC's Adam schedule and were not tuned on R
 The machine is shared: seconds are noisy; every cell of one run shares the same load.
 
     RECSYS_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/optim_batch_grid.py [--models mf,rec]
+
+On a shared machine the slow REC cells can run as parts in parallel processes and be joined:
+``--models rec --part default --out part_a.json``, ``--models rec --part cells --rec-optimizers
+adam --batches 256 --out part_b.json``, ..., then ``--merge part_a.json part_b.json ...``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from results_file import write_json  # this folder is on the path when run as a script
 
 from recsys.datasets import load_split
 from recsys.errors import TrainingDivergedError
@@ -106,7 +111,15 @@ def main() -> None:
     ap.add_argument("--rec-every", type=int, default=3, help="REC: evaluate the test curve every N epochs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="optim_batch_grid.json")
+    ap.add_argument("--part", choices=("default", "cells"), default=None,
+                    help="run only the default or only the cells (one --models): parts run in parallel "
+                         "processes write their own --out, and --merge joins them")
+    ap.add_argument("--merge", nargs="+", metavar="FILE",
+                    help="join part files (in benchmarks/results) into --out, recomputing gaps and the soonest")
     args = ap.parse_args()
+    if args.merge:
+        merge(args)
+        return
     torch.set_num_threads(args.threads)
     train, test = load_split("ml-100k", "u1")
     out_path = RESULTS / args.out
@@ -117,49 +130,84 @@ def main() -> None:
         every = args.rec_every if model_name == "rec" else 1
         optimizers = (args.optimizers if model_name == "mf" else args.rec_optimizers).split(",")
         batches = [int(b) for b in args.batches.split(",")] if args.batches else BATCHES[model_name]
-        print(f"== {model_name}: default", flush=True)
-        default = run_cell(model_name, train, test, None, None, every)
-        target = default["test_rmse"] + args.tolerance
-        print(f"default ({default['optimizer']}, batch {default['batch_size']}): test RMSE {default['test_rmse']:.4f}"
-              f"  {default['wall_seconds']:.1f} s", flush=True)
+        default = None
+        if args.part != "cells":
+            print(f"== {model_name}: default", flush=True)
+            default = run_cell(model_name, train, test, None, None, every)
+            print(f"default ({default['optimizer']}, batch {default['batch_size']}): test RMSE "
+                  f"{default['test_rmse']:.4f}  {default['wall_seconds']:.1f} s", flush=True)
         cells = []
-        for optimizer in optimizers:
+        for optimizer in optimizers if args.part != "default" else ():
             for batch in batches:
-                cell = run_cell(model_name, train, test, optimizer, batch, every)
-                cell["gap"] = None if cell["diverged"] else cell["test_rmse"] - default["test_rmse"]
-                cell["within_tolerance"] = (not cell["diverged"]) and cell["test_rmse"] <= target
-                cell["seconds_to_default_rmse"] = seconds_to(cell["curve"], default["test_rmse"])
-                cells.append(cell)
-                rmse = "diverged" if cell["diverged"] else f"{cell['test_rmse']:.4f} ({cell['gap']:+.4f})"
-                reach = cell["seconds_to_default_rmse"]
-                print(f"{optimizer:10s} B={batch:6d} lr {cell['learning_rate']:<9.4g} epochs {cell['epochs']:3d}  "
-                      f"test {rmse}  {cell['wall_seconds']:6.1f} s  reaches default at "
-                      f"{'-' if reach is None else f'{reach:.1f} s'}", flush=True)
-        default["seconds_to_default_rmse"] = seconds_to(default["curve"], default["test_rmse"])
-        reached = [c for c in [default, *cells] if c.get("seconds_to_default_rmse") is not None]
-        soonest = min(reached, key=lambda c: c["seconds_to_default_rmse"]) if reached else None
-        results[model_name] = {
-            "default": default, "cells": cells,
-            "all_within_tolerance": all(c["within_tolerance"] for c in cells),
-            "diverged": sum(c["diverged"] for c in cells),
-            "soonest": None if soonest is None else {k: soonest[k] for k in ("optimizer", "batch_size",
-                                                                             "seconds_to_default_rmse")},
-        }
-        _print_table(model_name, default, cells, batches, soonest)
+                cells.append(run_cell(model_name, train, test, optimizer, batch, every))
+                c = cells[-1]
+                rmse = "diverged" if c["diverged"] else f"{c['test_rmse']:.4f}"
+                print(f"{optimizer:10s} B={batch:6d} lr {c['learning_rate']:<9.4g} epochs {c['epochs']:3d}  "
+                      f"test {rmse}  {c['wall_seconds']:6.1f} s", flush=True)
+        results[model_name] = summarise(default, cells, args.tolerance)
+        if default is not None and cells:
+            _print_table(model_name, results[model_name])
         RESULTS.mkdir(exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=2))
+        write_json(out_path, results)
         print(f"wrote {out_path}", flush=True)
 
 
-def _print_table(model_name, default, cells, batches, soonest) -> None:
-    print(f"\n{model_name}: test RMSE (wall s) per batch size; default {default['test_rmse']:.4f}")
+def summarise(default: dict | None, cells: list[dict], tolerance: float) -> dict:
+    """One model's grid: every cell's gap to the default, whether it is within ``tolerance``,
+    its training seconds to the default's test RMSE, and the cell that gets there soonest."""
+    out: dict = {"default": default, "cells": cells}
+    if default is None:
+        return out
+    target = default["test_rmse"] + tolerance
+    for cell in cells:
+        cell["gap"] = None if cell["diverged"] else cell["test_rmse"] - default["test_rmse"]
+        cell["within_tolerance"] = (not cell["diverged"]) and cell["test_rmse"] <= target
+        cell["seconds_to_default_rmse"] = seconds_to(cell["curve"], default["test_rmse"])
+    default["seconds_to_default_rmse"] = seconds_to(default["curve"], default["test_rmse"])
+    reached = [c for c in [default, *cells] if c.get("seconds_to_default_rmse") is not None]
+    soonest = min(reached, key=lambda c: c["seconds_to_default_rmse"]) if reached else None
+    out.update({
+        "all_within_tolerance": all(c["within_tolerance"] for c in cells),
+        "diverged": sum(c["diverged"] for c in cells),
+        "soonest": None if soonest is None else {k: soonest[k] for k in ("optimizer", "batch_size",
+                                                                         "seconds_to_default_rmse")},
+    })
+    return out
+
+
+def merge(args: argparse.Namespace) -> None:
+    """Join part files (each ``{model: {"default", "cells"}}``) into ``--out``."""
+    results: dict = {}
+    parts = [json.loads((RESULTS / name).read_text()) for name in args.merge]
+    for part in parts:
+        for key, value in part.items():
+            if not isinstance(value, dict) or "cells" not in value:
+                results.setdefault(key, value)
+    for model_name in dict.fromkeys(k for p in parts for k, v in p.items() if isinstance(v, dict) and "cells" in v):
+        default = next((p[model_name]["default"] for p in parts
+                        if model_name in p and p[model_name].get("default")), None)
+        cells = [c for p in parts if model_name in p for c in p[model_name]["cells"]]
+        results[model_name] = summarise(default, cells, args.tolerance)
+        if default is not None:
+            _print_table(model_name, results[model_name])
+    results["parts"] = args.merge
+    write_json(RESULTS / args.out, results)
+    print(f"wrote {RESULTS / args.out}", flush=True)
+
+
+def _print_table(model_name: str, grid: dict) -> None:
+    default, cells, soonest = grid["default"], grid["cells"], grid.get("soonest")
+    batches = sorted({c["batch_size"] for c in cells})
+    print(f"\n{model_name}: test RMSE (wall s) per batch size; default {default['test_rmse']:.4f} "
+          f"({default['wall_seconds']:.1f} s)")
     print("| optimizer | " + " | ".join(f"B={b}" for b in batches) + " |")
     print("|---|" + "---|" * len(batches))
     for optimizer in dict.fromkeys(c["optimizer"] for c in cells):
         row = {c["batch_size"]: c for c in cells if c["optimizer"] == optimizer}
         print(f"| {optimizer} | " + " | ".join(
-            "diverged" if row[b]["diverged"] else f"{row[b]['test_rmse']:.4f} ({row[b]['wall_seconds']:.1f} s)"
-            for b in batches) + " |")
+            "-" if b not in row else "diverged" if row[b]["diverged"]
+            else f"{row[b]['test_rmse']:.4f} ({row[b]['wall_seconds']:.1f} s)" for b in batches) + " |")
+    print(f"every cell within {grid.get('all_within_tolerance')}; diverged: {grid.get('diverged')}")
     if soonest is not None:
         print(f"soonest to the default's RMSE: {soonest['optimizer']} at batch {soonest['batch_size']}, "
               f"{soonest['seconds_to_default_rmse']:.1f} s of training")

@@ -44,7 +44,7 @@ from recsys.optim.kfac import KFACConfig
 from recsys.optim.noise import NoiseConfig, SubBatchNoise
 from recsys.optim.salr import SALR, SALRConfig
 from recsys.optim.sampling import SAMPLERS, make_sampler
-from recsys.optim.scaling import KFAC_FAMILY, BatchScaling, Reference, scale_schedule
+from recsys.optim.scaling import KFAC_FAMILY, BatchScaling, Reference, rule_for, scale_schedule
 from recsys.ratings import Ratings
 
 if TYPE_CHECKING:
@@ -138,6 +138,8 @@ class TrainConfig:
         ref = Reference(reference.learning_rate, reference.batch_size, reference.epochs, reference.lr_decay,
                         reference.kfac.damping if kfac else None, reference.kfac.stats_freq if kfac else None)
         given_lr = overrides.get("learning_rate")
+        if lr_scaling == "auto" and optimizer == "cov-noise":  # the rule of the optimizer that steps
+            lr_scaling = rule_for(config.noise.base)
         scaled = scale_schedule(optimizer, ref, config.batch_size, lr_scaling, examples=examples,
                                 learning_rate=None if given_lr is None else float(given_lr))
         changes: dict[str, object] = {"learning_rate": scaled.learning_rate, "scaling": scaled}

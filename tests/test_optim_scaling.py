@@ -114,6 +114,15 @@ def test_the_command_line_scales_by_default_and_reports_the_limit():
     assert cfg.learning_rate == pytest.approx(rec["learning_rate"] * math.sqrt(4096 / rec["batch_size"]))
 
 
+def test_cov_noise_scales_by_the_rule_of_the_optimizer_that_steps():
+    # REC's cov-noise steps with Adam (sub-batch noise): the square-root rule; MF's with SGD: linear
+    ref = EvidenceChainModel.optimizer_defaults["cov-noise"]
+    rec = TrainConfig.for_model(EvidenceChainModel, optimizer="cov-noise", batch_size=256)
+    assert rec.learning_rate == pytest.approx(ref["learning_rate"] * math.sqrt(256 / ref["batch_size"]))
+    mf = TrainConfig.for_model(MF, optimizer="cov-noise", batch_size=1024)
+    assert mf.learning_rate == pytest.approx(MF.optimizer_defaults["cov-noise"]["learning_rate"] / 4)
+
+
 # ------------------------------------------------------------------ divergence
 def _mf(r, **cfg):
     return MF(r.n_users, r.n_items, r.rating_scale, MFConfig(**{"embedding_size": 8, "n_blocks": 2, **cfg}))
