@@ -47,7 +47,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from recsys.errors import ArtefactError, RecsysError
+from recsys.errors import ArtefactError, RecsysError, UnknownIdError
 from recsys.recommender import Recommender
 from recsys.store import NewRating, RatingStore, StoredRating
 
@@ -286,10 +286,16 @@ class Service:
         fresh = [s.seq for s in stored if not s.duplicate]
         self.catch_up(until_seq=max(s.seq for s in stored))
         if fresh:
-            lost = self.live().skipped_seqs(fresh[0], fresh[-1])
+            live = self.live()
+            lost = set(live.skipped_seqs(fresh[0], fresh[-1]))
             if lost:
-                raise NotApplied(f"stored as seq {lost}, but the model now serving (reloaded meanwhile) cannot apply "
-                                 f"them: {self.live().skipped_examples[-1]['reason']}; they stay in the store")
+                try:
+                    live.validate([s for s in stored if s.seq in lost])
+                    reason = "see /ready"
+                except (UnknownIdError, ValueError) as exc:
+                    reason = str(exc)
+                raise NotApplied(f"stored as seq {sorted(lost)}, but the model now serving (reloaded meanwhile) "
+                                 f"cannot apply them ({reason}); they stay in the store")
         return stored
 
     def create_user(self, user: str) -> bool:

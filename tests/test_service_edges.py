@@ -264,3 +264,31 @@ def test_the_openapi_document_states_every_limit(model_dir, tmp_path):
     for route in ("/v1/ratings", "/v1/users", "/v1/admin/reload"):
         assert paths[route]["post"]["security"] == [{"HTTPBearer": []}]
     assert "12345 bytes" in doc["info"]["description"] and json.dumps(doc)
+
+
+def test_a_write_the_model_swapped_in_meanwhile_cannot_apply_is_409_not_acknowledged(model_dir, tmp_path,
+                                                                                        monkeypatch):
+    """Validated against the live model, stored, then a reload swaps in a model that has no
+    such item before the apply: the write is answered 409 (stored, not applied), never 200."""
+    from api.service import NotApplied, Service
+
+    fewer = make_ratings(n_users=40, n_items=20, n=500)  # items "0".."19" only
+    small = build_model("mf", fewer.n_users, fewer.n_items, fewer.rating_scale, {"embedding_size": 4, "n_blocks": 1})
+    Trainer(TrainConfig(epochs=2, progress=False)).fit(small, fewer)
+    fewer_dir = save_artefact(tmp_path / "fewer", small, fewer)
+    service = Service(Settings(model=model_dir, db=tmp_path / "db", api_key=KEY))
+    service.open()
+    try:
+        add = service.store.add
+
+        def add_then_reload(new, *args, **kwargs):
+            stored = add(new, *args, **kwargs)
+            service.reload(fewer_dir)
+            return stored
+
+        monkeypatch.setattr(service.store, "add", add_then_reload)
+        with pytest.raises(NotApplied, match=r"stored as seq \[1\].*unknown item id '25'"):
+            service.ingest([NewRating("racer", "25", 4.0)])
+        assert service.live().n_skipped == 1 and service.live().last_seq == 1
+    finally:
+        service.close()
