@@ -319,16 +319,18 @@ async def _open_loop_share(port: int, requests: list[bytes], rate: float, t0: fl
 
 
 def _generator_process(port: int, requests: list[bytes], rate: float, t0: float, share: int, of: int,
-                       connections: int, deadline: float, nice: int, out: mp.Queue) -> None:
+                       connections: int, deadline: float, nice: int, cpus: list[int] | None, out: mp.Queue) -> None:
     if nice:
         os.nice(nice)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     _install_fast_loop()
     result = asyncio.run(_open_loop_share(port, requests, rate, t0, share, of, connections, deadline))
     out.put((share, result, result.pop("cpu")))
 
 
 def open_loop(server: Server, paths: list[str], rate: float, seconds: float, *, generators: int,
-              connections: int, nice: int = 0, grace: float = 30.0) -> dict:
+              connections: int, nice: int = 0, cpus: list[int] | None = None, grace: float = 30.0) -> dict:
     """One open-loop phase: ``rate · seconds`` GETs of ``paths`` (cycled), spread over
     ``generators`` processes; the server's CPU per request over the phase."""
     n = int(rate * seconds)
@@ -339,7 +341,7 @@ def open_loop(server: Server, paths: list[str], rate: float, seconds: float, *, 
     deadline = t0 + seconds + grace
     cpu_before = server.cpu_seconds()
     procs = [ctx.Process(target=_generator_process,
-                         args=(server.port, requests, rate, t0, g, generators, connections, deadline, nice, out))
+                         args=(server.port, requests, rate, t0, g, generators, connections, deadline, nice, cpus, out))
              for g in range(generators)]
     for p in procs:
         p.start()
@@ -512,7 +514,8 @@ def run_server(server: Server, users: list[str], items: list[str], args: argpars
                      f"&explain=5" for _ in range(20_000)]
     rec_paths = [f"/v1/users/{users[rng.integers(len(users))]}/recommendations?k=10&explain=3"
                  for _ in range(10_000)]
-    load = {"generators": args.generators, "connections": args.connections, "nice": args.generator_nice}
+    load = {"generators": args.generators, "connections": args.connections, "nice": args.generator_nice,
+            "cpus": args.generator_cpus}
     status, body = http_get("127.0.0.1", server.port, predict_paths[0])
     sample = json.loads(body) if status == 200 else {"status": status, "body": body[:300].decode(errors="replace")}
     warm_started = time.perf_counter()
@@ -572,6 +575,8 @@ def main() -> None:
     parser.add_argument("--generators", type=int, default=2, help="load generator processes")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections per generator")
     parser.add_argument("--generator-nice", type=int, default=0, help="niceness of the generator processes")
+    parser.add_argument("--generator-cpus", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="pin the generator processes to these CPUs (e.g. 0); default: unpinned")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -591,7 +596,8 @@ def main() -> None:
                                 "load_average_at_start": os.getloadavg(), "device": "cpu"},
                     "load": {"open_loop": True, "latency_from": "scheduled send time",
                              "generators": args.generators, "connections_per_generator": args.connections,
-                             "generator_nice": args.generator_nice, "ingest_clients": args.clients}}
+                             "generator_nice": args.generator_nice, "generator_cpus": args.generator_cpus,
+                             "ingest_clients": args.clients}}
     workers = args.workers
     if args.only in ("both", "recsys"):
         print(f"recsys serve on {model}", flush=True)
