@@ -31,11 +31,12 @@ PRIOR_TERM = "popularity prior"
 
 @dataclass(frozen=True)
 class _UserParts:
-    """One user's served scores ``[n_items]`` (with the prior where it is on), prior
+    """One user's raw id, served scores ``[n_items]`` (with the prior where it is on), prior
     ``[n_items]`` (None when off), and interactions: items, input weights (float64) and
     example ids ``[m]``."""
 
     user: int
+    raw_user: str
     scores: np.ndarray
     prior: np.ndarray | None
     items: np.ndarray
@@ -86,7 +87,8 @@ class EASEExplainer:
             ease, prior = ease[0].detach().cpu().numpy(), prior[0].detach().cpu().numpy()
             on = bool(self.model.config.cold_weight)
             items, values, examples = self.model.user_row(user)
-            last = self._last = _UserParts(user, ease + prior if on else ease, prior if on else None, items,
+            last = self._last = _UserParts(user, self.ratings.user_ids.raw(user), ease + prior if on else ease,
+                                           prior if on else None, items,
                                            self.model.input_weights(values).astype(np.float64), examples)
         return last
 
@@ -110,12 +112,12 @@ class EASEExplainer:
         raw_i = str(raw_items[item])
         title = r.title(raw_i)
         known = 0 <= user < min(model.n_users, r.n_users)
-        raw_u = r.user_ids.raw(user) if known else ""
-        if not known or model.path(user) != "model":
+        parts = self._user(user) if known else None
+        if parts is None or len(parts.items) == 0:  # no interaction: the popularity path
             score = float(model.popularity_scores(1)[0, item])
-            return Explanation(raw_u, raw_i, title, score, POPULARITY_REASON, units=self.units)
-        parts = self._user(user)
-        score, prior = float(parts.scores[item]), parts.prior
+            return Explanation(parts.raw_user if parts else "", raw_i, title, score, POPULARITY_REASON,
+                               units=self.units)
+        raw_u, score, prior = parts.raw_user, float(parts.scores[item]), parts.prior
         examples, effects = self.contributions(user, item)
         order = _top_abs(effects, k)
         contribs = []
