@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--latency-pairs", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2, help="processes for the leave-one-out retrains")
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.candidates, args.removal_pairs, args.fold_in_users, args.latency_pairs = 4, 5, 4, 3, 50
@@ -117,7 +118,8 @@ def main() -> None:
     if not args.latency_only:
         t0 = time.perf_counter()
         served = served_run(train, test, n_predictions=args.pairs, n_candidates=args.candidates,
-                            n_removal_pairs=args.removal_pairs, fold_in_users=args.fold_in_users, seed=args.seed)
+                            n_removal_pairs=args.removal_pairs, fold_in_users=args.fold_in_users, seed=args.seed,
+                            workers=args.workers)
         served["seconds"] = time.perf_counter() - t0
         out["served_mf"] = served
         shown = {k: v for k, v in served.items() if k not in ("points", "setup")}

@@ -720,6 +720,8 @@ def cmd_explain_eval(args: argparse.Namespace) -> int:
     for name in ("pairs", "candidates", "removal_pairs"):
         if getattr(args, name) < 1:
             raise RecsysError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 1:
+        raise RecsysError(f"--workers must be at least 1, got {args.workers}")
     if args.fold_in_users < 0:
         raise RecsysError(f"--fold-in-users must be >= 0, got {args.fold_in_users}")
     _check_model_flags(args)
@@ -735,7 +737,8 @@ def cmd_explain_eval(args: argparse.Namespace) -> int:
         setup = Setup(MODELS["mf"][1](**model_cfg), replace(train_cfg, progress=False))
         out = served_run(train, test, setup=setup, method=args.method, n_predictions=args.pairs,
                          n_candidates=args.candidates, n_removal_pairs=args.removal_pairs,
-                         fold_in_users=args.fold_in_users, noise_floor=not args.no_noise_floor, seed=args.seed)
+                         fold_in_users=args.fold_in_users, noise_floor=not args.no_noise_floor, seed=args.seed,
+                     workers=args.workers)
         out.pop("points")
     if args.json:
         print(json.dumps(out))
@@ -771,6 +774,7 @@ def _add_explain_parsers(sub) -> None:
     p.add_argument("--fold-in-users", type=int, default=20, help="cold users folded in from 5 ratings (0: skip)")
     p.add_argument("--no-noise-floor", action="store_true",
                    help="skip the re-seeded truth (halves the retrains; no noise_floor_spearman)")
+    p.add_argument("--workers", type=int, default=1, help="processes for the leave-one-out retrains")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_explain_eval)
 

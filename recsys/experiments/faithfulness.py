@@ -364,6 +364,50 @@ def cached_newton_latency(model: MatrixFactorization, train: Ratings, test: Rati
             "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), "precompute_seconds": warm_s}
 
 
+_POOL_DATA: tuple[Ratings, Setup] | None = None  # a worker's training ratings and setup
+
+
+def _init_pool(train: Ratings, setup: Setup) -> None:
+    global _POOL_DATA
+    torch.set_num_threads(1)
+    _POOL_DATA = (train, setup)
+
+
+def _retrain_job(key: tuple[int, int | None], pairs: list[tuple[int, int]]) -> list[float]:
+    assert _POOL_DATA is not None
+    train, setup = _POOL_DATA
+    model = retrain(train, setup, [key[0]], seed=key[1])
+    return [raw_prediction(model, u, i) for u, i in pairs]
+
+
+def retrained_predictions(train: Ratings, setup: Setup, jobs: Sequence[tuple[int, int | None, int, int]],
+                          workers: int = 1) -> dict[tuple[int, int | None, int, int], float]:
+    """For each job ``(removed example, seed or None, user, item)``: the raw prediction of
+    ``(user, item)`` by `retrain` without that example under that seed (None: the setup's).
+    One retrain per distinct ``(example, seed)``; ``workers > 1`` spreads them over that many
+    spawned processes, one thread each (each retrain is deterministic: the same result)."""
+    global _POOL_DATA
+    groups: dict[tuple[int, int | None], list[tuple[int, int]]] = {}
+    for z, sd, u, i in jobs:
+        groups.setdefault((z, sd), []).append((u, i))
+    keys = list(groups)
+    _POOL_DATA = (train, setup)
+    try:
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init_pool, initargs=(train, setup)) as pool:
+                results = list(pool.map(_retrain_job, keys, [groups[k] for k in keys], chunksize=4))
+        else:
+            results = [_retrain_job(k, groups[k]) for k in keys]
+    finally:
+        _POOL_DATA = None
+    return {(k[0], k[1], u, i): v for k, res in zip(keys, results, strict=True)
+            for (u, i), v in zip(groups[k], res, strict=True)}
+
+
 def served_setup(optimizer: str | None = None, *, seed: int = 0) -> Setup:
     """What ``recsys train`` fits by default (no validation slice): `MFConfig()` (D=128 in 4
     blocks) and `TrainConfig.for_model` (the compiled SGD kernel, 32 epochs), no early
@@ -450,7 +494,7 @@ def fold_in_agreement(model: MatrixFactorization, train: Ratings, test: Ratings,
 
 def served_run(train: Ratings, test: Ratings, *, setup: Setup | None = None, method: str | None = None,
                n_predictions: int = 30, n_candidates: int = 20, n_removal_pairs: int = 50,
-               fold_in_users: int = 20, noise_floor: bool = True, seed: int = 0) -> dict:
+               fold_in_users: int = 20, noise_floor: bool = True, seed: int = 0, workers: int = 1) -> dict:
     """The figures ``recsys explain-eval`` prints, on the model and method the service uses.
 
     The model: ``setup`` (default `served_setup`: ``recsys train``'s defaults), trained by
@@ -470,7 +514,9 @@ def served_run(train: Ratings, test: Ratings, *, setup: Setup | None = None, met
       top-1's direction: the paper's random-neighbour baseline), ``random_own_direction_rate``
       (the random candidate judged by its own estimated sign);
     - ``fold_in``: `fold_in_agreement` for ``fold_in_users`` cold users of 5 ratings;
-    - ``points``: every agreement point (user, item, example, true, estimate[, true_reseeded])."""
+    - ``points``: every agreement point (user, item, example, true, estimate[, true_reseeded]).
+
+    ``workers``: retrain in that many processes (`retrained_predictions`)."""
     setup = setup or served_setup(seed=seed)
     if method == "rollback":
         model, log, _ = fit_logged(train, setup)
@@ -482,32 +528,48 @@ def served_run(train: Ratings, test: Ratings, *, setup: Setup | None = None, met
     explainer.warm()
     rng = np.random.default_rng(seed)
     alt_seed = setup.train.seed + 1000
-    alt_full = retrain(train, setup, seed=alt_seed) if noise_floor else None
 
     def served(u: int, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         ids, eff, _, _, used = explainer.effects(u, i)
         return ids, eff, used
 
-    # agreement (test B) on the served estimate
+    # agreement (test B) and removal (test A) on the served estimate: sample first, then retrain
     pairs = sample_pairs(train, test, n_predictions, rng, min_candidates=n_candidates)
-    est, true, alt, used_methods = [], [], [], set()
-    prec, points = [], []
+    jobs: list[tuple[int, int | None, int, int]] = []  # (removed example, seed, user, item)
+    est, picked, used_methods = [], [], set()
     for u, i in pairs:
         ids, eff, used = served(u, i)
         used_methods.add(used)
         pick = np.sort(rng.choice(len(ids), size=min(n_candidates, len(ids)), replace=False))
-        base = raw_prediction(model, u, i)
-        t = np.array([base - raw_prediction(retrain(train, setup, [ids[j]]), u, i) for j in pick])
         est.append(eff[pick])
+        picked.append(ids[pick])
+        jobs += [(int(z), None, u, i) for z in ids[pick]]
+        if noise_floor:
+            jobs += [(int(z), alt_seed, u, i) for z in ids[pick]]
+    rng_a = np.random.default_rng(seed + 1)
+    rem_pairs = sample_pairs(train, test, n_removal_pairs, rng_a, min_candidates=2)
+    removals = []
+    for u, i in rem_pairs:
+        ids, eff, _ = served(u, i)
+        top, r = int(np.argmax(np.abs(eff))), int(rng_a.integers(len(ids)))
+        removals.append((u, i, int(ids[top]), float(eff[top]), int(ids[r]), float(eff[r])))
+        jobs += [(int(ids[top]), None, u, i), (int(ids[r]), None, u, i)]
+    pred = retrained_predictions(train, setup, jobs, workers=workers)
+    if noise_floor:
+        alt_full = retrain(train, setup, seed=alt_seed)
+
+    true, alt, prec, points = [], [], [], []
+    for (u, i), e, zs in zip(pairs, est, picked, strict=True):
+        base = raw_prediction(model, u, i)
+        t = np.array([base - pred[(int(z), None, u, i)] for z in zs])
         true.append(t)
-        prec.append(len(set(np.argsort(-np.abs(eff[pick]))[:5]) & set(np.argsort(-np.abs(t))[:5])) / min(5, len(t)))
-        if alt_full is not None:
+        prec.append(len(set(np.argsort(-np.abs(e))[:5]) & set(np.argsort(-np.abs(t))[:5])) / min(5, len(t)))
+        if noise_floor:
             alt_base = raw_prediction(alt_full, u, i)
-            alt.append(np.array([alt_base - raw_prediction(retrain(train, setup, [ids[j]], seed=alt_seed), u, i)
-                                 for j in pick]))
-        points.extend({"user": u, "item": i, "example": int(ids[j]), "true": float(t[c]), "estimate": float(eff[j]),
-                       **({"true_reseeded": float(alt[-1][c])} if alt_full is not None else {})}
-                      for c, j in enumerate(pick))
+            alt.append(np.array([alt_base - pred[(int(z), alt_seed, u, i)] for z in zs]))
+        points.extend({"user": u, "item": i, "example": int(z), "true": float(t[c]), "estimate": float(e[c]),
+                       **({"true_reseeded": float(alt[-1][c])} if noise_floor else {})}
+                      for c, z in enumerate(zs))
     e_all, t_all = np.concatenate(est), np.concatenate(true)
     agree = agreement_stats(e_all, t_all)
     out: dict = {
@@ -522,29 +584,21 @@ def served_run(train: Ratings, test: Ratings, *, setup: Setup | None = None, met
     if alt:
         a_all = np.concatenate(alt)
         floor = agreement_stats(t_all, a_all)
-        out["noise_floor_spearman"] = floor["spearman"]
-        out["noise_floor_slope"] = floor["slope"]
-        out["spearman_vs_reseeded"] = agreement_stats(e_all, a_all)["spearman"]
-        out["slope_vs_reseeded"] = agreement_stats(e_all, a_all)["slope"]
+        vs_alt = agreement_stats(e_all, a_all)
+        out.update({"noise_floor_spearman": floor["spearman"], "noise_floor_slope": floor["slope"],
+                    "spearman_vs_reseeded": vs_alt["spearman"], "slope_vs_reseeded": vs_alt["slope"]})
     else:
         out["noise_floor_spearman"] = None
 
-    # removal (test A): the estimated top-1 against a random neighbour
-    rng_a = np.random.default_rng(seed + 1)
-    rem_pairs = sample_pairs(train, test, n_removal_pairs, rng_a, min_candidates=2)
-    top_along, rand_along, rand_own, top_pred = [], [], [], []
-    for u, i in rem_pairs:
-        ids, eff, _ = served(u, i)
+    top_along, rand_along, rand_own, top_est = [], [], [], []
+    for u, i, top, top_eff, r, r_eff in removals:
         base = raw_prediction(model, u, i)
-        top = int(np.argmax(np.abs(eff)))
-        direction = -np.sign(eff[top]) or 1.0
-        change = raw_prediction(retrain(train, setup, [ids[top]]), u, i) - base
-        top_along.append(change * direction)
-        top_pred.append(abs(eff[top]))
-        r = int(rng_a.integers(len(ids)))
-        change_r = raw_prediction(retrain(train, setup, [ids[r]]), u, i) - base
+        direction = -np.sign(top_eff) or 1.0  # removal changes the prediction by -effect
+        top_along.append((pred[(top, None, u, i)] - base) * direction)
+        top_est.append(abs(top_eff))
+        change_r = pred[(r, None, u, i)] - base
         rand_along.append(change_r * direction)
-        rand_own.append(change_r * (-np.sign(eff[r]) or 1.0))
+        rand_own.append(change_r * (-np.sign(r_eff) or 1.0))
     top_along, rand_along = np.array(top_along), np.array(rand_along)
     out.update({
         "n_removal_pairs": len(rem_pairs),
@@ -552,8 +606,9 @@ def served_run(train: Ratings, test: Ratings, *, setup: Setup | None = None, met
         "random_direction_rate": float(np.mean(rand_along > 0)),
         "random_own_direction_rate": float(np.mean(np.array(rand_own) > 0)),
         "top1_mean_change_along_estimate": float(top_along.mean()),
-        "top1_mean_abs_estimate": float(np.mean(top_pred)),
+        "top1_mean_abs_estimate": float(np.mean(top_est)),
         "random_mean_abs_change": float(np.abs(rand_along).mean()),
+        "retrains": len({(z, sd) for z, sd, _, _ in jobs}) + (1 if noise_floor else 0),
     })
     out["fold_in"] = (fold_in_agreement(model, train, test, n_users=fold_in_users, seed=seed)
                       if fold_in_users else None)
