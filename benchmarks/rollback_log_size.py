@@ -123,7 +123,7 @@ def child(n: int, users: int, items: int, mode: str, epochs: int | None) -> dict
     before = _rss_bytes()
     model, log, wall, cpu = _fit(train, None if mode == "plain" else mode, epochs)
     out = {"mode": mode, "wall_seconds": wall, "cpu_seconds": cpu, "rss_before_fit_bytes": before,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+           "peak_rss_after_fit_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if log is not None:
         from recsys.artefact import save_artefact
 
@@ -134,6 +134,7 @@ def child(n: int, users: int, items: int, mode: str, epochs: int | None) -> dict
                    log_saved_bytes_per_rating=sizes["rollback.safetensors"] / len(train),
                    log_memory_bytes_per_rating=log.nbytes / len(train),
                    artefact_bytes=sum(sizes.values()), knots=getattr(log, "knot_passes", None))
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # saving included
     return out
 
 
@@ -148,11 +149,13 @@ def scale(n: int, users: int, items: int, reps: int, epochs: int | None) -> dict
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             print(f"  {mode:<8} {res['wall_seconds']:7.1f} s wall {res['cpu_seconds']:7.1f} s CPU, "
                   f"peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB"
+                  + (f" ({res['peak_rss_after_fit_bytes'] / 2**30:.2f} GiB after the fit)" if "peak_rss_after_fit_bytes" in res else "")
                   + (f", log {res['log_saved_bytes_per_rating']:.1f} B/rating saved" if mode != "plain" else ""),
                   flush=True)
             runs.append(res)
     med = {m: {k: float(np.median([r[k] for r in runs if r["mode"] == m]))
-               for k in ("wall_seconds", "cpu_seconds", "peak_rss_bytes", "rss_before_fit_bytes")}
+               for k in ("wall_seconds", "cpu_seconds", "peak_rss_bytes", "rss_before_fit_bytes")
+               + (("peak_rss_after_fit_bytes",) if all("peak_rss_after_fit_bytes" in r for r in runs) else ())}
            for m in ("plain", "compact")}
     logged = [r for r in runs if r["mode"] == "compact"][-1]
     return {"n_ratings": n, "n_users": users, "n_items": items, "epochs": epochs or "TrainConfig default",
@@ -160,6 +163,9 @@ def scale(n: int, users: int, items: int, reps: int, epochs: int | None) -> dict
             "median": med, "overhead_ratio_wall": med["compact"]["wall_seconds"] / med["plain"]["wall_seconds"],
             "overhead_ratio_cpu": med["compact"]["cpu_seconds"] / med["plain"]["cpu_seconds"],
             "extra_peak_rss_bytes": med["compact"]["peak_rss_bytes"] - med["plain"]["peak_rss_bytes"],
+            "extra_peak_rss_training_bytes": (med["compact"]["peak_rss_after_fit_bytes"]
+                                              - med["plain"]["peak_rss_after_fit_bytes"]
+                                              if "peak_rss_after_fit_bytes" in med["plain"] else None),
             "log_saved_bytes_per_rating": logged["log_saved_bytes_per_rating"],
             "log_memory_bytes_per_rating": logged["log_memory_bytes_per_rating"],
             "artefact_bytes": logged["artefact_bytes"], "saved_bytes": logged["saved_bytes"]}
