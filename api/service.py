@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recsys.errors import ArtefactError, RecsysError, UnknownIdError
@@ -64,11 +65,11 @@ class Settings(BaseSettings):
     api_key: str | None = None  # RECSYS_API_KEY; with none set, writes are refused (403)
     api_key_file: Path | None = None  # or read the key from this file
     read_auth: bool = False  # require the key for reads too
-    max_batch: int = 1000  # ratings or pairs per request
-    max_body_bytes: int = 1 << 20  # bytes of a request body, counted as they arrive
-    max_k: int = 100  # recommendations per request
-    max_explain: int = 50  # explanation entries per prediction
-    follow_interval_s: float = 0.05  # how often a worker polls the store for others' writes
+    max_batch: int = Field(1000, ge=1)  # ratings or pairs per request
+    max_body_bytes: int = Field(1 << 20, ge=64)  # bytes of a request body, counted as they arrive
+    max_k: int = Field(100, ge=1)  # recommendations per request
+    max_explain: int = Field(50, ge=0)  # explanation entries per prediction
+    follow_interval_s: float = Field(0.05, gt=0, le=60)  # how often a worker polls the store for others' writes
     device: str = "cpu"
 
     def key(self) -> str | None:

@@ -646,10 +646,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api.app import Settings, create_app
     from recsys.store import RatingStore
 
+    from pydantic import ValidationError
+
     overrides = {"model": args.model.resolve()}
     if args.db is not None:
         overrides["db"] = args.db.resolve()
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # one line per bad RECSYS_* setting
+        raise RecsysError("; ".join(f"RECSYS_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']} (got {e['input']!r})"
+                                    for e in exc.errors())) from None
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     if workers < 1:
         raise RecsysError(f"--workers must be at least 1, got {workers}")

@@ -292,3 +292,14 @@ def test_a_write_the_model_swapped_in_meanwhile_cannot_apply_is_409_not_acknowle
         assert service.live().n_skipped == 1 and service.live().last_seq == 1
     finally:
         service.close()
+
+
+def test_bad_settings_stop_serve_with_one_line_naming_each(model_dir, tmp_path, monkeypatch, capsys):
+    from recsys.cli import main
+
+    monkeypatch.setenv("RECSYS_FOLLOW_INTERVAL_S", "0")
+    monkeypatch.setenv("RECSYS_MAX_K", "many")
+    assert main(["serve", "--model", str(model_dir), "--db", str(tmp_path / "db")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recsys: error:") and len(err.strip().splitlines()) == 1
+    assert "RECSYS_FOLLOW_INTERVAL_S: Input should be greater than 0" in err and "RECSYS_MAX_K" in err
