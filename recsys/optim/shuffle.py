@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from recsys.jit import variant
 from recsys.threads import torch_threads_kept
 
 _BUCKET_TARGET = 1 << 14  # elements per bucket: a bucket's int64s fit in L1/L2
@@ -76,8 +77,8 @@ def _gather(users: np.ndarray, items: np.ndarray, values: np.ndarray, ids: np.nd
         out_values[k] = values[j]
 
 
-_gather_parallel = njit(parallel=True, nogil=True, cache=True)(_gather)
-_gather_serial = njit(nogil=True, cache=True)(_gather)
+_gather_parallel = variant(_gather, "parallel", parallel=True, nogil=True)
+_gather_serial = variant(_gather, "serial", nogil=True)
 
 #: below this many examples, waking a thread team costs more than it saves (and on a busy
 #: machine a parallel region waits for its slowest thread to be scheduled)

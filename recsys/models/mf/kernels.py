@@ -24,6 +24,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from recsys.jit import variant
+
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def sgd_examples(
@@ -152,4 +154,4 @@ def set_threads(n: int | None) -> None:
 #: thread (`sgd_examples_hogwild`'s loop with a single shard): the same result as
 #: `sgd_examples`, deterministic, and about 25% faster on one core because each example's
 #: rows are read once; the default when only one core is free.
-sgd_examples_interleaved = njit(fastmath=True, cache=True, nogil=True)(sgd_examples_hogwild.py_func)
+sgd_examples_interleaved = variant(sgd_examples_hogwild.py_func, "interleaved", fastmath=True, nogil=True)

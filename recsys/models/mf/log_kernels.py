@@ -11,6 +11,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from recsys.jit import variant
+
 # --------------------------------------------------------------------------- logged kernels
 # The same updates as `sgd_examples_interleaved` / `sgd_examples_hogwild` (the weights agree up
 # to float32 rounding: fastmath lets the compiler order the arithmetic differently), plus an
@@ -198,14 +200,14 @@ def _compact_shards(
 
 
 #: Exact logging on the calling thread (deterministic; one shard).
-sgd_examples_logged = njit(fastmath=True, cache=True, nogil=True)(_logged_shards)
+sgd_examples_logged = variant(_logged_shards, "serial", fastmath=True, nogil=True)
 #: Exact logging, Hogwild! shards on threads (an example is visited by one thread, so its log
 #: row is never written concurrently unless the order repeats it; the weights it reads may be).
-sgd_examples_hogwild_logged = njit(parallel=True, fastmath=True, cache=True, nogil=True)(_logged_shards)
+sgd_examples_hogwild_logged = variant(_logged_shards, "parallel", parallel=True, fastmath=True, nogil=True)
 #: Compact logging on the calling thread (deterministic; one shard).
-sgd_examples_compact_logged = njit(fastmath=True, cache=True, nogil=True)(_compact_shards)
+sgd_examples_compact_logged = variant(_compact_shards, "serial", fastmath=True, nogil=True)
 #: Compact logging, Hogwild! shards on threads.
-sgd_examples_hogwild_compact_logged = njit(parallel=True, fastmath=True, cache=True, nogil=True)(_compact_shards)
+sgd_examples_hogwild_compact_logged = variant(_compact_shards, "parallel", parallel=True, fastmath=True, nogil=True)
 
 
 
