@@ -266,3 +266,41 @@ def test_fold_in_users_are_explained_by_the_exact_refold_without_each_rating(sma
             explainer.update(ratings, more)
     top = explainer.explain(u, 1, 2)
     assert top.method.startswith("fold-in exact") and len(top.contributions) == 2
+
+
+def test_newton_damping_by_the_summed_learning_rate_only_shrinks_unconverged_directions(small_ratings):
+    """`NewtonInfluence(learning_rate_sum=S)` damps by ``1 − exp(−S·h)``: a huge summed rate
+    (every direction converged) is the plain estimate, a tiny one leaves almost nothing."""
+    from recsys.explain.influence import NewtonInfluence
+
+    r = small_ratings
+    model, _ = _fit(r, _setup(epochs=3))
+    plain = NewtonInfluence(model, r)
+    for u, i in ((3, 4), (0, 1)):
+        ids, eff = plain.effects(u, i)
+        ids_c, converged = NewtonInfluence(model, r, learning_rate_sum=1e6).effects(u, i)
+        _, tiny = NewtonInfluence(model, r, learning_rate_sum=1e-6).effects(u, i)
+        np.testing.assert_array_equal(ids, ids_c)
+        np.testing.assert_allclose(converged, eff, rtol=1e-4, atol=1e-7)
+        assert np.abs(tiny).max() < 1e-3 * np.abs(eff).max()
+    with pytest.raises(ValueError, match="learning_rate_sum"):
+        NewtonInfluence(model, r, learning_rate_sum=0.0)
+
+
+def test_contracted_rollback_is_the_linear_rollback_when_nothing_contracts(small_ratings):
+    """`contracted_rollback` maps each logged row update by ``(I − e^{−SA})(SA)⁻¹``: as the
+    summed rate goes to 0 that is the identity, i.e. plain rollback's linear terms."""
+    from recsys.models.mf.explain import contracted_rollback
+
+    r = small_ratings
+    model, log = _fit(r, _setup(epochs=3), mode="exact")
+    u, i = int(r.users[7]), int(r.items[3])
+    ids, eff, su, si = estimate_effects(model, r, u, i, "rollback", log)
+    ids_c, small = contracted_rollback(model, r, log, u, i, 1e-9)
+    np.testing.assert_array_equal(ids, ids_c)
+    single = ~(su & si)
+    np.testing.assert_allclose(small[single], eff[single], rtol=1e-5, atol=1e-8)
+    _, damped = contracted_rollback(model, r, log, u, i, 5.0)
+    assert np.abs(damped).sum() < np.abs(small).sum()
+    with pytest.raises(ValueError, match="learning_rate_sum"):
+        contracted_rollback(model, r, log, u, i, 0.0)
