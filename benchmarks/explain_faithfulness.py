@@ -8,6 +8,10 @@ predictions x ``--candidates`` random candidates, with the truth retrained under
 as the noise floor; top-1 removal on ``--removal-pairs`` other predictions beside a random
 neighbour; cold users folded in from 5 ratings against the exact re-fold.
 
+Part A2: the log-based estimates on the same points (plain rollback; rollback corrected for
+the rows' later contraction, `recsys.models.mf.explain.contracted_rollback`) and the Newton
+estimate damped by the training's summed learning rate (not served).
+
 Part B: latency of the service path in-process (`recsys.recommender.Recommender` loaded from
 a saved artefact, explainers warmed as the service does): ``explain(user, item, 5)`` and
 ``predict(user, item, explain=5)`` for ``--latency-pairs`` test pairs of trained users, and
@@ -36,8 +40,11 @@ from results_file import write_json  # this folder is on the path when run as a 
 
 from recsys.artefact import save_artefact
 from recsys.datasets import load_split
-from recsys.experiments.faithfulness import sample_pairs, served_run, served_setup
+from recsys.experiments.faithfulness import agreement_stats, sample_pairs, served_run, served_setup
+from recsys.explain.influence import NewtonInfluence, estimate_effects
+from recsys.explain.rollback import RollbackCallback
 from recsys.models.mf import MatrixFactorization
+from recsys.models.mf.explain import contracted_rollback
 from recsys.ratings import Ratings
 from recsys.recommender import Recommender
 from recsys.store import NewRating
@@ -97,10 +104,46 @@ def latency(train: Ratings, test: Ratings, n_pairs: int, n_cold: int, seed: int 
     return out
 
 
+def log_based(train: Ratings, points: list[dict], seed: int = 0) -> dict:
+    """Part A2: the log-based estimates scored on part A's agreement points (the same truths):
+    the served model trained again with the exact log (the same weights: logging does not
+    change training), plain rollback (`estimate_effects(..., "rollback")`) and the rollback
+    corrected for the rows' later contraction (`contracted_rollback`); beside them the Newton
+    estimate damped by the summed learning rate (`NewtonInfluence(learning_rate_sum=...)`, not
+    served: the service's explainer is not given the schedule)."""
+    setup = served_setup(seed=seed)
+    model = MatrixFactorization(train.n_users, train.n_items, train.rating_scale, setup.model)
+    callback = RollbackCallback(mode="exact")
+    Trainer(setup.train, callbacks=[callback]).fit(model, train)
+    c = setup.train
+    lr_sum = float(sum(c.learning_rate * c.lr_decay ** e for e in range(c.epochs)))
+    true = np.array([p["true"] for p in points])
+    plain, contracted, damped = [], [], []
+    damped_newton = NewtonInfluence(model, train, learning_rate_sum=lr_sum)
+    for p in points:
+        u, i, z = p["user"], p["item"], p["example"]
+        ids, eff = damped_newton.effects(u, i)
+        damped.append(eff[ids == z][0])
+        ids, eff, _, _ = estimate_effects(model, train, u, i, "rollback", callback.log)
+        plain.append(eff[ids == z][0])
+        ids, eff = contracted_rollback(model, train, callback.log, u, i, lr_sum)
+        contracted.append(eff[ids == z][0])
+    out = {"learning_rate_sum": lr_sum, "true_mean_abs": float(np.abs(true).mean())}
+    alt = np.array([p.get("true_reseeded", np.nan) for p in points])
+    for name, est in (("rollback", np.array(plain)), ("rollback_contracted", np.array(contracted)),
+                      ("newton_damped_not_served", np.array(damped))):
+        out[name] = {**agreement_stats(est, true), "estimate_mean_abs": float(np.abs(est).mean())}
+        if np.isfinite(alt).all():
+            out[name]["spearman_vs_reseeded"] = agreement_stats(est, alt)["spearman"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, minutes less)")
     ap.add_argument("--latency-only", action="store_true")
+    ap.add_argument("--rescore", type=Path, help="a results file whose part A points part A2 rescores "
+                                                  "(no retraining: A2 only, written beside A)")
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--candidates", type=int, default=20)
     ap.add_argument("--removal-pairs", type=int, default=50)
@@ -114,7 +157,15 @@ def main() -> None:
         args.pairs, args.candidates, args.removal_pairs, args.fold_in_users, args.latency_pairs = 4, 5, 4, 3, 50
     torch.set_num_threads(args.threads)
     train, test = load_split("ml-100k", "u1")
-    out = json.loads(RESULTS.read_text()) if args.latency_only and RESULTS.exists() else {}
+    out = json.loads(RESULTS.read_text()) if (args.latency_only or args.rescore) and RESULTS.exists() else {}
+    if args.rescore:
+        points = json.loads(args.rescore.read_text())
+        points = points.get("served_mf", points)["points"]
+        out["log_based_mf"] = log_based(train, points, seed=args.seed)
+        print(json.dumps(out["log_based_mf"], indent=1))
+        if RESULTS.exists() and args.rescore.resolve() == RESULTS.resolve():
+            write_json(RESULTS, out)
+        return
     if not args.latency_only:
         t0 = time.perf_counter()
         served = served_run(train, test, n_predictions=args.pairs, n_candidates=args.candidates,
@@ -124,6 +175,8 @@ def main() -> None:
         out["served_mf"] = served
         shown = {k: v for k, v in served.items() if k not in ("points", "setup")}
         print(json.dumps(shown, indent=1))
+        out["log_based_mf"] = log_based(train, served["points"], seed=args.seed)
+        print(json.dumps(out["log_based_mf"], indent=1))
     t0 = time.perf_counter()
     out["latency"] = latency(train, test, args.latency_pairs, 20 if not args.quick else 3, seed=args.seed)
     out["latency"]["seconds"] = time.perf_counter() - t0

@@ -256,7 +256,7 @@ class NewtonInfluence:
     None: off): damp each row's vectors by ``1 − exp(−S·h)`` per eigenvalue ``h`` of the row's
     matrix ``A`` — the part of the Newton step a row converges in a summed rate ``S``, so
     low-curvature directions that training left unconverged move less (measured on the served
-    model: slope 0.867 → 0.938, Spearman 0.950 → 0.955; ``docs/explanations.md``)."""
+    model: slope 0.867 → 0.941, Spearman 0.950 → 0.955; ``docs/explanations.md``)."""
 
     def __init__(self, model: RatingModel, train: Ratings, *, learning_rate_sum: float | None = None) -> None:
         if learning_rate_sum is not None and learning_rate_sum <= 0:
