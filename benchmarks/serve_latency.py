@@ -56,6 +56,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -578,6 +579,7 @@ def main() -> None:
     parser.add_argument("--generator-cpus", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="pin the generator processes to these CPUs (e.g. 0); default: unpinned")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the run's folder (model, stores, server logs)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="recsys-serve-bench-"))
@@ -632,6 +634,8 @@ def main() -> None:
                         if x is not None))
     write_json(out_path, result)
     print(f"wrote {out_path}")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
