@@ -128,6 +128,7 @@ def test_cli_explain_eval_scores_the_served_explainer_with_its_noise_floor_and_f
     assert fold_in["method"].startswith("fold-in exact") and fold_in["n_users"] == 2
     assert fold_in["spearman"] == pytest.approx(1.0) and fold_in["slope"] == pytest.approx(1.0, abs=1e-4)
     assert fold_in["max_abs_error"] < 1e-5
+    assert out["online"]["n_users"] == 0 or out["online"]["method"] == "newton + online steps"
 
 
 def test_cli_explain_eval_rejects_bad_counts(ratings_file, capsys):

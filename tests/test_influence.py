@@ -218,7 +218,8 @@ def test_the_mf_explainer_caches_newton_by_default_and_follows_online_learning(s
     assert int(new[0]) in [c.example for c in got.contributions]
     np.testing.assert_allclose([c.effect for c in got.contributions], [c.effect for c in want.contributions],
                                rtol=1e-4, atol=1e-7)
-    assert rollback.explain(3, 4, 3).method == "newton"  # the log's trajectory ended with training
+    # the log's trajectory ended with training: newton, with the online rating's steps
+    assert rollback.explain(3, 4, 3).method == "newton + online steps"
     newcomer = ratings.user_ids.index("newcomer")
     assert model.path(newcomer) == "fold-in" and model.path(3) == "online" and model.path(0) == "model"
     assert [c.example for c in cached.explain(newcomer, 4, 5).contributions][0] == int(new[1])
@@ -304,3 +305,32 @@ def test_contracted_rollback_is_the_linear_rollback_when_nothing_contracts(small
     assert np.abs(damped).sum() < np.abs(small).sum()
     with pytest.raises(ValueError, match="learning_rate_sum"):
         contracted_rollback(model, r, log, u, i, 0.0)
+
+
+def test_ratings_learnt_online_are_explained_by_the_steps_they_took(small_ratings):
+    """A trained user's ratings learnt online moved their rows by a few online SGD steps: their
+    effects match re-running the online learning without each rating (the truth), not a
+    Newton step to a row optimum they never reached; method says so."""
+    import copy
+
+    from tests.conftest import with_new_ratings
+
+    r = small_ratings
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r, learning_rate=0.02)
+    before = copy.deepcopy(model)
+    items = [r.item_ids.raw(j) for j in (1, 6, 8)]
+    ratings, new = with_new_ratings(r, [r.user_ids.raw(3)] * 3, items, [5.0, 1.0, 4.0])
+    model.learn(ratings, new)
+    explainer = model.explainer(ratings)
+    assert model.path(3) == "online"
+    for item in (2, 6):
+        ids, eff, su, _, method = explainer.effects(3, item)
+        assert method == "newton + online steps"
+        base = raw_prediction(model, 3, item)
+        for z in new:
+            again = copy.deepcopy(before)
+            again.learn(ratings, new[new != z])
+            true = base - raw_prediction(again, 3, item)
+            assert abs(true) > 1e-4
+            assert eff[ids == z][0] == pytest.approx(true, rel=0.1, abs=1e-5)

@@ -492,6 +492,54 @@ def fold_in_agreement(model: MatrixFactorization, train: Ratings, test: Ratings,
                                         "estimate_mean_abs": float(np.abs(o_all).mean())}}
 
 
+def online_agreement(model: MatrixFactorization, train: Ratings, test: Ratings, n_users: int = 20,
+                     n_new: int = 5, n_items: int = 4, seed: int = 0) -> dict:
+    """Trained users who rate again, as the service learns it: ``n_users`` users of ``test``
+    send ``n_new`` of their test ratings (one `MatrixFactorization.learn` call on a copy of
+    ``model``: online SGD, `recsys.models.mf.online`); for ``n_items`` random items each, the
+    served effect of each new rating (`MFExplainer.effects`) against the truth, the
+    prediction minus that after the same online learning without the rating (the steps
+    re-run from the trained model). Measures the served estimate; there is no online-specific
+    estimate yet."""
+    import copy
+
+    rng = np.random.default_rng(seed + 11)
+    counts = np.bincount(test.users, minlength=train.n_users)
+    users = np.flatnonzero((counts >= n_new) & (train.user_counts() > 0))
+    users = rng.choice(users, size=min(n_users, len(users)), replace=False)
+    if len(users) == 0:
+        return {"n_users": 0, "n_new": n_new, "n_points": 0, "reason": f"no test user with {n_new} test ratings"}
+    rows = np.concatenate([rng.choice(np.flatnonzero(test.users == u), size=n_new, replace=False) for u in users])
+    new = Ratings(test.users[rows], test.items[rows], test.values[rows], None, train.user_ids, train.item_ids,
+                  train.rating_scale)
+    ratings = train.append(new)
+    ids = np.arange(len(train), len(ratings))
+    before = copy.deepcopy(model)
+    before.start_online(train)
+    after = copy.deepcopy(before)
+    after.learn(ratings, ids)
+    explainer = after.explainer(ratings)
+    est, true, methods = [], [], set()
+    for n, u in enumerate(users):
+        mine = ids[n * n_new:(n + 1) * n_new]
+        items = rng.choice(np.flatnonzero(train.item_counts() > 0), size=n_items, replace=False)
+        without = {}
+        for z in mine:
+            again = copy.deepcopy(before)
+            again.learn(ratings, ids[ids != z])
+            without[int(z)] = again
+        for i in items:
+            cid, eff, _, _, method = explainer.effects(int(u), int(i))
+            methods.add(method)
+            est.append(eff[_positions(cid, mine)])
+            base = raw_prediction(after, int(u), int(i))
+            true.append(np.array([base - raw_prediction(without[int(z)], int(u), int(i)) for z in mine]))
+    e_all, t_all = np.concatenate(est), np.concatenate(true)
+    return {**agreement_stats(e_all, t_all), "method": " | ".join(sorted(methods)), "n_users": len(users),
+            "n_new": n_new, "n_points": len(t_all), "true_mean_abs": float(np.abs(t_all).mean()),
+            "estimate_mean_abs": float(np.abs(e_all).mean())}
+
+
 def served_run(train: Ratings, test: Ratings, *, setup: Setup | None = None, method: str | None = None,
                n_predictions: int = 30, n_candidates: int = 20, n_removal_pairs: int = 50,
                fold_in_users: int = 20, noise_floor: bool = True, seed: int = 0, workers: int = 1) -> dict:
@@ -514,6 +562,7 @@ def served_run(train: Ratings, test: Ratings, *, setup: Setup | None = None, met
       top-1's direction: the paper's random-neighbour baseline), ``random_own_direction_rate``
       (the random candidate judged by its own estimated sign);
     - ``fold_in``: `fold_in_agreement` for ``fold_in_users`` cold users of 5 ratings;
+    - ``online``: `online_agreement` for as many trained users sending 5 ratings online;
     - ``points``: every agreement point (user, item, example, true, estimate[, true_reseeded]).
 
     ``workers``: retrain in that many processes (`retrained_predictions`)."""
@@ -612,6 +661,7 @@ def served_run(train: Ratings, test: Ratings, *, setup: Setup | None = None, met
     })
     out["fold_in"] = (fold_in_agreement(model, train, test, n_users=fold_in_users, seed=seed)
                       if fold_in_users else None)
+    out["online"] = online_agreement(model, train, test, n_users=fold_in_users, seed=seed) if fold_in_users else None
     out["setup"] = setup.to_dict()
     out["points"] = points
     out["truth"] = ("same-trajectory leave-one-out: full retrain from the same initial weights and seed without "

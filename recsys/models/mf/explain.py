@@ -548,6 +548,9 @@ class MFExplainer:
         else:
             rows = _Rows(model, np.array([user]), np.array([item]))
             ids, eff, su, si = estimate_effects(model, ratings, user, item, method, self.log, rows=rows)
+        state = getattr(model, "_online", None)  # `recsys.models.mf.online.OnlineState`, once learning online
+        if state is not None and len(ratings) > self.n_trained and (ids >= self.n_trained).any():
+            eff, method = self._online_steps(state, user, item, ids, su, si, eff, method, folded)
         if folded and su.any():
             # the user's row is the fold-in ridge's solution: their ratings' effects are its exact
             # leave-one-out; the item's rows were never trained on them (no item-side share)
@@ -557,6 +560,48 @@ class MFExplainer:
             si = si & ~su
             method = "fold-in exact + newton" if si.any() else "fold-in exact"
         return ids, eff, su, si, method, rows
+
+    def _online_steps(self, state, user: int, item: int, ids: np.ndarray, su: np.ndarray, si: np.ndarray,
+                      eff: np.ndarray, method: str, folded: bool) -> tuple[np.ndarray, str]:
+        """Effects of the ratings learnt online, against the steps they took: a rating of a
+        trained user was applied by ``passes`` online SGD visits at the online rate, moving its
+        user's and item's rows by about ``passes·lr·(−∇ℓ_z)`` (the gradient at the current
+        weights: few, late steps, nothing after them to pull the rows back), so its effect is
+        that move scored on the prediction's rows (measured against re-running the online
+        steps without it: ``docs/explanations.md``). A rating of a folded-in user moved no
+        item row (the fold-in is a ridge solve): no item share."""
+        model, ratings = self.model, self.ratings
+        late = np.flatnonzero(ids >= self.n_trained)
+        z = ids[late]
+        stepped = state.is_trained(ratings.users[z])
+        eff = eff.copy()
+        eff[late[~stepped & si[late] & ~su[late]]] = 0.0  # another folded-in user's rating of the item
+        sel = late[stepped]
+        if len(sel) == 0:
+            return eff, method
+        k = model.config.n_blocks
+        zs = ids[sel]
+        owners, items = ratings.users[zs], ratings.items[zs]
+        r = _Rows(model, owners, items)
+        x = _Rows(model, np.array([user]), np.array([item]))
+        e = ratings.values[zs].astype(np.float64)[None, :] - (
+            float(model.global_mean) + r.BU + r.BI + np.einsum("kmd,kmd->km", r.P, r.Q))  # [K, m]
+        scale = state.passes * state.learning_rate
+        out = np.zeros(len(sel))
+        mine = su[sel] & ~folded
+        if mine.any():  # the user's row moved: scored with the prediction's item factors
+            reg, breg = float(model.reg_user[user]), float(model.bias_reg_user[user])
+            dp = e[..., None] * r.Q - reg * r.P  # [K, m, d]
+            db = e - breg * r.BU
+            out += mine * (np.einsum("kmd,kd->m", dp, x.Q[:, 0]) + db.sum(0)) / k
+        theirs = si[sel]
+        if theirs.any():  # the item's row moved: scored with the prediction's user factors
+            reg, breg = float(model.reg_item[item]), float(model.bias_reg_item[item])
+            dq = e[..., None] * r.P - reg * r.Q
+            db = e - breg * r.BI
+            out += theirs * (np.einsum("kmd,kd->m", dq, x.P[:, 0]) + db.sum(0)) / k
+        eff[sel] = scale * out
+        return eff, f"{method} + online steps"
 
     # ------------------------------------------------------------------ the caches
     def _fold_in_cache(self) -> FoldInLeaveOneOut:
