@@ -6,7 +6,8 @@ compiled SGD kernel, 32 epochs), its served explainer (the one-row Newton estima
 row), scored against exact same-trajectory leave-one-out retraining on ``--pairs`` test
 predictions x ``--candidates`` random candidates, with the truth retrained under another seed
 as the noise floor; top-1 removal on ``--removal-pairs`` other predictions beside a random
-neighbour; cold users folded in from 5 ratings against the exact re-fold.
+neighbour; cold users folded in from 5 ratings against the exact re-fold; trained users who
+send 5 ratings online against the online SGD re-run without each.
 
 Part A2: the log-based estimates on the same points (plain rollback; rollback corrected for
 the rows' later contraction, `recsys.models.mf.explain.contracted_rollback`) and the Newton
@@ -15,7 +16,8 @@ estimate damped by the training's summed learning rate (not served).
 Part B: latency of the service path in-process (`recsys.recommender.Recommender` loaded from
 a saved artefact, explainers warmed as the service does): ``explain(user, item, 5)`` and
 ``predict(user, item, explain=5)`` for ``--latency-pairs`` test pairs of trained users, and
-``explain`` for users folded in through ``add_ratings``; wall and thread-CPU p50 / p99
+``explain`` for users folded in through ``add_ratings`` and for trained users who sent 5
+ratings through ``add_ratings`` (learnt by online SGD); wall and thread-CPU p50 / p99
 (thread CPU is what a query costs when other processes preempt it).
 
     RECSYS_DATA=../shared/data python benchmarks/explain_faithfulness.py [--quick] [--latency-only]
@@ -40,7 +42,13 @@ from results_file import write_json  # this folder is on the path when run as a 
 
 from recsys.artefact import save_artefact
 from recsys.datasets import load_split
-from recsys.experiments.faithfulness import agreement_stats, sample_pairs, served_run, served_setup
+from recsys.experiments.faithfulness import (
+    agreement_stats,
+    online_agreement,
+    sample_pairs,
+    served_run,
+    served_setup,
+)
 from recsys.explain.influence import NewtonInfluence, estimate_effects
 from recsys.explain.rollback import RollbackCallback
 from recsys.models.mf import MatrixFactorization
@@ -100,6 +108,15 @@ def latency(train: Ratings, test: Ratings, n_pairs: int, n_cold: int, seed: int 
     first = rec.explain(cold[0][0], cold[0][1], 5)
     out["explain_fold_in"] = {**_timed(lambda u, i: rec.explain(u, i, 5), cold), "method": first.method}
     out["predict_explain5_fold_in"] = _timed(lambda u, i: rec.predict(u, i, explain=5), cold)
+    online = []
+    for u in rng.choice(np.flatnonzero(counts >= 5), size=n_cold, replace=False):
+        name = train.user_ids.raw(int(u))
+        rated = set(train.by_user.columns[train.by_user.row(int(u))].tolist())
+        fresh = [j for j in rng.permutation(train.n_items)[:40].tolist() if j not in rated][:5]
+        rec.add_ratings([NewRating(name, train.item_ids.raw(j), float(rng.integers(1, 6))) for j in fresh])
+        online.extend((name, train.item_ids.raw(int(i))) for i in rng.choice(train.n_items, size=10, replace=False))
+    out["explain_online"] = {**_timed(lambda u, i: rec.explain(u, i, 5), online),
+                             "method": rec.explain(online[0][0], online[0][1], 5).method}
     out["method_trained"] = rec.explain(*raw[0], 5).method
     return out
 
@@ -163,6 +180,13 @@ def main() -> None:
         points = points.get("served_mf", points)["points"]
         out["log_based_mf"] = log_based(train, points, seed=args.seed)
         print(json.dumps(out["log_based_mf"], indent=1))
+        if "served_mf" in out:  # part A's online users (no retraining: recomputed with part A2)
+            setup = served_setup(seed=args.seed)
+            model = MatrixFactorization(train.n_users, train.n_items, train.rating_scale, setup.model)
+            Trainer(setup.train).fit(model, train)
+            out["served_mf"]["online"] = online_agreement(model, train, test, n_users=args.fold_in_users,
+                                                          seed=args.seed)
+            print(json.dumps({"online": out["served_mf"]["online"]}, indent=1))
         if RESULTS.exists() and args.rescore.resolve() == RESULTS.resolve():
             write_json(RESULTS, out)
         return
