@@ -2,8 +2,8 @@
 FastAPI + SQLite app doing the same work (`bare_app.py`), measured open loop in one run.
 
 Servers. ``recsys serve --model M --db D --port P`` is launched as a user would, with its
-defaults (its default number of uvicorn workers, the count found recorded; its access log
-on, as without ``--quiet``, written to a file), on
+defaults (its default number of uvicorn workers, the count found recorded; no access log,
+its default; its output written to a file), on
 a MovieLens-100K u1 model trained with ``recsys train`` defaults (an MF rating model with
 the default ranker beside it); then the bare app (``uvicorn bare_app:app --workers N``) with
 the same number of workers, on the same artefact, without an access log (the floor). Each
@@ -199,8 +199,8 @@ class Server:
 
 
 def start_recsys(model: Path, db: Path, extra: tuple[str, ...] = ()) -> Server:
-    """``recsys serve`` with its defaults, as a user starts it (no ``--quiet``: its access log
-    is on, written to ``db``'s folder; ``extra``: more flags, e.g. for a profile)."""
+    """``recsys serve`` with its defaults, as a user starts it (its output written to ``db``'s
+    folder; ``extra``: more flags, e.g. for a profile)."""
     port = free_port()
     return Server("recsys serve", [sys.executable, "-m", "recsys.cli", "serve", "--model", str(model), "--db", str(db),
                                    "--port", str(port), *extra], {"RECSYS_API_KEY": KEY}, port,

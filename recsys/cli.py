@@ -672,14 +672,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           f"{type(exc).__name__}: {exc}") from exc
     log_level = "warning" if args.quiet else "info"
     if workers == 1:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, workers=1, log_level=log_level)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, workers=1, log_level=log_level,
+                    access_log=args.access_log)
         return 0
     # each worker process builds its app from RECSYS_* (create_app() reads Settings from them)
     os.environ["RECSYS_MODEL"], os.environ["RECSYS_DB"] = str(settings.model), str(settings.db)
     # a spawned worker re-imports this module (torch) before it can answer the supervisor's
     # health check: on a busy machine that takes longer than uvicorn's default 5 s
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=workers,
-                log_level=log_level, timeout_worker_healthcheck=60)
+                log_level=log_level, access_log=args.access_log, timeout_worker_healthcheck=60)
     return 0
 
 
@@ -855,7 +856,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", type=Path, help="SQLite rating store (default: $RECSYS_DB or ./recsys-ratings.sqlite3)")
     p.add_argument("--workers", type=int, help="uvicorn worker processes (default: one per CPU core); each "
                    "loads the model and follows the rating store")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--access-log", action="store_true",
+                   help="log every request (off by default: it costs CPU per request; /metrics counts requests "
+                        "and latency per route)")
+    p.add_argument("--quiet", action="store_true", help="warnings only")
     p.set_defaults(func=cmd_serve)
 
     _add_explain_parsers(sub)
