@@ -166,12 +166,30 @@ def summarise(default: dict | None, cells: list[dict], tolerance: float) -> dict
     default["seconds_to_default_rmse"] = seconds_to(default["curve"], default["test_rmse"])
     reached = [c for c in [default, *cells] if c.get("seconds_to_default_rmse") is not None]
     soonest = min(reached, key=lambda c: c["seconds_to_default_rmse"]) if reached else None
+    out["trace_kinds"] = trace_kinds(cells)
     out.update({
         "all_within_tolerance": all(c["within_tolerance"] for c in cells),
         "diverged": sum(c["diverged"] for c in cells),
         "soonest": None if soonest is None else {k: soonest[k] for k in ("optimizer", "batch_size",
                                                                          "seconds_to_default_rmse")},
     })
+    return out
+
+
+def trace_kinds(cells: list[dict]) -> dict:
+    """TEKFAC against EKFAC and TKFAC against K-FAC: the largest test-RMSE difference over the
+    batches both ran, and what it means (on embedding tables TEKFAC's trace weight cancels)."""
+    out = {}
+    for trace, plain in (("tekfac", "ekfac"), ("tkfac", "kfac")):
+        a = {c["batch_size"]: c.get("test_rmse") for c in cells if c["optimizer"] == trace}
+        b = {c["batch_size"]: c.get("test_rmse") for c in cells if c["optimizer"] == plain}
+        both = [k for k in a if k in b and a[k] is not None and b[k] is not None]
+        if not both:
+            continue
+        diff = max(abs(a[k] - b[k]) for k in both)
+        out[trace] = {"against": plain, "max_abs_test_rmse_difference": diff,
+                      "reading": (f"equals {plain.upper()} on embedding tables" if diff < 1e-5 else
+                                  f"differs from {plain.upper()} by at most {diff:.5f} test RMSE")}
     return out
 
 
@@ -207,7 +225,9 @@ def _print_table(model_name: str, grid: dict) -> None:
         print(f"| {optimizer} | " + " | ".join(
             "-" if b not in row else "diverged" if row[b]["diverged"]
             else f"{row[b]['test_rmse']:.4f} ({row[b]['wall_seconds']:.1f} s)" for b in batches) + " |")
-    print(f"every cell within {grid.get('all_within_tolerance')}; diverged: {grid.get('diverged')}")
+    print(f"every cell within the tolerance: {grid.get('all_within_tolerance')}; diverged: {grid.get('diverged')}")
+    for name, t in grid.get("trace_kinds", {}).items():
+        print(f"{name}: {t['reading']} (max |difference| {t['max_abs_test_rmse_difference']:.2g})")
     if soonest is not None:
         print(f"soonest to the default's RMSE: {soonest['optimizer']} at batch {soonest['batch_size']}, "
               f"{soonest['seconds_to_default_rmse']:.1f} s of training")
