@@ -202,6 +202,11 @@ def _layer_group(below: object, value: object) -> object:
 
 @dataclass
 class EpochRecord:
+    """One epoch: its learning rate, ``train_mse`` (the mean squared error of the model's
+    outputs against the epoch's training ratings, each taken before its step, no penalty; the
+    same on every step path, `train_mse`), the validation RMSE (None: no validation) and its
+    training seconds (validation and callbacks not counted)."""
+
     epoch: int
     learning_rate: float
     train_mse: float
