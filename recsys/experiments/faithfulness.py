@@ -17,6 +17,12 @@ re-seeded retrain (another shuffle) shows what of it survives training noise.
   effect, precision@5.
 - Test C (cost): training time with and without logging in the same run, log bytes per
   example, explanation latency.
+
+`served_run` (what ``recsys explain-eval`` prints) runs tests A and B on the model and
+explainer the service uses (`served_setup`: ``recsys train``'s defaults), with the truth
+retrained under another seed as the noise floor, plus fold-in users (`fold_in_agreement`,
+against the exact re-fold) and online users (`online_agreement`, against re-running the online
+steps). `agreement` / `removal` score every method of `METHODS` on any `Setup`.
 """
 
 from __future__ import annotations
