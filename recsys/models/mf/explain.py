@@ -461,7 +461,8 @@ class MFExplainer:
     warm_below = 200_000
 
     def __init__(self, model: RatingModel, ratings: Ratings, log: UpdateLog | None = None,
-                 method: str | None = None, *, n_trained: int | None = None) -> None:
+                 method: str | None = None, *, n_trained: int | None = None,
+                 learning_rate_sum: float | None = None) -> None:
         if method is not None and method not in METHODS:
             raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
         if method == "rollback" and log is None:
@@ -471,6 +472,8 @@ class MFExplainer:
         self.cached = method is None
         #: rows of ``ratings`` the model was trained on; later rows were learnt online
         self.n_trained = len(ratings) if n_trained is None else n_trained
+        #: the training's summed SGD rate for the damped cached Newton (`NewtonInfluence`); None: undamped
+        self.learning_rate_sum = learning_rate_sum
         self._newton: NewtonInfluence | None = None
         self._stale_users: set[int] = set()
         self._stale_items: set[int] = set()
@@ -616,7 +619,7 @@ class MFExplainer:
 
     def _cache(self) -> NewtonInfluence:
         if self._newton is None:
-            self._newton = NewtonInfluence(self.model, self.ratings)
+            self._newton = NewtonInfluence(self.model, self.ratings, learning_rate_sum=self.learning_rate_sum)
             self._stale_users.clear()
             self._stale_items.clear()
             self._moved = False
