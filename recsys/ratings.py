@@ -22,28 +22,74 @@ import torch
 from recsys.errors import DuplicateRatingsWarning, RatingsFormatError, UnknownIdError
 
 
+class _IdStore:
+    """The raw ids and ``raw id -> index`` dict shared by a chain of `IdMap.extend` results:
+    ``raw[:length]`` are the ids in index order (over-allocated, so an extend appends in
+    amortised O(new ids)); each map sees the first ``len(map)`` of them. Only the map whose
+    length is ``length`` (the newest) appends; ids are never changed or removed."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.raw = values
+        self.length = len(values)
+        self.positions: dict[str, int] = dict(zip(values.tolist(), range(len(values)), strict=True))
+
+    def append(self, ids: list[str]) -> None:
+        end = self.length + len(ids)
+        if end > len(self.raw):
+            grown = np.empty(max(2 * end, 64), dtype=object)
+            grown[:self.length] = self.raw[:self.length]
+            self.raw = grown
+        self.raw[self.length:end] = ids
+        self.positions.update(zip(ids, range(self.length, end), strict=True))
+        self.length = end
+
+
 class IdMap:
     """A bijection between raw ids (strings) and dense indices ``0..n-1``.
 
-    Built once from the raw ids in index order; lookups are O(1) per id and vectorised for
-    arrays. Raw ids are normalised with ``str()`` so callers may pass ints.
+    Built once from the raw ids in index order; lookups are O(1) per id (a dict) and
+    vectorised for large arrays (a pandas index, built on first use). Raw ids are normalised
+    with ``str()`` so callers may pass ints. `extend` appends in O(new ids): the extended map
+    shares this one's storage (this map still sees only its own ids).
     """
+
+    #: `indices` of at most this many ids looks them up one by one (a dict) rather than
+    #: through the pandas index, whose set-up costs tens of microseconds per call
+    small = 256
 
     def __init__(self, raw_ids: Iterable[object]) -> None:
         values = np.asarray([str(x) for x in raw_ids], dtype=object)
-        self._index = pd.Index(values, dtype=object)
-        if not self._index.is_unique:
-            dup = self._index[self._index.duplicated()][0]
+        store = _IdStore(values)
+        if len(store.positions) != len(values):
+            seen: set[str] = set()
+            dup = next(v for v in values.tolist() if v in seen or seen.add(v))
             raise ValueError(f"IdMap raw ids must be unique; {dup!r} repeats")
+        self._attach(store, len(values))
+
+    def _attach(self, store: _IdStore, n: int) -> None:
+        self._store, self._n, self._raw = store, n, store.raw[:n]
+        self._positions = store.positions
 
     def __len__(self) -> int:
-        return len(self._index)
+        return self._n
+
+    def _position(self, raw_id: object) -> int | None:
+        i = self._positions.get(raw_id if type(raw_id) is str else str(raw_id))
+        return i if i is not None and i < self._n else None
 
     def __contains__(self, raw_id: object) -> bool:
-        return str(raw_id) in self._index
+        return self._position(raw_id) is not None
+
+    def extends(self, other: IdMap) -> bool:
+        """Whether this map holds ``other``'s ids at the same indices (and maybe more)."""
+        if self._n < other._n:
+            return False
+        if self._store is other._store or self._raw is other._raw:
+            return True
+        return bool(np.array_equal(self._raw[:other._n], other._raw))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, IdMap) and self._index.equals(other._index)
+        return isinstance(other, IdMap) and len(self) == len(other) and self.extends(other)
 
     def __hash__(self) -> int:  # identity hash: maps are compared by content only in tests
         return id(self)
@@ -53,39 +99,57 @@ class IdMap:
 
     @property
     def raw_ids(self) -> np.ndarray:
-        """Raw ids in index order, ``object`` array of ``str``, shape ``[n]``."""
-        return self._index.to_numpy()
+        """Raw ids in index order, ``object`` array of ``str``, shape ``[n]`` (read-only use)."""
+        return self._raw
+
+    @cached_property
+    def _index(self) -> pd.Index:
+        return pd.Index(self._raw, dtype=object)
 
     def index(self, raw_id: object, kind: str = "id") -> int:
         """The index of one raw id; `UnknownIdError` if it was never seen."""
-        try:
-            return int(self._index.get_loc(str(raw_id)))
-        except KeyError:
-            raise UnknownIdError(kind, raw_id) from None
+        i = self._position(raw_id)
+        if i is None:
+            raise UnknownIdError(kind, raw_id)
+        return i
 
     def get(self, raw_id: object) -> int | None:
         """The index of one raw id, or None when unknown."""
-        try:
-            return int(self._index.get_loc(str(raw_id)))
-        except KeyError:
-            return None
+        return self._position(raw_id)
 
     def indices(self, raw_ids: Iterable[object]) -> np.ndarray:
         """Indices of many raw ids, ``int64 [n]``, ``-1`` where an id is unknown."""
+        if not isinstance(raw_ids, np.ndarray | pd.Index) and not isinstance(raw_ids, Sequence):
+            raw_ids = list(raw_ids)
+        if len(raw_ids) <= self.small:
+            positions, n = self._positions, self._n
+            out = [positions.get(x if type(x) is str else str(x), -1) for x in raw_ids]
+            arr = np.asarray(out, dtype=np.int64)
+            if len(arr) and self._store.length > n:
+                arr[arr >= n] = -1  # ids a later extend added: not in this map
+            return arr
         values = np.asarray([str(x) for x in raw_ids], dtype=object)
         return self._index.get_indexer(values).astype(np.int64)
 
     def raw(self, index: int) -> str:
         """The raw id of one index."""
-        return str(self._index[index])
+        return str(self._raw[index])
 
     def extend(self, raw_ids: Iterable[object]) -> IdMap:
-        """A new map with the unseen ``raw_ids`` appended (existing indices unchanged)."""
-        new = np.asarray([str(x) for x in raw_ids], dtype=object)
-        unseen = new[self._index.get_indexer(new) < 0]  # a hash lookup; no set difference
-        if len(unseen) == 0:
+        """A map with the unseen ``raw_ids`` appended in first-seen order (existing indices
+        unchanged); ``self`` when every id is known. O(new ids) when this is the newest map of
+        its chain (the usual case), else a fresh map."""
+        unseen = [x for x in dict.fromkeys(x if type(x) is str else str(x) for x in raw_ids)
+                  if self._position(x) is None]
+        if not unseen:
             return self
-        return IdMap(np.concatenate([self.raw_ids, pd.unique(unseen)]))
+        store = self._store
+        if store.length != self._n or any(x in store.positions for x in unseen):
+            return IdMap(np.concatenate([self._raw, np.asarray(unseen, dtype=object)]))
+        store.append(unseen)
+        out = object.__new__(IdMap)
+        out._attach(store, store.length)
+        return out
 
 
 class CSR(NamedTuple):
@@ -298,8 +362,7 @@ class Ratings:
             raise ValueError(f"append: ratings on the scale {other.rating_scale} cannot join ratings on "
                              f"{self.rating_scale}")
         for kind, mine, theirs in (("user", self.user_ids, other.user_ids), ("item", self.item_ids, other.item_ids)):
-            if theirs is not mine and (len(theirs) < len(mine)
-                                       or not np.array_equal(theirs.raw_ids[: len(mine)], mine.raw_ids)):
+            if theirs is not mine and not theirs.extends(mine):
                 raise ValueError(f"append: the new ratings' {kind} ids must extend these ratings' "
                                  f"(same ids at the same indices)")
         if len(other) == 0 and other.user_ids is self.user_ids and other.item_ids is self.item_ids:
@@ -325,6 +388,30 @@ class Ratings:
                             ("rating_scale", self.rating_scale), ("item_titles", self.item_titles),
                             ("_tail", tail)):
             object.__setattr__(out, name, value)
+        return out
+
+    def reserve(self, rows: int) -> Ratings:
+        """The same ratings (same rows, maps and scale) backed by arrays with room for ``rows``
+        more, so that appends up to that many rows copy nothing: the O(len) copy `append`
+        makes the first time happens now (the service does it while warming, not in the
+        first write). ``self`` when it already has that room."""
+        tail: _Tail | None = self.__dict__.get("_tail")
+        n = len(self)
+        if tail is not None and tail.length == n and tail.capacity >= n + rows:
+            return self
+        tail = _Tail.allocate(max(n + int(rows), 1024), self.timestamps is not None)
+        tail.write(0, self.users, self.items, self.values, self.timestamps)
+        tail.length = n
+        out = object.__new__(Ratings)
+        for name, value in (("users", tail.users[:n]), ("items", tail.items[:n]), ("values", tail.values[:n]),
+                            ("timestamps", None if tail.timestamps is None else tail.timestamps[:n]),
+                            ("user_ids", self.user_ids), ("item_ids", self.item_ids),
+                            ("rating_scale", self.rating_scale), ("item_titles", self.item_titles),
+                            ("_tail", tail)):
+            object.__setattr__(out, name, value)
+        for name in ("by_user", "by_item", "global_mean"):  # the same rows: what was derived holds
+            if name in self.__dict__:
+                out.__dict__[name] = self.__dict__[name]
         return out
 
     def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

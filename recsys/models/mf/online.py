@@ -67,6 +67,7 @@ def learn(model: RatingModel, state: OnlineState, ratings: Ratings, new: np.ndar
                    max(ratings.n_items, model.n_items))
     new = np.asarray(new, dtype=np.int64)
     if len(new) == 0:
+        _load_kernels(model, state, ratings)
         return
     log = state.log
     if log is not None and log.n_examples < len(ratings):
@@ -75,7 +76,11 @@ def learn(model: RatingModel, state: OnlineState, ratings: Ratings, new: np.ndar
     trained = state.is_trained(users)
     state.live.update(users.tolist())
     if trained.any():
-        online_sgd(model, log, ratings, new[trained], state.learning_rate, epochs=state.passes, shuffle=False)
+        mine = new[trained]
+        if log is None:  # ``passes`` passes in arrival order are one pass over the ids repeated: one kernel call
+            online_sgd(model, None, ratings, np.tile(mine, state.passes), state.learning_rate, epochs=1, shuffle=False)
+        else:
+            online_sgd(model, log, ratings, mine, state.learning_rate, epochs=state.passes, shuffle=False)
     folded = np.unique(users[~trained])
     if len(folded):
         mine = np.flatnonzero(np.isin(ratings.users, folded))  # all their ratings, in row order
@@ -84,6 +89,23 @@ def learn(model: RatingModel, state: OnlineState, ratings: Ratings, new: np.ndar
             rows = mine[owners == u]
             p, b = model.fold_in_user(torch.from_numpy(ratings.items[rows]), torch.from_numpy(ratings.values[rows]))
             model.set_user(u, p, b)
+
+
+#: whether this process has loaded the compiled online-SGD kernels (`_load_kernels`)
+_kernels_loaded = False
+
+
+def _load_kernels(model: RatingModel, state: OnlineState, ratings: Ratings) -> None:
+    """Load the compiled kernels of online SGD with a pass over no example (nothing changes),
+    once per process: numba's first call loads its registries and the cached kernels (about
+    0.7 s), which a service warming its model (`learn` of no rows) pays before its first
+    write instead of in it. Skipped with an update log (the first real pass loads its logged
+    twin of the kernel) and off the CPU."""
+    global _kernels_loaded
+    if _kernels_loaded or model.device.type != "cpu" or state.log is not None:
+        return
+    online_sgd(model, None, ratings, np.zeros(0, dtype=np.int64), state.learning_rate, epochs=1, shuffle=False)
+    _kernels_loaded = True
 
 
 def path(model: RatingModel, state: OnlineState | None, user: int) -> str:
