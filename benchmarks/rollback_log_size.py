@@ -209,8 +209,10 @@ def main() -> None:
               f"{s['overhead_ratio_cpu']:.3f}x CPU, peak RSS plain "
               f"{s['median']['plain']['peak_rss_bytes'] / 2**30:.2f} GiB, logged "
               f"{s['median']['compact']['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    latest = json.loads(RESULTS.read_text()) if RESULTS.is_file() else results  # other labels may have run meanwhile
+    latest[args.label] = entry
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    RESULTS.write_text(json.dumps(latest, indent=2))
 
 
 if __name__ == "__main__":

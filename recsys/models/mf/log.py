@@ -445,7 +445,10 @@ class CompactRollbackLog:
                example_ids: np.ndarray, tables: tuple, *, hogwild_threads: int = 0) -> None:
         """Run the compiled SGD kernel over the visits (see `RollbackLog.record`), logging
         compactly while training and exactly into the overlay after `close`."""
-        from recsys.models.mf.log_kernels import sgd_examples_compact_logged, sgd_examples_hogwild_compact_logged
+        from recsys.models.mf.log_kernels import (
+            sgd_examples_compact_logged,
+            sgd_examples_hogwild_compact_logged,
+        )
 
         if (self.n_blocks, self.block_size) != (model.config.n_blocks, model.block_size):
             raise ValueError(f"log shaped for {self.n_blocks} blocks of {self.block_size}, model has "
