@@ -334,3 +334,100 @@ def test_ratings_learnt_online_are_explained_by_the_steps_they_took(small_rating
             true = base - raw_prediction(again, 3, item)
             assert abs(true) > 1e-4
             assert eff[ids == z][0] == pytest.approx(true, rel=0.1, abs=1e-5)
+
+
+def _per_rating_newton_vectors(model, r, side, row, learning_rate_sum=None):
+    """The previous cache's representation, written out as a reference: for every rating ``i``
+    of one row, ``s_i = A⁻¹u_i`` with ``u_i = ∇ℓ_i + x_i (x_iᵀA⁻¹∇ℓ_i)/(1 − x_iᵀA⁻¹x_i)``
+    (damped: ``(I − e^{−SA}) s_i``), ``[m, K, d+1]``, in the row's CSR order."""
+    k, d = model.config.n_blocks, model.block_size
+    csr = r.by_user if side == "user" else r.by_item
+    z = csr.examples[csr.row(row)]
+    P = model.user_factors.weight.detach().numpy().astype(np.float64)
+    Q = model.item_factors.weight.detach().numpy().astype(np.float64)
+    BU = model.user_bias.weight.detach().numpy().astype(np.float64)
+    BI = model.item_bias.weight.detach().numpy().astype(np.float64)
+    vectors = np.zeros((len(z), k, d + 1))
+    for b in range(k):
+        blk = slice(b * d, (b + 1) * d)
+        pu, qi = P[r.users[z], blk], Q[r.items[z], blk]
+        resid = r.values[z] - (float(model.global_mean) + BU[r.users[z], b] + BI[r.items[z], b] + (pu * qi).sum(1))
+        if side == "user":
+            X, theta = np.c_[qi, np.ones(len(z))], np.r_[P[row, blk], BU[row, b]]
+            lam = np.r_[np.full(d, float(model.reg_user[row])), float(model.bias_reg_user[row])]
+        else:
+            X, theta = np.c_[pu, np.ones(len(z))], np.r_[Q[row, blk], BI[row, b]]
+            lam = np.r_[np.full(d, float(model.reg_item[row])), float(model.bias_reg_item[row])]
+        A = X.T @ X + np.diag(max(len(z) - 1, 1) * lam)
+        for j in range(len(z)):
+            g = -resid[j] * X[j] + lam * theta
+            a_x, a_g = np.linalg.solve(A, X[j]), np.linalg.solve(A, g)
+            s = np.linalg.solve(A, g + X[j] * (X[j] @ a_g) / (1.0 - X[j] @ a_x))
+            if learning_rate_sum is not None:
+                h, V = np.linalg.eigh(A)
+                s = V @ (-np.expm1(-h * learning_rate_sum) * (V.T @ s))
+            vectors[j, b] = s
+    return z, vectors
+
+
+@pytest.mark.parametrize("learning_rate_sum", [None, 2.0])
+def test_the_compact_newton_rows_give_the_per_rating_vectors_estimates(small_ratings, learning_rate_sum):
+    """`NewtonInfluence` keeps per row ``W = A⁻¹`` and one ``α_i`` per rating and block instead
+    of a ``[K, d+1]`` vector per rating: every effect equals scoring the per-rating vectors,
+    ``−Σ_blocks s_i·x̃ / K``, to 1e-5 (undamped and damped)."""
+    from recsys.explain.influence import NewtonInfluence
+
+    r = small_ratings
+    model, _ = _fit(r, _setup(epochs=3))
+    cache = NewtonInfluence(model, r, learning_rate_sum=learning_rate_sum)
+    k, d = model.config.n_blocks, model.block_size
+    P = model.user_factors.weight.detach().numpy().astype(np.float64).reshape(-1, k, d)
+    Q = model.item_factors.weight.detach().numpy().astype(np.float64).reshape(-1, k, d)
+    ones = np.ones((k, 1))
+    for u, i in ((3, 4), (0, 1), (int(r.users[10]), int(r.items[10])), (5, r.n_items - 1)):
+        ids, eff, su, si = cache.effects_and_shares(u, i)
+        want = np.zeros(len(ids))
+        for side, row, target, mask in (("user", u, np.c_[Q[i], ones], su), ("item", i, np.c_[P[u], ones], si)):
+            z, s = _per_rating_newton_vectors(model, r, side, row, learning_rate_sum)
+            pos = {int(e): j for j, e in enumerate(z)}
+            for j in np.flatnonzero(mask):
+                want[j] -= np.einsum("kj,kj->", s[pos[int(ids[j])]], target) / k
+        np.testing.assert_allclose(eff, want, rtol=1e-5, atol=1e-5)
+        assert np.abs(want).max() > 1e-3  # not trivially zero
+
+
+def test_a_folded_in_users_ratings_refresh_only_the_rows_they_changed(small_ratings):
+    """A fold-in is a ridge solve of the user's row alone: the items it rated gain a rating
+    (their own rows are rebuilt) but no item parameter moved, so the rows of their other
+    raters stay cached; the refreshed estimates equal a fresh explainer's."""
+    from tests.conftest import with_new_ratings
+
+    r = small_ratings
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r, learning_rate=0.02)
+    cached = model.explainer(r)
+    cached.warm()
+    item = 4
+    raters = r.by_item.columns[r.by_item.row(item)]
+    ratings, new = with_new_ratings(r, ["newcomer", "newcomer"], [r.item_ids.raw(item), r.item_ids.raw(6)],
+                                    [5.0, 2.0])
+    model.learn(ratings, new)
+    cached.update(ratings, new)
+    newcomer = ratings.user_ids.index("newcomer")
+    assert model.path(newcomer) == "fold-in"
+    fresh = model.explainer(ratings)
+    for u in (int(raters[0]), newcomer):
+        got, want = cached.explain(u, item, 50), fresh.explain(u, item, 50)
+        assert [c.example for c in got.contributions] == [c.example for c in want.contributions]
+        np.testing.assert_allclose([c.effect for c in got.contributions], [c.effect for c in want.contributions],
+                                   rtol=1e-4, atol=1e-7)
+    cache = cached._newton
+    assert ("user", int(raters[-1])) in cache._rows  # another rater of the item: not rebuilt
+
+
+def test_the_top_k_by_absolute_effect_breaks_ties_by_position():
+    from recsys.models.mf.explain import _top
+
+    eff = np.array([0.1, -0.5, 0.5, 0.0, 0.2, -0.2, 0.5])
+    for k in range(len(eff) + 2):
+        np.testing.assert_array_equal(_top(eff, k), np.argsort(-np.abs(eff), kind="stable")[:k])

@@ -30,6 +30,8 @@ measured most faithful (see ``docs/explanations.md``); the serving default cache
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -242,33 +244,68 @@ def _newton(model: RatingModel, train: Ratings, user: int, item: int, ids: np.nd
     return eff
 
 
+def _table(weight: torch.Tensor) -> np.ndarray:
+    """A parameter table as numpy: a view on the CPU (no copy, no tensor dispatch)."""
+    w = weight.detach()
+    return w.numpy() if w.device.type == "cpu" else w.cpu().numpy()
+
+
+class _NewtonRow(NamedTuple):
+    """One user or item row of `NewtonInfluence`, in the row's CSR order (``m`` ratings)."""
+
+    examples: np.ndarray  # int64 [m]: example ids
+    others: np.ndarray  # int64 [m]: the other side's index of each rating (sorted: CSR order)
+    weights: np.ndarray  # float32 [K, d+1, d+1]: W = A⁻¹ (damped: A⁻¹(I − e^{−SA}))
+    alpha: np.ndarray  # float32 [m, K]: αᵢ = tᵢ/(1 − hᵢ) − rᵢ per block
+    reg_theta: np.ndarray  # float64 [K, d+1]: λ⊙θ, the row's L2 gradient
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self)
+
+
 class NewtonInfluence:
     """The ``newton`` estimate with per-row precomputation, for serving.
 
-    The effect of candidate ``z`` on row ``r`` (user or item) is linear in the prediction's
-    coefficients ``x̃`` on that row: ``−(A⁻¹ u_z)·x̃`` with ``u_z = ∇ℓ_z + x_z (z_zᵀ∇ℓ_z)/(1 −
-    z_zᵀx_z)`` (the Sherman–Morrison form of `_row_newton`). So the vectors ``s_z = A⁻¹u_z``
-    (``[K, d+1]`` per rating of the row) are computed once per row, on first use, and every
-    later explanation touching that row is a gather and a dot product. Call `invalidate` for
-    rows whose parameters changed (online updates).
+    For one row (user or item, per block, ``[factors; bias]``) with ratings ``x_i`` (its
+    coefficients ``[other side's factors; 1]``), residuals ``r_i``, per-visit L2 ``λ`` and
+    ``A = Σ_i x_i x_iᵀ + (m−1)λ``, `_row_newton`'s effect of rating ``i`` on a prediction with
+    coefficients ``x̃`` is ``−x̃ᵀ(A − x_i x_iᵀ)⁻¹∇ℓ_i`` with ``∇ℓ_i = −r_i x_i + λ⊙θ``. By
+    Sherman–Morrison, with ``w = A⁻¹x̃``, ``h_i = x_iᵀA⁻¹x_i`` and ``t_i = x_iᵀA⁻¹∇ℓ_i``, it is
+    ``−(α_i (x_i·w) + (λ⊙θ)·w)``, ``α_i = t_i/(1 − h_i) − r_i``. So a row keeps ``W = A⁻¹``
+    (``[K, d+1, d+1]``) and one scalar ``α_i`` per rating and block; a query solves nothing:
+    ``w = W x̃`` and a dot product with each rating's ``x_i``, read from the current tables
+    (``O(m·D)``; about 33x less memory than keeping ``A⁻¹`` times each gradient). Rows are
+    built on first use or all at once by `warm`; call `invalidate` for rows whose
+    parameters changed (online updates).
 
     ``learning_rate_sum`` (the training's summed SGD rate, Σ over epochs of the epoch's rate;
-    None: off): damp each row's vectors by ``1 − exp(−S·h)`` per eigenvalue ``h`` of the row's
-    matrix ``A`` — the part of the Newton step a row converges in a summed rate ``S``, so
-    low-curvature directions that training left unconverged move less (measured on the served
-    model: slope 0.867 → 0.941, Spearman 0.950 → 0.955; ``docs/explanations.md``)."""
+    None: off): damp each row by ``1 − exp(−S·h)`` per eigenvalue ``h`` of the row's matrix
+    ``A`` (``W = A⁻¹(I − e^{−SA})``) — the part of the Newton step a row converges in a summed
+    rate ``S``, so low-curvature directions that training left unconverged move less (measured
+    on the served model: slope 0.867 → 0.941, Spearman 0.950 → 0.955; ``docs/explanations.md``)."""
 
     def __init__(self, model: RatingModel, train: Ratings, *, learning_rate_sum: float | None = None) -> None:
         if learning_rate_sum is not None and learning_rate_sum <= 0:
             raise ValueError(f"learning_rate_sum must be positive (or None), got {learning_rate_sum}")
         self.model, self.train = model, train
         self.learning_rate_sum = learning_rate_sum
-        self._rows: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._rows: dict[tuple[str, int], _NewtonRow] = {}
 
-    def invalidate(self, users: np.ndarray | list[int] = (), items: np.ndarray | list[int] = ()) -> None:
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached rows."""
+        return sum(r.nbytes for r in self._rows.values())
+
+    def invalidate(self, users: np.ndarray | list[int] = (), items: np.ndarray | list[int] = (),
+                   grown_items: np.ndarray | list[int] = ()) -> None:
         """Forget rows made stale by changed parameters of ``users`` / ``items``: their own
-        rows and the rows of everyone they rated or were rated by (whose systems hold them)."""
+        rows and the rows of everyone they rated or were rated by (whose systems hold them).
+        ``grown_items``: items that gained ratings while their parameters stayed (a folded-in
+        user's ratings): only their own rows."""
         by_user, by_item = self.train.by_user, self.train.by_item
+        for i in set(int(x) for x in grown_items):
+            self._rows.pop(("item", i), None)
         for u in set(int(x) for x in users):
             self._rows.pop(("user", u), None)
             if 0 <= u < self.train.n_users:
@@ -280,77 +317,116 @@ class NewtonInfluence:
                 for v in by_item.columns[by_item.row(i)]:
                     self._rows.pop(("user", int(v)), None)
 
-    def _row(self, side: str, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(example ids [m] sorted, s [m, K, d+1])`` of one user or item row."""
+    def _row(self, side: str, row: int) -> _NewtonRow:
+        """One user or item row (built on first use)."""
         key = (side, row)
-        if key in self._rows:
-            return self._rows[key]
+        cached = self._rows.get(key)
+        if cached is not None:
+            return cached
         model, train = self.model, self.train
-        k = model.config.n_blocks
+        k, d = model.config.n_blocks, model.block_size
         csr = train.by_user if side == "user" else train.by_item
-        z = np.sort(csr.examples[csr.row(row)])
-        if len(z) == 0:
-            out = (z, np.zeros((0, k, model.block_size + 1)))
-            self._rows[key] = out
-            return out
-        r = _Rows(model, train.users[z], train.items[z])
-        resid = train.values[z].astype(np.float64)[None, :] - (
-            float(model.global_mean) + r.BU + r.BI + np.einsum("kmd,kmd->km", r.P, r.Q))
-        ones = np.ones((k, len(z), 1))
+        sl = csr.row(row) if 0 <= row < (train.n_users if side == "user" else train.n_items) else slice(0, 0)
+        z, others = csr.examples[sl], csr.columns[sl].astype(np.int64)
+        m = len(z)
         if side == "user":
-            theta = np.concatenate([r.P[:, 0], r.BU[:, :1]], axis=1)
-            X = np.concatenate([r.Q, ones], axis=2)
-            lam = np.r_[np.full(model.block_size, float(model.reg_user[row])), float(model.bias_reg_user[row])]
+            own_f, own_b = model.user_factors.weight, model.user_bias.weight
+            other_f, other_b = model.item_factors.weight, model.item_bias.weight
+            reg, bias_reg = float(model.reg_user[row]), float(model.bias_reg_user[row])
         else:
-            theta = np.concatenate([r.Q[:, 0], r.BI[:, :1]], axis=1)
-            X = np.concatenate([r.P, ones], axis=2)
-            lam = np.r_[np.full(model.block_size, float(model.reg_item[row])), float(model.bias_reg_item[row])]
-        m = X.shape[1]
-        A = np.einsum("kmi,kmj->kij", X, X)
-        A[:, np.arange(len(lam)), np.arange(len(lam))] += max(m - 1, 1) * lam
-        G = -resid[..., None] * X + (lam * theta)[:, None, :]
-        Z = np.linalg.solve(A, X.transpose(0, 2, 1)).transpose(0, 2, 1)  # A⁻¹ x_z  [K, m, d+1]
-        t_g = np.einsum("kmj,kmj->km", Z, G)
-        t_x = np.einsum("kmj,kmj->km", Z, X)
-        denom = 1.0 - t_x
-        denom = np.where(np.abs(denom) < 1e-9, 1e-9, denom)
-        U = G + X * (t_g / denom)[..., None]
-        S = np.linalg.solve(A, U.transpose(0, 2, 1)).transpose(2, 0, 1)  # [m, K, d+1]
-        if self.learning_rate_sum is not None:  # damped by what the row converges in that summed rate
+            own_f, own_b = model.item_factors.weight, model.item_bias.weight
+            other_f, other_b = model.user_factors.weight, model.user_bias.weight
+            reg, bias_reg = float(model.reg_item[row]), float(model.bias_reg_item[row])
+        theta = np.concatenate([_table(own_f)[row].astype(np.float64).reshape(k, d),
+                                _table(own_b)[row].astype(np.float64)[:, None]], axis=1)  # [K, d+1]
+        lam = np.r_[np.full(d, reg), bias_reg]
+        X = np.ones((k, m, d + 1))
+        X[:, :, :d] = _table(other_f)[others].astype(np.float64).reshape(m, k, d).transpose(1, 0, 2)
+        other_bias = _table(other_b)[others].astype(np.float64).T  # [K, m]
+        resid = train.values[z].astype(np.float64)[None, :] - (
+            float(model.global_mean) + theta[:, None, d] + other_bias + np.einsum("kmd,kd->km", X[:, :, :d], theta[:, :d]))
+        A = X.transpose(0, 2, 1) @ X  # [K, d+1, d+1]
+        A[:, np.arange(d + 1), np.arange(d + 1)] += max(m - 1, 1) * lam
+        reg_theta = lam * theta  # [K, d+1]
+        A_inv = np.linalg.inv(A)
+        if self.learning_rate_sum is None:
+            W = A_inv
+        else:  # damped by what the row converges in that summed rate
             h, V = np.linalg.eigh(A)
             D = np.einsum("kij,kj,klj->kil", V, -np.expm1(-np.maximum(h, 0.0) * self.learning_rate_sum), V)
-            S = np.einsum("mkj,kij->mki", S, D)
-        out = (z, np.ascontiguousarray(S, dtype=np.float32))  # float32 halves the cache
+            W = np.linalg.solve(A, D)
+        Z = X @ A_inv  # rows A⁻¹x_i (A symmetric)  [K, m, d+1]
+        h_i = np.einsum("kmj,kmj->km", Z, X)
+        t_i = -resid * h_i + (Z @ reg_theta[:, :, None])[..., 0]
+        denom = 1.0 - h_i
+        denom = np.where(np.abs(denom) < 1e-9, 1e-9, denom)
+        alpha = (t_i / denom - resid).T  # [m, K]
+        out = _NewtonRow(z, others, W.astype(np.float32), np.ascontiguousarray(alpha, dtype=np.float32), reg_theta)
         self._rows[key] = out
         return out
 
     def warm(self) -> None:
-        """Precompute every row (about 1 s and 85 MB for MovieLens-100K at D=128)."""
+        """Precompute every row (``K·(d+1)²`` floats per row plus ``K+2`` numbers per rating and row)."""
         for u in np.flatnonzero(self.train.user_counts()):
             self._row("user", int(u))
         for i in np.flatnonzero(self.train.item_counts()):
             self._row("item", int(i))
 
-    def effects(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(example ids [m], effects [m])`` like `estimate_effects(..., "newton")`."""
-        ids, su, si = candidates(self.train, user, item)
-        eff = np.zeros(len(ids))
-        if len(ids) == 0:
-            return ids, eff
+    def _side(self, row: _NewtonRow, target: np.ndarray, other_table: np.ndarray) -> np.ndarray:
+        """Effects ``[m]`` of a row's ratings on a prediction with coefficients ``target [K, d+1]``."""
+        k, d1 = target.shape
+        d = d1 - 1
+        w = (row.weights @ target[:, :, None].astype(np.float32))[..., 0]  # A⁻¹x̃  [K, d+1]
+        blocks = np.zeros((k * d, k), np.float32)  # w's factor parts, block-diagonal: one GEMV for all blocks
+        for b in range(k):
+            blocks[b * d:(b + 1) * d, b] = w[b, :d]
+        xw = other_table[row.others] @ blocks  # x_i·w per block  [m, K]
+        xw += w[:, d]
+        return -((row.alpha * xw).sum(1, dtype=np.float64) + float((row.reg_theta * w).sum())) / k
+
+    def effects_and_shares(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(example ids [m], effects [m], shares_user [m], shares_item [m])`` like
+        `estimate_effects(..., "newton")`, from the cached rows alone (no scan of the ratings)."""
         model = self.model
         k, d = model.config.n_blocks, model.block_size
-        ones = np.ones((k, 1), dtype=np.float32)
-        # the prediction's coefficients on each row, read straight from the (CPU) tables
-        p = model.user_factors.weight.detach().cpu().numpy()[user].reshape(k, d)
-        q = model.item_factors.weight.detach().cpu().numpy()[item].reshape(k, d)
-        for side, mask, target in (("user", su, np.concatenate([q, ones], axis=1)),
-                                   ("item", si, np.concatenate([p, ones], axis=1))):
-            sel = np.flatnonzero(mask)
-            if len(sel) == 0:
-                continue
-            row_ids, S = self._row(side, user if side == "user" else item)
-            pos = np.searchsorted(row_ids, ids[sel])
-            eff[sel] -= np.einsum("mkj,kj->m", S[pos], target) / k
+        known_u = 0 <= user < self.train.n_users
+        known_i = 0 <= item < self.train.n_items
+        P, Q = _table(model.user_factors.weight), _table(model.item_factors.weight)
+        ones = np.ones((k, 1))
+        parts_ids, parts_eff, parts_su, parts_si = [], [], [], []
+        ur = self._row("user", user) if known_u else None
+        ir = self._row("item", item) if known_i else None
+        if ur is not None and len(ur.examples):
+            eff_u = self._side(ur, np.concatenate([Q[item].reshape(k, d), ones], axis=1), Q)
+            si_u = ur.others == item
+            if ir is not None and si_u.any():  # the pair's own rating(s) moved both rows
+                lo, hi = np.searchsorted(ir.others, [user, user + 1])  # the same examples, same order
+                own = _NewtonRow(ir.examples[lo:hi], ir.others[lo:hi], ir.weights, ir.alpha[lo:hi], ir.reg_theta)
+                eff_u[si_u] += self._side(own, np.concatenate([P[user].reshape(k, d), ones], axis=1), P)
+            parts_ids.append(ur.examples)
+            parts_eff.append(eff_u)
+            parts_su.append(np.ones(len(ur.examples), bool))
+            parts_si.append(si_u)
+        if ir is not None and len(ir.examples):
+            lo, hi = np.searchsorted(ir.others, [user, user + 1])
+            keep = np.r_[0:lo, hi:len(ir.examples)]
+            sub = ir if hi == lo else _NewtonRow(ir.examples[keep], ir.others[keep], ir.weights, ir.alpha[keep],
+                                                 ir.reg_theta)
+            parts_ids.append(sub.examples)
+            parts_eff.append(self._side(sub, np.concatenate([P[user].reshape(k, d), ones], axis=1), P))
+            parts_su.append(np.zeros(len(sub.examples), bool))
+            parts_si.append(np.ones(len(sub.examples), bool))
+        if not parts_ids:
+            e = np.empty(0, np.int64)
+            return e, np.zeros(0), np.zeros(0, bool), np.zeros(0, bool)
+        if len(parts_ids) == 1:
+            return parts_ids[0], parts_eff[0], parts_su[0], parts_si[0]
+        return (np.concatenate(parts_ids), np.concatenate(parts_eff), np.concatenate(parts_su),
+                np.concatenate(parts_si))
+
+    def effects(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(example ids [m], effects [m])`` like `estimate_effects(..., "newton")`."""
+        ids, eff, _, _ = self.effects_and_shares(user, item)
         return ids, eff
 
 
@@ -441,6 +517,19 @@ class FoldInLeaveOneOut:
 
 
 # --------------------------------------------------------------------------- the explainer
+def _top(effects: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` largest ``|effects|``, largest first, ties by position (as a
+    stable full sort would give them) without sorting all ``m`` (a partition, then ``k``)."""
+    a = -np.abs(effects)
+    if k >= len(a):
+        return np.argsort(a, kind="stable")
+    if k == 0:
+        return np.empty(0, np.int64)
+    kth = np.partition(a, k - 1)[k - 1]
+    pick = np.flatnonzero(a <= kth)  # every tie of the k-th value, in position order
+    return pick[np.argsort(a[pick], kind="stable")][:k]
+
+
 class MFExplainer:
     """MF's `recsys.models.base.Explainer`: the ``k`` ratings with the largest estimated
     effect (by absolute value) on the prediction of one (user, item) pair, against
@@ -477,6 +566,7 @@ class MFExplainer:
         self._newton: NewtonInfluence | None = None
         self._stale_users: set[int] = set()
         self._stale_items: set[int] = set()
+        self._grown_items: set[int] = set()
         self._moved = False  # ratings changed since the cache last saw them
         self._fold_in: FoldInLeaveOneOut | None = None
         self._stale_fold_in: set[int] = set()
@@ -488,8 +578,12 @@ class MFExplainer:
         next used (lazily, so a burst of ratings costs one refresh)."""
         new = np.asarray(new, dtype=np.int64)
         self.ratings = ratings
-        self._stale_users.update(ratings.users[new].tolist())
-        self._stale_items.update(ratings.items[new].tolist())
+        users, items = ratings.users[new], ratings.items[new]
+        state = getattr(self.model, "_online", None)  # `recsys.models.mf.online.OnlineState`
+        stepped = np.ones(len(new), bool) if state is None else state.is_trained(users)
+        self._stale_users.update(users.tolist())
+        self._stale_items.update(items[stepped].tolist())  # online SGD moved these item rows
+        self._grown_items.update(items[~stepped].tolist())  # a fold-in moves no item row
         self._stale_fold_in.update(ratings.users[new].tolist())
         self._moved = True
 
@@ -515,7 +609,7 @@ class MFExplainer:
             pred = (rows or _Rows(model, np.array([user]), np.array([item]))).prediction(model)
         else:
             pred = float(model.predict(torch.tensor([user]), torch.tensor([item]))[0])
-        top = np.argsort(-np.abs(eff), kind="stable")[:k]
+        top = _top(eff, k)
         contribs = []
         for j in top:
             z = int(ids[j])
@@ -545,8 +639,7 @@ class MFExplainer:
         rows = None
         folded = getattr(model, "path", None) is not None and model.path(user) == "fold-in"
         if self.cached or folded or (method == "rollback" and len(ratings) > self.n_trained):
-            ids, eff = self._cache().effects(user, item)
-            su, si = ratings.users[ids] == user, ratings.items[ids] == item
+            ids, eff, su, si = self._cache().effects_and_shares(user, item)
             method = "newton"
         else:
             rows = _Rows(model, np.array([user]), np.array([item]))
@@ -622,12 +715,14 @@ class MFExplainer:
             self._newton = NewtonInfluence(self.model, self.ratings, learning_rate_sum=self.learning_rate_sum)
             self._stale_users.clear()
             self._stale_items.clear()
+            self._grown_items.clear()
             self._moved = False
         elif self._moved:
             self._newton.train = self.ratings
-            self._newton.invalidate(sorted(self._stale_users), sorted(self._stale_items))
+            self._newton.invalidate(sorted(self._stale_users), sorted(self._stale_items), sorted(self._grown_items))
             self._stale_users.clear()
             self._stale_items.clear()
+            self._grown_items.clear()
             self._moved = False
         return self._newton
 
