@@ -212,20 +212,28 @@ class Service:
         rec.recommend(user, 1, explain=1)
 
     # ------------------------------------------------------------------ following the store
-    def _apply_new(self, loaded: Loaded) -> int:
+    def _apply_new(self, loaded: Loaded, known: list[StoredRating] | None = None) -> int:
         """Apply to ``loaded`` the users and ratings committed after its cursors; returns how
-        many ratings were applied. Callers hold the apply lock or own ``loaded`` alone."""
+        many ratings were applied. Callers hold the apply lock or own ``loaded`` alone.
+
+        ``known``: rows just committed with consecutive seqs (one request's fresh rows). When
+        the first is the next seq after the cursor, they *are* the log's next rows (seqs have
+        no gaps), so they are applied as they are, without reading them back from the store;
+        rows committed after them are left to the next catch-up (the follower's)."""
         users = self.store.new_users(loaded.users_cursor)
         for position, user in users:
             loaded.recommender.add_user(user)
             loaded.users_cursor = position
         rec = loaded.recommender
+        if known and known[0].seq == rec.last_seq + 1 and known[-1].seq - known[0].seq == len(known) - 1:
+            return rec.replay(known)
         return rec.replay(self.store.replay(after_seq=rec.last_seq))
 
-    def catch_up(self, until_seq: int = 0, until_user: int = 0) -> int:
+    def catch_up(self, until_seq: int = 0, until_user: int = 0, known: list[StoredRating] | None = None) -> int:
         """Under the apply lock, apply everything the store committed after the live model's
         cursors (nothing when they are already at ``until_seq`` and ``until_user``);
-        returns how many ratings were applied."""
+        returns how many ratings were applied. ``known``: see `_apply_new` (with it, at least
+        the log up to ``until_seq`` is applied, not necessarily what was committed after)."""
         with self._apply_lock:
             live = self._live
             if live is None or self.store is None:
@@ -233,7 +241,7 @@ class Service:
             if (until_seq or until_user) and until_seq <= live.recommender.last_seq \
                     and until_user <= live.users_cursor:
                 return 0
-            applied = self._apply_new(live)
+            applied = self._apply_new(live, known)
         if applied:
             self.metrics.ingested.inc(applied)
         return applied
@@ -284,8 +292,9 @@ class Service:
         store holds for each rating (duplicates flagged)."""
         self.live().validate(new)
         stored = self.store.add(new)
-        fresh = [s.seq for s in stored if not s.duplicate]
-        self.catch_up(until_seq=max(s.seq for s in stored))
+        fresh_rows = [s for s in stored if not s.duplicate]
+        fresh = [s.seq for s in fresh_rows]
+        self.catch_up(until_seq=max(s.seq for s in stored), known=fresh_rows)
         if fresh:
             live = self.live()
             lost = set(live.skipped_seqs(fresh[0], fresh[-1]))
