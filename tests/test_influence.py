@@ -385,7 +385,7 @@ def test_the_compact_newton_rows_give_the_per_rating_vectors_estimates(small_rat
     Q = model.item_factors.weight.detach().numpy().astype(np.float64).reshape(-1, k, d)
     ones = np.ones((k, 1))
     for u, i in ((3, 4), (0, 1), (int(r.users[10]), int(r.items[10])), (5, r.n_items - 1)):
-        ids, eff, su, si = cache.effects_and_shares(u, i)
+        ids, eff, su, si, _ = cache.effects_and_shares(u, i)
         want = np.zeros(len(ids))
         for side, row, target, mask in (("user", u, np.c_[Q[i], ones], su), ("item", i, np.c_[P[u], ones], si)):
             z, s = _per_rating_newton_vectors(model, r, side, row, learning_rate_sum)
@@ -431,3 +431,26 @@ def test_the_top_k_by_absolute_effect_breaks_ties_by_position():
     eff = np.array([0.1, -0.5, 0.5, 0.0, 0.2, -0.2, 0.5])
     for k in range(len(eff) + 2):
         np.testing.assert_array_equal(_top(eff, k), np.argsort(-np.abs(eff), kind="stable")[:k])
+
+
+def test_the_top_k_scored_in_bound_order_is_the_top_k_of_every_candidate(small_ratings):
+    """For a long item row `NewtonInfluence` scores only the ratings whose bound on the effect
+    can still reach the k-th largest: the explanation (contributions, effects, candidate count)
+    is the one from scoring every candidate, and fewer candidates are scored."""
+    r = small_ratings
+    model, _ = _fit(r, _setup(epochs=3))
+    pruned, full = model.explainer(r), model.explainer(r)
+    pruned.warm()
+    pruned._cache().prune_above = pruned._cache().prune_chunk = 2  # every item row is "long"
+    scored_fewer = False
+    counts = r.item_counts()
+    for z in range(0, len(r), 23):
+        u, i = int(r.users[z]), int(np.argmax(counts)) if z % 2 else int(r.items[z])
+        for k in (1, 3, 10):
+            a, b = pruned.explain(u, i, k), full.explain(u, i, k)
+            assert [(c.example, c.shares) for c in a.contributions] == [(c.example, c.shares) for c in b.contributions]
+            np.testing.assert_allclose([c.effect for c in a.contributions], [c.effect for c in b.contributions],
+                                       rtol=1e-5)  # float32 products over fewer rows round differently
+            assert (a.n_candidates, a.prediction, a.method) == (b.n_candidates, b.prediction, b.method)
+            scored_fewer |= len(pruned._cache().effects_and_shares(u, i, top=k)[0]) < b.n_candidates
+    assert scored_fewer

@@ -258,6 +258,8 @@ class _NewtonRow(NamedTuple):
     weights: np.ndarray  # float32 [K, d+1, d+1]: W = A⁻¹ (damped: A⁻¹(I − e^{−SA}))
     alpha: np.ndarray  # float32 [m, K]: αᵢ = tᵢ/(1 − hᵢ) − rᵢ per block
     reg_theta: np.ndarray  # float64 [K, d+1]: λ⊙θ, the row's L2 gradient
+    beta: np.ndarray  # float32 [m]: Σ_blocks |α_i|·‖x_i‖, the bound on |α_i (x_i·w)| per unit ‖w‖
+    by_beta: np.ndarray  # int32 [m]: positions in decreasing order of beta
 
     @property
     def nbytes(self) -> int:
@@ -291,6 +293,11 @@ class NewtonInfluence:
         self.model, self.train = model, train
         self.learning_rate_sum = learning_rate_sum
         self._rows: dict[tuple[str, int], _NewtonRow] = {}
+
+    #: item rows longer than this are scored in bound order when only the top few are asked for
+    prune_above = 4096
+    #: ratings scored in the first step of that order (doubling at each step)
+    prune_chunk = 1024
 
     @property
     def nbytes(self) -> int:
@@ -327,7 +334,7 @@ class NewtonInfluence:
         k, d = model.config.n_blocks, model.block_size
         csr = train.by_user if side == "user" else train.by_item
         sl = csr.row(row) if 0 <= row < (train.n_users if side == "user" else train.n_items) else slice(0, 0)
-        z, others = csr.examples[sl], csr.columns[sl].astype(np.int64)
+        z, others = csr.examples[sl], csr.columns[sl].astype(np.int32)
         m = len(z)
         if side == "user":
             own_f, own_b = model.user_factors.weight, model.user_bias.weight
@@ -361,7 +368,9 @@ class NewtonInfluence:
         denom = 1.0 - h_i
         denom = np.where(np.abs(denom) < 1e-9, 1e-9, denom)
         alpha = (t_i / denom - resid).T  # [m, K]
-        out = _NewtonRow(z, others, W.astype(np.float32), np.ascontiguousarray(alpha, dtype=np.float32), reg_theta)
+        beta = (np.abs(alpha) * np.sqrt((X * X).sum(2)).T).sum(1)
+        out = _NewtonRow(z, others, W.astype(np.float32), np.ascontiguousarray(alpha, dtype=np.float32), reg_theta,
+                         beta.astype(np.float32), np.argsort(-beta, kind="stable").astype(np.int32))
         self._rows[key] = out
         return out
 
@@ -372,23 +381,78 @@ class NewtonInfluence:
         for i in np.flatnonzero(self.train.item_counts()):
             self._row("item", int(i))
 
-    def _side(self, row: _NewtonRow, target: np.ndarray, other_table: np.ndarray) -> np.ndarray:
-        """Effects ``[m]`` of a row's ratings on a prediction with coefficients ``target [K, d+1]``."""
-        k, d1 = target.shape
+    @staticmethod
+    def _w(row: _NewtonRow, target: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(w = W x̃ [K, d+1] float32, (λ⊙θ)·w summed over blocks)`` for coefficients ``x̃``."""
+        w = (row.weights @ target[:, :, None].astype(np.float32))[..., 0]
+        return w, float((row.reg_theta * w).sum())
+
+    @staticmethod
+    def _scored(row: _NewtonRow, w: np.ndarray, c: float, other_table: np.ndarray,
+                pos: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Effects of the row's ratings at ``pos``: ``−Σ_blocks (α_i (x_i·w) + (λ⊙θ)·w) / K``."""
+        k, d1 = w.shape
         d = d1 - 1
-        w = (row.weights @ target[:, :, None].astype(np.float32))[..., 0]  # A⁻¹x̃  [K, d+1]
         blocks = np.zeros((k * d, k), np.float32)  # w's factor parts, block-diagonal: one GEMV for all blocks
         for b in range(k):
             blocks[b * d:(b + 1) * d, b] = w[b, :d]
-        xw = other_table[row.others] @ blocks  # x_i·w per block  [m, K]
+        xw = other_table[row.others[pos]] @ blocks  # x_i·w per block  [m, K]
         xw += w[:, d]
-        return -((row.alpha * xw).sum(1, dtype=np.float64) + float((row.reg_theta * w).sum())) / k
+        return -((row.alpha[pos] * xw).sum(1, dtype=np.float64) + c) / k
 
-    def effects_and_shares(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(example ids [m], effects [m], shares_user [m], shares_item [m])`` like
-        `estimate_effects(..., "newton")`, from the cached rows alone (no scan of the ratings)."""
+    def _side(self, row: _NewtonRow, target: np.ndarray, other_table: np.ndarray) -> np.ndarray:
+        """Effects ``[m]`` of a row's ratings on a prediction with coefficients ``target [K, d+1]``."""
+        w, c = self._w(row, target)
+        return self._scored(row, w, c, other_table)
+
+    def _item_side_top(self, row: _NewtonRow, target: np.ndarray, table: np.ndarray, lo: int, hi: int, top: int,
+                       settled_below: int, settled: np.ndarray) -> np.ndarray:
+        """Positions of the item row (outside ``[lo, hi)``: the user's own) whose effects can
+        be among the ``top`` largest by absolute value: every rating at or above example id
+        ``settled_below`` (the caller re-estimates those), then the rest in decreasing order of
+        their bound ``(β_i·max_b‖w_b‖ + |(λ⊙θ)·w|)/K`` (``|α_i(x_i·w)| ≤ |α_i|‖x_i‖‖w‖`` per
+        block) until the bound falls below the ``top``-th largest settled ``|effect|`` seen
+        (``settled``: those of the user's ratings that are final). Returns ``(positions,
+        effects)``."""
+        w, c = self._w(row, target)
+        k = w.shape[0]
+        w_max = float(np.sqrt((w.astype(np.float64) ** 2).sum(1)).max())
+        late = np.flatnonzero(row.examples >= settled_below)
+        late = late[(late < lo) | (late >= hi)]
+        picked, effects = [late], [self._scored(row, w, c, table, late)]
+        best = np.sort(np.abs(settled))[::-1][:top]  # the largest settled |effects| so far
+        start, size, m = 0, self.prune_chunk, len(row.examples)
+        while start < m:
+            pos = row.by_beta[start:start + size].astype(np.int64)
+            pos = pos[((pos < lo) | (pos >= hi)) & (row.examples[pos] < settled_below)]
+            eff = self._scored(row, w, c, table, pos)
+            picked.append(pos)
+            effects.append(eff)
+            best = np.sort(np.r_[best, np.abs(eff)])[::-1][:top]
+            start += size
+            size *= 2
+            if start < m and len(best) == top:
+                bound = (float(row.beta[row.by_beta[start]]) * w_max + abs(c)) / k
+                if bound * (1 + 1e-4) + 1e-12 < best[-1]:
+                    break
+        return np.concatenate(picked), np.concatenate(effects)
+
+    def effects_and_shares(self, user: int, item: int, *, top: int | None = None,
+                           settled_below: int | None = None, user_settled: bool = True
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """``(example ids [n], effects [n], shares_user [n], shares_item [n], candidates)`` like
+        `estimate_effects(..., "newton")`, from the cached rows alone (no scan of the ratings);
+        ``candidates``: how many ratings share the user or the item.
+
+        ``top``: only the candidates that can be among the ``top`` largest ``|effect|`` need
+        be returned: an item row of more than `prune_above` ratings is scored in decreasing
+        order of a bound on each rating's effect, stopping when no rating left can reach the
+        ``top``-th largest (exact: the same top ``top`` as scoring all). Ratings with example
+        id ``>= settled_below``, and the user's own unless ``user_settled``, are ones the
+        caller re-estimates: always returned, never used to stop."""
         model = self.model
         k, d = model.config.n_blocks, model.block_size
+        settled_below = np.iinfo(np.int64).max if settled_below is None else settled_below
         known_u = 0 <= user < self.train.n_users
         known_i = 0 <= item < self.train.n_items
         P, Q = _table(model.user_factors.weight), _table(model.item_factors.weight)
@@ -396,37 +460,53 @@ class NewtonInfluence:
         parts_ids, parts_eff, parts_su, parts_si = [], [], [], []
         ur = self._row("user", user) if known_u else None
         ir = self._row("item", item) if known_i else None
+        lo = hi = 0
+        if ir is not None:
+            lo, hi = (int(x) for x in np.searchsorted(ir.others, [user, user + 1]))  # the user's own, CSR order
+        n_candidates = 0
+        settled = np.zeros(0)
         if ur is not None and len(ur.examples):
             eff_u = self._side(ur, np.concatenate([Q[item].reshape(k, d), ones], axis=1), Q)
             si_u = ur.others == item
-            if ir is not None and si_u.any():  # the pair's own rating(s) moved both rows
-                lo, hi = np.searchsorted(ir.others, [user, user + 1])  # the same examples, same order
-                own = _NewtonRow(ir.examples[lo:hi], ir.others[lo:hi], ir.weights, ir.alpha[lo:hi], ir.reg_theta)
+            if ir is not None and si_u.any():  # the pair's own rating(s) moved both rows: the same examples, same order
+                own = _NewtonRow(ir.examples[lo:hi], ir.others[lo:hi], ir.weights, ir.alpha[lo:hi], ir.reg_theta,
+                                 ir.beta[:0], ir.by_beta[:0])
                 eff_u[si_u] += self._side(own, np.concatenate([P[user].reshape(k, d), ones], axis=1), P)
             parts_ids.append(ur.examples)
             parts_eff.append(eff_u)
             parts_su.append(np.ones(len(ur.examples), bool))
             parts_si.append(si_u)
+            n_candidates += len(ur.examples)
+            if user_settled:
+                settled = eff_u[ur.examples < settled_below]
         if ir is not None and len(ir.examples):
-            lo, hi = np.searchsorted(ir.others, [user, user + 1])
-            keep = np.r_[0:lo, hi:len(ir.examples)]
-            sub = ir if hi == lo else _NewtonRow(ir.examples[keep], ir.others[keep], ir.weights, ir.alpha[keep],
-                                                 ir.reg_theta)
-            parts_ids.append(sub.examples)
-            parts_eff.append(self._side(sub, np.concatenate([P[user].reshape(k, d), ones], axis=1), P))
-            parts_su.append(np.zeros(len(sub.examples), bool))
-            parts_si.append(np.ones(len(sub.examples), bool))
+            target = np.concatenate([P[user].reshape(k, d), ones], axis=1)
+            m = len(ir.examples)
+            n_candidates += m - (hi - lo)
+            if top is not None and m > self.prune_above:
+                pos, eff_i = self._item_side_top(ir, target, P, lo, hi, max(top, 1), settled_below, settled)
+                ex = ir.examples[pos]
+            else:
+                eff_i = self._side(ir, target, P)
+                ex = ir.examples
+                if hi > lo:
+                    keep = np.r_[0:lo, hi:m]
+                    ex, eff_i = ex[keep], eff_i[keep]
+            parts_ids.append(ex)
+            parts_eff.append(eff_i)
+            parts_su.append(np.zeros(len(ex), bool))
+            parts_si.append(np.ones(len(ex), bool))
         if not parts_ids:
             e = np.empty(0, np.int64)
-            return e, np.zeros(0), np.zeros(0, bool), np.zeros(0, bool)
+            return e, np.zeros(0), np.zeros(0, bool), np.zeros(0, bool), 0
         if len(parts_ids) == 1:
-            return parts_ids[0], parts_eff[0], parts_su[0], parts_si[0]
+            return parts_ids[0], parts_eff[0], parts_su[0], parts_si[0], n_candidates
         return (np.concatenate(parts_ids), np.concatenate(parts_eff), np.concatenate(parts_su),
-                np.concatenate(parts_si))
+                np.concatenate(parts_si), n_candidates)
 
     def effects(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray]:
         """``(example ids [m], effects [m])`` like `estimate_effects(..., "newton")`."""
-        ids, eff, _, _ = self.effects_and_shares(user, item)
+        ids, eff, _, _, _ = self.effects_and_shares(user, item)
         return ids, eff
 
 
@@ -603,7 +683,7 @@ class MFExplainer:
         if user < 0 or user >= model.n_users or not bool(model.known_users[user]):
             pred = float(model.predict(torch.tensor([user]), torch.tensor([item]))[0])
             return Explanation(raw_u, raw_i, title, pred, FALLBACK_REASON)
-        ids, eff, su, si, method, rows = self._effects(user, item)
+        ids, eff, su, si, method, rows, n_candidates = self._effects(user, item, top=k)
         if bool(model.known_items[item]) and (rows is not None or model.device.type == "cpu"):
             # the prediction from the pair's rows (numpy views on the CPU): no tensor dispatch
             pred = (rows or _Rows(model, np.array([user]), np.array([item]))).prediction(model)
@@ -621,7 +701,7 @@ class MFExplainer:
                 title=ratings.title(raw_item), effect=float(eff[j]),
                 shares="both" if su[j] and si[j] else ("user" if su[j] else "item")))
         attribution = self.log.attribution if (method == "rollback" and self.log is not None) else None
-        return Explanation(raw_u, raw_i, title, pred, method, contribs, len(ids), attribution=attribution)
+        return Explanation(raw_u, raw_i, title, pred, method, contribs, n_candidates, attribution=attribution)
 
     def effects(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
         """Every candidate's estimated effect on the prediction of indices ``(user, item)``,
@@ -630,21 +710,27 @@ class MFExplainer:
         folded in from their ratings) has their own ratings' effects from the exact re-fold
         without each (`FoldInLeaveOneOut`, method ``fold-in exact``, with ``newton`` on the
         item's ratings); every other user the method as configured."""
-        ids, eff, su, si, method, _ = self._effects(user, item)
+        ids, eff, su, si, method, _, _ = self._effects(user, item)
         return ids, eff, su, si, method
 
-    def _effects(self, user: int, item: int):
+    def _effects(self, user: int, item: int, top: int | None = None):
+        """`effects`, plus the pair's rows when gathered and the number of candidates; ``top``:
+        only the candidates that can be among the ``top`` largest need be returned."""
         model, ratings = self.model, self.ratings
         method = self.method
         rows = None
         folded = getattr(model, "path", None) is not None and model.path(user) == "fold-in"
+        state = getattr(model, "_online", None)  # `recsys.models.mf.online.OnlineState`, once learning online
         if self.cached or folded or (method == "rollback" and len(ratings) > self.n_trained):
-            ids, eff, su, si = self._cache().effects_and_shares(user, item)
+            # ratings learnt online and a folded-in user's own are re-estimated below: never pruned on
+            ids, eff, su, si, n_candidates = self._cache().effects_and_shares(
+                user, item, top=top, settled_below=self.n_trained if state is not None else None,
+                user_settled=not folded)
             method = "newton"
         else:
             rows = _Rows(model, np.array([user]), np.array([item]))
             ids, eff, su, si = estimate_effects(model, ratings, user, item, method, self.log, rows=rows)
-        state = getattr(model, "_online", None)  # `recsys.models.mf.online.OnlineState`, once learning online
+            n_candidates = len(ids)
         if state is not None and len(ratings) > self.n_trained and (ids >= self.n_trained).any():
             eff, method = self._online_steps(state, user, item, ids, su, si, eff, method, folded)
         if folded and su.any():
@@ -655,7 +741,7 @@ class MFExplainer:
             eff[mine] = self._fold_in_cache().effects(user, item, ids[mine])
             si = si & ~su
             method = "fold-in exact + newton" if si.any() else "fold-in exact"
-        return ids, eff, su, si, method, rows
+        return ids, eff, su, si, method, rows, n_candidates
 
     def _online_steps(self, state, user: int, item: int, ids: np.ndarray, su: np.ndarray, si: np.ndarray,
                       eff: np.ndarray, method: str, folded: bool) -> tuple[np.ndarray, str]:
