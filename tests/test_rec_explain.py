@@ -80,6 +80,7 @@ def test_faithfulness_harness_reports_mf_keys_and_scores_shares_beside(model, sp
                 "noise_floor_spearman", "embedding_size", "method"):
         assert key in out
     assert set(out["fold_in"]) >= {"spearman", "slope"}
-    assert out["method"] == METHOD and out["embedding_size"] == 8
+    assert out["method"] == METHOD and out["embedding_size"] == 8 and out["n_candidates"] == 4
+    assert out["n_pairs"] == 3 and 3 <= out["n_points"] <= 12
     assert out["spearman"] == pytest.approx(1.0) and out["top1_direction_rate"] == 1.0  # exact by construction
     assert -1.0 <= out["shares"]["spearman"] <= 1.0 and -1.0 <= out["noise_floor_spearman"] <= 1.0

@@ -13,7 +13,8 @@ Figures (the keys of MF's ``explain-eval``):
 
 - ``spearman``, ``slope``: served effects against leave-one-out, pooled over ``n_pairs``
   test predictions x up to ``n_candidates`` of their first-hop evidence ratings (a seeded
-  random subset when there are more); slope: least squares of true on served.
+  random subset when there are more; ``n_points`` in all); slope: least squares of true on
+  served.
 - ``top1_direction_rate``: share of ``n_removal_pairs`` predictions whose served top-1
   rating, removed, moves the prediction the way its effect's sign says;
   ``random_direction_rate``: the same for a random first-hop rating of the prediction.
@@ -144,7 +145,8 @@ def served_run(model: EvidenceChainModel, test: Ratings, *, n_pairs: int = 30, n
     return {
         "model": "rec", "method": method, "embedding_size": model.config.embedding_size,
         **scores["served"],
-        "n_pairs": min(n_pairs, len(pairs)), "n_candidates": int(len(true)), "n_removal_pairs": len(top1["served"]),
+        "n_pairs": min(n_pairs, len(pairs)), "n_candidates": n_candidates, "n_points": int(len(true)),
+        "n_removal_pairs": len(top1["served"]),
         "noise_floor_spearman": noise["spearman"], "noise_floor_slope": noise["slope"],
         "true_mean_abs": float(np.abs(true).mean()),
         "truth": "leave-one-out on the served model: the rating hidden from every sampled chain under the "
@@ -210,7 +212,8 @@ def fold_in_run(model: EvidenceChainModel, test: Ratings, *, n_users: int = 20, 
     est, true = np.concatenate(est_all), np.concatenate(true_all)
     agree = agreement_stats(est, true)
     shares = agreement_stats(np.concatenate(share_all), true)
-    return {"spearman": agree["spearman"], "slope": agree["slope"], "sign_agreement": agree["sign_agreement"],
+    return {"method": f"leave-one-out (user built from {n_ratings} ratings)", "spearman": agree["spearman"],
+            "slope": agree["slope"], "sign_agreement": agree["sign_agreement"],
             "n_users": len(est_all), "n_candidates": int(len(est)), "ratings_per_user": n_ratings,
             "true_mean_abs": float(np.abs(true).mean()),
             "shares": {"spearman": shares["spearman"], "slope": shares["slope"],
