@@ -7,8 +7,9 @@ could lose the last commits; we choose ``FULL``). Writers are serialised by one 
 process plus an exclusive file lock across processes (SQLite's own busy-retry makes tail
 latencies explode under contention). Concurrent single-rating writes are *group
 committed*: a writer thread takes everything queued while the previous commit was running
-(plus what arrives within ``group_window_s``, default 0: no added delay) into one
-transaction and acknowledges each caller after it commits.
+and while it waited for the writers' lock (another process committing: so several workers on
+one store group their commits too), plus what arrives within ``group_window_s`` (default 0:
+no added delay), into one transaction and acknowledges each caller after it commits.
 
 Idempotency: a client-supplied ``event_id`` is unique; re-sending it with the same payload
 returns the original row instead of storing a duplicate; re-sending it with a different payload
@@ -156,30 +157,36 @@ class RatingStore:
             return cur.rowcount == 1
 
     def _write_loop(self) -> None:
+        """The writer thread: take the next caller's ratings, wait for the writers' lock (other
+        processes on the file may be committing), *then* gather everything else queued by
+        now (and within ``group_window_s``) into the same transaction: the requests that
+        arrive while another process's commit holds the lock join this one's, so several
+        workers sharing a store group their commits too."""
         while True:
             first = self._queue.get()
             if first is None:
                 return
-            batch = [first]
-            n = len(first[0])
-            deadline = time.monotonic() + self._group_window_s
-            while n < self._max_group:
-                remaining = deadline - time.monotonic()
+            with self._exclusive():
+                batch = [first]
+                n = len(first[0])
+                deadline = time.monotonic() + self._group_window_s
+                while n < self._max_group:
+                    remaining = deadline - time.monotonic()
+                    try:
+                        item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        self._queue.put(None)  # close after this group
+                        break
+                    batch.append(item)
+                    n += len(item[0])
                 try:
-                    item = self._queue.get(timeout=max(remaining, 0)) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)  # close after this group
-                    break
-                batch.append(item)
-                n += len(item[0])
-            try:
-                results = self._commit([r for r, _ in batch])
-            except BaseException as exc:  # every waiter learns the group failed; nothing was acked
-                for _, fut in batch:
-                    fut.set_exception(exc)
-                continue
+                    results = self._commit_locked([r for r, _ in batch])
+                except BaseException as exc:  # every waiter learns the group failed; nothing was acked
+                    for _, fut in batch:
+                        fut.set_exception(exc)
+                    continue
             for (_, fut), res in zip(batch, results, strict=True):
                 if isinstance(res, BaseException):
                     fut.set_exception(res)
@@ -192,60 +199,64 @@ class RatingStore:
         numbers are consecutive), insert them with one ``executemany``. A group that reuses
         an event id with a different payload gets its `EventIdConflictError` instead and
         adds nothing."""
-        now = time.time()
         with self._exclusive():
-            cur = self._conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                events = list({r.event_id for g in groups for r in g if r.event_id is not None})
-                known: dict[str, StoredRating] = {}
-                for start in range(0, len(events), 500):
-                    chunk = events[start:start + 500]
-                    rows = cur.execute(
-                        "SELECT seq, user, item, rating, timestamp, event_id FROM ratings WHERE event_id IN "
-                        f"({','.join('?' * len(chunk))})", chunk).fetchall()
-                    known.update({row[5]: StoredRating(*row, duplicate=True) for row in rows})
-                row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'ratings'").fetchone()
-                seq = row[0] if row else 0
-                out: list[list[StoredRating] | EventIdConflictError] = []
-                inserts = []
-                for group in groups:
-                    stored, group_inserts, group_known = [], [], {}
-                    conflict = None
-                    for r in group:
-                        old = group_known.get(r.event_id) or known.get(r.event_id) if r.event_id is not None else None
-                        if old is not None:
-                            if not _same_payload(old, r):
-                                conflict = EventIdConflictError(
-                                    f"event_id {r.event_id!r} is already stored as seq {old.seq} with user "
-                                    f"{old.user!r}, item {old.item!r}, rating {old.rating:g}, timestamp "
-                                    f"{old.timestamp}; this request sends user {r.user!r}, item {r.item!r}, "
-                                    f"rating {float(r.rating):g}, timestamp {r.timestamp}: use a new event_id for "
-                                    "a new rating (nothing of this request was stored)")
-                                break
-                            stored.append(old)
-                            continue
-                        seq += 1
-                        ts = int(now) if r.timestamp is None else int(r.timestamp)
-                        s = StoredRating(seq, r.user, r.item, float(r.rating), ts, r.event_id)
-                        if r.event_id is not None:  # a repeat later in this same batch is a duplicate
-                            group_known[r.event_id] = StoredRating(seq, r.user, r.item, float(r.rating), ts,
-                                                                   r.event_id, duplicate=True)
-                        group_inserts.append((seq, r.user, r.item, float(r.rating), ts, r.event_id, now))
-                        stored.append(s)
-                    if conflict is not None:
-                        seq -= len(group_inserts)  # this group adds nothing: the next numbers follow on
-                        out.append(conflict)
+            return self._commit_locked(groups)
+
+    def _commit_locked(self, groups: list[list[NewRating]]) -> list[list[StoredRating] | EventIdConflictError]:
+        """`_commit`, the writers' lock held by the caller."""
+        now = time.time()
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            events = list({r.event_id for g in groups for r in g if r.event_id is not None})
+            known: dict[str, StoredRating] = {}
+            for start in range(0, len(events), 500):
+                chunk = events[start:start + 500]
+                rows = cur.execute(
+                    "SELECT seq, user, item, rating, timestamp, event_id FROM ratings WHERE event_id IN "
+                    f"({','.join('?' * len(chunk))})", chunk).fetchall()
+                known.update({row[5]: StoredRating(*row, duplicate=True) for row in rows})
+            row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'ratings'").fetchone()
+            seq = row[0] if row else 0
+            out: list[list[StoredRating] | EventIdConflictError] = []
+            inserts = []
+            for group in groups:
+                stored, group_inserts, group_known = [], [], {}
+                conflict = None
+                for r in group:
+                    old = group_known.get(r.event_id) or known.get(r.event_id) if r.event_id is not None else None
+                    if old is not None:
+                        if not _same_payload(old, r):
+                            conflict = EventIdConflictError(
+                                f"event_id {r.event_id!r} is already stored as seq {old.seq} with user "
+                                f"{old.user!r}, item {old.item!r}, rating {old.rating:g}, timestamp "
+                                f"{old.timestamp}; this request sends user {r.user!r}, item {r.item!r}, "
+                                f"rating {float(r.rating):g}, timestamp {r.timestamp}: use a new event_id for "
+                                "a new rating (nothing of this request was stored)")
+                            break
+                        stored.append(old)
                         continue
-                    known.update(group_known)
-                    inserts.extend(group_inserts)
-                    out.append(stored)
-                cur.executemany("INSERT INTO ratings(seq, user, item, rating, timestamp, event_id, received_at) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?)", inserts)
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+                    seq += 1
+                    ts = int(now) if r.timestamp is None else int(r.timestamp)
+                    s = StoredRating(seq, r.user, r.item, float(r.rating), ts, r.event_id)
+                    if r.event_id is not None:  # a repeat later in this same batch is a duplicate
+                        group_known[r.event_id] = StoredRating(seq, r.user, r.item, float(r.rating), ts,
+                                                               r.event_id, duplicate=True)
+                    group_inserts.append((seq, r.user, r.item, float(r.rating), ts, r.event_id, now))
+                    stored.append(s)
+                if conflict is not None:
+                    seq -= len(group_inserts)  # this group adds nothing: the next numbers follow on
+                    out.append(conflict)
+                    continue
+                known.update(group_known)
+                inserts.extend(group_inserts)
+                out.append(stored)
+            cur.executemany("INSERT INTO ratings(seq, user, item, rating, timestamp, event_id, received_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)", inserts)
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
         return out
 
     class _FileLock:
