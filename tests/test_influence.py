@@ -454,3 +454,23 @@ def test_the_top_k_scored_in_bound_order_is_the_top_k_of_every_candidate(small_r
             assert (a.n_candidates, a.prediction, a.method) == (b.n_candidates, b.prediction, b.method)
             scored_fewer |= len(pruned._cache().effects_and_shares(u, i, top=k)[0]) < b.n_candidates
     assert scored_fewer
+
+
+def test_the_row_index_follows_appended_ratings_in_csr_order_without_a_new_csr(small_ratings):
+    """`RowIndex`: the training CSR plus the rows appended since gives every user's and
+    item's ratings exactly as the grown `Ratings`' own CSR lists them."""
+    from recsys.models.mf.explain import RowIndex
+    from tests.conftest import with_new_ratings
+
+    r = small_ratings
+    index = RowIndex(r)
+    ratings, new = with_new_ratings(r, [r.user_ids.raw(3), "newcomer", r.user_ids.raw(0)],
+                                    [r.item_ids.raw(5), r.item_ids.raw(4), r.item_ids.raw(0)], [5.0, 1.0, 3.0])
+    index.extend(ratings, new)
+    more, new2 = with_new_ratings(ratings, [r.user_ids.raw(3)], [r.item_ids.raw(1)], [2.0])
+    index.extend(more, new2)
+    for side, csr, n in (("user", more.by_user, more.n_users), ("item", more.by_item, more.n_items)):
+        for row in range(n):
+            z, cols = index.row(side, row)
+            np.testing.assert_array_equal(z, csr.examples[csr.row(row)])
+            np.testing.assert_array_equal(cols, csr.columns[csr.row(row)])

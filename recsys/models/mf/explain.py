@@ -244,6 +244,44 @@ def _newton(model: RatingModel, train: Ratings, user: int, item: int, ids: np.nd
     return eff
 
 
+class RowIndex:
+    """Each user's and item's ratings over a growing `Ratings`: the CSR of the ratings it
+    started from (built once) plus the rows appended since, kept per user and item as they
+    arrive (`extend`), so the new `Ratings` each batch of online ratings makes is never
+    re-sorted (a full CSR is ``O(N log N)``: seconds at 10^7 ratings)."""
+
+    def __init__(self, base: Ratings) -> None:
+        self.base, self.ratings = base, base
+        self._extra: dict[str, dict[int, list[int]]] = {"user": {}, "item": {}}
+
+    def extend(self, ratings: Ratings, new: np.ndarray) -> None:
+        """``ratings`` is the previous one plus the example ids ``new`` (appended rows)."""
+        self.ratings = ratings
+        new = np.asarray(new, dtype=np.int64)
+        for z, u, i in zip(new.tolist(), ratings.users[new].tolist(), ratings.items[new].tolist(), strict=True):
+            self._extra["user"].setdefault(u, []).append(z)
+            self._extra["item"].setdefault(i, []).append(z)
+
+    def row(self, side: str, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(example ids int64 [m], the other side's indices int64 [m])`` of user or item
+        ``r`` (``side``), in CSR order (by the other side's index, then example id)."""
+        base = self.base
+        csr, n = (base.by_user, base.n_users) if side == "user" else (base.by_item, base.n_items)
+        if 0 <= r < n:
+            sl = csr.row(r)
+            z, cols = csr.examples[sl], csr.columns[sl].astype(np.int64)
+        else:
+            z = cols = np.empty(0, np.int64)
+        extra = self._extra[side].get(r)
+        if extra:
+            ez = np.asarray(extra, np.int64)
+            z = np.r_[z, ez]
+            cols = np.r_[cols, (self.ratings.items if side == "user" else self.ratings.users)[ez]]
+            order = np.lexsort((z, cols))
+            z, cols = z[order], cols[order]
+        return z, cols
+
+
 def _table(weight: torch.Tensor) -> np.ndarray:
     """A parameter table as numpy: a view on the CPU (no copy, no tensor dispatch)."""
     w = weight.detach()
@@ -287,10 +325,13 @@ class NewtonInfluence:
     rate ``S``, so low-curvature directions that training left unconverged move less (measured
     on the served model: slope 0.867 → 0.941, Spearman 0.950 → 0.955; ``docs/explanations.md``)."""
 
-    def __init__(self, model: RatingModel, train: Ratings, *, learning_rate_sum: float | None = None) -> None:
+    def __init__(self, model: RatingModel, train: Ratings, *, learning_rate_sum: float | None = None,
+                 index: RowIndex | None = None) -> None:
         if learning_rate_sum is not None and learning_rate_sum <= 0:
             raise ValueError(f"learning_rate_sum must be positive (or None), got {learning_rate_sum}")
-        self.model, self.train = model, train
+        self.model = model
+        #: each row's ratings (``train``'s, and those `RowIndex.extend` adds)
+        self.index = index if index is not None else RowIndex(train)
         self.learning_rate_sum = learning_rate_sum
         self._rows: dict[tuple[str, int], _NewtonRow] = {}
         self._nbytes = 0
@@ -302,6 +343,11 @@ class NewtonInfluence:
     prune_above = 4096
     #: ratings scored in the first step of that order (doubling at each step)
     prune_chunk = 1024
+
+    @property
+    def train(self) -> Ratings:
+        """The ratings the rows are over (training, then those learnt online)."""
+        return self.index.ratings
 
     @property
     def nbytes(self) -> int:
@@ -319,19 +365,16 @@ class NewtonInfluence:
         rows and the rows of everyone they rated or were rated by (whose systems hold them).
         ``grown_items``: items that gained ratings while their parameters stayed (a folded-in
         user's ratings): only their own rows."""
-        by_user, by_item = self.train.by_user, self.train.by_item
         for i in set(int(x) for x in grown_items):
             self._drop(("item", i))
         for u in set(int(x) for x in users):
             self._drop(("user", u))
-            if 0 <= u < self.train.n_users:
-                for j in by_user.columns[by_user.row(u)]:
-                    self._drop(("item", int(j)))
+            for j in self.index.row("user", u)[1].tolist():
+                self._drop(("item", j))
         for i in set(int(x) for x in items):
             self._drop(("item", i))
-            if 0 <= i < self.train.n_items:
-                for v in by_item.columns[by_item.row(i)]:
-                    self._drop(("user", int(v)))
+            for v in self.index.row("item", i)[1].tolist():
+                self._drop(("user", v))
 
     def _row(self, side: str, row: int) -> _NewtonRow:
         """One user or item row (built on first use)."""
@@ -341,9 +384,8 @@ class NewtonInfluence:
             return cached
         model, train = self.model, self.train
         k, d = model.config.n_blocks, model.block_size
-        csr = train.by_user if side == "user" else train.by_item
-        sl = csr.row(row) if 0 <= row < (train.n_users if side == "user" else train.n_items) else slice(0, 0)
-        z, others = csr.examples[sl], csr.columns[sl].astype(np.int32)
+        z, others = self.index.row(side, row)
+        others = others.astype(np.int32)
         m = len(z)
         if side == "user":
             own_f, own_b = model.user_factors.weight, model.user_bias.weight
@@ -573,8 +615,9 @@ class FoldInLeaveOneOut:
     ``(D+1)²`` solve) and an effect on item ``i`` is ``[q_i/K; 1]ᵀV``: a gather and a product.
     Exact for the ridge (tested against re-folding); ``invalidate`` users that rated again."""
 
-    def __init__(self, model: RatingModel, ratings: Ratings) -> None:
+    def __init__(self, model: RatingModel, ratings: Ratings, index: RowIndex | None = None) -> None:
         self.model, self.ratings = model, ratings
+        self.index = index if index is not None and index.ratings is ratings else RowIndex(ratings)
         self._users: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
@@ -592,8 +635,7 @@ class FoldInLeaveOneOut:
             return self._users[user]
         model, ratings = self.model, self.ratings
         c = model.config
-        z = np.sort(ratings.by_user.examples[ratings.by_user.row(user)]) if user < ratings.n_users else \
-            np.empty(0, np.int64)
+        z = np.sort(self.index.row("user", user)[0])
         q = model.item_factors.weight.detach().cpu().numpy()[ratings.items[z]].astype(np.float64)
         bi = model.item_bias.weight.detach().cpu().numpy()[ratings.items[z]].astype(np.float64).mean(-1)
         X = np.concatenate([q / c.n_blocks, np.ones((len(z), 1))], axis=1)  # [m, D+1]
@@ -672,6 +714,7 @@ class MFExplainer:
         self._grown_items: set[int] = set()
         self._moved = False  # ratings changed since the cache last saw them
         self._fold_in: FoldInLeaveOneOut | None = None
+        self._index: RowIndex | None = None  # built with the first cache, then extended by `update`
         self._stale_fold_in: set[int] = set()
 
     # ------------------------------------------------------------------ Explainer
@@ -681,6 +724,8 @@ class MFExplainer:
         next used (lazily, so a burst of ratings costs one refresh)."""
         new = np.asarray(new, dtype=np.int64)
         self.ratings = ratings
+        if self._index is not None:
+            self._index.extend(ratings, new)
         users, items = ratings.users[new], ratings.items[new]
         state = getattr(self.model, "_online", None)  # `recsys.models.mf.online.OnlineState`
         stepped = np.ones(len(new), bool) if state is None else state.is_trained(users)
@@ -820,22 +865,28 @@ class MFExplainer:
     def _fold_in_cache(self) -> FoldInLeaveOneOut:
         if self._fold_in is None or self._fold_in.ratings is not self.ratings:
             kept = self._fold_in
-            self._fold_in = FoldInLeaveOneOut(self.model, self.ratings)
+            self._fold_in = FoldInLeaveOneOut(self.model, self.ratings, self._row_index())
             if kept is not None:  # keep the users that did not rate again
                 kept.invalidate(self._stale_fold_in)
                 self._fold_in._users = kept._users
             self._stale_fold_in.clear()
         return self._fold_in
 
+    def _row_index(self) -> RowIndex:
+        if self._index is None or self._index.ratings is not self.ratings:
+            self._index = RowIndex(self.ratings)
+        return self._index
+
     def _cache(self) -> NewtonInfluence:
-        if self._newton is None:
-            self._newton = NewtonInfluence(self.model, self.ratings, learning_rate_sum=self.learning_rate_sum)
+        if self._newton is None or self._newton.index is not self._row_index():  # built, or ratings replaced
+            self._newton = None
+            self._newton = NewtonInfluence(self.model, self.ratings, learning_rate_sum=self.learning_rate_sum,
+                                           index=self._row_index())
             self._stale_users.clear()
             self._stale_items.clear()
             self._grown_items.clear()
             self._moved = False
         elif self._moved:
-            self._newton.train = self.ratings
             self._newton.invalidate(sorted(self._stale_users), sorted(self._stale_items), sorted(self._grown_items))
             self._stale_users.clear()
             self._stale_items.clear()
@@ -845,5 +896,5 @@ class MFExplainer:
 
 
 __all__ = ["DEFAULT_METHOD", "FALLBACK_REASON", "METHODS", "UNITS", "FoldInLeaveOneOut", "MFExplainer",
-           "NewtonInfluence", "contracted_rollback",
+           "NewtonInfluence", "RowIndex", "contracted_rollback",
            "candidates", "estimate_effects"]
