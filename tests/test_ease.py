@@ -247,6 +247,25 @@ def test_an_interaction_learnt_online_changes_the_users_list_at_once_and_a_ratin
     assert sum(c.effect for c in e.contributions) == pytest.approx(e.prediction, rel=1e-5, abs=1e-6)
 
 
+def test_batches_merged_into_the_rows_equal_the_rows_built_from_all_ratings():
+    from recsys.models.ease.rows import UserRows
+
+    r = make_ratings()
+    rows = UserRows(r)
+    rng = np.random.default_rng(0)
+    grown = r
+    for size in (1, 7, 40, 3):  # trained and new users, pairs repeated within a batch and across
+        users = [grown.user_ids.raw(int(u)) for u in rng.integers(0, r.n_users, size)] + ["new-user"] * 2
+        items = [grown.item_ids.raw(int(i)) for i in rng.integers(0, r.n_items, size)] + [r.item_ids.raw(0)] * 2
+        grown, new = with_new_ratings(grown, users, items, rng.integers(1, 6, len(users)).astype(float).tolist())
+        touched = rows.add(grown, new)
+        assert sorted(touched.tolist()) == sorted(set(grown.users[new].tolist()))
+    rebuilt = UserRows(grown)  # from scratch: the latest example of each (user, item) pair
+    for u in range(grown.n_users):
+        for mine, theirs in zip(rows.row(u), rebuilt.row(u), strict=True):
+            assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs)
+
+
 def test_learn_refuses_an_item_the_model_was_not_fitted_on():
     r = make_ratings()
     m = fitted(r, reg=5.0)

@@ -118,3 +118,45 @@ def test_appending_one_rating_at_a_time_grows_in_place_and_never_changes_an_earl
         assert np.array_equal(ratings.timestamps[len(r):], [p.timestamps[0] for p in one[:k]])
     assert np.array_equal(branch.values[-1:], one[3].values) and len(branch) == len(r) + 3
     assert chain[4].by_user.degrees().sum() == len(r) + 4  # derived views see the appended rows
+
+
+def test_extending_a_map_leaves_the_map_it_came_from_unchanged():
+    base = IdMap(["a", "b"])
+    grown = base.extend(["c"])
+    again = grown.extend(["d", "c"])
+    assert list(again.raw_ids) == ["a", "b", "c", "d"] and again.index("d") == 3
+    # the older maps share storage with the newer ones but still see only their own ids
+    assert len(base) == 2 and "c" not in base and base.get("d") is None
+    assert list(base.indices(["a", "c", "d"])) == [0, -1, -1]
+    assert list(grown.indices(["c", "d"])) == [2, -1]
+    # a second extension of an older map is a map of its own: no id moves
+    other = base.extend(["x"])
+    assert list(other.raw_ids) == ["a", "b", "x"] and list(again.raw_ids) == ["a", "b", "c", "d"]
+    assert again.extends(base) and again.extends(grown) and not other.extends(grown)
+    assert base.extend(["b", "a"]) is base
+
+
+def test_many_ids_are_looked_up_alike_one_by_one_or_vectorised():
+    m = IdMap([f"u{k}" for k in range(1000)])
+    ids = [f"u{k}" for k in range(0, 2000, 3)]
+    expected = [k if k < 1000 else -1 for k in range(0, 2000, 3)]
+    assert list(m.indices(ids)) == expected  # more than IdMap.small: the pandas index
+    assert list(m.indices(ids[:10])) == expected[:10]  # the dict
+    with pytest.raises(ValueError, match="'u3' repeats"):
+        IdMap(["u1", "u3", "u2", "u3"])
+
+
+def test_reserve_keeps_the_rows_and_later_appends_do_not_copy_them():
+    r = Ratings.from_arrays(["u", "v", "w"], ["i", "j", "i"], [1.0, 2.0, 3.0], timestamps=[1, 2, 3],
+                            rating_scale=(1.0, 5.0))
+    roomy = r.reserve(10)
+    assert len(roomy) == 3 and roomy.user_ids is r.user_ids
+    for name in ("users", "items", "values", "timestamps"):
+        assert np.array_equal(getattr(roomy, name), getattr(r, name))
+    more = Ratings.from_arrays(["v"], ["j"], [5.0], timestamps=[9], user_ids=r.user_ids, item_ids=r.item_ids,
+                               rating_scale=(1.0, 5.0))
+    grown = roomy.append(more)
+    assert np.shares_memory(grown.users, roomy.users)  # written into the room reserved, no copy
+    assert list(grown.values) == [1.0, 2.0, 3.0, 5.0] and list(roomy.values) == [1.0, 2.0, 3.0]
+    assert grown.reserve(5) is grown  # room left: nothing to do
+    assert roomy.reserve(5) is not roomy  # its room now holds grown's row: a copy of its own
