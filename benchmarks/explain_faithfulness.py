@@ -80,19 +80,35 @@ def _timed(call, args: list[tuple]) -> dict:
     return {"wall": _percentiles(wall), "thread_cpu": _percentiles(cpu)}
 
 
-def latency(train: Ratings, test: Ratings, n_pairs: int, n_cold: int, seed: int = 0) -> dict:
-    """Part B (see the module docstring)."""
-    setup = served_setup(seed=seed)
-    model = MatrixFactorization(train.n_users, train.n_items, train.rating_scale, setup.model)
-    Trainer(setup.train).fit(model, train)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_artefact(Path(tmp) / "model", model, train, {"split": "u1"})
-        t0 = time.perf_counter()
-        rec = Recommender.load(Path(tmp) / "model")  # warms the cached Newton rows, as the service does
-        load_s = time.perf_counter() - t0
-    pairs = sample_pairs(train, test, n_pairs, np.random.default_rng(seed))
+def _right_after(rec: Recommender, batches: list[tuple[list[NewRating], list[tuple[str, str]]]]) -> dict:
+    """Thread-CPU percentiles of ``explain(user, item, 5)`` for the queries of each batch of
+    ratings, asked right after `add_ratings` applied it (no warm-up call in between: the
+    rows the ratings made stale are rebuilt inside the timed calls)."""
+    cpu = []
+    for ratings, queries in batches:
+        rec.add_ratings(ratings)
+        for u, i in queries:
+            c0 = time.thread_time()
+            rec.explain(u, i, 5)
+            cpu.append(time.thread_time() - c0)
+    return {"thread_cpu": _percentiles(cpu)}
+
+
+def service_path_latency(artefact: Path, train: Ratings, pairs: list[tuple[int, int]], n_cold: int,
+                         seed: int = 0) -> dict:
+    """Part B on a saved artefact: load it as the service does (explainers warmed), then the
+    explain / predict figures for trained users, fold-in users and online users."""
+    t0 = time.perf_counter()
+    rec = Recommender.load(artefact)  # warms the cached Newton rows, as the service does
+    load_s = time.perf_counter() - t0
+    twin = rec.model.explainer(rec.train)  # the explainer the service builds, warmed alone: its time and bytes
+    t0, c0 = time.perf_counter(), time.process_time()
+    twin.warm()
+    warm = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "cache_mb": twin.cache_bytes / 1e6}
+    del twin
     raw = [(train.user_ids.raw(u), train.item_ids.raw(i)) for u, i in pairs]
-    out = {"load_seconds_with_warm_explainer": load_s,
+    out = {"load_seconds_with_warm_explainer": load_s, "explainer_warm": warm,
            "explain_trained": _timed(lambda u, i: rec.explain(u, i, 5), raw),
            "predict_explain5_trained": _timed(lambda u, i: rec.predict(u, i, explain=5), raw)}
     rng = np.random.default_rng(seed + 3)
@@ -118,7 +134,35 @@ def latency(train: Ratings, test: Ratings, n_pairs: int, n_cold: int, seed: int 
     out["explain_online"] = {**_timed(lambda u, i: rec.explain(u, i, 5), online),
                              "method": rec.explain(online[0][0], online[0][1], 5).method}
     out["method_trained"] = rec.explain(*raw[0], 5).method
+    # right after ratings arrive: each batch's queries timed straight after it was applied
+    rng = np.random.default_rng(seed + 5)
+    fold_in, online = [], []
+    for d in rng.choice(np.flatnonzero(counts >= 5), size=n_cold, replace=False):
+        rows = rng.choice(train.by_user.examples[train.by_user.row(int(d))], size=5, replace=False)
+        name = f"late-cold-{train.user_ids.raw(int(d))}"
+        fold_in.append(([NewRating(name, train.item_ids.raw(int(train.items[z])), float(train.values[z]))
+                         for z in rows],
+                        [(name, train.item_ids.raw(int(i))) for i in rng.choice(train.n_items, size=10, replace=False)]))
+    for u in rng.choice(np.flatnonzero(counts >= 5), size=n_cold, replace=False):
+        name = train.user_ids.raw(int(u))
+        rated = set(train.by_user.columns[train.by_user.row(int(u))].tolist())
+        fresh = [j for j in rng.permutation(train.n_items)[:40].tolist() if j not in rated][:5]
+        online.append(([NewRating(name, train.item_ids.raw(j), float(rng.integers(1, 6))) for j in fresh],
+                       [(name, train.item_ids.raw(int(i))) for i in rng.choice(train.n_items, size=10, replace=False)]))
+    out["explain_fold_in_right_after_ratings"] = _right_after(rec, fold_in)
+    out["explain_online_right_after_ratings"] = _right_after(rec, online)
     return out
+
+
+def latency(train: Ratings, test: Ratings, n_pairs: int, n_cold: int, seed: int = 0) -> dict:
+    """Part B (see the module docstring)."""
+    setup = served_setup(seed=seed)
+    model = MatrixFactorization(train.n_users, train.n_items, train.rating_scale, setup.model)
+    Trainer(setup.train).fit(model, train)
+    pairs = sample_pairs(train, test, n_pairs, np.random.default_rng(seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_artefact(Path(tmp) / "model", model, train, {"split": "u1"})
+        return service_path_latency(Path(tmp) / "model", train, pairs, n_cold, seed)
 
 
 def log_based(train: Ratings, points: list[dict], seed: int = 0) -> dict:
