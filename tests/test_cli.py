@@ -149,7 +149,7 @@ def test_predict_recommend_and_explain_take_the_service_s_path(tmp_path, capsys)
     assert all(1 <= i["score"] <= 5 for i in got["items"])  # clipped to the scale, as served
     code, out, _ = run(capsys, "explain", "--model", path, "--user", user, "--item", item, "--k", "2", "--json")
     got = json.loads(out)
-    assert code == 0 and got["method"] == "evidence-chain shares (first hop)" and len(got["contributions"]) == 2
+    assert code == 0 and got["method"] == "leave-one-out (evidence removed, same parameters)" and len(got["contributions"]) == 2
     served = service.predict(user, item, explain=2).explanation
     assert [(c["user"], c["item"], c["effect"]) for c in got["contributions"]] == \
         [(e["user"], e["item"], e["effect"]) for e in served]

@@ -12,6 +12,7 @@ import torch
 
 from recsys.artefact import load_artefact, save_artefact
 from recsys.models import build_model
+from recsys.models.rec import explain as rec_explain
 from recsys.models.rec.chains import sample_chains, sample_neighbours
 from recsys.models.rec.model import EvidenceChainModel, RECConfig, fit_baseline
 from recsys.train import TrainConfig, Trainer
@@ -421,8 +422,13 @@ def test_learn_inserts_like_add_ratings_and_the_explainer_reports_first_hop_shar
     exp = explainer.explain(solo, 3, 2)
     ref = a.explain("solo", items[3], top=None)
     first = [e for e in ref["evidence"] if e["hop"] == 1]
-    assert exp.method == "evidence-chain shares (first hop)" and exp.n_candidates == len(first)
-    assert [(c.example, c.effect) for c in exp.contributions] == [(e["example"], e["share"]) for e in first[:2]]
+    assert exp.method == rec_explain.METHOD and exp.n_candidates == len(first)
+    # each first-hop rating is credited with its leave-one-out effect, the largest |effect| first
+    ids = np.array([e["example"] for e in first])
+    effects = rec_explain.leave_one_out_effects(a, solo, 3, ids)[0]
+    top = np.argsort(-np.abs(effects), kind="stable")[:2]
+    assert [c.example for c in exp.contributions] == ids[top].tolist()
+    assert [c.effect for c in exp.contributions] == pytest.approx(effects[top].tolist(), abs=1e-6)
     assert exp.terms == ref["terms"] and exp.prediction == ref["prediction"]
     assert all(c.shares == "hop 1" for c in exp.contributions)
     assert explainer.explain(-1, 3, 2).method.startswith("none")

@@ -253,14 +253,17 @@ def test_compact_log_handles_epochs_that_repeat_examples(small_ratings):
     assert _rel(c[..., :2 * d], e[..., :2 * d]) < 0.06 and _rel(c[..., 2 * d:], e[..., 2 * d:]) < 2e-3
 
 
-def test_compact_bias_updates_are_exact_without_bias_regularisation(small_ratings):
-    # Σ_j c_j = Σ_t lr_t e_t exactly, so with bias_reg = 0 only float rounding separates the logs.
+def test_compact_bias_updates_equal_the_exact_log_up_to_float16_without_bias_regularisation(small_ratings):
+    # Σ_j c_j = Σ_t lr_t e_t exactly, and the compact log stores each segment's sum as one float16:
+    # with bias_reg = 0 only that rounding (2^-11 of the segment's sum) separates the logs.
     r = small_ratings
     exact, _ = _fit(r, _model(r, bias_reg=0.0), epochs=5)
     compact, _ = _fit(r, _model(r, bias_reg=0.0), epochs=5, mode="compact")
     ids = np.arange(len(r))
     d = exact.block_size
-    np.testing.assert_allclose(compact.rows(ids)[..., 2 * d:], exact.rows(ids)[..., 2 * d:], rtol=1e-4, atol=1e-6)
+    exact_bias = exact.rows(ids)[..., 2 * d:]
+    scale = np.abs(exact_bias).max()
+    np.testing.assert_allclose(compact.rows(ids)[..., 2 * d:], exact_bias, rtol=2e-3, atol=2e-3 * scale)
 
 
 def test_compact_log_round_trips_through_the_artefact_and_float16(small_ratings, tmp_path):
