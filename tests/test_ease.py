@@ -254,9 +254,12 @@ def test_batches_merged_into_the_rows_equal_the_rows_built_from_all_ratings():
     rows = UserRows(r)
     rng = np.random.default_rng(0)
     grown = r
-    for size in (1, 7, 40, 3):  # trained and new users, pairs repeated within a batch and across
-        users = [grown.user_ids.raw(int(u)) for u in rng.integers(0, r.n_users, size)] + ["new-user"] * 2
-        items = [grown.item_ids.raw(int(i)) for i in rng.integers(0, r.n_items, size)] + [r.item_ids.raw(0)] * 2
+    for size in (1, 7, 40, 3, -1, -1):  # trained and new users, pairs repeated within a batch and across
+        if size < 0:  # a batch of one rating
+            users, items = ["new-user"], [r.item_ids.raw(int(rng.integers(0, 2)))]
+        else:
+            users = [grown.user_ids.raw(int(u)) for u in rng.integers(0, r.n_users, size)] + ["new-user"] * 2
+            items = [grown.item_ids.raw(int(i)) for i in rng.integers(0, r.n_items, size)] + [r.item_ids.raw(0)] * 2
         grown, new = with_new_ratings(grown, users, items, rng.integers(1, 6, len(users)).astype(float).tolist())
         touched = rows.add(grown, new)
         assert sorted(touched.tolist()) == sorted(set(grown.users[new].tolist()))

@@ -66,6 +66,8 @@ class UserRows:
         self.n_rows = len(ratings)
         if len(new) == 0:
             return np.zeros(0, dtype=np.int64)
+        if len(new) == 1:  # one rating (a request of one): a binary search in the user's row
+            return self._add_one(ratings, int(new[0]))
         width = np.int64(max(ratings.n_items, 1))  # key = user * width + item: (user, item) order
         new_keys = ratings.users[new] * width + ratings.items[new]
         order = np.lexsort((new, new_keys))  # by key, the latest example last
@@ -96,6 +98,22 @@ class UserRows:
             s = slice(bounds[j], bounds[j + 1])  # copies: a row must not pin the batch's arrays
             self.changed[u] = (items[s].copy(), values[s].copy(), examples[s].copy())
         return touched
+
+    def _add_one(self, ratings: Ratings, example: int) -> np.ndarray:
+        """`add` of the single example id ``example``."""
+        user, item = int(ratings.users[example]), int(ratings.items[example])
+        value = np.float32(ratings.values[example])
+        items, values, examples = self.row(user)
+        at = int(np.searchsorted(items, item))
+        if at < len(items) and items[at] == item:  # given again: the new value and example id
+            values, examples = values.copy(), examples.copy()
+            values[at], examples[at] = value, example
+        else:
+            items, values, examples = (np.insert(items, at, item), np.insert(values, at, value),
+                                       np.insert(examples, at, example))
+        self.changed[user] = (items.astype(np.int64, copy=False), values.astype(np.float32, copy=False),
+                              examples.astype(np.int64, copy=False))
+        return np.array([user], dtype=np.int64)
 
     def matrix(self, users: np.ndarray, n_items: int, weights) -> sp.csr_matrix:
         """The rows of ``users`` as a weighted CSR matrix ``[len(users), n_items]`` (``weights``
