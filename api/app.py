@@ -41,8 +41,8 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
-from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from api.limits import Guard
 from api.schemas import (
@@ -53,8 +53,8 @@ from api.schemas import (
     PredictBatchOut,
     PredictionOut,
     Problem,
-    ReadyOut,
     RatingsOut,
+    ReadyOut,
     RecommendationsOut,
     ReloadIn,
     ReloadOut,

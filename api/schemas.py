@@ -9,9 +9,7 @@ on the settings (entries per request, ``k``, explanation length) are set on thes
 
 from __future__ import annotations
 
-from typing import Literal
-
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 

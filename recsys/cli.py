@@ -642,11 +642,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     import uvicorn
+    from pydantic import ValidationError
 
     from api.app import Settings, create_app
     from recsys.store import RatingStore
-
-    from pydantic import ValidationError
 
     overrides = {"model": args.model.resolve()}
     if args.db is not None:

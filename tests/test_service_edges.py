@@ -133,7 +133,7 @@ def test_an_integer_rating_is_a_number(client):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_non_finite_ratings_are_422_with_a_clear_message(client, literal):
-    body = '{"ratings": [{"user": "s", "item": "1", "rating": %s}]}' % literal
+    body = '{"ratings": [{"user": "s", "item": "1", "rating": ' + literal + '}]}'
     res = client.post("/v1/ratings", headers={**AUTH, "Content-Type": "application/json"}, content=body)
     assert res.status_code == 422
     assert res.json()["detail"][0]["msg"] == "Input should be a finite number"

@@ -331,8 +331,8 @@ class Stepper(Protocol):
     epoch's order one `step` takes (a batch, or a chunk of per-example steps). `step` applies
     the step group ``example_ids`` (rows of the training `Ratings`; data-parallel: the global
     group, the same on every rank, of which the stepper takes its rank's share) at
-    ``learning_rate`` and returns the group's mean loss (the ``train_mse`` of the model's
-    objective, same units on every path). `attach_log` makes the steps record each example's
+    ``learning_rate`` and returns the group's training MSE (squared error of the outputs
+    before the step, no penalty: the same ``train_mse`` on every path). `attach_log` makes the steps record each example's
     update into an `UpdateLog` (gradient rollback); `end_epoch` runs after every epoch
     (learning-rate schedules); `close` when training ends (hooks removed)."""
 
