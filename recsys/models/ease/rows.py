@@ -109,8 +109,10 @@ class UserRows:
             values, examples = values.copy(), examples.copy()
             values[at], examples[at] = value, example
         else:
-            items, values, examples = (np.insert(items, at, item), np.insert(values, at, value),
-                                       np.insert(examples, at, example))
+            items, values, examples = (  # slices joined: np.insert costs several times more
+                np.concatenate((items[:at], np.array([item], np.int64), items[at:])),
+                np.concatenate((values[:at], np.array([value], np.float32), values[at:])),
+                np.concatenate((examples[:at], np.array([example], np.int64), examples[at:])))
         self.changed[user] = (items.astype(np.int64, copy=False), values.astype(np.float32, copy=False),
                               examples.astype(np.int64, copy=False))
         return np.array([user], dtype=np.int64)
