@@ -16,10 +16,16 @@ the default REC model (`recsys train --model rec` defaults) of MovieLens-100K u1
   the true change of each of the user's test predictions against the served effect (and the
   share) of that rating in the full model, which is itself `retrain` with nothing removed.
   Retrains run in parallel processes (``--workers``), each writing its predictions to JSON.
-- ``latency``: the served explainer's wall time for ``--latency-pairs`` test pairs (k=5).
+- ``latency``: the served explainer's wall time for ``--latency-pairs`` test pairs (k=5);
+  with ``--artefact``, also the service path (`Recommender.predict(user, item, explain=5)`
+  in-process, the artefact loaded and warmed) against the reference computation the
+  explainer made before the batched `leave_one_out_effects` (the first-hop evidence by
+  `EvidenceChainModel.explain`, then `leave_one_out_effects_reference`: one `substituted`
+  forward per rating), on the same pairs in the same run, interleaved pair by pair.
+  ``--latency-only`` measures this alone and keeps the results file's other figures.
 
     NUMBA_NUM_THREADS=1 RECSYS_DATA=../shared/data python benchmarks/explain_rec.py \\
-        [--artefact DIR] [--retrain-users 4] [--workers 3]
+        [--artefact DIR] [--retrain-users 4] [--workers 3] [--latency-only]
 
 ``--artefact``: a saved default REC model of u1 to measure (else one is trained here, or,
 with ``--retrain-users``, the full retrain is used).
@@ -45,10 +51,12 @@ import torch  # noqa: E402
 from results_file import write_json  # noqa: E402  (this folder is on the path when run as a script)
 
 from recsys.artefact import load_artefact, save_artefact  # noqa: E402
+from recsys.recommender import Recommender  # noqa: E402
 from recsys.datasets import load_split  # noqa: E402
 from recsys.experiments.faithfulness import agreement_stats  # noqa: E402
 from recsys.experiments.rec_faithfulness import first_hop_shares, served_run  # noqa: E402
 from recsys.experiments.rec_rollback import predict_without, raw_prediction, retrain  # noqa: E402
+from recsys.models.rec.explain import leave_one_out_effects_reference  # noqa: E402
 from recsys.models.rec.model import EvidenceChainModel, RECConfig  # noqa: E402
 from recsys.train import TrainConfig, Trainer  # noqa: E402
 
@@ -147,6 +155,49 @@ def latency(model: EvidenceChainModel, test, n: int) -> dict:
             "note": "one masked re-prediction per first-hop evidence rating; machine shared, timings noisy"}
 
 
+def _percentiles(ms: list[float]) -> dict:
+    t = np.array(ms)
+    return {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+            "max_ms": float(t.max()), "mean_ms": float(t.mean())}
+
+
+def service_latency(artefact: Path, test, n: int) -> dict:
+    """Per explanation, on the same ``n`` test pairs, interleaved: ``served`` =
+    `Recommender.predict(user, item, explain=5)` (raw ids, in-process, artefact loaded and
+    warmed); ``reference`` = what the explainer computed before the batched effects: the
+    prediction, the first-hop evidence (`EvidenceChainModel.explain`) and
+    `leave_one_out_effects_reference` on it. Checks that both give the same effects."""
+    rec = Recommender.load(artefact)
+    model = rec.model
+    rng = np.random.default_rng(1)
+    pairs = [(int(test.users[k]), int(test.items[k])) for k in rng.permutation(len(test))[:n]]
+    raw = [(test.user_ids.raw(u), test.item_ids.raw(i)) for u, i in pairs]
+    rec.predict(*raw[0], explain=5)  # first-use costs out of the figures
+    served, reference, sizes, worst = [], [], [], 0.0
+    for (ru, ri) in raw:
+        t0 = time.perf_counter()
+        pred = rec.predict(ru, ri, explain=5)
+        served.append((time.perf_counter() - t0) * 1e3)
+        u, i = model.ratings.user_ids.index(ru), model.ratings.item_ids.index(ri)
+        t0 = time.perf_counter()
+        rec.predict(ru, ri)
+        res = model.explain(ru, ri, top=None)
+        ids = np.array([int(e["example"]) for e in res["evidence"] if e["hop"] == 1], dtype=np.int64)
+        ref = leave_one_out_effects_reference(model, u, i, ids)[0] if len(ids) else np.zeros(0)
+        reference.append((time.perf_counter() - t0) * 1e3)
+        sizes.append(len(ids))
+        r = model.ratings
+        by_pair = {(r.user_ids.raw(int(r.users[z])), r.item_ids.raw(int(r.items[z]))): e
+                   for z, e in zip(ids.tolist(), ref.tolist(), strict=True)}
+        for c in pred.explanation or []:
+            worst = max(worst, abs(c["effect"] - by_pair[(c["user"], c["item"])]))
+    return {"n": len(pairs), "k": 5, "mean_candidates": float(np.mean(sizes)),
+            "served": _percentiles(served), "reference": _percentiles(reference),
+            "max_abs_effect_difference": worst,
+            "note": "same pairs, same run, interleaved; 2 shared CPU cores with other jobs running, so "
+                    "absolute figures are noisy, the ratio less so"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artefact", type=Path, default=None)
@@ -155,6 +206,8 @@ def main() -> None:
     parser.add_argument("--removal-pairs", type=int, default=50)
     parser.add_argument("--fold-in-users", type=int, default=20)
     parser.add_argument("--latency-pairs", type=int, default=50)
+    parser.add_argument("--latency-only", action="store_true",
+                        help="measure the latency only (needs --artefact); keep the results file's other figures")
     parser.add_argument("--retrain-users", type=int, default=0)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -167,6 +220,13 @@ def main() -> None:
         worker(int(args.worker[0]), json.loads(args.worker[1]), Path(args.worker[2]), args.save)
         return
     train, test = load_split("ml-100k", "u1")
+    if args.latency_only:
+        if args.artefact is None:
+            parser.error("--latency-only needs --artefact (a saved default REC model of u1)")
+        out = json.loads(args.out.read_text()) if args.out.is_file() else {"benchmark": "explain_rec"}
+        latency_only(out, args.artefact, test, args.latency_pairs)
+        write_json(args.out, out)
+        return
     out: dict = {"benchmark": "explain_rec", "dataset": "ml-100k", "split": "u1",
                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                              "note": "2 shared cores, other jobs running"}}
@@ -223,7 +283,19 @@ def main() -> None:
               flush=True)
     out["latency"] = latency(model, test, args.latency_pairs)
     print(f"latency p50 {out['latency']['p50_ms']:.1f} ms p99 {out['latency']['p99_ms']:.1f} ms", flush=True)
+    if args.artefact is not None:
+        latency_only(out, args.artefact, test, args.latency_pairs)
     write_json(args.out, out)
+
+
+def latency_only(out: dict, artefact: Path, test, n: int) -> None:
+    """``out["service_latency"]`` (`service_latency`), printed."""
+    out["service_latency"] = s = service_latency(artefact, test, n)
+    out["service_latency"]["artefact"] = str(artefact)
+    print(f"service path (Recommender.predict explain=5, {s['n']} pairs, {s['mean_candidates']:.1f} candidates): "
+          f"served p50 {s['served']['p50_ms']:.1f} ms p99 {s['served']['p99_ms']:.1f} ms; reference (before) "
+          f"p50 {s['reference']['p50_ms']:.1f} ms p99 {s['reference']['p99_ms']:.1f} ms; "
+          f"max |effect difference| {s['max_abs_effect_difference']:.2e}", flush=True)
 
 
 def _model(artefact: Path | None, train) -> EvidenceChainModel:

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from recsys.experiments.rec_faithfulness import first_hop_shares, served_run
-from recsys.models.rec.explain import METHOD, unclipped_prediction
+from recsys.models.rec.explain import (
+    METHOD,
+    BaselineSystem,
+    baselines_without,
+    leave_one_out_effects,
+    leave_one_out_effects_reference,
+    unclipped_prediction,
+)
 from recsys.models.rec.model import EvidenceChainModel, RECConfig, fit_baseline
 from recsys.train import TrainConfig, Trainer
 from tests.conftest import make_ratings
@@ -58,6 +65,41 @@ def test_each_served_effect_is_the_prediction_recomputed_without_the_rating(mode
     for c in exp.contributions:
         assert c.shares == "hop 1"
         assert c.effect == pytest.approx(base - _without(model, u, i, c.example), abs=2e-5)
+
+
+@pytest.mark.parametrize("rated", [False, True])
+def test_batched_leave_one_out_equals_one_substituted_forward_per_rating(model, rated):
+    """The served (batched) effects are the reference's, one `substituted` forward per
+    rating, for an unrated pair and for a rated one (whose own rating the chains hide too)."""
+    r = model.ratings
+    u = int(r.users[10])
+    own = set(r.items[r.users == u].tolist())
+    i = int(r.items[10]) if rated else min(set(range(r.n_items)) - own)
+    assert (i in own) == rated
+    evidence, _ = first_hop_shares(model, u, i)
+    ids = np.asarray(evidence, dtype=np.int64)
+    assert len(ids) >= 3
+    reference = leave_one_out_effects_reference(model, u, i, ids)[0]
+    reused = BaselineSystem(r, float(model.global_mean))
+    for _ in range(2):  # the baseline set-up is reusable across calls
+        served = leave_one_out_effects(model, u, i, ids, baselines=reused)[0]
+        np.testing.assert_allclose(served, reference, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(leave_one_out_effects(model, u, i, ids)[0], reference, atol=1e-5, rtol=0)
+    assert np.abs(reference).max() > 0
+
+
+def test_baselines_without_each_rating_equal_a_refit_on_the_other_ratings(model):
+    r = model.ratings
+    ids = np.array([0, 7, 123, len(r) - 1])
+    c = model.config
+    bu, bi = baselines_without(r, ids, float(model.global_mean), c.bias_reg, item_reg=c.item_reg)
+    assert bu.shape == (4, r.n_users) and bi.shape == (4, r.n_items)
+    for k, z in enumerate(ids):
+        keep = np.arange(len(r)) != z
+        fu, fi = fit_baseline(r.users[keep], r.items[keep], r.values[keep], r.n_users, r.n_items,
+                              float(model.global_mean), c.bias_reg, item_reg=c.item_reg)
+        np.testing.assert_allclose(bu[k], fu, atol=1e-9)
+        np.testing.assert_allclose(bi[k], fi, atol=1e-9)
 
 
 def test_served_contributions_are_the_first_hop_evidence_largest_effect_first(model):

@@ -751,6 +751,30 @@ class EvidenceChainModel(RatingModel):
                                             rated=None if rated is None else rated[s:s + group])[0]
                           for s in range(0, len(users), group)])
 
+    @torch.no_grad()
+    def masked_predictions(self, user: int, item: int, hidden_pairs: torch.Tensor,
+                           biases: torch.Tensor) -> torch.Tensor:
+        """Evaluation predictions (unclipped, rating points) of indices ``(user, item)``, one
+        per hidden rating: entry ``c`` is what the model predicts in eval mode within
+        ``substituted(hidden_pairs=hidden_pairs[c:c+1], biases=biases[c])`` (``hidden_pairs
+        [C]`` pair keys, ``biases [C, n_users + n_items]``), float32 ``[C]``. The same
+        sampling (fresh evaluation stream per entry) and kernels as `forward`, without its
+        per-call set-up (mode switches, pair look-up), for `recsys.models.rec.explain`."""
+        was = self.training
+        self.eval()
+        try:
+            users = torch.tensor([user], device=self.device)
+            items = torch.tensor([item], device=self.device)
+            rated = self._lookup(users, items)[0]
+            out = torch.empty(len(hidden_pairs))
+            for c in range(len(hidden_pairs)):
+                with self.substituted(hidden_pairs=hidden_pairs[c:c + 1], biases=biases[c]):
+                    out[c] = self._pair_scores(users, items, self._generator(fresh=True),
+                                               passes=self.config.eval_passes, rated=rated)[0][0]
+            return out
+        finally:
+            self.train(was)
+
     def fallback(self, users: torch.Tensor, items: torch.Tensor, user_known: torch.Tensor,
                  item_known: torch.Tensor) -> torch.Tensor:
         """μ plus the baseline bias of whichever side has live ratings."""
@@ -908,9 +932,11 @@ class EvidenceChainModel(RatingModel):
 
     def explainer(self, ratings: Ratings | None = None, log: object | None = None,
                   method: str | None = None) -> EvidenceChainExplainer:
-        """The evidence-chain shares explainer (`recsys.models.rec.explain`). It explains
-        against the live ratings (which `learn` keeps in step with ``ratings``); ``log`` is
-        not used; ``method`` None or the explainer's own name."""
+        """The evidence-chain explainer (`recsys.models.rec.explain`): each first-hop evidence
+        rating credited with its exact leave-one-out effect under the trained parameters and
+        the evaluation seed (baselines refitted). It explains against the live ratings (which
+        `learn` keeps in step with ``ratings``); ``log`` is not used; ``method`` None, the
+        explainer's own name or ``"shares"`` (the earlier name, same explainer)."""
         from recsys.models.rec.explain import METHOD, EvidenceChainExplainer
 
         if method not in (None, METHOD, "shares"):
