@@ -44,13 +44,19 @@ class OnlineState:
     learning_rate: float = DEFAULT_ONLINE_LR
     passes: int = ONLINE_PASSES
     live: set[int] = field(default_factory=set)
+    #: users from this index on had no place in the training ratings (None: unknown), so all
+    #: their rows are rows learnt online, kept in ``new_user_rows`` while ``next_row`` (the
+    #: row after the last learnt) shows every row since ``n_trained`` went through `learn`
+    first_new_user: int | None = None
+    new_user_rows: dict[int, list[int]] = field(default_factory=dict)
+    next_row: int | None = None
 
     @classmethod
     def start(cls, model: RatingModel, train: Ratings, log: UpdateLog | None = None,
               learning_rate: float | None = None, passes: int = ONLINE_PASSES) -> OnlineState:
         trained = train.user_counts()[: model.n_users] > 0
         return cls(len(train), trained, log, DEFAULT_ONLINE_LR if learning_rate is None else float(learning_rate),
-                   passes)
+                   passes, first_new_user=train.n_users, next_row=len(train))
 
     def is_trained(self, users: np.ndarray) -> np.ndarray:
         users = np.asarray(users, dtype=np.int64)
@@ -81,12 +87,27 @@ def learn(model: RatingModel, state: OnlineState, ratings: Ratings, new: np.ndar
             _sgd_passes_cpu(model, state, ratings, mine)
         else:
             online_sgd(model, log, ratings, mine, state.learning_rate, epochs=state.passes, shuffle=False)
+    indexed = state.first_new_user is not None and state.next_row == new[0] and \
+        np.array_equal(new, np.arange(new[0], new[0] + len(new)))
+    if indexed:  # every row since training went through here: the new users' rows are all known
+        state.next_row = int(new[-1]) + 1
+        fresh = users >= state.first_new_user
+        for u, row in zip(users[fresh].tolist(), new[fresh].tolist(), strict=True):
+            state.new_user_rows.setdefault(u, []).append(row)
+    else:
+        state.first_new_user = None  # rows came another way: find users' rows by a scan from now on
     folded = np.unique(users[~trained]) if not trained.all() else users[:0]
     if len(folded):
-        mine = np.flatnonzero(np.isin(ratings.users, folded))  # all their ratings, in row order
+        scanned = folded if state.first_new_user is None else folded[folded < state.first_new_user]
+        # all their ratings, in row order: a user new since training from the index (O(their rows)), any other
+        # by a scan of all ratings
+        mine = np.flatnonzero(np.isin(ratings.users, scanned)) if len(scanned) else new[:0]
         owners = ratings.users[mine]
         for u in folded.tolist():
-            rows = mine[owners == u]
+            if state.first_new_user is not None and u >= state.first_new_user:
+                rows = np.asarray(state.new_user_rows[u], dtype=np.int64)
+            else:
+                rows = mine[owners == u]
             p, b = model.fold_in_user(torch.from_numpy(ratings.items[rows]), torch.from_numpy(ratings.values[rows]))
             model.set_user(u, p, b)
 
