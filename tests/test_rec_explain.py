@@ -67,10 +67,13 @@ def test_each_served_effect_is_the_prediction_recomputed_without_the_rating(mode
         assert c.effect == pytest.approx(base - _without(model, u, i, c.example), abs=2e-5)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("rated", [False, True])
-def test_batched_leave_one_out_equals_one_substituted_forward_per_rating(model, rated):
+def test_batched_leave_one_out_equals_one_substituted_forward_per_rating(model, rated, compiled, monkeypatch):
     """The served (batched) effects are the reference's, one `substituted` forward per
-    rating, for an unrated pair and for a rated one (whose own rating the chains hide too)."""
+    rating, for an unrated pair and for a rated one (whose own rating the chains hide too),
+    with the compiled kernels (one aggregation for all ratings) and without (a loop)."""
+    monkeypatch.setattr(model, "compiled_kernels", compiled)
     r = model.ratings
     u = int(r.users[10])
     own = set(r.items[r.users == u].tolist())

@@ -50,7 +50,7 @@ from torch import nn
 
 from recsys.models.base import RatingModel
 from recsys.models.rec.chains import Chains, EvidenceGraph, row_positions, rows, sample_chains
-from recsys.models.rec.kernels import aggregate_compiled
+from recsys.models.rec.kernels import aggregate_compiled, aggregate_levels
 from recsys.ratings import Ratings
 
 if TYPE_CHECKING:  # the explainer of `explainer`
@@ -757,23 +757,102 @@ class EvidenceChainModel(RatingModel):
         """Evaluation predictions (unclipped, rating points) of indices ``(user, item)``, one
         per hidden rating: entry ``c`` is what the model predicts in eval mode within
         ``substituted(hidden_pairs=hidden_pairs[c:c+1], biases=biases[c])`` (``hidden_pairs
-        [C]`` pair keys, ``biases [C, n_users + n_items]``), float32 ``[C]``. The same
-        sampling (fresh evaluation stream per entry) and kernels as `forward`, without its
-        per-call set-up (mode switches, pair look-up), for `recsys.models.rec.explain`."""
+        [C]`` pair keys, ``biases [C, n_users + n_items]``), float32 ``[C]``, equal up to
+        float32 rounding. Each entry's chains are drawn as `forward` draws them (fresh
+        evaluation stream, its rating hidden: one hidden edge shifts every later draw, so no
+        chains are shared); on the CPU with the compiled kernels the C chains are then
+        aggregated in one kernel call, each under its own baseline (`_aggregate_candidates`).
+        For `recsys.models.rec.explain`."""
         was = self.training
         self.eval()
         try:
+            graph, _ = self._live()
             users = torch.tensor([user], device=self.device)
             items = torch.tensor([item], device=self.device)
             rated = self._lookup(users, items)[0]
-            out = torch.empty(len(hidden_pairs))
+            passes = self.config.eval_passes
+            batched = (self.compiled_kernels and self.device.type == "cpu"
+                       and self.prototype_table.dtype == torch.float32 and len(hidden_pairs) > 1)
+            if not batched:
+                out = torch.empty(len(hidden_pairs))
+                for c in range(len(hidden_pairs)):
+                    with self.substituted(hidden_pairs=hidden_pairs[c:c + 1], biases=biases[c]):
+                        out[c] = self._pair_scores(users, items, self._generator(fresh=True),
+                                                   passes=passes, rated=rated)[0][0]
+                return out
+            # what _pair_scores does in evaluation, the sampling once per hidden rating
+            roots, inverse = torch.unique(torch.cat([users, items + graph.n_users]), return_inverse=True)
+            exclude = graph.pair_keys(users, items)[rated]
+            drawn = []
             for c in range(len(hidden_pairs)):
-                with self.substituted(hidden_pairs=hidden_pairs[c:c + 1], biases=biases[c]):
-                    out[c] = self._pair_scores(users, items, self._generator(fresh=True),
-                                               passes=self.config.eval_passes, rated=rated)[0][0]
-            return out
+                with self.substituted(hidden_pairs=hidden_pairs[c:c + 1]):
+                    drawn.append(self._sample(graph, roots, self._generator(fresh=True), exclude=exclude,
+                                              evidence_dropout=0.0, root_keep=None, passes=passes))
+            vec = self._aggregate_candidates(drawn, biases)  # [C, passes·n_0, K]
+            n_c = len(drawn)
+            scale = torch.stack([self.evidence_scale(ch) for ch in drawn]) if self.config.cold_shrink > 0 else None
+            if scale is not None:
+                vec = vec * scale.unsqueeze(2)
+            vec = vec.reshape(n_c, passes, len(roots), -1)
+            vu, vi = vec[:, :, inverse[:1]], vec[:, :, inverse[1:]]
+            rb = biases[:, torch.cat([users, graph.n_users + items])]
+            return (self.global_mean + rb[:, :1] + rb[:, 1:] + (vu * vi).sum(-1).mean(1))[:, 0]
         finally:
             self.train(was)
+
+    def _aggregate_candidates(self, drawn: list[Chains], biases: torch.Tensor) -> torch.Tensor:
+        """`aggregate` of each of ``drawn`` (C single-query chains, same roots) under its own
+        baseline ``biases[c]`` (``[C, N]``), in one call of the compiled kernel: candidate
+        ``c``'s copy of graph node ``g`` gets its own id (users ``c·n_users + u``, items
+        ``C·n_users + c·n_items + i``, so the kernel's side test and bias look-up hold), its
+        passes stay ``n_nodes`` apart in the C-times-larger id space. Root vectors ``[C,
+        passes·n_0, K]``."""
+        graph, _ = self._live()
+        nu, ni, n = graph.n_users, graph.n_items, graph.n_nodes
+        n_c = len(drawn)
+        big = n_c * n
+        depth = len(drawn[0].levels)
+        slot = graph.proto_slot.numpy()
+        big_slot = np.concatenate([np.tile(slot[:nu], n_c), np.tile(slot[nu:], n_c)])
+        b = biases.detach().to(torch.float32).numpy()
+        big_bias = np.ascontiguousarray(np.concatenate([b[:, :nu].reshape(-1), b[:, nu:].reshape(-1)]))
+
+        def relabel(ids: np.ndarray, c: int) -> np.ndarray:
+            g, p = ids % n, ids // n
+            return np.where(g < nu, c * nu + g, n_c * nu + c * ni + (g - nu)) + p * big
+
+        nodes, parent, child, values, reverse = [], [], [], [], []
+        node_off, edge_off = [0], [0]
+        for d in range(depth + 1):
+            level_sizes = [len(ch.nodes(d)) for ch in drawn]
+            nodes += [relabel(ch.nodes(d).numpy(), c) for c, ch in enumerate(drawn)]
+            node_off.append(node_off[-1] + sum(level_sizes))
+            if d == depth:
+                break
+            first_node = np.cumsum([0] + level_sizes)
+            first_child = np.cumsum([0] + [len(ch.nodes(d + 1)) for ch in drawn])
+            first_next_edge = np.cumsum([0] + [len(ch.levels[d + 1].parent) if d + 1 < depth else 0
+                                               for ch in drawn])
+            for c, ch in enumerate(drawn):
+                lvl = ch.levels[d]
+                parent.append(lvl.parent.numpy() + first_node[c])
+                child.append(lvl.child.numpy() + first_child[c])
+                values.append(lvl.values.numpy())
+                rev = lvl.reverse_edge.numpy()
+                reverse.append(np.where(rev >= 0, rev + first_next_edge[c], rev))
+            edge_off.append(edge_off[-1] + sum(len(ch.levels[d].parent) for ch in drawn))
+        first, last = self.phi_user[0], self.phi_user[-1]
+        first_i, last_i = self.phi_item[0], self.phi_item[-1]
+        weights = [t.detach().numpy() for t in (first.weight.T, first.bias, last.weight.T, last.bias,
+                                                 first_i.weight.T, first_i.bias, last_i.weight.T, last_i.bias)]
+        vec = aggregate_levels(
+            np.array(node_off, np.int64), np.concatenate(nodes).astype(np.int64), np.array(edge_off, np.int64),
+            np.concatenate(parent).astype(np.int64), np.concatenate(child).astype(np.int64),
+            np.concatenate(values).astype(np.float32), np.concatenate(reverse).astype(np.int64), big, n_c * nu,
+            big_slot, big_bias, np.empty(0, np.float32), np.float32(float(self.global_mean)),
+            self.prototype_table.detach().numpy(), self.fallback_vectors.detach().numpy(),
+            self.gate.detach().numpy(), self.rating_levels.numpy(), *weights)
+        return torch.from_numpy(vec).reshape(n_c, -1, vec.shape[1])
 
     def fallback(self, users: torch.Tensor, items: torch.Tensor, user_known: torch.Tensor,
                  item_known: torch.Tensor) -> torch.Tensor:
