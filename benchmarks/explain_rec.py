@@ -51,13 +51,13 @@ import torch  # noqa: E402
 from results_file import write_json  # noqa: E402  (this folder is on the path when run as a script)
 
 from recsys.artefact import load_artefact, save_artefact  # noqa: E402
-from recsys.recommender import Recommender  # noqa: E402
 from recsys.datasets import load_split  # noqa: E402
 from recsys.experiments.faithfulness import agreement_stats  # noqa: E402
 from recsys.experiments.rec_faithfulness import first_hop_shares, served_run  # noqa: E402
 from recsys.experiments.rec_rollback import predict_without, raw_prediction, retrain  # noqa: E402
 from recsys.models.rec.explain import leave_one_out_effects_reference  # noqa: E402
 from recsys.models.rec.model import EvidenceChainModel, RECConfig  # noqa: E402
+from recsys.recommender import Recommender  # noqa: E402
 from recsys.train import TrainConfig, Trainer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "explain_rec.json"

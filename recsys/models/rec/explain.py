@@ -16,6 +16,8 @@ prototypes' free vectors) are the explanation's ``terms``."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -32,52 +34,79 @@ FALLBACK_REASON = "none: the prediction uses no rating of this user (fallback)"
 
 
 class BaselineSystem:
-    """What refitting the ridge baseline of ``ratings`` needs, built once per live ratings
-    (`EvidenceChainExplainer` keeps it until the model's ratings change): the item x user
-    incidence ``[n_items, n_users]`` and its transpose as CSR, the residual sums and rating
-    counts per user and item (float64)."""
+    """What refitting the ridge baseline of ``ratings`` without one rating needs, built once
+    per live ratings (`EvidenceChainExplainer` keeps it until the model's ratings change):
+    the item x user incidence (float32 CSR, both ways), the residual sums and rating counts
+    per user and item, and the full fit's iterates (float64; per ``(reg, item_reg, sweeps)``,
+    on first use)."""
 
     def __init__(self, ratings: Ratings, mean: float) -> None:
         u, i = ratings.users, ratings.items
         nu, ni = ratings.n_users, ratings.n_items
         self.ratings, self.mean = ratings, float(mean)
-        self.item_user = sp.csr_matrix((np.ones(len(u)), (i, u)), shape=(ni, nu))
-        self.user_item = self.item_user.T.tocsr()
+        item_user = sp.csr_matrix((np.ones(len(u), np.float32), (i, u)), shape=(ni, nu))
+        self.item_user, self.user_item = _torch_csr(item_user), _torch_csr(item_user.T.tocsr())
         self.resid = ratings.values.astype(np.float64) - self.mean
-        self.item_sums = np.bincount(i, weights=self.resid, minlength=ni)
-        self.user_sums = np.bincount(u, weights=self.resid, minlength=nu)
         self.item_counts = np.bincount(i, minlength=ni).astype(np.float64)
         self.user_counts = np.bincount(u, minlength=nu).astype(np.float64)
+        self._iterates: dict[tuple[float, float, int], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+
+    def iterates(self, reg: float, item_reg: float, sweeps: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """`fit_baseline`'s user and item biases after each sweep ``0..sweeps`` (``[sweeps + 1]``
+        arrays ``[n_users]`` / ``[n_items]``, sweep 0 all zero)."""
+        key = (float(reg), float(item_reg), int(sweeps))
+        if key not in self._iterates:
+            r = self.ratings
+            bu, bi = [np.zeros(r.n_users)], [np.zeros(r.n_items)]
+            for _ in range(sweeps):
+                bi.append(np.bincount(r.items, weights=self.resid - bu[-1][r.users], minlength=r.n_items)
+                          / (item_reg + self.item_counts))
+                bu.append(np.bincount(r.users, weights=self.resid - bi[-1][r.items], minlength=r.n_users)
+                          / (reg + self.user_counts))
+            self._iterates[key] = (bu, bi)
+        return self._iterates[key]
 
     def without(self, removed_ids: np.ndarray, reg: float, sweeps: int = 8,
                 item_reg: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`baselines_without` of these ratings: ``(b_u [C, n_users], b_i [C, n_items])``,
-        float64, computed node-major (``[n, C]``, so each sparse product reads the candidates
-        contiguously) and returned as transposed views."""
+        float64. Computed as the full fit plus each removal's change, sweep by sweep: away
+        from the removed rating's user and item a sweep is linear in the change (one sparse
+        product of all C changes, node-major ``[n, C]``, in float32: the changes are small, so
+        its rounding stays near 1e-9 rating points); at the two touched nodes, exactly."""
         item_reg = reg if item_reg is None else item_reg
         r = self.ratings
         z = np.asarray(removed_ids, dtype=np.int64)
         c = len(z)
         cols = np.arange(c)
         uz, iz, rz = r.users[z], r.items[z], self.resid[z]
-        den_i = np.repeat((item_reg + self.item_counts)[:, None], c, axis=1)
-        den_u = np.repeat((reg + self.user_counts)[:, None], c, axis=1)
-        den_i[iz, cols] -= 1
-        den_u[uz, cols] -= 1
-        si = np.repeat(self.item_sums[:, None], c, axis=1)
-        su = np.repeat(self.user_sums[:, None], c, axis=1)
-        si[iz, cols] -= rz
-        su[uz, cols] -= rz
-        bu = np.zeros((r.n_users, c))
-        bi = np.zeros((r.n_items, c))
-        for _ in range(sweeps):
-            s = si - self.item_user @ bu
-            s[iz, cols] += bu[uz, cols]
-            bi = s / den_i
-            s = su - self.user_item @ bi
-            s[uz, cols] += bi[iz, cols]
-            bu = s / den_u
-        return bu.T, bi.T
+        bu, bi = self.iterates(reg, item_reg, sweeps)
+        den_i, den_u = item_reg + self.item_counts, reg + self.user_counts
+        du = np.zeros((r.n_users, c))
+        di = np.zeros((r.n_items, c))
+        for s in range(1, sweeps + 1):
+            t = _product(self.item_user, du) if s > 1 else np.zeros((r.n_items, c))
+            di = -t / den_i[:, None]
+            num = bi[s][iz] * den_i[iz] - rz - t[iz, cols] + bu[s - 1][uz] + du[uz, cols]
+            di[iz, cols] = num / (den_i[iz] - 1) - bi[s][iz]
+            t = _product(self.user_item, di)
+            du = -t / den_u[:, None]
+            num = bu[s][uz] * den_u[uz] - rz - t[uz, cols] + bi[s][iz] + di[iz, cols]
+            du[uz, cols] = num / (den_u[uz] - 1) - bu[s][uz]
+        return bu[-1][None, :] + du.T, bi[-1][None, :] + di.T
+
+
+def _torch_csr(m: sp.csr_matrix) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                       torch.from_numpy(m.indices.astype(np.int64)),
+                                       torch.from_numpy(m.data.astype(np.float32)), size=m.shape,
+                                       check_invariants=False)
+
+
+def _product(m: torch.Tensor, x: np.ndarray) -> np.ndarray:
+    """``m @ x`` for a float32 CSR ``m`` and a float64 ``x [n, C]``, in float32, as float64."""
+    return (m @ torch.from_numpy(x.astype(np.float32))).numpy().astype(np.float64)
 
 
 def baselines_without(ratings: Ratings, removed_ids: np.ndarray, mean: float, reg: float,
@@ -92,12 +121,14 @@ def unclipped_prediction(model: RatingModel, user: int, item: int) -> float:
     """The model's evaluation prediction for indices ``(user, item)`` before clipping to the
     scale (the mean of its ``eval_passes`` samplings)."""
     was = model.training
-    model.eval()
+    if was:  # (switching modes walks every submodule: skipped when already evaluating)
+        model.eval()
     try:
         with torch.no_grad():
             return float(model(torch.tensor([user], device=model.device), torch.tensor([item], device=model.device))[0])
     finally:
-        model.train(was)
+        if was:
+            model.train(True)
 
 
 def leave_one_out_effects(model: RatingModel, user: int, item: int, example_ids: np.ndarray, *,

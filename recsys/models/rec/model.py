@@ -764,7 +764,8 @@ class EvidenceChainModel(RatingModel):
         aggregated in one kernel call, each under its own baseline (`_aggregate_candidates`).
         For `recsys.models.rec.explain`."""
         was = self.training
-        self.eval()
+        if was:  # (switching modes walks every submodule: skipped when already evaluating)
+            self.eval()
         try:
             graph, _ = self._live()
             users = torch.tensor([user], device=self.device)
@@ -790,15 +791,18 @@ class EvidenceChainModel(RatingModel):
                                               evidence_dropout=0.0, root_keep=None, passes=passes))
             vec = self._aggregate_candidates(drawn, biases)  # [C, passes·n_0, K]
             n_c = len(drawn)
-            scale = torch.stack([self.evidence_scale(ch) for ch in drawn]) if self.config.cold_shrink > 0 else None
-            if scale is not None:
-                vec = vec * scale.unsqueeze(2)
+            if self.config.cold_shrink > 0:  # evidence_scale of each entry's chains
+                first_hop = torch.cat([ch.levels[0].parent + c * vec.shape[1] for c, ch in enumerate(drawn)])
+                n = torch.bincount(first_hop, minlength=n_c * vec.shape[1]).to(torch.float32)
+                scale = torch.where(n > 0, -torch.expm1(-n / self.config.cold_shrink), torch.ones_like(n))
+                vec = vec * scale.reshape(n_c, -1, 1)
             vec = vec.reshape(n_c, passes, len(roots), -1)
             vu, vi = vec[:, :, inverse[:1]], vec[:, :, inverse[1:]]
             rb = biases[:, torch.cat([users, graph.n_users + items])]
             return (self.global_mean + rb[:, :1] + rb[:, 1:] + (vu * vi).sum(-1).mean(1))[:, 0]
         finally:
-            self.train(was)
+            if was:
+                self.train(True)
 
     def _aggregate_candidates(self, drawn: list[Chains], biases: torch.Tensor) -> torch.Tensor:
         """`aggregate` of each of ``drawn`` (C single-query chains, same roots) under its own
