@@ -109,9 +109,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     metrics = service.metrics
 
+    counters: dict[tuple[str, int], object] = {}  # labelled children, looked up once (labels() costs µs)
+    histograms: dict[str, object] = {}
+
     def observe(route: str, code: int, seconds: float) -> None:
-        metrics.requests.labels(route, str(code)).inc()
-        metrics.latency.labels(route).observe(seconds)
+        counter = counters.get((route, code))
+        if counter is None:
+            counter = counters[route, code] = metrics.requests.labels(route, str(code))
+        histogram = histograms.get(route)
+        if histogram is None:
+            histogram = histograms[route] = metrics.latency.labels(route)
+        counter.inc()
+        histogram.observe(seconds)
 
     app.add_middleware(Guard, key=settings.key, read_auth=settings.read_auth,
                        max_body_bytes=settings.max_body_bytes, observe=observe)
