@@ -7,7 +7,13 @@ import threading
 
 import pytest
 
-from recsys.store import EventIdConflictError, NewRating, RatingStore, StoreClosedError, StoredRating
+from recsys.store import (
+    EventIdConflictError,
+    NewRating,
+    RatingStore,
+    StoreClosedError,
+    StoredRating,
+)
 
 
 def test_ratings_come_back_in_order_with_consecutive_sequence_numbers(tmp_path):
