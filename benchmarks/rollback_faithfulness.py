@@ -94,18 +94,17 @@ def overhead(train: Ratings, reps: int) -> dict:
             "log_bytes_per_example": {m: logs[m].bytes_per_example for m in logs}}
 
 
-def reconstruction_error(train: Ratings, test: Ratings, model_config: MFConfig, train_config: TrainConfig,
-                         n_pairs: int = 300) -> dict:
+def compare_logs(model: MatrixFactorization, train: Ratings, test: Ratings, exact, compact, n_pairs: int,
+                 chunk: int = 8192) -> dict:
     """The compact log against the exact log of the same training: relative error of Δ (factor
-    and bias parts, over all examples) and of the rollback effects of ``n_pairs`` test pairs."""
-    model, exact, _ = fit(train, model_config, train_config, "exact")
-    _, compact, _ = fit(train, model_config, train_config, "compact")
+    and bias parts, over all examples, and per example) and of the rollback effects of
+    ``n_pairs`` test pairs."""
     d = exact.block_size
     num = {"factors": 0.0, "biases": 0.0}
     den = {"factors": 0.0, "biases": 0.0}
     per_example = []
-    for lo in range(0, len(train), 8192):
-        ids = np.arange(lo, min(len(train), lo + 8192))
+    for lo in range(0, len(train), chunk):
+        ids = np.arange(lo, min(len(train), lo + chunk))
         e, c = exact.rows(ids), compact.rows(ids)
         for part, sl in (("factors", slice(0, 2 * d)), ("biases", slice(2 * d, 2 * d + 2))):
             num[part] += float(np.square(c[..., sl] - e[..., sl]).sum())
@@ -120,17 +119,28 @@ def reconstruction_error(train: Ratings, test: Ratings, model_config: MFConfig, 
         b = estimate_effects(model, train, u, i, "rollback", compact)[1]
         ex.append(a)
         co.append(b)
-        if len(a) > 2:
+        if len(a) > 2 and np.std(a) > 0 and np.std(b) > 0:
             rho.append(stats.spearmanr(a, b)[0])
         top1.append(int(np.argmax(np.abs(a)) == np.argmax(np.abs(b))))
     ea, ca = np.concatenate(ex), np.concatenate(co)
-    return {"model": {"embedding_size": model_config.embedding_size, "n_blocks": model_config.n_blocks},
-            "epochs": train_config.epochs, "knots": compact.knot_passes,
+    return {"knots": compact.knot_passes,
             "delta_relative_error": {k: (num[k] / den[k]) ** 0.5 for k in num},
             "delta_per_example_relative_error": {"median": float(np.median(pe)), "p90": float(np.percentile(pe, 90)),
                                                  "max": float(pe.max())},
-            "effects": {"n_pairs": len(pairs), "relative_error": float(np.linalg.norm(ca - ea) / np.linalg.norm(ea)),
-                        "spearman_per_pair_mean": float(np.nanmean(rho)), "same_top1": float(np.mean(top1))}}
+            "effects": {"n_pairs": len(pairs), "n_effects": int(len(ea)),
+                        "relative_error": float(np.linalg.norm(ca - ea) / np.linalg.norm(ea)),
+                        "spearman_all": float(stats.spearmanr(ea, ca)[0]),
+                        "spearman_per_pair_mean": float(np.nanmean(rho)), "same_top1": float(np.mean(top1)),
+                        "mean_abs_exact": float(np.abs(ea).mean()), "mean_abs_compact": float(np.abs(ca).mean())}}
+
+
+def reconstruction_error(train: Ratings, test: Ratings, model_config: MFConfig, train_config: TrainConfig,
+                         n_pairs: int = 300) -> dict:
+    """`compare_logs` on the exact and compact logs of one training with these configs."""
+    model, exact, _ = fit(train, model_config, train_config, "exact")
+    _, compact, _ = fit(train, model_config, train_config, "compact")
+    return {"model": {"embedding_size": model_config.embedding_size, "n_blocks": model_config.n_blocks},
+            "epochs": train_config.epochs, **compare_logs(model, train, test, exact, compact, n_pairs)}
 
 
 def exact_log_scores(train: Ratings, setup, b_points: list[dict], model: MatrixFactorization) -> dict:

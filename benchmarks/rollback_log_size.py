@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 RESULTS = Path(__file__).parent / "results" / "rollback_log_size.json"
 
@@ -55,45 +54,20 @@ def _fit(train, mode: str | None, epochs: int | None = None):
 
 def quality(n_pairs: int) -> dict:
     """Part ``u1``: the compact log against the exact log of the same training."""
+    from rollback_faithfulness import compare_logs
+
     from recsys.datasets import load_split
-    from recsys.experiments.faithfulness import sample_pairs
-    from recsys.explain.influence import estimate_effects
 
     train, test = load_split("ml-100k", "u1")
     model, exact, _, _ = _fit(train, "exact")
     _, compact, _, _ = _fit(train, "compact")
-    d = exact.block_size
-    num = {"factors": 0.0, "biases": 0.0}
-    den = {"factors": 0.0, "biases": 0.0}
-    for lo in range(0, len(train), 4096):
-        ids = np.arange(lo, min(len(train), lo + 4096))
-        e, c = exact.rows(ids), compact.rows(ids)
-        for part, sl in (("factors", slice(0, 2 * d)), ("biases", slice(2 * d, 2 * d + 2))):
-            num[part] += float(np.square(c[..., sl] - e[..., sl]).sum())
-            den[part] += float(np.square(e[..., sl]).sum())
-    pairs = sample_pairs(train, test, n_pairs, np.random.default_rng(0))
-    ex, co, rho, top1 = [], [], [], []
-    for u, i in pairs:
-        a = estimate_effects(model, train, u, i, "rollback", exact)[1]
-        b = estimate_effects(model, train, u, i, "rollback", compact)[1]
-        ex.append(a)
-        co.append(b)
-        if len(a) > 2 and np.std(a) > 0 and np.std(b) > 0:
-            rho.append(stats.spearmanr(a, b)[0])
-        top1.append(int(np.argmax(np.abs(a)) == np.argmax(np.abs(b))))
-    ea, ca = np.concatenate(ex), np.concatenate(co)
+    compared = compare_logs(model, train, test, exact, compact, n_pairs, chunk=4096)
     with tempfile.TemporaryDirectory() as tmp:
         from recsys.artefact import save_artefact
 
         save_artefact(Path(tmp) / "m", model, train, rollback=compact)
         saved = (Path(tmp) / "m" / "rollback.safetensors").stat().st_size
-    return {"dataset": "ml-100k u1", "n_train": len(train), "knots": compact.knot_passes,
-            "delta_relative_error": {k: (num[k] / den[k]) ** 0.5 for k in num},
-            "effects": {"n_pairs": len(pairs), "n_effects": int(len(ea)),
-                        "relative_error": float(np.linalg.norm(ca - ea) / np.linalg.norm(ea)),
-                        "spearman_all": float(stats.spearmanr(ea, ca)[0]),
-                        "spearman_per_pair_mean": float(np.nanmean(rho)), "same_top1": float(np.mean(top1)),
-                        "mean_abs_exact": float(np.abs(ea).mean()), "mean_abs_compact": float(np.abs(ca).mean())},
+    return {"dataset": "ml-100k u1", "n_train": len(train), **compared,
             "compact_saved_bytes_per_rating": saved / len(train),
             "compact_memory_bytes_per_rating": compact.nbytes / len(train),
             "exact_memory_bytes_per_rating": exact.nbytes / len(train)}
