@@ -12,7 +12,11 @@ factory each uvicorn worker of ``recsys serve --workers N`` calls.
 In front of every route sits `api.limits.Guard` (pure ASGI): the API key is checked before
 the body is read (writes always; reads too with ``RECSYS_READ_AUTH=true``), the body is
 counted as it arrives and refused with a 413 once over ``max_body_bytes`` (chunked bodies
-too), then the route runs. Every limit is in the OpenAPI document: ids (`ID_RULE`),
+too), then the route runs. A plain GET read (``/v1/predict``, a user's recommendations, a
+user) is answered by `api.fast_reads.FastReads` through the same response functions as its
+route, without FastAPI's per-request parameter solving; anything it does not handle exactly
+(any invalid or unusual input) goes to the FastAPI route (``create_app(..., fast_reads=False)``:
+always). Every limit is in the OpenAPI document: ids (`ID_RULE`),
 entries per request, ``k``, explanation length, body bytes.
 
 ``POST /v1/admin/reload`` (or SIGHUP to a single-worker server; with several workers, SIGHUP
@@ -44,6 +48,7 @@ from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from api.fast_reads import DEFAULT_K, FastReads
 from api.limits import Guard
 from api.schemas import (
     ID_PATTERN,
@@ -72,7 +77,9 @@ __all__ = ["NotReady", "Service", "Settings", "create_app"]
 log = logging.getLogger("recsys.api")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, fast_reads: bool = True) -> FastAPI:
+    """The app (module docstring); ``fast_reads`` False sends every read through FastAPI's
+    routing (the answers are the same; for comparisons)."""
     settings = settings or Settings()
     service = Service(settings)
 
@@ -122,9 +129,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         counter.inc()
         histogram.observe(seconds)
 
-    app.add_middleware(Guard, key=settings.key, read_auth=settings.read_auth,
-                       max_body_bytes=settings.max_body_bytes, observe=observe)
-
     # ------------------------------------------------------------------ errors
     def problem(code: int):
         async def handler(_: Request, exc: Exception) -> JSONResponse:
@@ -134,6 +138,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for exc_type, code in ((UnknownIdError, 404), (ValueError, 422), (NoRatingModelError, 400), (NotReady, 503),
                            (EventIdConflictError, 409), (NotApplied, 409), (StaleRead, 409)):
         app.add_exception_handler(exc_type, problem(code))
+
+    def handler_for(exc: Exception):
+        """The app's handler for ``exc``, looked up along its class's MRO as Starlette's
+        exception middleware does (up to, not including, `Exception`: that one is the
+        server-error middleware's); None when there is none."""
+        for cls in type(exc).__mro__:
+            if cls is Exception:
+                return None
+            handler = app.exception_handlers.get(cls)
+            if handler is not None:
+                return handler
+        return None
 
     @app.exception_handler(405)
     async def method_not_allowed(request: Request, exc: FastAPIHTTPException) -> JSONResponse:
@@ -225,13 +241,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ------------------------------------------------------------------ reads
+    # The GET reads' answers, shared by their routes and `FastReads` (which calls them with
+    # parameters it has validated as the routes declare them).
+    async def predict_response(user: str, item: str, explain: int, min_seq: int | None) -> JSONResponse:
+        rec = await live(min_seq)
+        return await answer(True, lambda: out(rec.predict(user, item, explain=explain)))
+
+    async def recommendations_response(user: str, k: int, explain: int, min_seq: int | None) -> JSONResponse:
+        rec = await live(min_seq)
+
+        def work() -> dict:
+            r = rec.recommend(user, k, explain=explain)
+            return {"user": r.user, "path": r.path, "items": [out(p) for p in r.items]}
+
+        return await answer(k * (1 + explain) <= 64, work)  # k=10, explain=3: on the loop
+
+    async def user_response(user: str, min_seq: int | None) -> JSONResponse:
+        rec = await live(min_seq)
+        return await answer(True, lambda: rec.user_info(user).__dict__)
+
     # read handlers are `async def` (no thread-pool round trip for small answers, see `answer`)
     @app.get("/v1/predict", response_model=PredictionOut, dependencies=reads,
              responses={**unknown, **no_rating_model, **read_problems})
     async def predict(user: QueryId, item: QueryId, explain: Explain = 0, min_seq: MinSeq = None) -> PredictionOut:
         """Predict one rating, optionally with the top-`explain` training ratings behind it."""
-        rec = await live(min_seq)
-        return await answer(True, lambda: out(rec.predict(user, item, explain=explain)))
+        return await predict_response(user, item, explain, min_seq)
 
     @app.post("/v1/predict", response_model=PredictBatchOut, dependencies=reads,
               responses={**unknown, **no_rating_model, **read_problems, **too_large})
@@ -245,25 +279,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/users/{user}/recommendations", response_model=RecommendationsOut, dependencies=reads,
              responses=read_problems)
     async def recommendations(user: AnId,
-                              k: Annotated[int, Query(ge=1, le=settings.max_k, description="list length")] = 10,
+                              k: Annotated[int, Query(ge=1, le=settings.max_k, description="list length")] = DEFAULT_K,
                               explain: Explain = 0, min_seq: MinSeq = None) -> RecommendationsOut:
         """Top-k items the user has not rated, ranked by the ranking model (popularity for a user
         with no interaction), each with the ranker's score, the predicted rating where a rating
         model is loaded, and its explanation when asked (the user's interactions that most
         raised the item's score, in score units)."""
-        rec = await live(min_seq)
-
-        def work() -> dict:
-            r = rec.recommend(user, k, explain=explain)
-            return {"user": r.user, "path": r.path, "items": [out(p) for p in r.items]}
-
-        return await answer(k * (1 + explain) <= 64, work)  # k=10, explain=3: on the loop
+        return await recommendations_response(user, k, explain, min_seq)
 
     @app.get("/v1/users/{user}", response_model=UserOut, dependencies=reads, responses={**unknown, **read_problems})
     async def get_user(user: AnId, min_seq: MinSeq = None) -> UserOut:
         """What the service knows about a user."""
-        rec = await live(min_seq)
-        return await answer(True, lambda: rec.user_info(user).__dict__)
+        return await user_response(user, min_seq)
 
     # ------------------------------------------------------------------ writes
     @app.post("/v1/ratings", response_model=RatingsOut, dependencies=writes,
@@ -329,4 +356,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
+
+    fast = None
+    if fast_reads:
+        gets = {route.path: route for route in app.router.routes if "GET" in (getattr(route, "methods", None) or ())}
+        fast = FastReads(predict=predict_response, recommendations=recommendations_response, user=user_response,
+                         routes=gets, handler_for=handler_for, max_explain=settings.max_explain,
+                         max_k=settings.max_k)
+    app.add_middleware(Guard, key=settings.key, read_auth=settings.read_auth,
+                       max_body_bytes=settings.max_body_bytes, observe=observe, fast=fast)
     return app

@@ -10,6 +10,9 @@ code runs and before a byte of the body is read:
    within the limit is handed to the route (so parsing never sees more than
    ``max_body_bytes``);
 3. **metrics**: requests by route template and status, and latency.
+
+Between 2 and the route, an optional fast path (`api.fast_reads.FastReads`) may answer a
+plain GET read itself; whatever it does not answer goes to the route.
 """
 
 from __future__ import annotations
@@ -40,11 +43,15 @@ class Guard:
     """Auth, then the body limit, then the route; metrics around it (module docstring).
 
     ``key`` returns the configured API key (None: writes are disabled); ``observe(route,
-    status, seconds)`` records one request."""
+    status, seconds)`` records one request; ``fast(scope, receive, send)``, when given, is
+    offered every GET first and returns whether it answered it (it sets the scope's
+    ``route`` when it does)."""
 
     def __init__(self, app: ASGIApp, *, key: Callable[[], str | None], read_auth: bool, max_body_bytes: int,
-                 observe: Callable[[str, int, float], None]) -> None:
+                 observe: Callable[[str, int, float], None],
+                 fast: Callable[[Scope, Receive, Send], Awaitable[bool]] | None = None) -> None:
         self.app = app
+        self.fast = fast
         self.key = key
         self.read_auth = read_auth
         self.max_body_bytes = max_body_bytes
@@ -66,6 +73,8 @@ class Guard:
             refused = self._refuse_auth(scope)
             if refused is not None:
                 await refused(send_recording)
+                return
+            if self.fast is not None and scope["method"] == "GET" and await self.fast(scope, receive, send_recording):
                 return
             if scope["method"] in BODY_METHODS:
                 try:
