@@ -422,7 +422,7 @@ def test_a_folded_in_users_ratings_refresh_only_the_rows_they_changed(small_rati
         np.testing.assert_allclose([c.effect for c in got.contributions], [c.effect for c in want.contributions],
                                    rtol=1e-4, atol=1e-7)
     cache = cached._newton
-    assert ("user", int(raters[-1])) in cache._rows  # another rater of the item: not rebuilt
+    assert cache.current("user", int(raters[-1]))  # another rater of the item: kept, not rebuilt
 
 
 def test_the_top_k_by_absolute_effect_breaks_ties_by_position():
@@ -474,3 +474,75 @@ def test_the_row_index_follows_appended_ratings_in_csr_order_without_a_new_csr(s
             z, cols = index.row(side, row)
             np.testing.assert_array_equal(z, csr.examples[csr.row(row)])
             np.testing.assert_array_equal(cols, csr.columns[csr.row(row)])
+
+
+@pytest.mark.parametrize("n_rated", [3, 9, 14])
+def test_the_fold_in_leave_one_out_solved_in_either_space_equals_refolding(small_ratings, n_rated):
+    """`FoldInLeaveOneOut` solves in the ratings' space when a user has at most D+1 ratings
+    (here D+1 = 9) and in the factors' space past that: either way each rating's effect is
+    the prediction minus that of the user re-folded without it."""
+    from recsys.models.mf.explain import FoldInLeaveOneOut
+    from tests.conftest import with_new_ratings
+
+    r = small_ratings
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r)
+    rng = np.random.default_rng(n_rated)
+    items = rng.choice(r.n_items, size=n_rated, replace=False)
+    ratings, new = with_new_ratings(r, ["newcomer"] * n_rated, [r.item_ids.raw(int(j)) for j in items],
+                                    rng.integers(1, 6, n_rated).astype(float).tolist())
+    model.learn(ratings, new)
+    u = ratings.user_ids.index("newcomer")
+    mine = np.flatnonzero(ratings.users == u)
+    loo = FoldInLeaveOneOut(model, ratings)
+    for item in (0, 4, 11):
+        base = _refolded_prediction(model, ratings, mine, item)
+        want = [base - _refolded_prediction(model, ratings, mine[mine != z], item) for z in mine]
+        np.testing.assert_allclose(loo.effects(u, item, mine), want, rtol=0, atol=1e-5)
+        assert np.abs(want).max() > 1e-3
+
+
+@pytest.mark.parametrize("changes_kept", [256, 1])
+def test_cached_rows_are_rebuilt_exactly_when_a_row_they_hold_moved(small_ratings, changes_kept):
+    """`update` only stamps the rows online learning moved; a cached row is rebuilt when next
+    used if its own row or a row it holds (a rater, a rated item) moved since it was built,
+    and kept otherwise. After each batch (trained users, a new user folded in, the folded-in
+    user rating again) every explanation equals a fresh explainer's. ``changes_kept`` 1:
+    staleness read from the stamps of every held row instead of the list of moved rows."""
+    from tests.conftest import with_new_ratings
+
+    r = small_ratings
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r, learning_rate=0.02)
+    cached = model.explainer(r)
+    cached.warm()
+    cache = cached._cache()
+    cache.changes_kept = changes_kept
+    rng = np.random.default_rng(0)
+    ratings = r
+    batches = [([3, 3], [1, 6]), (["newcomer"] * 3, [0, 2, 5]), ([7, "newcomer"], [4, 9]), ([3], [11]), ([12], [6])]
+    for step, (users, items) in enumerate(batches):
+        raw_users = [u if isinstance(u, str) else r.user_ids.raw(u) for u in users]
+        ratings, new = with_new_ratings(ratings, raw_users, [r.item_ids.raw(j) for j in items],
+                                        rng.integers(1, 6, len(items)).astype(float).tolist())
+        model.learn(ratings, new)
+        cached.update(ratings, new)
+        if step == 0:  # user 3 and items 1, 6 moved
+            rated_by_3 = set(ratings.items[ratings.users == 3].tolist())
+            raters = set(ratings.users[np.isin(ratings.items, [1, 6])].tolist())
+            assert not cache.current("user", 3) and not cache.current("item", 1) and not cache.current("item", 6)
+            assert all(not cache.current("item", j) for j in rated_by_3)
+            assert all(not cache.current("user", v) for v in raters)
+            untouched_items = set(range(r.n_items)) - rated_by_3 - {1, 6}
+            untouched_users = set(range(r.n_users)) - raters - {3}
+            assert untouched_items and untouched_users
+            assert all(cache.current("item", j) for j in untouched_items)
+            assert all(cache.current("user", v) for v in untouched_users)
+        fresh = model.explainer(ratings)
+        for u in range(ratings.n_users):
+            for i in range(step % 3, ratings.n_items, 3):
+                got, want = cached.explain(u, i, 8), fresh.explain(u, i, 8)
+                assert [c.example for c in got.contributions] == [c.example for c in want.contributions]
+                np.testing.assert_allclose([c.effect for c in got.contributions],
+                                           [c.effect for c in want.contributions], rtol=1e-5, atol=1e-8)
+                assert (got.method, got.n_candidates) == (want.method, want.n_candidates)

@@ -1,0 +1,465 @@
+"""Compiled kernels of MF's served explanations (`recsys.models.mf.explain`): building one
+cached Newton row and scoring a row's ratings on a prediction, each one call instead of the
+twenty-odd numpy calls (and their temporaries) the same arithmetic took, which at the sizes a
+query meets (a user row of tens of ratings, an item row of a few hundred) cost more than the
+arithmetic itself.
+
+All arithmetic is float64 (the tables are read as float32 and widened), in the order of the
+numpy formulation they replace, so the rows and effects agree with it to float rounding
+(``tests/test_influence.py`` compares them with the direct float64 estimate). No fastmath:
+the row's inverse must not be reassociated."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recsys.jit import variant
+
+#: reductions may be reordered (so they vectorise); nothing else of fastmath (no NaN/inf assumptions)
+_REASSOC = {"reassoc", "contract"}
+
+
+def _lower_cholesky_inverse(M):
+    """``L⁻¹`` (lower triangular, float64 ``[n, n]``) for the Cholesky factor ``L`` of the
+    symmetric positive-definite ``M`` (``M⁻¹ = L⁻ᵀL⁻¹``); raises ValueError if ``M`` is not
+    positive definite. Plain loops: no BLAS call (whose thread team, woken for a matrix of a
+    few hundred rows, spun for tens of ms per call on a busy machine)."""
+    n = M.shape[0]
+    L = np.zeros((n, n))
+    for j in range(n):
+        s = M[j, j]
+        for p in range(j):
+            s -= L[j, p] * L[j, p]
+        if not s > 0.0:
+            raise ValueError("the row's system is not positive definite (no L2 and too few ratings?)")
+        diag = np.sqrt(s)
+        L[j, j] = diag
+        r = 1.0 / diag
+        for i in range(j + 1, n):
+            s = M[i, j]
+            for p in range(j):
+                s -= L[i, p] * L[j, p]
+            L[i, j] = s * r
+    inv = np.zeros((n, n))
+    for i in range(n):  # row i of L⁻¹ from the rows above it: L[i, :i+1]·inv[:i+1, j] = δ_ij
+        r = 1.0 / L[i, i]
+        inv[i, i] = r
+        for p in range(i):
+            coef = L[i, p] * r
+            for j in range(p + 1):
+                inv[i, j] -= coef * inv[p, j]
+    return inv
+
+
+def _gram_of_inverse(inv):
+    """``L⁻ᵀL⁻¹`` (the inverse of ``M``) from `_lower_cholesky_inverse`'s ``L⁻¹``."""
+    n = inv.shape[0]
+    out = np.zeros((n, n))
+    for p in range(n):
+        for a in range(p + 1):
+            coef = inv[p, a]
+            for b in range(p + 1):
+                out[a, b] += coef * inv[p, b]
+    return out
+
+
+lower_cholesky_inverse = variant(_lower_cholesky_inverse, "serial", nogil=True, fastmath=_REASSOC)
+gram_of_inverse = variant(_gram_of_inverse, "serial", nogil=True, fastmath=_REASSOC)
+
+
+def _newton_row(theta, other_factors, other_bias, others, values, global_mean, lam):
+    """One row's Newton system and per-rating numbers (`NewtonInfluence`'s cached row).
+
+    theta ``[K, d+1]`` float64: the row ``[factors; bias]`` per block; other_factors
+    ``[n, K·d]`` float32 and other_bias ``[n, K]`` float32: the other side's tables; others
+    ``[m]`` int: the other side's index of each of the row's ratings; values ``[m]`` float64:
+    the ratings; lam ``[d+1]`` float64: the row's per-visit L2.
+
+    Per block, with ``x_i = [other factors; 1]``, ``r_i`` the rating's error, ``A = Σ x_i x_iᵀ
+    + max(m−1, 1)·diag(λ)``, ``h_i = x_iᵀA⁻¹x_i`` and ``t_i = −r_i h_i + x_iᵀA⁻¹(λ⊙θ)``:
+    returns ``(A [K, d+1, d+1] float64, A⁻¹ [K, d+1, d+1] float64, α [m, K] float32 with
+    α_i = t_i/(1 − h_i) − r_i, β [m] float32 = Σ_blocks |α_i|·‖x_i‖)``. ``A⁻¹`` by Cholesky
+    (``h_i = ‖L⁻¹x_i‖²``)."""
+    k, d1 = theta.shape
+    d = d1 - 1
+    m = len(others)
+    A_all = np.empty((k, d1, d1))
+    inv_all = np.empty((k, d1, d1))
+    alpha = np.empty((m, k), np.float32)
+    beta = np.zeros(m)
+    xt = np.empty((d1, m))  # the block's x_i as columns: the loops below run along the ratings
+    y = np.empty((d1, m))  # L⁻¹x_i as columns
+    resid = np.empty(m)
+    h = np.empty(m)
+    t = np.empty(m)
+    norm = np.empty(m)
+    reg_theta = np.empty(d1)
+    v_reg = np.empty(d1)
+    scale = max(m - 1, 1)
+    for b in range(k):
+        for i in range(m):
+            o = others[i]
+            s = 0.0
+            for j in range(d):
+                v = np.float64(other_factors[o, b * d + j])
+                xt[j, i] = v
+                s += v * theta[b, j]
+            xt[d, i] = 1.0
+            resid[i] = values[i] - (global_mean + theta[b, d] + np.float64(other_bias[o, b]) + s)
+        A = np.empty((d1, d1))
+        for p in range(d1):
+            for q in range(p + 1):
+                s = 0.0
+                for i in range(m):
+                    s += xt[p, i] * xt[q, i]
+                A[p, q] = s
+                A[q, p] = s
+            A[p, p] += scale * lam[p]
+            reg_theta[p] = lam[p] * theta[b, p]
+        L_inv = lower_cholesky_inverse(A)
+        A_inv = gram_of_inverse(L_inv)
+        for p in range(d1):
+            s = 0.0
+            for q in range(d1):
+                s += A_inv[p, q] * reg_theta[q]
+            v_reg[p] = s
+        for i in range(m):
+            h[i] = 0.0
+            t[i] = 0.0
+            norm[i] = 0.0
+        for p in range(d1):  # y = L⁻¹X, h_i = ‖y_i‖², t_i's x_i·A⁻¹(λ⊙θ), ‖x_i‖²
+            for i in range(m):
+                y[p, i] = 0.0
+            for q in range(p + 1):
+                coef = L_inv[p, q]
+                for i in range(m):
+                    y[p, i] += coef * xt[q, i]
+            vp = v_reg[p]
+            for i in range(m):
+                h[i] += y[p, i] * y[p, i]
+                t[i] += xt[p, i] * vp
+                norm[i] += xt[p, i] * xt[p, i]
+        for i in range(m):
+            denom = 1.0 - h[i]
+            if abs(denom) < 1e-9:
+                denom = 1e-9
+            a = (t[i] - resid[i] * h[i]) / denom - resid[i]
+            alpha[i, b] = a
+            beta[i] += abs(a) * np.sqrt(norm[i])
+        A_all[b] = A
+        inv_all[b] = A_inv
+    return A_all, inv_all, alpha, beta.astype(np.float32)
+
+
+def _fold_in_leave_one_out(item_factors, item_bias, items, values, global_mean, reg, bias_reg):
+    """`FoldInLeaveOneOut`'s ``V [m, D+1]`` (float64) of a user folded in from the ratings
+    ``(items [m], values [m])``: the effect of rating ``z`` on the prediction of item ``i`` is
+    ``[q_i/K; 1]·V[z]`` (the prediction minus that of the user re-folded without ``z``).
+
+    The ridge is ``w = G⁻¹Xᵀt``, ``G = XᵀX + Λ`` (``x_z = [q_z/K; 1]``, ``t_z = r_z − μ − b̄_z``,
+    ``Λ = diag(reg, …, reg, bias_reg)``) and ``V[z] = G⁻¹x_z e_z/(1 − h_z)``. With fewer
+    ratings than ``D+1`` (and ``Λ > 0``) it is solved in the ratings' space instead:
+    ``G⁻¹Xᵀ = Λ⁻¹XᵀS⁻¹`` with ``S = I + XΛ⁻¹Xᵀ`` (``m × m``), so ``e = S⁻¹t``,
+    ``1 − h_z = (S⁻¹)_zz`` and ``V[z] = (S⁻¹XΛ⁻¹)[z]·e_z/(S⁻¹)_zz``; otherwise in ``G``."""
+    m = len(items)
+    k = item_bias.shape[1]
+    n_factors = item_factors.shape[1]
+    d1 = n_factors + 1
+    X = np.empty((m, d1))
+    t = np.empty(m)
+    for z in range(m):
+        it = items[z]
+        mean_bias = 0.0
+        for b in range(k):
+            mean_bias += np.float64(item_bias[it, b])
+        for j in range(n_factors):
+            X[z, j] = np.float64(item_factors[it, j]) / k
+        X[z, n_factors] = 1.0
+        t[z] = values[z] - global_mean - mean_bias / k
+    lam = np.full(d1, reg)
+    lam[n_factors] = bias_reg
+    V = np.zeros((m, d1))
+    if m <= d1 and reg > 0.0 and bias_reg > 0.0:
+        Xs = np.empty((m, d1))  # XΛ⁻¹
+        for z in range(m):
+            for j in range(d1):
+                Xs[z, j] = X[z, j] / lam[j]
+        S = np.empty((m, m))
+        for a in range(m):
+            for c in range(a + 1):
+                s = 0.0
+                for j in range(d1):
+                    s += Xs[a, j] * X[c, j]
+                S[a, c] = s
+                S[c, a] = s
+            S[a, a] += 1.0
+        S_inv = gram_of_inverse(lower_cholesky_inverse(S))
+        for z in range(m):
+            e = 0.0
+            for c in range(m):
+                e += S_inv[z, c] * t[c]
+            scale = e / S_inv[z, z]
+            for c in range(m):
+                coef = S_inv[z, c] * scale
+                for j in range(d1):
+                    V[z, j] += coef * Xs[c, j]
+        return V
+    G = np.zeros((d1, d1))
+    for z in range(m):  # the lower triangle of XᵀX
+        for p in range(d1):
+            xp = X[z, p]
+            for q in range(p + 1):
+                G[p, q] += xp * X[z, q]
+    for p in range(d1):
+        for q in range(p):
+            G[q, p] = G[p, q]
+        G[p, p] += lam[p]
+    G_inv = gram_of_inverse(lower_cholesky_inverse(G))
+    GX = np.zeros((m, d1))  # rows G⁻¹x_z
+    w = np.zeros(d1)
+    for z in range(m):
+        for p in range(d1):
+            xp = X[z, p]
+            for q in range(d1):
+                GX[z, q] += G_inv[p, q] * xp
+        for q in range(d1):
+            w[q] += GX[z, q] * t[z]
+    for z in range(m):
+        e = t[z]
+        h = 0.0
+        for q in range(d1):
+            e -= X[z, q] * w[q]
+            h += X[z, q] * GX[z, q]
+        scale = e / max(1.0 - h, 1e-12)
+        for q in range(d1):
+            V[z, q] = GX[z, q] * scale
+    return V
+
+
+def _rating_score(alpha, others, i, table, w, c):
+    """The effect of the row's rating at position ``i``: ``−(Σ_blocks α_i (x_i·w_b) + c)/K``."""
+    k, d1 = w.shape
+    d = d1 - 1
+    o = others[i]
+    acc = 0.0
+    for b in range(k):
+        s = 0.0
+        for j in range(d):
+            s += np.float64(table[o, b * d + j]) * w[b, j]
+        acc += np.float64(alpha[i, b]) * (s + w[b, d])
+    return -(acc + c) / k
+
+
+rating_score = variant(_rating_score, "serial", nogil=True, fastmath=_REASSOC)
+
+
+def _pruned_row_scores(alpha, others, examples, beta, by_beta, table, w, c, w_max, lo, hi, settled_below, best,
+                       chunk):
+    """The effects of a long row's ratings (`rating_score`) in decreasing order of their bound, stopping
+    once none left can reach the ``len(best)``-th largest ``|effect|`` (`NewtonInfluence`'s
+    pruned item side). Returns ``(positions int64, effects float64)``: first every rating at
+    or above example id ``settled_below`` (in position order: the caller re-estimates them),
+    then the scored ones in bound order; positions in ``[lo, hi)`` (the user's own) are skipped.
+
+    beta ``[m]`` float32 and by_beta ``[m]`` int: the bound ``Σ_blocks |α_i|·‖x_i‖`` and the
+    positions in decreasing order of it; w_max: ``max_b ‖w_b‖``; best float64 ``[top]``: the
+    largest settled ``|effects|`` so far, decreasing, padded with -1 (updated in place with
+    every scored effect). Scored in steps of ``chunk`` ratings, doubling; after each step it
+    stops if the next rating's bound ``(β·w_max + |c|)/K`` with a relative margin of 1e-4 is
+    below the smallest of a full ``best``."""
+    k = w.shape[0]
+    m = len(examples)
+    top = len(best)
+    positions = np.empty(m, np.int64)
+    effects = np.empty(m)
+    n = 0
+    for i in range(m):
+        if examples[i] >= settled_below and (i < lo or i >= hi):
+            positions[n] = i
+            effects[n] = rating_score(alpha, others, i, table, w, c)
+            n += 1
+    start = 0
+    size = chunk
+    while start < m:
+        stop = min(start + size, m)
+        for r in range(start, stop):
+            i = by_beta[r]
+            if (i >= lo and i < hi) or examples[i] >= settled_below:
+                continue
+            e = rating_score(alpha, others, i, table, w, c)
+            positions[n] = i
+            effects[n] = e
+            n += 1
+            a = abs(e)
+            if a > best[top - 1]:  # into the decreasing top
+                j = top - 1
+                while j > 0 and best[j - 1] < a:
+                    best[j] = best[j - 1]
+                    j -= 1
+                best[j] = a
+        start = stop
+        size *= 2
+        if start < m and best[top - 1] >= 0.0:
+            bound = (np.float64(beta[by_beta[start]]) * w_max + abs(c)) / k
+            if bound * (1 + 1e-4) + 1e-12 < best[top - 1]:
+                break
+    return positions[:n].copy(), effects[:n].copy()
+
+
+def _target_weights(W, table, row, k):
+    """``(w [K, d+1] float64, c)``: ``w_b = W_b [table[row] block b; 1]`` and ``c = (λ⊙θ)·w``
+    is left to the caller (`_pair_scores`)."""
+    d1 = W.shape[1]
+    d = d1 - 1
+    w = np.empty((k, d1))
+    for b in range(k):
+        for p in range(d1):
+            s = np.float64(W[b, p, d])
+            for q in range(d):
+                s += np.float64(W[b, p, q]) * np.float64(table[row, b * d + q])
+            w[b, p] = s
+    return w
+
+
+target_weights = variant(_target_weights, "serial", nogil=True, fastmath=_REASSOC)
+
+
+def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
+                 item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta, has_item,
+                 P, Q, user, item, prune, top, settled_below, user_settled, chunk):
+    """Every candidate of the prediction of ``(user, item)`` scored from the two cached rows
+    in one call (`NewtonInfluence.effects_and_shares`). Returns ``(example ids int64 [n],
+    effects float64 [n], shares_user bool [n], shares_item bool [n], candidates)``: the
+    user's ratings first (row order; effect 0 unless ``score_user``; the pair's own rating
+    also gets its item-row share), then the item's other ratings (all, in row order, or with
+    ``prune`` those `_pruned_row_scores` keeps, seeded with the ``top`` largest ``|effect|``
+    of the user's ratings below ``settled_below`` when ``user_settled``)."""
+    m_u = len(user_examples)
+    m_i = len(item_examples)
+    lo = hi = 0
+    w_i = np.zeros((k, 1))
+    c_i = 0.0
+    if has_item:
+        lo = np.searchsorted(item_others, user)
+        hi = np.searchsorted(item_others, user + 1)
+        w_i = target_weights(item_W, P, user, k)
+        c_i = np.sum(item_reg_theta * w_i)
+    ids = np.empty(m_u + m_i, np.int64)
+    eff = np.zeros(m_u + m_i)
+    su = np.zeros(m_u + m_i, np.bool_)
+    si = np.zeros(m_u + m_i, np.bool_)
+    best = np.full(max(top, 1), -1.0)
+    w_u = np.zeros((k, 1))
+    c_u = 0.0
+    if m_u:
+        if score_user:
+            w_u = target_weights(user_W, Q, item, k)
+            c_u = np.sum(user_reg_theta * w_u)
+        own = lo
+        for n in range(m_u):
+            ids[n] = user_examples[n]
+            su[n] = True
+            si[n] = user_others[n] == item
+            if score_user:
+                e = rating_score(user_alpha, user_others, n, Q, w_u, c_u)
+                if si[n] and has_item and own < hi:  # the pair's own rating moved both rows
+                    e += rating_score(item_alpha, item_others, own, P, w_i, c_i)
+                    own += 1
+                eff[n] = e
+                if user_settled and user_examples[n] < settled_below:
+                    a = abs(e)
+                    if a > best[len(best) - 1]:
+                        j = len(best) - 1
+                        while j > 0 and best[j - 1] < a:
+                            best[j] = best[j - 1]
+                            j -= 1
+                        best[j] = a
+    n = m_u
+    if has_item and m_i:
+        if prune:
+            w_max = 0.0
+            for b in range(k):
+                s = 0.0
+                for p in range(w_i.shape[1]):
+                    s += w_i[b, p] * w_i[b, p]
+                w_max = max(w_max, np.sqrt(s))
+            pos, scores = pruned_row_scores(item_alpha, item_others, item_examples, item_beta, item_by_beta, P, w_i,
+                                            c_i, w_max, lo, hi, settled_below, best, chunk)
+            for r in range(len(pos)):
+                ids[n] = item_examples[pos[r]]
+                eff[n] = scores[r]
+                si[n] = True
+                n += 1
+        else:
+            for i in range(m_i):
+                if i >= lo and i < hi:
+                    continue
+                ids[n] = item_examples[i]
+                eff[n] = rating_score(item_alpha, item_others, i, P, w_i, c_i)
+                si[n] = True
+                n += 1
+    return ids[:n], eff[:n], su[:n], si[:n], m_u + m_i - (hi - lo)
+
+
+def _pair_prediction(P, Q, BU, BI, user, item, global_mean, lo, hi):
+    """The clipped prediction of ``(user, item)`` from the tables (float64 arithmetic, as
+    `recsys.models.mf.explain._Rows.prediction`)."""
+    k = BU.shape[1]
+    bu = 0.0
+    bi = 0.0
+    for b in range(k):
+        bu += np.float64(BU[user, b])
+        bi += np.float64(BI[item, b])
+    dot = 0.0
+    for j in range(P.shape[1]):
+        dot += np.float64(P[user, j]) * np.float64(Q[item, j])
+    raw = global_mean + bu / k + bi / k + dot / k
+    return min(max(raw, lo), hi)
+
+
+def _online_step_scores(user_factors, item_factors, user_bias, item_bias, owners, items, values, global_mean,
+                        target_user, target_item, mine, theirs, reg_user, bias_reg_user, reg_item, bias_reg_item):
+    """Effects of ratings learnt online by SGD (``MFExplainer._online_steps``, before the
+    ``passes·lr`` scale): per rating ``(owner, item, value)`` with block errors ``e_b``, the
+    user-row move ``(e_b q_b − reg_user·p_b, e_b − bias_reg_user·bu_b)`` scored on the target
+    item's factors where ``mine``, plus the item-row move ``(e_b p_b − reg_item·q_b, e_b −
+    bias_reg_item·bi_b)`` scored on the target user's factors where ``theirs``; summed over
+    blocks, over ``K`` (float64 [m])."""
+    k = user_bias.shape[1]
+    d = user_factors.shape[1] // k
+    m = len(owners)
+    out = np.zeros(m)
+    for n in range(m):
+        u, i = owners[n], items[n]
+        total = 0.0
+        for b in range(k):
+            dot = 0.0
+            for j in range(d):
+                dot += np.float64(user_factors[u, b * d + j]) * np.float64(item_factors[i, b * d + j])
+            bu, bi = np.float64(user_bias[u, b]), np.float64(item_bias[i, b])
+            e = values[n] - (global_mean + bu + bi + dot)
+            if mine[n]:
+                s = 0.0
+                for j in range(d):
+                    dp = e * np.float64(item_factors[i, b * d + j]) - reg_user * np.float64(user_factors[u, b * d + j])
+                    s += dp * np.float64(item_factors[target_item, b * d + j])
+                total += s + (e - bias_reg_user * bu)
+            if theirs[n]:
+                s = 0.0
+                for j in range(d):
+                    dq = e * np.float64(user_factors[u, b * d + j]) - reg_item * np.float64(item_factors[i, b * d + j])
+                    s += dq * np.float64(user_factors[target_user, b * d + j])
+                total += s + (e - bias_reg_item * bi)
+        out[n] = total / k
+    return out
+
+
+newton_row = variant(_newton_row, "serial", nogil=True, fastmath=_REASSOC)
+fold_in_leave_one_out = variant(_fold_in_leave_one_out, "serial", nogil=True, fastmath=_REASSOC)
+pruned_row_scores = variant(_pruned_row_scores, "serial", nogil=True, fastmath=_REASSOC)
+pair_scores = variant(_pair_scores, "serial", nogil=True, fastmath=_REASSOC)
+pair_prediction = variant(_pair_prediction, "serial", nogil=True, fastmath=_REASSOC)
+online_step_scores = variant(_online_step_scores, "serial", nogil=True, fastmath=_REASSOC)
+
+__all__ = ["fold_in_leave_one_out", "gram_of_inverse", "lower_cholesky_inverse", "newton_row", "online_step_scores",
+           "pair_prediction", "pair_scores", "pruned_row_scores", "rating_score", "target_weights"]
