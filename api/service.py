@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recsys.errors import ArtefactError, RecsysError, UnknownIdError
 from recsys.recommender import Recommender
-from recsys.store import NewRating, RatingStore, StoredRating
+from recsys.store import RatingLike, RatingStore, StoredRating
 
 log = logging.getLogger("recsys.api")
 
@@ -212,28 +213,33 @@ class Service:
         rec.recommend(user, 1, explain=1)
 
     # ------------------------------------------------------------------ following the store
-    def _apply_new(self, loaded: Loaded, known: list[StoredRating] | None = None) -> int:
-        """Apply to ``loaded`` the users and ratings committed after its cursors; returns how
-        many ratings were applied. Callers hold the apply lock or own ``loaded`` alone.
+    def _apply_new(self, loaded: Loaded, until_seq: int = 0) -> int:
+        """Apply to ``loaded`` the users and ratings committed after its cursors (the ratings:
+        everything committed, or at least up to ``until_seq`` when given); returns how many
+        ratings were applied. Callers hold the apply lock or own ``loaded`` alone.
 
-        ``known``: rows just committed with consecutive seqs (one request's fresh rows). When
-        the first is the next seq after the cursor, they *are* the log's next rows (seqs have
-        no gaps), so they are applied as they are, without reading them back from the store;
-        rows committed after them are left to the next catch-up (the follower's)."""
+        The rows come from `RatingStore.committed_after`: those this process committed from
+        memory, others' from the file, in log order, so a request applies every row
+        committed before it in one batch (those of concurrent requests of its group commit
+        too: they then find the cursor past their rows)."""
         users = self.store.new_users(loaded.users_cursor)
         for position, user in users:
             loaded.recommender.add_user(user)
             loaded.users_cursor = position
         rec = loaded.recommender
-        if known and known[0].seq == rec.last_seq + 1 and known[-1].seq - known[0].seq == len(known) - 1:
-            return rec.replay(known)
-        return rec.replay(self.store.replay(after_seq=rec.last_seq))
+        applied = 0
+        while True:
+            rows = self.store.committed_after(rec.last_seq)
+            if not rows:
+                return applied
+            applied += rec.replay(rows)
+            if until_seq and rec.last_seq >= until_seq:
+                return applied
 
-    def catch_up(self, until_seq: int = 0, until_user: int = 0, known: list[StoredRating] | None = None) -> int:
+    def catch_up(self, until_seq: int = 0, until_user: int = 0) -> int:
         """Under the apply lock, apply everything the store committed after the live model's
-        cursors (nothing when they are already at ``until_seq`` and ``until_user``);
-        returns how many ratings were applied. ``known``: see `_apply_new` (with it, at least
-        the log up to ``until_seq`` is applied, not necessarily what was committed after)."""
+        cursors (nothing when they are already at ``until_seq`` and ``until_user``; with
+        ``until_seq``, at least the log up to it); returns how many ratings were applied."""
         with self._apply_lock:
             live = self._live
             if live is None or self.store is None:
@@ -241,7 +247,7 @@ class Service:
             if (until_seq or until_user) and until_seq <= live.recommender.last_seq \
                     and until_user <= live.users_cursor:
                 return 0
-            applied = self._apply_new(live, known)
+            applied = self._apply_new(live, until_seq)
         if applied:
             self.metrics.ingested.inc(applied)
         return applied
@@ -285,16 +291,15 @@ class Service:
                             f"{self.store.last_seq()}")
 
     # ------------------------------------------------------------------ writes
-    def ingest(self, new: list[NewRating]) -> list[StoredRating]:
+    def ingest(self, new: Sequence[RatingLike]) -> list[StoredRating]:
         """Validate against the live model (unknown items, off-scale values: nothing is
         stored), store durably (an event id reused with another payload: `EventIdConflictError`,
         nothing stored), catch the live model up to these rows, and only then return what the
         store holds for each rating (duplicates flagged)."""
         self.live().validate(new)
         stored = self.store.add(new)
-        fresh_rows = [s for s in stored if not s.duplicate]
-        fresh = [s.seq for s in fresh_rows]
-        self.catch_up(until_seq=max(s.seq for s in stored), known=fresh_rows)
+        fresh = [s.seq for s in stored if not s.duplicate]
+        self.catch_up(until_seq=max(s.seq for s in stored))
         if fresh:
             live = self.live()
             lost = set(live.skipped_seqs(fresh[0], fresh[-1]))

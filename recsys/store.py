@@ -37,10 +37,12 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 from recsys.errors import RecsysError
 
@@ -75,9 +77,12 @@ class EventIdConflictError(RecsysError):
     payload; nothing of the request was stored."""
 
 
-@dataclass(frozen=True)
-class StoredRating:
-    """One rating as stored: ``seq`` is its position in the log (1-based, increasing)."""
+class StoredRating(NamedTuple):
+    """One rating as stored: ``seq`` is its position in the log (1-based, increasing).
+
+    A named tuple (immutable, compared by value): the service builds one per rating it
+    stores and per rating it reads back, and a tuple is built in a third of the time of a
+    frozen dataclass (0.2-0.3 us against 0.7)."""
 
     seq: int
     user: str
@@ -88,7 +93,7 @@ class StoredRating:
     duplicate: bool = False  # True when this event_id had already been stored
 
 
-def _same_payload(stored: StoredRating, new: NewRating) -> bool:
+def _same_payload(stored: StoredRating, new: RatingLike) -> bool:
     """Whether ``new`` is a retry of ``stored`` (a missing timestamp matches any)."""
     return (stored.user == new.user and stored.item == new.item and stored.rating == float(new.rating)
             and (new.timestamp is None or int(new.timestamp) == stored.timestamp))
@@ -96,6 +101,8 @@ def _same_payload(stored: StoredRating, new: NewRating) -> bool:
 
 @dataclass(frozen=True)
 class NewRating:
+    """A rating to store (``timestamp`` None: the time it is stored)."""
+
     user: str
     item: str
     rating: float
@@ -103,11 +110,25 @@ class NewRating:
     event_id: str | None = None
 
 
+class RatingLike(Protocol):
+    """What `RatingStore.add` reads of a rating: a `NewRating`, or any object with these
+    attributes (the service passes its validated request bodies as they are)."""
+
+    user: str
+    item: str
+    rating: float
+    timestamp: int | None
+    event_id: str | None
+
+
 class RatingStore:
     """A durable, append-only rating log (see the module docstring)."""
 
     #: seconds a connection waits on SQLite's own locks (held briefly by other processes)
     busy_timeout_s = 30.0
+    #: how many of the rows it committed last a store keeps in memory for `committed_after`
+    #: (a follower a few batches behind reads its own process's rows from there)
+    max_recent = 20_000
 
     def __init__(self, path: str | Path, *, group_window_s: float = 0.0, max_group: int = 10_000) -> None:
         self.path = Path(path)
@@ -127,13 +148,18 @@ class RatingStore:
         self._read_lock = threading.Lock()
         self._group_window_s = group_window_s
         self._max_group = max_group
-        self._queue: queue.Queue[tuple[list[NewRating], Future] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[list[RatingLike], Future] | None] = queue.Queue()
+        #: the rows this process committed lately, per transaction ``(first seq, rows)``,
+        #: oldest first, at most about `max_recent` rows (`committed_after`)
+        self._recent: deque[tuple[int, list[StoredRating]]] = deque()
+        self._recent_rows = 0
+        self._recent_lock = threading.Lock()
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="rating-store-writer", daemon=True)
         self._writer.start()
 
     # ------------------------------------------------------------------ writing
-    def add(self, ratings: Sequence[NewRating], timeout: float | None = 30.0) -> list[StoredRating]:
+    def add(self, ratings: Sequence[RatingLike], timeout: float | None = 30.0) -> list[StoredRating]:
         """Store ``ratings`` durably; returns them as stored (in order), after the commit.
         Ratings whose ``event_id`` was seen before with the same payload come back with
         ``duplicate=True`` and the original values; a different payload under a known
@@ -193,7 +219,7 @@ class RatingStore:
                 else:
                     fut.set_result(res)
 
-    def _commit(self, groups: list[list[NewRating]]) -> list[list[StoredRating] | EventIdConflictError]:
+    def _commit(self, groups: list[list[RatingLike]]) -> list[list[StoredRating] | EventIdConflictError]:
         """One transaction for all groups (one group: one caller's ratings): look up known
         event ids in bulk, number the new rows explicitly (we hold the only write lock, so
         numbers are consecutive), insert them with one ``executemany``. A group that reuses
@@ -202,7 +228,7 @@ class RatingStore:
         with self._exclusive():
             return self._commit_locked(groups)
 
-    def _commit_locked(self, groups: list[list[NewRating]]) -> list[list[StoredRating] | EventIdConflictError]:
+    def _commit_locked(self, groups: list[list[RatingLike]]) -> list[list[StoredRating] | EventIdConflictError]:
         """`_commit`, the writers' lock held by the caller."""
         now = time.time()
         cur = self._conn.cursor()
@@ -257,7 +283,18 @@ class RatingStore:
         except BaseException:
             cur.execute("ROLLBACK")
             raise
+        if inserts:  # committed: the new rows (consecutive seqs) are the log's, remember them
+            self._remember([s for group in out if not isinstance(group, EventIdConflictError)
+                            for s in group if not s.duplicate])
         return out
+
+    def _remember(self, fresh: list[StoredRating]) -> None:
+        """Keep ``fresh`` (rows just committed, consecutive seqs) for `committed_after`."""
+        with self._recent_lock:
+            self._recent.append((fresh[0].seq, fresh))
+            self._recent_rows += len(fresh)
+            while self._recent_rows - len(self._recent[0][1]) >= self.max_recent:
+                self._recent_rows -= len(self._recent.popleft()[1])
 
     class _FileLock:
         def __init__(self, store: RatingStore) -> None:
@@ -295,6 +332,44 @@ class RatingStore:
             for row in rows:
                 yield StoredRating(*row)
             last = rows[-1][0]
+
+    def committed_after(self, after_seq: int, limit: int = 10_000) -> list[StoredRating]:
+        """The ratings committed after ``after_seq``, in log order, as `replay` reads them but
+        at most about ``limit`` (the next ones; none: nothing new is committed), without
+        reading back from the file the rows this process committed lately: those come from
+        memory (the last `max_recent`), the rest (other processes' commits in between, older
+        rows) from the file. Seqs have no gaps, so the gap between two of our transactions is
+        exactly other writers' rows; should the file not hold them all, the file alone
+        answers."""
+        with self._recent_lock:
+            own = [(first, rows) for first, rows in self._recent if first + len(rows) - 1 > after_seq]
+        out: list[StoredRating] = []
+        cursor = after_seq
+        for first, rows in own:
+            if len(out) >= limit:
+                return out
+            if first > cursor + 1:
+                want = min(first - 1 - cursor, limit - len(out))
+                between = self._read_range(cursor, first - 1, want)
+                if len(between) != want:  # not expected; the file is the truth
+                    return self._read_range(after_seq, None, limit)
+                out += between
+                if want < first - 1 - cursor:
+                    return out
+            out += rows[cursor + 1 - first:] if cursor >= first else rows
+            cursor = first + len(rows) - 1
+        if len(out) < limit:
+            out += self._read_range(cursor, None, limit - len(out))
+        return out
+
+    def _read_range(self, after_seq: int, last_seq: int | None, limit: int) -> list[StoredRating]:
+        """The first ``limit`` ratings with ``after_seq < seq <= last_seq`` (None: no upper
+        bound), in order."""
+        with self._read_lock:
+            rows = self._read.execute(
+                "SELECT seq, user, item, rating, timestamp, event_id FROM ratings WHERE seq > ? AND seq <= ? "
+                "ORDER BY seq LIMIT ?", (after_seq, 2**63 - 1 if last_seq is None else last_seq, limit)).fetchall()
+        return [StoredRating(*row) for row in rows]
 
     def users(self) -> list[str]:
         """Users created through `add_user`, in creation order."""

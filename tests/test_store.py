@@ -156,3 +156,29 @@ def test_the_chosen_model_is_the_last_one_recorded(tmp_path):
         assert store.choose_model("/models/a") == 1 and store.choose_model("/models/b") == 2
     with RatingStore(tmp_path / "db") as store:
         assert store.chosen_model() == (2, "/models/b")
+
+
+def test_committed_after_is_the_log_from_memory_for_own_rows_and_from_the_file_for_others(tmp_path):
+    """Two stores on one file (two processes): each answers `committed_after` exactly as
+    `replay` reads the file, whatever the cursor and limit, its own rows coming from memory
+    (not read back: they are the very objects `add` returned) and the other's from the file;
+    rows it no longer keeps (past `max_recent`) are read from the file too."""
+    with RatingStore(tmp_path / "db") as a, RatingStore(tmp_path / "db") as b:
+        a.max_recent = 6
+        own = []
+        for k in range(6):
+            own += a.add([NewRating("a", f"{k}-{j}", 3.0, 10 + j) for j in range(k % 3 + 1)])
+            b.add([NewRating("b", str(k), 2.0, 7, event_id=f"e{k}")] * (k % 2 + 1))  # a duplicate within
+            a.add([NewRating("dup", "x", 1.0, 1, event_id="same")])  # stored once, then duplicates
+        log = list(a.replay())
+        assert [r.seq for r in log] == list(range(1, len(log) + 1))
+        kept = {id(r) for _, rows in a._recent for r in rows}
+        assert 0 < sum(len(rows) for _, rows in a._recent) <= 6 + 3
+        for store in (a, b):
+            for after in range(len(log) + 1):
+                for limit in (1, 2, 5, 10_000):
+                    got = store.committed_after(after, limit)
+                    assert got[:limit] == log[after:after + limit] and (len(got) >= limit or got == log[after:])
+        from_memory = [r for r in a.committed_after(0) if id(r) in kept]
+        assert from_memory and all(r.user in ("a", "dup") for r in from_memory)
+        assert not any(id(r) in kept for r in b.committed_after(0))
