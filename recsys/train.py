@@ -101,6 +101,16 @@ class TrainConfig:
     kfac: KFACConfig = field(default_factory=KFACConfig)
     #: wrap the optimizer in `recsys.optim.salr.SALR` (autograd path); None: no SALR
     salr: SALRConfig | None = None
+    #: learning-rate multipliers by parameter name (autograd path,
+    #: `recsys.optim.factory.parameter_groups`): the parameters a key names step at
+    #: ``learning_rate × scale``, the others at ``learning_rate``; batch scaling and the decay
+    #: move every group together. A model's reference for an optimizer with one rate for all
+    #: parameters sets it (REC's SGD: its prototype vectors, which a batch's gradient reaches
+    #: through few ratings each, at 30x its shared message networks). None: one rate.
+    lr_scales: dict[str, float] | None = None
+    #: heavy-ball momentum of SGD (``sgd`` and the K-FAC family's base step; autograd path);
+    #: 0: plain SGD
+    momentum: float = 0.0
     #: how `for_model` scaled the optimizer's reference schedule to ``batch_size``
     #: (`recsys.optim.scaling.BatchScaling`; None: not scaled). A record: the fields above
     #: already hold the scaled values.
@@ -180,6 +190,16 @@ class TrainConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
         if self.optimizer in PRECONDITIONED:
             self.kfac.check(self.optimizer)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.momentum and self.optimizer not in ("sgd", *PRECONDITIONED):
+            raise ValueError(f"momentum is an option of sgd and the K-FAC family, not of {self.optimizer!r}")
+        if self.lr_scales is not None:
+            if not isinstance(self.lr_scales, dict) or not all(
+                    isinstance(k, str) and isinstance(v, int | float) and math.isfinite(v) and v > 0
+                    for k, v in self.lr_scales.items()):
+                raise ValueError("lr_scales must map parameter names to positive numbers, got "
+                                 f"{self.lr_scales!r}")
 
 
 def _merge_layers(layers: Sequence[dict]) -> dict[str, object]:
@@ -294,7 +314,8 @@ class AutogradStepper:
         self.pausable = list(pausable)
         self.optimizer: torch.optim.Optimizer | SALR = (
             optimizer_factory(model) if optimizer_factory
-            else build_optimizer(c.optimizer, model, c.learning_rate, noise=c.noise, seed=c.seed))
+            else build_optimizer(c.optimizer, model, c.learning_rate, noise=c.noise, seed=c.seed,
+                                 lr_scales=c.lr_scales, momentum=c.momentum))
         #: the K-FAC-family preconditioner (None for other optimizers)
         self.preconditioner = None if optimizer_factory else build_preconditioner(c.optimizer, model, c.kfac,
                                                                                    seed=c.seed)
@@ -467,15 +488,20 @@ class Trainer:
         #: the sub-batch covariance-noise source of the last fit (None otherwise)
         self.sub_batch_noise: SubBatchNoise | None = None
 
+    @property
+    def _autograd_only(self) -> bool:
+        """Whether the config needs the autograd step whatever the model brings: a custom
+        optimizer factory, or per-parameter rates (``lr_scales``) that model steps do not take."""
+        return self.optimizer_factory is not None or bool(self.config.lr_scales) or bool(self.config.momentum)
+
     def step_kind(self, model: RatingModel) -> str:
         """The `Stepper.kind` that `fit` would run for ``model``: its family's own step for
         this config, or ``autograd``."""
-        own = None if self.optimizer_factory is not None else model.stepper(None, self.config)
+        own = None if self._autograd_only else model.stepper(None, self.config)
         return own.kind if own is not None else AutogradStepper.kind
 
     def _new_stepper(self, model: RatingModel, train: Ratings) -> Stepper:
-        own = None if self.optimizer_factory is not None else model.stepper(train, self.config,
-                                                                             parallel=self.parallel)
+        own = None if self._autograd_only else model.stepper(train, self.config, parallel=self.parallel)
         if own is not None:
             return own
         return AutogradStepper(model, train, self.config, parallel=self.parallel,

@@ -7,7 +7,8 @@ switched to dense gradients, which costs a pass over whole tables per step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 
 import torch
@@ -16,11 +17,12 @@ from torch import nn
 from recsys.optim.kfac import KFACConfig
 from recsys.optim.noise import NOISE_ESTIMATORS, CovNoiseSGD, NoiseConfig
 
-__all__ = ["NAMES", "NOISE_ESTIMATORS", "OPTIMIZERS", "PRECONDITIONED", "build_optimizer", "build_preconditioner"]
+__all__ = ["NAMES", "NOISE_ESTIMATORS", "OPTIMIZERS", "PRECONDITIONED", "build_optimizer", "build_preconditioner",
+           "parameter_groups"]
 
 #: name -> (factory(params, lr), accepts sparse gradients)
 OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], bool]] = {
-    "sgd": (lambda params, lr: torch.optim.SGD(params, lr=lr), True),
+    "sgd": (lambda params, lr, momentum=0.0: torch.optim.SGD(params, lr=lr, momentum=momentum), True),
     "adagrad": (lambda params, lr: torch.optim.Adagrad(params, lr=lr), True),
     "sparse-adam": (lambda params, lr: torch.optim.SparseAdam(params, lr=lr), True),
     "adam": (lambda params, lr: torch.optim.Adam(params, lr=lr), False),
@@ -33,25 +35,60 @@ PRECONDITIONED = ("kfac", "ekfac", "tkfac", "tekfac")
 NAMES = (*OPTIMIZERS, "cov-noise", *PRECONDITIONED)
 
 
+def parameter_groups(model: nn.Module, learning_rate: float,
+                     lr_scales: Mapping[str, float] | None = None) -> list[dict]:
+    """``model``'s trainable parameters as optimizer parameter groups: first every parameter
+    no key of ``lr_scales`` names, at ``learning_rate`` (so that ``param_groups[0]["lr"]`` is
+    the base rate), then one group per key, at ``learning_rate × lr_scales[key]``, holding the
+    parameters whose name (`nn.Module.named_parameters`) is the key or starts with ``key.``.
+    A key that names no trainable parameter, or a scale that is not a positive number, is an
+    error (a mistyped name would otherwise silently train at the base rate)."""
+    lr_scales = dict(lr_scales or {})
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    taken: set[str] = set()
+    groups: list[dict] = []
+    for key, scale in lr_scales.items():
+        if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"lr_scales[{key!r}] must be a positive number, got {scale!r}")
+        params = [p for n, p in named if (n == key or n.startswith(key + ".")) and n not in taken]
+        if not params:
+            names = sorted({n.split(".")[0] for n, _ in named})
+            raise ValueError(f"lr_scales key {key!r} names no trainable parameter of {type(model).__name__} "
+                             f"(its parameters start with {names})")
+        taken.update(n for n, p in named if n == key or n.startswith(key + "."))
+        groups.append({"params": params, "lr": learning_rate * float(scale)})
+    rest = [p for n, p in named if n not in taken]
+    return ([{"params": rest, "lr": learning_rate}] if rest else []) + groups
+
+
 def build_optimizer(name: str, model: nn.Module, learning_rate: float, *, noise: NoiseConfig | None = None,
-                    seed: int = 0) -> torch.optim.Optimizer:
+                    seed: int = 0, lr_scales: Mapping[str, float] | None = None,
+                    momentum: float = 0.0) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``model``'s parameters, switching its embeddings to dense
     gradients when the optimizer cannot take sparse ones. For the K-FAC family this is the
     base SGD; build the preconditioner with `build_preconditioner`. ``noise`` (default
     `NoiseConfig()`) and ``seed`` configure ``cov-noise``: with the ``per-example`` estimator,
     `recsys.optim.noise.CovNoiseSGD` hooked to ``model`` (SGD only); with ``sub-batch``, the
     ``noise.base`` optimizer, and the trainer feeds it gradients from
-    `recsys.optim.noise.SubBatchNoise`."""
+    `recsys.optim.noise.SubBatchNoise`. ``lr_scales``: learning-rate multipliers by parameter
+    name (`parameter_groups`; e.g. REC's SGD reference steps its prototype table faster than
+    its shared message networks); not for the per-example ``cov-noise``. ``momentum``: SGD's
+    heavy-ball momentum (``sgd`` and the K-FAC family's base SGD; 0 for the others)."""
     noise = noise or NoiseConfig()
     if name in PRECONDITIONED:
         name = "sgd"
+    if momentum and name != "sgd":
+        raise ValueError(f"momentum is an option of sgd and the K-FAC family, not of {name!r}")
     if name == "cov-noise" and noise.estimator == "sub-batch":
         if noise.base not in OPTIMIZERS:
             raise ValueError(f"unknown noise base {noise.base!r}; choose one of {sorted(OPTIMIZERS)}")
-        return build_optimizer(noise.base, model, learning_rate)
+        return build_optimizer(noise.base, model, learning_rate, lr_scales=lr_scales)
     if name == "cov-noise" and noise.base != "sgd":
         raise ValueError("per-example covariance noise steps with SGD; use noise_estimator='sub-batch' "
                          f"to put the noise under {noise.base!r}")
+    if name == "cov-noise" and lr_scales:
+        raise ValueError("per-example covariance noise takes one learning rate; lr_scales needs the "
+                         "sub-batch estimator")
     if name == "cov-noise":
         for module in model.modules():
             if isinstance(module, nn.Embedding):
@@ -71,7 +108,8 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float, *, noise:
                  for p in m.parameters(recurse=False)]
         if dense:
             raise ValueError("sparse-adam takes only embedding tables; this model has dense layers too")
-    return factory([p for p in model.parameters() if p.requires_grad], learning_rate)
+    groups = parameter_groups(model, learning_rate, lr_scales)
+    return factory(groups, learning_rate, momentum) if momentum else factory(groups, learning_rate)
 
 
 def build_preconditioner(name: str, model: nn.Module, kfac: KFACConfig | None = None, **options):

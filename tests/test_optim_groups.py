@@ -1,0 +1,85 @@
+"""Per-parameter learning rates (``lr_scales``) and SGD momentum: how a model's reference for an
+optimizer with one rate for all parameters can balance its parts (REC's tables against its
+shared message networks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys.models.mf import MatrixFactorization, MFConfig
+from recsys.models.rec.model import EvidenceChainModel, RECConfig
+from recsys.optim.factory import build_optimizer, parameter_groups
+from recsys.train import TrainConfig, Trainer
+
+
+def _rec(r) -> EvidenceChainModel:
+    return EvidenceChainModel(r.n_users, r.n_items, r.rating_scale,
+                              RECConfig(embedding_size=4, hidden_size=8, prototypes=3, fanouts=(3, 2)))
+
+
+def test_groups_put_the_unnamed_parameters_first_at_the_base_rate(small_ratings):
+    model = _rec(small_ratings)
+    groups = parameter_groups(model, 0.5, {"prototype_vectors": 10, "phi_user.3.bias": 0.1})
+    assert [g["lr"] for g in groups] == pytest.approx([0.5, 5.0, 0.05])
+    assert groups[1]["params"] == [model.prototype_vectors]
+    assert groups[2]["params"] == [model.phi_user[3].bias]
+    # a prefix takes a module's every parameter; every parameter is in exactly one group
+    by_prefix = parameter_groups(model, 1.0, {"phi_item": 2})
+    assert {id(p) for p in by_prefix[1]["params"]} == {id(p) for p in model.phi_item.parameters()}
+    assert sorted(id(p) for g in by_prefix for p in g["params"]) == sorted(id(p) for p in model.parameters())
+
+
+def test_a_mistyped_name_or_a_bad_scale_is_refused(small_ratings):
+    model = _rec(small_ratings)
+    with pytest.raises(ValueError, match="'prototypes' names no trainable parameter.*prototype_vectors"):
+        parameter_groups(model, 1.0, {"prototypes": 10})
+    with pytest.raises(ValueError, match="positive"):
+        parameter_groups(model, 1.0, {"gate": 0})
+    with pytest.raises(ValueError, match="lr_scales"):
+        TrainConfig(lr_scales={"gate": -1.0})
+
+
+def test_a_scaled_group_moves_by_its_scale_in_the_first_sgd_step(small_ratings):
+    r = small_ratings
+
+    def first_step(lr_scales):
+        model = MatrixFactorization(r.n_users, r.n_items, r.rating_scale, MFConfig(embedding_size=4, n_blocks=1))
+        model.prepare(r)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cfg = TrainConfig(epochs=1, batch_size=len(r), learning_rate=0.5, patience=None, progress=False,
+                          lr_scales=lr_scales)
+        trainer = Trainer(cfg)
+        trainer.fit(model, r)
+        return trainer, {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+    plain, base = first_step(None)
+    scaled, moved = first_step({"item_factors": 3.0})
+    assert plain.stepper.kind == "closed-form"  # MF's own SGD step when there is one rate
+    assert scaled.stepper.kind == "autograd"  # per-parameter rates take the generic step
+    assert torch.allclose(moved["item_factors.weight"], 3 * base["item_factors.weight"], atol=1e-6)
+    assert torch.allclose(moved["user_factors.weight"], base["user_factors.weight"], atol=1e-6)
+
+
+def test_momentum_is_sgds_and_the_k_fac_familys_only(small_ratings):
+    model = _rec(small_ratings)
+    opt = build_optimizer("kfac", model, 0.1, momentum=0.9)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
+    with pytest.raises(ValueError, match="momentum is an option of sgd"):
+        build_optimizer("adam", model, 0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum is an option of sgd"):
+        TrainConfig(optimizer="adagrad", momentum=0.5)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        TrainConfig(momentum=1.0)
+
+
+def test_a_diverging_rec_run_stops_in_its_first_epoch_with_rate_batch_and_a_rate_to_try(small_ratings):
+    # REC under SGD far above its stable rate (the message networks blow up), as K-FAC does on
+    # u1 at the rate scaled from REC's Adam schedule: caught before the epoch ends
+    from recsys.errors import TrainingDivergedError
+
+    cfg = TrainConfig(optimizer="sgd", batch_size=8, learning_rate=1e4, epochs=5, patience=None, progress=False)
+    with pytest.raises(TrainingDivergedError) as err:
+        Trainer(cfg).fit(_rec(small_ratings), small_ratings)
+    msg = str(err.value)
+    assert "epoch 1," in msg and "learning rate 10000" in msg and "batch size 8" in msg and "Try --lr" in msg
