@@ -17,9 +17,10 @@ counted as it arrives and refused with a 413 once over ``max_body_bytes`` (chunk
 too), then the route runs. A plain GET read (``/v1/predict``, a user's recommendations, a
 user) is answered by `api.fast_reads.FastReads` through the same response functions as its
 route, without FastAPI's per-request parameter solving; anything it does not handle exactly
-(any invalid or unusual input) goes to the FastAPI route (``create_app(..., fast_reads=False)``:
-always). Every limit is in the OpenAPI document: ids (`ID_RULE`),
-entries per request, ``k``, explanation length, body bytes.
+(any invalid or unusual input) goes to the FastAPI route (always with
+``create_app(..., fast_reads=False)``, or once ``app.state.fast_reads.enabled`` is False).
+Every limit is in the OpenAPI document: ids (`ID_RULE`), entries per request, ``k``,
+explanation length, body bytes.
 
 ``POST /v1/admin/reload`` (or SIGHUP to a single-worker server; with several workers, SIGHUP
 to the main process restarts the workers one by one) loads a new artefact, replays the store
@@ -369,6 +370,7 @@ def create_app(settings: Settings | None = None, *, fast_reads: bool = True) -> 
         fast = FastReads(predict=predict_response, recommendations=recommendations_response, user=user_response,
                          routes=gets, handler_for=handler_for, max_explain=settings.max_explain,
                          max_k=settings.max_k)
+    app.state.fast_reads = fast
     app.add_middleware(Guard, key=settings.key, read_auth=settings.read_auth,
                        max_body_bytes=settings.max_body_bytes, observe=observe, fast=fast)
     return app

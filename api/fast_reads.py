@@ -125,11 +125,13 @@ class FastReads:
         self.handler_for = handler_for
         self.max_explain = max_explain
         self.max_k = max_k
+        #: False: every request goes to its FastAPI route (same answers; for comparisons in one process)
+        self.enabled = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> bool:
         """Answer the request and return True, or return False having changed nothing (the
         FastAPI route answers)."""
-        if scope["method"] != "GET" or scope.get("root_path"):
+        if not self.enabled or scope["method"] != "GET" or scope.get("root_path"):
             return False
         call = self._call(scope["path"], scope["query_string"])
         if call is None:
