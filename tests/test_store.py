@@ -182,3 +182,26 @@ def test_committed_after_is_the_log_from_memory_for_own_rows_and_from_the_file_f
         from_memory = [r for r in a.committed_after(0) if id(r) in kept]
         assert from_memory and all(r.user in ("a", "dup") for r in from_memory)
         assert not any(id(r) in kept for r in b.committed_after(0))
+
+
+def test_a_write_waiting_in_line_past_its_timeout_is_not_stored_and_the_line_moves_on(tmp_path):
+    """The first caller in line leads the commit; one queued behind a commit that cannot
+    start (the writers' lock held, as by another process) gives up after its timeout with
+    nothing stored, and the writes behind it are committed once the lock is free."""
+    with RatingStore(tmp_path / "db") as store:
+        results = {}
+        with store._exclusive():  # another process committing
+            leader = threading.Thread(target=lambda: results.setdefault("leader", store.add([NewRating("u", "a", 1.0)])))
+            leader.start()
+            while not store._writes or not store._writes[0].taken:
+                pass
+            with pytest.raises(TimeoutError, match="nothing of them was stored"):
+                store.add([NewRating("late", "b", 2.0)], timeout=0.05)
+            follower = threading.Thread(target=lambda: results.setdefault("follower", store.add([NewRating("v", "c", 3.0)])))
+            follower.start()
+            while len(store._writes) < 2:
+                pass
+        leader.join(5)
+        follower.join(5)
+        assert [r.user for r in store.replay()] == ["u", "v"]
+        assert results["leader"][0].seq == 1 and results["follower"][0].seq == 2
