@@ -269,6 +269,33 @@ def test_batches_merged_into_the_rows_equal_the_rows_built_from_all_ratings():
             assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs)
 
 
+@pytest.mark.parametrize("merge_at", [2, 256])
+def test_rows_read_between_batches_and_queues_merged_early_equal_the_rows_built_from_all_ratings(merge_at):
+    """`add` queues example ids per user; a row read mid-way (or a queue reaching
+    ``merge_at``) is merged then, and what comes after merges into that merged row."""
+    from recsys.models.ease.rows import UserRows
+
+    r = make_ratings()
+    rows = UserRows(r)
+    rows.merge_at = merge_at
+    rng = np.random.default_rng(1)
+    grown = r
+    for size in (5, 1, 30, 2, 12):
+        users = [grown.user_ids.raw(int(u)) for u in rng.integers(0, 4, size)] + ["late-user"]
+        items = [grown.item_ids.raw(int(i)) for i in rng.integers(0, 3, size)] + [r.item_ids.raw(1)]
+        grown, new = with_new_ratings(grown, users, items, rng.integers(1, 6, len(users)).astype(float).tolist())
+        rows.add(grown, new)
+        rebuilt = UserRows(grown)
+        for u in rng.integers(0, grown.n_users, 3).tolist() + [grown.n_users - 1]:  # a few rows read now
+            for mine, theirs in zip(rows.row(u), rebuilt.row(u), strict=True):
+                assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs)
+    users = np.arange(grown.n_users)
+    rebuilt = UserRows(grown)
+    assert np.array_equal(rows.degrees(users), rebuilt.degrees(users))
+    weights = np.ones_like
+    assert (rows.matrix(users, grown.n_items, weights) != rebuilt.matrix(users, grown.n_items, weights)).nnz == 0
+
+
 def test_learn_refuses_an_item_the_model_was_not_fitted_on():
     r = make_ratings()
     m = fitted(r, reg=5.0)
