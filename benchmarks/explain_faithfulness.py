@@ -21,9 +21,14 @@ ratings through ``add_ratings`` (learnt by online SGD); wall and thread-CPU p50 
 (thread CPU is what a query costs when other processes preempt it).
 
     RECSYS_DATA=../shared/data python benchmarks/explain_faithfulness.py [--quick] [--latency-only]
+    RECSYS_DATA=../shared/data python benchmarks/explain_faithfulness.py --synthetic-ratings 1e7
+
+Part C (``--synthetic-ratings 1e7``, alone): the same explainer's latency on the synthetic
+10^7-rating model `serve_latency.py` builds (random pairs, items by popularity, right after
+online ratings; `synthetic_latency`).
 
 Writes ``benchmarks/results/explain_faithfulness.json`` (``--latency-only`` keeps part A of an
-existing file).
+existing file; ``--synthetic-ratings`` keeps parts A and B).
 """
 
 from __future__ import annotations
@@ -165,6 +170,77 @@ def latency(train: Ratings, test: Ratings, n_pairs: int, n_cold: int, seed: int 
         return service_path_latency(Path(tmp) / "model", train, pairs, n_cold, seed)
 
 
+def _appended(ratings: Ratings, users: np.ndarray, items: np.ndarray, values: np.ndarray) -> tuple[Ratings, np.ndarray]:
+    """``ratings`` with rows ``(users, items, values)`` (indices of known users and items)
+    appended, as ratings received online arrive: ``(all ratings, the new example ids)``."""
+    n = len(ratings)
+    stamps = None if ratings.timestamps is None else np.full(len(users), int(ratings.timestamps.max()) + 1)
+    new = Ratings(np.asarray(users, np.int64), np.asarray(items, np.int64), np.asarray(values, np.float32), stamps,
+                  ratings.user_ids, ratings.item_ids, ratings.rating_scale)
+    return ratings.append(new), np.arange(n, n + len(users), dtype=np.int64)
+
+
+def synthetic_latency(n_ratings: int, n_users: int, n_items: int, n_pairs: int = 400, n_online: int = 20,
+                      seed: int = 0) -> dict:
+    """Part C: ``MFExplainer.explain(user, item, 5)`` (the service's explainer, warmed as
+    the service warms it: its CPU time and bytes) on the synthetic model `serve_latency.py`
+    builds and caches (10^7: 200,000 users x 10,000 items, D=128 in 4 blocks): random pairs
+    (a user with ratings, any item) and pairs whose item is drawn by popularity, 3 rounds of
+    ``n_pairs`` each; then ``n_online`` trained users each send 5 ratings of random items,
+    learnt online (`MatrixFactorization.learn`, `MFExplainer.update`), and their 10 queries
+    are timed right after (thread CPU, ms)."""
+    from serve_latency import synthetic_model
+
+    from recsys.artefact import load_artefact
+
+    t0 = time.perf_counter()
+    art = load_artefact(synthetic_model(n_ratings, n_users, n_items))
+    model, train = art.model, art.train
+    out: dict = {"ratings": len(train), "users": train.n_users, "items": train.n_items,
+                 "load_seconds": time.perf_counter() - t0}
+    explainer = model.explainer(train)
+    t0, c0 = time.perf_counter(), time.process_time()
+    explainer.warm()
+    out["explainer_warm"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                             "cache_mb": explainer.cache_bytes / 1e6}
+    rng = np.random.default_rng(seed)
+    user_counts, item_counts = train.user_counts(), train.item_counts()
+    rated = np.flatnonzero(user_counts > 0)
+
+    def timed(pairs: list[tuple[int, int]]) -> dict:
+        cpu = []
+        for u, i in pairs:
+            c0 = time.thread_time()
+            explainer.explain(u, i, 5)
+            cpu.append(time.thread_time() - c0)
+        return _percentiles(cpu)
+
+    for name in ("random_pairs", "items_by_popularity"):
+        out[name] = []
+        for _ in range(3):
+            items = (rng.integers(train.n_items, size=n_pairs) if name == "random_pairs" else
+                     rng.choice(train.n_items, size=n_pairs, p=item_counts / item_counts.sum()))
+            out[name].append(timed(list(zip(rng.choice(rated, size=n_pairs).tolist(), items.tolist(), strict=True))))
+    model.start_online(train)
+    ratings = train.reserve(1 << 16)
+    explainer.update(ratings, np.zeros(0, np.int64))
+    cpu, update_us = [], []
+    for u in rng.choice(rated, size=n_online, replace=False).tolist():
+        ratings, new = _appended(ratings, np.full(5, u), rng.choice(train.n_items, size=5, replace=False),
+                                 rng.integers(1, 6, size=5))
+        model.learn(ratings, new)
+        c0 = time.thread_time()
+        explainer.update(ratings, new)
+        update_us.append((time.thread_time() - c0) * 1e6)
+        for i in rng.choice(train.n_items, size=10, replace=False).tolist():
+            c0 = time.thread_time()
+            explainer.explain(u, i, 5)
+            cpu.append(time.thread_time() - c0)
+    out["online_right_after_ratings"] = {**_percentiles(cpu), "update_us_p50": float(np.median(update_us)),
+                                         "first_query_ms": [round(c * 1e3, 3) for c in cpu[::10]]}
+    return out
+
+
 def log_based(train: Ratings, points: list[dict], seed: int = 0) -> dict:
     """Part A2: the log-based estimates scored on part A's agreement points (the same truths):
     the served model trained again with the exact log (the same weights: logging does not
@@ -213,12 +289,32 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2, help="processes for the leave-one-out retrains")
+    ap.add_argument("--synthetic-ratings", type=float,
+                    help="part C only: explain latency on serve_latency.py's synthetic model of this many ratings "
+                         "(e.g. 1e7; built and cached on first use), written beside parts A and B")
+    ap.add_argument("--synthetic-users", type=int, default=200_000)
+    ap.add_argument("--synthetic-items", type=int, default=10_000)
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.candidates, args.removal_pairs, args.fold_in_users, args.latency_pairs = 4, 5, 4, 3, 50
     torch.set_num_threads(args.threads)
     train, test = load_split("ml-100k", "u1")
-    out = json.loads(RESULTS.read_text()) if (args.latency_only or args.rescore) and RESULTS.exists() else {}
+    out = json.loads(RESULTS.read_text()) if (args.latency_only or args.rescore or args.synthetic_ratings) \
+        and RESULTS.exists() else {}
+    if args.synthetic_ratings:
+        t0 = time.perf_counter()
+        part = synthetic_latency(int(args.synthetic_ratings), args.synthetic_users, args.synthetic_items,
+                                 seed=args.seed)
+        part["seconds"] = time.perf_counter() - t0
+        part["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                           "load_average_at_end": os.getloadavg()}
+        part["command"] = ("RECSYS_DATA=../shared/data python benchmarks/explain_faithfulness.py "
+                           "--synthetic-ratings " + f"{args.synthetic_ratings:g}".replace("e+0", "e").replace("e+", "e"))
+        out[f"latency_synthetic_{int(args.synthetic_ratings)}"] = part
+        print(json.dumps(part, indent=1))
+        write_json(RESULTS, out)
+        print(f"wrote {RESULTS}")
+        return
     if args.rescore:
         points = json.loads(args.rescore.read_text())
         points = points.get("served_mf", points)["points"]

@@ -290,7 +290,7 @@ class RowIndex:
 
 
 def _table(weight: torch.Tensor) -> np.ndarray:
-    """A parameter table as numpy: a view on the CPU (no copy, no tensor dispatch)."""
+    """A parameter table (or buffer) as numpy: a view on the CPU (no copy, no tensor dispatch)."""
     w = weight.detach()
     return w.numpy() if w.device.type == "cpu" else w.cpu().numpy()
 
@@ -483,11 +483,11 @@ class NewtonInfluence:
         if side == "user":
             own_f, own_b = model.user_factors.weight, model.user_bias.weight
             other_f, other_b = model.item_factors.weight, model.item_bias.weight
-            reg, bias_reg = float(model.reg_user[row]), float(model.bias_reg_user[row])
+            reg, bias_reg = float(_table(model.reg_user)[row]), float(_table(model.bias_reg_user)[row])
         else:
             own_f, own_b = model.item_factors.weight, model.item_bias.weight
             other_f, other_b = model.user_factors.weight, model.user_bias.weight
-            reg, bias_reg = float(model.reg_item[row]), float(model.bias_reg_item[row])
+            reg, bias_reg = float(_table(model.reg_item)[row]), float(_table(model.bias_reg_item)[row])
         theta = np.empty((k, d + 1))
         theta[:, :d] = _table(own_f)[row].reshape(k, d)
         theta[:, d] = _table(own_b)[row]
@@ -631,8 +631,10 @@ class FoldInLeaveOneOut:
     ``t_z = r_z − μ − b̄_z``, ``G = XᵀX + diag(λ, …, λ, λ_b)``; without ``z`` (Sherman–Morrison)
     ``w − w_{−z} = G⁻¹x_z e_z / (1 − h_z)`` with ``e_z = t_z − x_zᵀw`` and ``h_z = x_zᵀG⁻¹x_z``.
     So per user the ``[D+1, m]`` matrix ``V = G⁻¹X·diag(e/(1 − h))`` is computed once (one
-    ``(D+1)²`` solve) and an effect on item ``i`` is ``[q_i/K; 1]ᵀV``: a gather and a product.
-    Exact for the ridge (tested against re-folding); ``invalidate`` users that rated again."""
+    compiled call, `explain_kernels.fold_in_leave_one_out`: for ``m ≤ D+1`` ratings in the
+    ratings' space, an ``m × m`` Cholesky instead of the ``(D+1)²`` solve) and an effect on
+    item ``i`` is ``[q_i/K; 1]ᵀV``: a gather and a product. Exact for the ridge (tested
+    against re-folding); ``invalidate`` users that rated again."""
 
     def __init__(self, model: RatingModel, ratings: Ratings, index: RowIndex | None = None) -> None:
         self.model, self.ratings = model, ratings
@@ -859,8 +861,9 @@ class MFExplainer:
         out = online_step_scores(
             _table(model.user_factors.weight), _table(model.item_factors.weight), _table(model.user_bias.weight),
             _table(model.item_bias.weight), ratings.users[zs], ratings.items[zs], ratings.values[zs].astype(np.float64),
-            float(model.global_mean), user, item, su[sel] & (not folded), si[sel], float(model.reg_user[user]),
-            float(model.bias_reg_user[user]), float(model.reg_item[item]), float(model.bias_reg_item[item]))
+            float(model.global_mean), user, item, su[sel] & (not folded), si[sel], float(_table(model.reg_user)[user]),
+            float(_table(model.bias_reg_user)[user]), float(_table(model.reg_item)[item]),
+            float(_table(model.bias_reg_item)[item]))
         eff[sel] = (state.passes * state.learning_rate) * out
         return eff, f"{method} + online steps"
 
