@@ -14,8 +14,9 @@ seconds until the cell first reaches the default's test RMSE. ``soonest``: the c
 there in the fewest training seconds.
 
 MF: 8 optimizers x batches 256, 4,096, 16,384. REC (``--models rec``): batches 256 and 4,096
-for ``--rec-optimizers`` (default adam, REC's own, and cov-noise, the one REC declares a
-reference for; the others start from REC's Adam schedule and were not tuned on REC).
+for ``--rec-optimizers`` (default adam, REC's own, and cov-noise and kfac, the ones REC declares
+a reference for, `EvidenceChainModel.optimizer_defaults`; the others start from REC's Adam
+schedule; ``docs/optimizers.md`` says why sgd and adagrad have no working one on REC).
 The machine is shared: seconds are noisy; every cell of one run shares the same load.
 
     RECSYS_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/optim_batch_grid.py [--models mf,rec]
@@ -105,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="mf", help="mf, rec or mf,rec")
     ap.add_argument("--optimizers", default=",".join(MF_OPTIMIZERS), help="MF's optimizers")
-    ap.add_argument("--rec-optimizers", default="adam,cov-noise")
+    ap.add_argument("--rec-optimizers", default="adam,cov-noise,kfac")
     ap.add_argument("--batches", help="override the batch sizes (comma-separated)")
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--rec-every", type=int, default=3, help="REC: evaluate the test curve every N epochs")

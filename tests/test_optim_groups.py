@@ -83,3 +83,20 @@ def test_a_diverging_rec_run_stops_in_its_first_epoch_with_rate_batch_and_a_rate
         Trainer(cfg).fit(_rec(small_ratings), small_ratings)
     msg = str(err.value)
     assert "epoch 1," in msg and "learning rate 10000" in msg and "batch size 8" in msg and "Try --lr" in msg
+
+
+def test_recs_kfac_reference_scales_every_group_together(small_ratings):
+    ref = EvidenceChainModel.optimizer_defaults["kfac"]
+    cfg = TrainConfig.for_model(EvidenceChainModel, optimizer="kfac", batch_size=256, examples=80_000)
+    assert cfg.learning_rate == pytest.approx(ref["learning_rate"] * 256 / ref["batch_size"])
+    assert cfg.kfac.damping == ref["kfac"]["damping"] and cfg.lr_scales == ref["lr_scales"]
+    # Adam, REC's own optimizer, keeps one rate
+    assert TrainConfig.for_model(EvidenceChainModel, batch_size=256).lr_scales is None
+    trainer = Trainer(TrainConfig.for_model(EvidenceChainModel, optimizer="kfac", epochs=1, progress=False,
+                                            patience=None))
+    model = _rec(small_ratings)
+    trainer.fit(model, small_ratings)
+    base, vectors = trainer.optimizer.param_groups[0], trainer.optimizer.param_groups[1]
+    assert vectors["params"][0] is model.prototype_vectors
+    assert vectors["lr"] == pytest.approx(100 * base["lr"])  # after the epoch's decay, still 100x
+    assert trainer.preconditioner is not None

@@ -57,3 +57,23 @@ def _dense_step(kind):
 def test_on_dense_layers_the_trace_normalised_factors_change_the_step(trace_kind, plain_kind):
     a, b = _dense_step(trace_kind), _dense_step(plain_kind)
     assert float((a - b).norm() / b.norm()) > 1e-3
+
+
+@pytest.mark.parametrize(("trace_kind", "plain_kind"), [("tkfac", "kfac"), ("tekfac", "ekfac")])
+def test_on_rec_the_trace_kinds_are_their_own_preconditioners(small_ratings, trace_kind, plain_kind):
+    # REC's preconditioned modules are its message networks' nn.Linear layers (dense; its
+    # prototype table is a plain parameter under the base SGD): the trace weight changes the
+    # step, so TKFAC and TEKFAC are not K-FAC and EKFAC there, unlike on MF's tables
+    from recsys.models.rec.model import EvidenceChainModel, RECConfig
+
+    def trained(kind):
+        r = small_ratings
+        model = EvidenceChainModel(r.n_users, r.n_items, r.rating_scale,
+                                   RECConfig(embedding_size=4, hidden_size=8, prototypes=3, fanouts=(3, 2)))
+        cfg = TrainConfig(epochs=1, batch_size=32, optimizer=kind, learning_rate=0.05, progress=False,
+                          patience=None, kfac={"damping": 10.0})
+        Trainer(cfg).fit(model, r)
+        return model
+
+    a, b = trained(trace_kind), trained(plain_kind)
+    assert not torch.allclose(a.phi_user[0].weight, b.phi_user[0].weight, atol=1e-6)

@@ -203,9 +203,22 @@ class EvidenceChainModel(RatingModel):
     #: √16). Noise at scale 1 made REC worse on validation and test; scale 0.1 is within the
     #: seed spread of the plain large batch (validation 0.92692 against 0.92675), so it is
     #: kept: not worse, not better (`benchmarks/results/optim_noise_rec.json`).
+    #: ``kfac`` and ``tkfac`` on REC: the preconditioner covers the message networks'
+    #: ``nn.Linear`` layers only (the prototype table and fallback vectors are plain
+    #: parameters, stepped by the base SGD), so those take 100x the base rate (``lr_scales``);
+    #: damping 10 (relative): at 1 the first steps blow up (REC's Adam rate scaled linearly,
+    #: 0.024 at 4,096, diverges in the first epoch). lr 1 at 4,096 was the best of the probes
+    #: on the validation slice after 3 epochs (K-FAC 0.9455, TKFAC 0.9466, Adam 0.9434).
+    #: ``ekfac``/``tekfac``: the same with damping 100 (at 10 EKFAC spiked or diverged at lr
+    #: 0.1–1; at 100: 0.9471 after 3 epochs; TEKFAC takes EKFAC's, not probed on its own).
+    #: REC has no reference for ``sgd`` and ``adagrad``: none found trains its message
+    #: networks (``docs/optimizers.md``, *Figures*, REC).
     optimizer_defaults: ClassVar[dict[str, dict[str, object]]] = {
         "cov-noise": {"batch_size": 4096, "learning_rate": 8e-3,
                       "noise": {"estimator": "sub-batch", "base": "adam", "batch": 256, "scale": 0.1}},
+        **{kind: {"batch_size": 4096, "learning_rate": 1.0, "kfac": {"damping": damping},
+                  "lr_scales": {"prototype_vectors": 100.0, "fallback_vectors": 100.0}}
+           for kind, damping in (("kfac", 10.0), ("tkfac", 10.0), ("ekfac", 100.0), ("tekfac", 100.0))},
     }
 
     def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float],
