@@ -51,10 +51,12 @@ BATCHES = {"mf": (256, 4096, 16384), "rec": (256, 4096)}
 
 
 class TestCurve(Callback):
-    """After every epoch: the test RMSE and the training seconds so far (evaluation excluded)."""
+    """After every epoch: the test RMSE and the training seconds so far (evaluation excluded).
+    ``on_point``: called with the curve after every new point (to save a running cell's
+    progress, so that a cell stopped before its end leaves its curve)."""
 
-    def __init__(self, model, test, every: int = 1) -> None:
-        self.model, self.test, self.every = model, test, every
+    def __init__(self, model, test, every: int = 1, on_point=None) -> None:
+        self.model, self.test, self.every, self.on_point = model, test, every, on_point
         self.curve: list[dict] = []
         self.train_seconds = 0.0
 
@@ -64,10 +66,14 @@ class TestCurve(Callback):
             rmse = float(evaluate_ratings(self.model, self.test)["rmse"])
             self.curve.append({"epoch": record.epoch, "train_seconds": self.train_seconds, "test_rmse": rmse,
                                "train_mse": record.train_mse})
+            if self.on_point is not None:
+                self.on_point(self.curve)
 
 
-def run_cell(model_name: str, train, test, optimizer: str | None, batch: int | None, every: int) -> dict:
-    """One cell: the config the command line builds for these flags, trained and tested."""
+def run_cell(model_name: str, train, test, optimizer: str | None, batch: int | None, every: int,
+             on_point=None) -> dict:
+    """One cell: the config the command line builds for these flags, trained and tested.
+    ``on_point(curve)``: see `TestCurve`."""
     model_cls = MODELS[model_name][0]
     over: dict = {"patience": None, "progress": False}
     if optimizer is not None:
@@ -76,7 +82,7 @@ def run_cell(model_name: str, train, test, optimizer: str | None, batch: int | N
         over["batch_size"] = batch
     config = TrainConfig.for_model(model_cls, examples=len(train), **over)
     model = build_model(model_name, train.n_users, train.n_items, train.rating_scale, {"seed": 0})
-    curve = TestCurve(model, test, every)
+    curve = TestCurve(model, test, every, on_point)
     out = {"model": model_name, "optimizer": config.optimizer, "batch_size": config.batch_size,
            "learning_rate": config.learning_rate, "epochs": config.epochs, "lr_decay": config.lr_decay,
            "damping": config.kfac.damping if config.optimizer in ("kfac", "ekfac", "tkfac", "tekfac") else None,
@@ -140,7 +146,10 @@ def main() -> None:
         cells = []
         for optimizer in optimizers if args.part != "default" else ():
             for batch in batches:
-                cells.append(run_cell(model_name, train, test, optimizer, batch, every))
+                cells.append(run_cell(model_name, train, test, optimizer, batch, every,
+                                      lambda curve, m=model_name, o=optimizer, b=batch:
+                                      _save_running(results, out_path, m, o, b, curve)))
+                results.pop("running", None)
                 c = cells[-1]
                 rmse = "diverged" if c["diverged"] else f"{c['test_rmse']:.4f}"
                 print(f"{optimizer:10s} B={batch:6d} lr {c['learning_rate']:<9.4g} epochs {c['epochs']:3d}  "
@@ -151,6 +160,15 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         write_json(out_path, results)
         print(f"wrote {out_path}", flush=True)
+
+
+def _save_running(results: dict, out_path: Path, model_name: str, optimizer: str, batch: int,
+                  curve: list[dict]) -> None:
+    """Write ``results`` with the running cell's curve so far under ``running`` (removed when
+    the cell ends): a cell stopped before its end leaves its test curve."""
+    results["running"] = {"model": model_name, "optimizer": optimizer, "batch_size": batch, "curve": curve}
+    RESULTS.mkdir(exist_ok=True)
+    write_json(out_path, results)
 
 
 def summarise(default: dict | None, cells: list[dict], tolerance: float) -> dict:
