@@ -7,7 +7,9 @@ a background follower picks up what other workers and processes wrote).
 replays every stored rating into it (rows it cannot apply are skipped and reported, never
 fatal), warms it (one explained prediction and recommendation), moves it out of the garbage
 collector's reach (`api.heap.FrozenModelHeap`: a full collection walked the whole model, 0.4 s
-at 10^7 ratings; redone after every model swap) and only then answers ``/ready`` with 200.
+at 10^7 ratings; redone after every model swap) and only then answers ``/ready`` with 200. A
+worker of ``recsys serve --workers N`` shuts down by itself when its supervisor dies
+(`api.supervision`), instead of serving on as an orphan.
 ``create_app()`` with no argument reads ``RECSYS_*`` variables: it is the factory each uvicorn
 worker of ``recsys serve --workers N`` calls.
 
@@ -72,6 +74,7 @@ from api.schemas import (
     bounded_models,
 )
 from api.service import NotApplied, NotReady, Service, Settings, StaleRead
+from api.supervision import stop_when_orphaned, supervisor_pid
 from recsys.errors import ArtefactError, UnknownIdError
 from recsys.recommender import NoRatingModelError, Prediction, Recommender
 from recsys.store import EventIdConflictError
@@ -98,6 +101,8 @@ def create_app(settings: Settings | None = None, *, fast_reads: bool = True) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        supervisor = supervisor_pid()  # a worker of `recsys serve --workers N` (api/supervision.py)
+        orphan_watch = asyncio.create_task(stop_when_orphaned(supervisor)) if supervisor is not None else None
         await asyncio.to_thread(service.open)
         heap.refreeze()  # the loaded, warmed model out of the collector's reach (api/heap.py)
         frozen = asyncio.create_task(heap.follow())  # and every model swapped in later
@@ -108,6 +113,8 @@ def create_app(settings: Settings | None = None, *, fast_reads: bool = True) -> 
             pass
         yield
         frozen.cancel()
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         service.close()
 
     limits = (f"Limits: ids (users, items, event ids; paths, queries and bodies alike) {ID_RULE}; at most "

@@ -645,6 +645,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from api.app import Settings, create_app
+    from api.supervision import SUPERVISOR_ENV
     from recsys.store import RatingStore
 
     overrides = {"model": args.model.resolve()}
@@ -676,6 +677,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     # each worker process builds its app from RECSYS_* (create_app() reads Settings from them)
     os.environ["RECSYS_MODEL"], os.environ["RECSYS_DB"] = str(settings.model), str(settings.db)
+    # workers stop by themselves if this process dies without stopping them (api/supervision.py)
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())
     # a spawned worker re-imports this module (torch) before it can answer the supervisor's
     # health check: on a busy machine that takes longer than uvicorn's default 5 s
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=workers,

@@ -218,6 +218,20 @@ def test_a_server_with_two_workers_applies_every_acknowledged_rating_in_each_wor
             by_worker[ready["worker_pid"]] = ready["generation"]
     finally:
         server.kill()
+    # the supervisor was SIGKILLed (no chance to stop its workers): they stop by themselves
+    deadline = time.monotonic() + 30
+    while alive := [pid for pid in by_worker if _running(pid)]:
+        assert time.monotonic() < deadline, f"workers {alive} outlived their supervisor"
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not a zombie waiting for its parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_a_chunked_body_over_the_limit_is_refused_over_the_wire(model_dir, tmp_path):
