@@ -535,7 +535,7 @@ def run_server(server: Server, users: list[str], items: list[str], args: argpars
     out["recommend_k10_explain3"] = r
     report(server.name, f"recommend k10 e3 @{args.recommend_rate:g}", r)
     out["ingest"] = []
-    for batch in args.batches:
+    for batch in args.batches if args.ingest_seconds > 0 else ():  # --ingest-seconds 0: reads only
         r = ingest(server, batch, args.clients, args.ingest_seconds, users, items, rng, check_applied=check_applied)
         out["ingest"].append(r)
         print(f"  {server.name:<13} ingest {batch:>4}/POST x{r['clients']}: {r['ratings_per_second']:>9,.0f} ratings/s"
