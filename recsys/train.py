@@ -132,12 +132,17 @@ class TrainConfig:
         rule; off when ``overrides`` gives a ``learning_rate``), ``linear`` or ``sqrt`` (scale
         the given or reference rate by that rule), ``none`` (no scaling). ``examples``:
         training examples per epoch, for the scaled schedule's step floor
-        (`recsys.optim.scaling.MIN_STEPS`)."""
+        (`recsys.optim.scaling.MIN_STEPS`). A model's reference for an optimizer may name the
+        rule ``auto`` stands for on that model (``"lr_scaling"`` in its ``optimizer_defaults``
+        entry, where it was measured to hold better than the optimizer's own)."""
         base = dict(model.training_defaults)
         layers = [base]
         optimizer = overrides.get("optimizer", base.get("optimizer", cls.optimizer))
+        model_rule = None
         if optimizer != base.get("optimizer", cls.optimizer):
-            layers.append(model.optimizer_defaults.get(optimizer, {}))
+            reference_layer = dict(model.optimizer_defaults.get(optimizer, {}))
+            model_rule = reference_layer.pop("lr_scaling", None)
+            layers.append(reference_layer)
         reference = cls(**_merge_layers([*layers, {"optimizer": optimizer}]))
         config = cls(**_merge_layers([*layers, overrides]))
         if config.batch_size == reference.batch_size and lr_scaling in ("auto", "none"):
@@ -148,7 +153,9 @@ class TrainConfig:
         ref = Reference(reference.learning_rate, reference.batch_size, reference.epochs, reference.lr_decay,
                         reference.kfac.damping if kfac else None, reference.kfac.stats_freq if kfac else None)
         given_lr = overrides.get("learning_rate")
-        if lr_scaling == "auto" and optimizer == "cov-noise":  # the rule of the optimizer that steps
+        if lr_scaling == "auto" and model_rule is not None:
+            lr_scaling = model_rule
+        elif lr_scaling == "auto" and optimizer == "cov-noise":  # the rule of the optimizer that steps
             lr_scaling = rule_for(config.noise.base)
         scaled = scale_schedule(optimizer, ref, config.batch_size, lr_scaling, examples=examples,
                                 learning_rate=None if given_lr is None else float(given_lr))

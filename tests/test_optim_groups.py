@@ -88,8 +88,8 @@ def test_a_diverging_rec_run_stops_in_its_first_epoch_with_rate_batch_and_a_rate
 def test_recs_kfac_reference_scales_every_group_together(small_ratings):
     ref = EvidenceChainModel.optimizer_defaults["kfac"]
     cfg = TrainConfig.for_model(EvidenceChainModel, optimizer="kfac", batch_size=256, examples=80_000)
-    assert cfg.learning_rate == pytest.approx(ref["learning_rate"] * 256 / ref["batch_size"])
-    assert cfg.kfac.damping == ref["kfac"]["damping"] and cfg.lr_scales == ref["lr_scales"]
+    assert cfg.learning_rate == pytest.approx(ref["learning_rate"] * (256 / ref["batch_size"]) ** 0.5)
+    assert cfg.lr_scales == ref["lr_scales"]
     # Adam, REC's own optimizer, keeps one rate
     assert TrainConfig.for_model(EvidenceChainModel, batch_size=256).lr_scales is None
     trainer = Trainer(TrainConfig.for_model(EvidenceChainModel, optimizer="kfac", epochs=1, progress=False,
@@ -100,3 +100,19 @@ def test_recs_kfac_reference_scales_every_group_together(small_ratings):
     assert vectors["params"][0] is model.prototype_vectors
     assert vectors["lr"] == pytest.approx(100 * base["lr"])  # after the epoch's decay, still 100x
     assert trainer.preconditioner is not None
+
+
+def test_a_models_reference_may_name_the_rule_auto_stands_for():
+    # REC's K-FAC: the square root (measured at 256), with the K-FAC damping rule raising the
+    # damping by the growth of lr/B; MF's K-FAC keeps SGD's linear rule; explicit rules win
+    ref = EvidenceChainModel.optimizer_defaults["kfac"]
+    assert ref["lr_scaling"] == "sqrt"
+    cfg = TrainConfig.for_model(EvidenceChainModel, optimizer="kfac", batch_size=256, examples=80_000)
+    assert cfg.scaling.rule == "sqrt"
+    assert cfg.learning_rate == pytest.approx(ref["learning_rate"] * (256 / ref["batch_size"]) ** 0.5)
+    assert cfg.kfac.damping == pytest.approx(ref["kfac"]["damping"] * 4)  # (lr/B) grew 4x
+    linear = TrainConfig.for_model(EvidenceChainModel, optimizer="kfac", batch_size=256, lr_scaling="linear")
+    assert linear.learning_rate == pytest.approx(ref["learning_rate"] / 16) and linear.kfac.damping == 10.0
+    assert TrainConfig.for_model(MatrixFactorization, optimizer="kfac", batch_size=4096).scaling.rule == "linear"
+    # the key configures the scaling only: it is not a TrainConfig field
+    assert not hasattr(cfg, "lr_scaling")
