@@ -80,6 +80,13 @@ class IdMap:
     def __contains__(self, raw_id: object) -> bool:
         return self._position(raw_id) is not None
 
+    def table(self) -> tuple[Mapping[str, int], int]:
+        """``(positions, n)`` for looking many ids up in a loop, one dict lookup each: an id
+        (a ``str``; other types are not normalised here, use `get`) is in this map at index
+        ``i = positions.get(raw_id)`` only when ``i is not None and i < n`` (the dict is
+        shared with later `extend` results, which add ids past ``n``). Read-only use."""
+        return self._positions, self._n
+
     def extends(self, other: IdMap) -> bool:
         """Whether this map holds ``other``'s ids at the same indices (and maybe more)."""
         if self._n < other._n:
@@ -139,8 +146,8 @@ class IdMap:
         """A map with the unseen ``raw_ids`` appended in first-seen order (existing indices
         unchanged); ``self`` when every id is known. O(new ids) when this is the newest map of
         its chain (the usual case), else a fresh map."""
-        unseen = [x for x in dict.fromkeys(x if type(x) is str else str(x) for x in raw_ids)
-                  if self._position(x) is None]
+        positions, n = self._positions, self._n
+        unseen = [x for x in dict.fromkeys(map(str, raw_ids)) if positions.get(x, n) >= n]
         if not unseen:
             return self
         store = self._store

@@ -447,11 +447,21 @@ class Recommender:
 
     def validate(self, ratings: Sequence[NewRating]) -> None:
         """Reject what `add_ratings` could not apply, before it is stored: unknown items
-        (`UnknownIdError`) and ratings outside the model's scale or not finite (`ValueError`)."""
+        (`UnknownIdError`) and ratings outside the model's scale or not finite (`ValueError`);
+        the first such rating in order is the one named. One dict lookup per rating; only a
+        rating that fails it is looked at again (`_unmappable`)."""
+        positions, n_items = self.item_ids.table()
+        lo, hi = self.model.rating_scale
         for r in ratings:
-            problem = self._unmappable(r)
-            if problem is not None:
-                raise UnknownIdError("item", r.item) if problem.startswith("unknown item") else ValueError(problem)
+            i = positions.get(r.item)
+            if i is None or i >= n_items or not lo <= r.rating <= hi:  # NaN fails the comparison too
+                self._refuse(r)
+
+    def _refuse(self, r: StoredRating | NewRating) -> None:
+        """Raise why ``r`` cannot be applied (`UnknownIdError` or `ValueError`); nothing when it can."""
+        problem = self._unmappable(r)
+        if problem is not None:
+            raise UnknownIdError("item", r.item) if problem.startswith("unknown item") else ValueError(problem)
 
     def _unmappable(self, r: StoredRating | NewRating) -> str | None:
         """Why this model cannot apply rating ``r`` (None: it can)."""
@@ -475,49 +485,59 @@ class Recommender:
         whose rows an earlier artefact accepted) it is left out, counted in ``n_skipped``,
         listed in ``skipped_examples`` and its seq still counts as seen; without, the first
         one raises `UnknownIdError` or `ValueError` before anything is applied."""
-        batch: list[StoredRating | NewRating] = []
+        # one pass, one dict lookup per item; a stored rating (the service's path) is unpacked
+        # as the tuple it is, anything else read by attribute
+        users: list[str] = []
         items: list[int] = []
-        skipped: list[tuple[StoredRating | NewRating, str]] = []
-        last = self._seen_seq
+        values: list[float] = []
+        stamps: list[int | None] = []
+        skipped: list[tuple[StoredRating | NewRating, str | None]] = []
+        seen = last = self._seen_seq
         lo, hi = self.model.rating_scale
-        item_index = self.item_ids.get
+        item_ids = self.item_ids
+        positions, n_items = item_ids.table()
         for r in ratings:
-            if getattr(r, "duplicate", False):
+            if type(r) is StoredRating:
+                seq, user, item, value, stamp, _, duplicate = r
+            else:
+                seq, duplicate = getattr(r, "seq", None), getattr(r, "duplicate", False)
+                user, item, value, stamp = r.user, r.item, r.rating, r.timestamp
+            if duplicate:
                 continue
-            seq = getattr(r, "seq", None)
             if seq is not None:
-                if seq <= self._seen_seq:
+                if seq <= seen:
                     continue
                 if seq <= last:
                     raise ValueError(f"stored ratings must come in sequence order: seq {seq} after {last}")
                 last = seq
-            i = item_index(r.item)
-            if i is not None and lo <= r.rating <= hi:  # the common case, without building a message
-                batch.append(r)
-                items.append(i)
-                continue
-            problem = self._unmappable(r)
-            if skip_unmappable:
-                skipped.append((r, problem))
-            else:
-                self.validate([r])
+            i = positions.get(item)
+            if i is None or i >= n_items or not lo <= value <= hi:
+                i = item_ids.get(item)  # e.g. an id that is not a str
+                if i is None or not lo <= value <= hi:
+                    if not skip_unmappable:
+                        self._refuse(r)
+                    skipped.append((r, self._unmappable(r)))
+                    continue
+            users.append(user)
+            items.append(i)
+            values.append(value)
+            stamps.append(stamp)
         with self._lock:
             for r, problem in skipped:
                 self._skip(r, problem)
-            if batch:
-                r = self.ratings
-                raw_users = [r_.user for r_ in batch]
-                user_ids = r.user_ids.extend(raw_users)
-                now = int(time.time())
-                new = Ratings(user_ids.indices(raw_users), np.asarray(items, dtype=np.int64),
-                              np.asarray([r_.rating for r_ in batch], dtype=np.float32),
-                              np.asarray([now if r_.timestamp is None else r_.timestamp for r_ in batch],
-                                         dtype=np.int64),
-                              user_ids, r.item_ids, r.rating_scale)
-                self._learn(r.append(new))
-                self.n_ingested += len(batch)
+            if users:
+                ratings_now = self.ratings
+                user_ids = ratings_now.user_ids.extend(users)
+                if None in stamps:
+                    now = int(time.time())
+                    stamps = [now if t is None else t for t in stamps]
+                new = Ratings(user_ids.indices(users), np.asarray(items, dtype=np.int64),
+                              np.asarray(values, dtype=np.float32), np.asarray(stamps, dtype=np.int64),
+                              user_ids, ratings_now.item_ids, ratings_now.rating_scale)
+                self._learn(ratings_now.append(new))
+                self.n_ingested += len(users)
             self._seen_seq = last
-            return len(batch)
+            return len(users)
 
     def _skip(self, r: StoredRating | NewRating, reason: str) -> None:
         self.n_skipped += 1
