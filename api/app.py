@@ -21,6 +21,9 @@ user) is answered by `api.fast_reads.FastReads` through the same response functi
 route, without FastAPI's per-request parameter solving; anything it does not handle exactly
 (any invalid or unusual input) goes to the FastAPI route (always with
 ``create_app(..., fast_reads=False)``, or once ``app.state.fast_reads.enabled`` is False).
+Likewise ``POST /v1/ratings`` with a body its model accepts is answered by
+`api.fast_writes.FastRatings` through the route's own function (``fast_writes``,
+``app.state.fast_writes``); every refused body goes to the route, for FastAPI's 422.
 Every limit is in the OpenAPI document: ids (`ID_RULE`), entries per request, ``k``,
 explanation length, body bytes.
 
@@ -54,6 +57,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from api.fast_reads import DEFAULT_K, FastReads
+from api.fast_writes import FastRatings
 from api.heap import FrozenModelHeap
 from api.limits import Guard
 from api.schemas import (
@@ -84,9 +88,10 @@ __all__ = ["NotReady", "Service", "Settings", "create_app"]
 log = logging.getLogger("recsys.api")
 
 
-def create_app(settings: Settings | None = None, *, fast_reads: bool = True) -> FastAPI:
-    """The app (module docstring); ``fast_reads`` False sends every read through FastAPI's
-    routing (the answers are the same; for comparisons)."""
+def create_app(settings: Settings | None = None, *, fast_reads: bool = True, fast_writes: bool = True) -> FastAPI:
+    """The app (module docstring); ``fast_reads`` False sends every read, ``fast_writes``
+    False every ``POST /v1/ratings``, through FastAPI's routing (the answers are the same;
+    for comparisons)."""
     settings = settings or Settings()
     service = Service(settings)
 
@@ -316,6 +321,10 @@ def create_app(settings: Settings | None = None, *, fast_reads: bool = True) -> 
     def add_ratings(body: RatingsIn) -> RatingsOut:
         """Store ratings durably (committed before the reply) and apply them to the model
         (applied before the reply); each rating's `seq` can be passed as `min_seq` to reads."""
+        return ratings_response(body)
+
+    def ratings_response(body: RatingsIn) -> Response:
+        """The answer of ``POST /v1/ratings`` (shared by the route and `FastRatings`)."""
         stored = service.ingest(body.ratings)  # the validated RatingIn objects, as the store reads them
         return Response(RatingsOut.render(stored), media_type="application/json")
 
@@ -378,6 +387,11 @@ def create_app(settings: Settings | None = None, *, fast_reads: bool = True) -> 
                          routes=gets, handler_for=handler_for, max_explain=settings.max_explain,
                          max_k=settings.max_k)
     app.state.fast_reads = fast
+    fast_body = None
+    if fast_writes:
+        post = next(route for route in app.router.routes if getattr(route, "path", None) == "/v1/ratings")
+        fast_body = FastRatings(model=RatingsIn, respond=ratings_response, route=post, handler_for=handler_for)
+    app.state.fast_writes = fast_body
     app.add_middleware(Guard, key=settings.key, read_auth=settings.read_auth,
-                       max_body_bytes=settings.max_body_bytes, observe=observe, fast=fast)
+                       max_body_bytes=settings.max_body_bytes, observe=observe, fast=fast, fast_body=fast_body)
     return app

@@ -11,8 +11,10 @@ code runs and before a byte of the body is read:
    ``max_body_bytes``);
 3. **metrics**: requests by route template and status, and latency.
 
-Between 2 and the route, an optional fast path (`api.fast_reads.FastReads`) may answer a
-plain GET read itself; whatever it does not answer goes to the route.
+Between 2 and the route, optional fast paths may answer a request themselves: a plain GET
+read (`api.fast_reads.FastReads`), or, once its whole body is read, a ``POST /v1/ratings``
+whose body the route's model accepts (`api.fast_writes.FastRatings`); whatever they do not
+answer goes to the route.
 """
 
 from __future__ import annotations
@@ -45,13 +47,16 @@ class Guard:
     ``key`` returns the configured API key (None: writes are disabled); ``observe(route,
     status, seconds)`` records one request; ``fast(scope, receive, send)``, when given, is
     offered every GET first and returns whether it answered it (it sets the scope's
-    ``route`` when it does)."""
+    ``route`` when it does); ``fast_body(scope, body, receive, send)`` likewise every request
+    with a body, once the body is read within the limit."""
 
     def __init__(self, app: ASGIApp, *, key: Callable[[], str | None], read_auth: bool, max_body_bytes: int,
                  observe: Callable[[str, int, float], None],
-                 fast: Callable[[Scope, Receive, Send], Awaitable[bool]] | None = None) -> None:
+                 fast: Callable[[Scope, Receive, Send], Awaitable[bool]] | None = None,
+                 fast_body: Callable[[Scope, bytes, Receive, Send], Awaitable[bool]] | None = None) -> None:
         self.app = app
         self.fast = fast
+        self.fast_body = fast_body
         self.key = key
         self.read_auth = read_auth
         self.max_body_bytes = max_body_bytes
@@ -83,6 +88,8 @@ class Guard:
                     await _problem(413, f"request body over {self.max_body_bytes} bytes")(send_recording)
                     return
                 receive = _replay(body, receive)
+                if self.fast_body is not None and await self.fast_body(scope, body, receive, send_recording):
+                    return
             await self.app(scope, receive, send_recording)
         finally:
             route = scope.get("route")
