@@ -30,10 +30,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
 from starlette.responses import Response
 
-from api.limits import Receive, Scope, Send
+from api.limits import HandlerFor, Receive, Scope, Send, respond_as_route
 from api.schemas import MAX_ID_LENGTH
 
 #: the largest ``min_seq`` the routes accept (their ``le``)
@@ -57,7 +56,6 @@ USERS_PREFIX = "/v1/users/"
 RECOMMENDATIONS_SUFFIX = "/recommendations"
 
 ResponseFor = Callable[..., Awaitable[Response]]
-HandlerFor = Callable[[Exception], Callable[[Request, Exception], Awaitable[Response]] | None]
 
 
 def parse_query(query: bytes, names: frozenset[str]) -> dict[str, bytes] | None:
@@ -139,14 +137,7 @@ class FastReads:
         route, path_params, respond = call
         scope["route"] = route
         scope["path_params"] = path_params
-        try:
-            response = await respond()
-        except Exception as exc:
-            handler = self.handler_for(exc)
-            if handler is None:
-                raise
-            response = await handler(Request(scope, receive), exc)
-        await response(scope, receive, send)
+        await respond_as_route(scope, receive, send, respond, self.handler_for)
         return True
 
     def _call(self, path: str, query: bytes) -> tuple[object, dict, Callable[[], Awaitable[Response]]] | None:

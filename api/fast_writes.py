@@ -28,16 +28,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
 from starlette.responses import Response
 
-from api.limits import Receive, Scope, Send
+from api.limits import HandlerFor, Receive, Scope, Send, respond_as_route
 
 #: the only content type answered here; any other (with parameters, ``+json``, none) goes to FastAPI
 JSON_CONTENT_TYPE = b"application/json"
-
-HandlerFor = Callable[[Exception], Callable[[Request, Exception], Any] | None]
-
 
 def content_type(scope: Scope) -> bytes | None:
     """The first ``content-type`` header's raw value (as Starlette's ``headers.get``), None without one."""
@@ -74,12 +70,6 @@ class FastRatings:
         except ValidationError:
             return False
         scope["route"] = self.route
-        try:
-            response = await run_in_threadpool(self.respond, parsed)
-        except Exception as exc:
-            handler = self.handler_for(exc)
-            if handler is None:
-                raise
-            response = await handler(Request(scope, receive), exc)
-        await response(scope, receive, send)
+        await respond_as_route(scope, receive, send, lambda: run_in_threadpool(self.respond, parsed),
+                               self.handler_for)
         return True

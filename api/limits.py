@@ -25,11 +25,15 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.requests import Request
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: the app's exception handler for an exception (None: none; the exception propagates)
+HandlerFor = Callable[[Exception], Callable[[Any, Exception], Awaitable[Any]] | None]
 
 #: (method, path) of the routes that change state: they always need the key
 WRITE_ROUTES = frozenset({("POST", "/v1/ratings"), ("POST", "/v1/users"), ("POST", "/v1/admin/reload")})
@@ -162,3 +166,18 @@ def _problem(status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) 
         await send({"type": "http.response.body", "body": body})
 
     return respond
+
+
+async def respond_as_route(scope: Scope, receive: Receive, send: Send, call: Callable[[], Awaitable[Any]],
+                           handler_for: HandlerFor) -> None:
+    """Send the response ``call()`` builds, or, when it raises, the app's own exception
+    handler's answer for the exception (as Starlette's exception middleware would): how the
+    fast paths (`api.fast_reads`, `api.fast_writes`) answer exactly as their routes do."""
+    try:
+        response = await call()
+    except Exception as exc:
+        handler = handler_for(exc)
+        if handler is None:
+            raise
+        response = await handler(Request(scope, receive), exc)
+    await response(scope, receive, send)
