@@ -52,6 +52,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from recsys.errors import ArtefactError, RecsysError, UnknownIdError
 from recsys.recommender import Recommender
 from recsys.store import RatingLike, RatingStore, StoredRating
+from recsys.threads import limit_compute_threads
 
 log = logging.getLogger("recsys.api")
 
@@ -72,6 +73,9 @@ class Settings(BaseSettings):
     max_explain: int = Field(50, ge=0)  # explanation entries per prediction
     follow_interval_s: float = Field(0.05, gt=0, le=60)  # how often a worker polls the store for others' writes
     device: str = "cpu"
+    # threads torch and numpy's BLAS use within one request (recsys.threads.limit_compute_threads):
+    # requests already run side by side on every core, so more threads only spin against them
+    compute_threads: int = Field(1, ge=1)
 
     def key(self) -> str | None:
         if self.api_key:
@@ -146,6 +150,7 @@ class Service:
 
     def open(self) -> None:
         """Open the store, load, replay and warm the model, start following the store."""
+        limit_compute_threads(self.settings.compute_threads)
         self.store = RatingStore(self.settings.db)
         chosen = self.store.chosen_model()
         if chosen is not None:
