@@ -546,3 +546,155 @@ def test_cached_rows_are_rebuilt_exactly_when_a_row_they_hold_moved(small_rating
                 np.testing.assert_allclose([c.effect for c in got.contributions],
                                            [c.effect for c in want.contributions], rtol=1e-5, atol=1e-8)
                 assert (got.method, got.n_candidates) == (want.method, want.n_candidates)
+
+
+@pytest.mark.parametrize("top", [1, 5])
+def test_long_item_rows_updated_in_place_explain_as_rebuilt_rows(top):
+    """A long item row is updated in place, not rebuilt, when its raters moved (online SGD of
+    their ratings elsewhere; a folded-in user re-folded), when it gained ratings (from a
+    new user, folded in: its parameters stay; from trained users, one of whom rated it
+    before: online SGD moves it too): its ``A`` gains each rank-2 / rank-1 change and the
+    ridge's, and the α of the ratings a query scores are computed then. Over the batches,
+    with pruning on, every explanation equals a fresh explainer's (same top k in order,
+    effects to 1e-5), the updated system equals the rebuilt one, and every rating of the
+    updated row scored without pruning equals the rebuilt row's."""
+    from recsys.models.mf.explain import NewtonInfluence
+    from recsys.models.mf.explain_kernels import pair_scores
+    from tests.conftest import make_ratings, with_new_ratings
+
+    r = make_ratings(n_users=120, n_items=8, n=700, seed=3)
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r, learning_rate=0.02)
+    cached = model.explainer(r)
+    cache = cached._cache()
+    cache.update_above = cache.prune_above = 20
+    cache.prune_chunk = 4
+    cached.warm()
+    rng = np.random.default_rng(1)
+    counts = r.item_counts()
+    long_items = np.flatnonzero(counts > 20)
+    assert len(long_items) >= 4
+    hot = int(np.argmax(counts))
+    raters = r.by_item.columns[r.by_item.row(hot)]
+    cold = [j for j in range(r.n_items) if j != hot]
+    # (the newcomer's items are never rated online by others: a folded-in user's cached
+    # leave-one-out is kept while the items it was folded on move)
+    batches = [([int(raters[0])] * 2, cold[2:4]), ([int(raters[5])], cold[4:5]), (["newcomer"] * 2, [cold[0], hot]),
+               ([int(raters[9]), int(raters[11])], [cold[5], cold[2]]), (["newcomer"], [cold[1]]),
+               ([int(raters[0])], [hot]), ([int(r.users[np.flatnonzero(r.items != hot)[0]])], [hot])]
+    ratings = r
+    for users, items in batches:
+        raw_users = [u if isinstance(u, str) else r.user_ids.raw(u) for u in users]
+        ratings, new = with_new_ratings(ratings, raw_users, [r.item_ids.raw(int(j)) for j in items],
+                                        rng.integers(1, 6, len(users)).astype(float).tolist())
+        model.learn(ratings, new)
+        cached.update(ratings, new)
+        fresh = model.explainer(ratings)
+        fresh._cache().prune_above, fresh._cache().prune_chunk = 20, 4
+        for u in range(0, ratings.n_users, 3):
+            for i in long_items.tolist():
+                got, want = cached.explain(u, i, top), fresh.explain(u, i, top)
+                assert [c.example for c in got.contributions] == [c.example for c in want.contributions]
+                np.testing.assert_allclose([c.effect for c in got.contributions],
+                                           [c.effect for c in want.contributions], rtol=1e-5, atol=1e-8)
+                assert (got.method, got.n_candidates) == (want.method, want.n_candidates)
+        assert cache.updated("item", hot)
+        fresh_cache = NewtonInfluence(model, ratings)
+        fresh_cache.update_above = 20
+        rebuilt = fresh_cache._build("item", hot)
+        done, row = cache._updates[("item", hot)], cache._rows[("item", hot)]
+        np.testing.assert_array_equal(row.examples, rebuilt.examples)
+        np.testing.assert_array_equal(row.others, rebuilt.others)
+        np.testing.assert_allclose(done.gram, rebuilt.gram, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(done.weights, rebuilt.weights, rtol=1e-5, atol=1e-7)
+    assert cache.counts["updated"] >= len(batches)
+    assert done.n_moved == 8  # raters 0, 5, 9 and 11 moved; 4 ratings gained
+    u = int(raters[0])
+    P, Q = model.user_factors.weight.detach().numpy(), model.item_factors.weight.detach().numpy()
+    want_ids, want_eff, _, _, _ = NewtonInfluence(model, ratings).effects_and_shares(u, hot)
+    empty = cache._empty
+    got = pair_scores(model.config.n_blocks, empty.examples, empty.others, empty.alpha, empty.weights,
+                      empty.reg_theta, False, row.examples, row.others, row.alpha, row.weights, done.reg_theta,
+                      row.beta, row.by_beta, True, P, Q, u, hot, False, 1, np.iinfo(np.int64).max, True, 4, True,
+                      done.moved, ratings.values, model.user_bias.weight.detach().numpy(), done.theta, done.weights,
+                      done.reg_weights, float(model.global_mean), done.beta_scale, done.beta_shift)
+    mine = np.isin(want_ids, got[0])
+    np.testing.assert_array_equal(got[0], want_ids[mine])
+    np.testing.assert_allclose(got[1], want_eff[mine], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("history_kept", [2, 3])
+def test_an_item_row_whose_movers_left_the_history_or_that_moved_too_often_is_rebuilt(history_kept):
+    """An item row is rebuilt instead of updated in place when its moved raters' previous
+    factors have left the history ring (3 moves: a ring of 2 records lost one, one of 3 did
+    not and is updated) or once more of its ratings than `update_moved_max` were gained or
+    had their rater move; the explanations equal a fresh explainer's either way."""
+    from tests.conftest import make_ratings, with_new_ratings
+
+    r = make_ratings(n_users=120, n_items=8, n=700, seed=3)
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r, learning_rate=0.02)
+    cached = model.explainer(r)
+    cache = cached._cache()
+    cache.history_kept = history_kept  # read at construction: rebuild the ring small
+    cache.__init__(model, r, index=cache.index)
+    cache.update_above = cache.prune_above = 20
+    cache.update_moved_max = 4
+    cached.warm()
+    hot = int(np.argmax(r.item_counts()))
+    raters = r.by_item.columns[r.by_item.row(hot)]
+    other = (hot + 1) % r.n_items
+    ratings = r
+
+    def rate(users: list[int]):
+        nonlocal ratings
+        ratings, new = with_new_ratings(ratings, [r.user_ids.raw(int(u)) for u in users],
+                                        [r.item_ids.raw(other)] * len(users), [3.0] * len(users))
+        model.learn(ratings, new)
+        cached.update(ratings, new)
+
+    def check(rebuilt: bool):
+        before = cache._rows[("item", hot)]
+        got = cached.explain(int(raters[20]), hot, 3)
+        assert (cache._rows[("item", hot)] is not before) == rebuilt and cache.updated("item", hot) == (not rebuilt)
+        want = model.explainer(ratings).explain(int(raters[20]), hot, 3)
+        assert [c.example for c in got.contributions] == [c.example for c in want.contributions]
+        np.testing.assert_allclose([c.effect for c in got.contributions], [c.effect for c in want.contributions],
+                                   rtol=1e-5)
+
+    for step in range(3):  # three moves of 1 user each: a ring of 2 records loses the first
+        rate([raters[1 + step]])
+    check(rebuilt=history_kept < 3)
+    rate([raters[4]])
+    check(rebuilt=False)
+    rate([raters[5], raters[6], raters[7], raters[8]])  # with the 1-4 moved before: past update_moved_max
+    check(rebuilt=True)
+
+
+def test_a_folded_in_users_leave_one_out_follows_the_items_it_was_folded_on(small_ratings):
+    """`FoldInLeaveOneOut` re-folds on the item rows as they are now: once online SGD moved an
+    item a folded-in user rated, the user's cached leave-one-out is recomputed, and the
+    explanation equals a fresh explainer's (it kept the old one before)."""
+    from tests.conftest import with_new_ratings
+
+    r = small_ratings
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r, learning_rate=0.05)
+    cached = model.explainer(r)
+    cached.warm()
+    ratings, new = with_new_ratings(r, ["newcomer"] * 3, [r.item_ids.raw(j) for j in (0, 2, 5)], [5.0, 1.0, 4.0])
+    model.learn(ratings, new)
+    cached.update(ratings, new)
+    newcomer = ratings.user_ids.index("newcomer")
+    first = cached.explain(newcomer, 7, 3)
+    ratings, new = with_new_ratings(ratings, [r.user_ids.raw(3), r.user_ids.raw(4)], [r.item_ids.raw(2)] * 2,
+                                    [5.0, 5.0])
+    model.learn(ratings, new)
+    cached.update(ratings, new)
+    got, want = cached.explain(newcomer, 7, 3), model.explainer(ratings).explain(newcomer, 7, 3)
+    assert got.method == "fold-in exact + newton"
+    assert [c.example for c in got.contributions] == [c.example for c in want.contributions]
+    np.testing.assert_allclose([c.effect for c in got.contributions], [c.effect for c in want.contributions],
+                               rtol=1e-6)
+    mine = {c.example: c.effect for c in first.contributions if c.shares == "user"}
+    assert any(abs(c.effect - mine[c.example]) > 1e-6 for c in got.contributions if c.example in mine)

@@ -78,8 +78,9 @@ def _newton_row(theta, other_factors, other_bias, others, values, global_mean, l
     Per block, with ``x_i = [other factors; 1]``, ``r_i`` the rating's error, ``A = Σ x_i x_iᵀ
     + max(m−1, 1)·diag(λ)``, ``h_i = x_iᵀA⁻¹x_i`` and ``t_i = −r_i h_i + x_iᵀA⁻¹(λ⊙θ)``:
     returns ``(A [K, d+1, d+1] float64, A⁻¹ [K, d+1, d+1] float64, α [m, K] float32 with
-    α_i = t_i/(1 − h_i) − r_i, β [m] float32 = Σ_blocks |α_i|·‖x_i‖)``. ``A⁻¹`` by Cholesky
-    (``h_i = ‖L⁻¹x_i‖²``)."""
+    α_i = t_i/(1 − h_i) − r_i, β [m] float32 = Σ_blocks |α_i|·‖x_i‖, h_max [K] float64 = max_i
+    h_i, x2_max [K] float64 = max_i ‖x_i‖²)`` (the last two bound how far the α_i can move when
+    raters move: `updated_weights`). ``A⁻¹`` by Cholesky (``h_i = ‖L⁻¹x_i‖²``)."""
     k, d1 = theta.shape
     d = d1 - 1
     m = len(others)
@@ -95,6 +96,8 @@ def _newton_row(theta, other_factors, other_bias, others, values, global_mean, l
     norm = np.empty(m)
     reg_theta = np.empty(d1)
     v_reg = np.empty(d1)
+    h_max = np.zeros(k)
+    x2_max = np.zeros(k)
     scale = max(m - 1, 1)
     for b in range(k):
         for i in range(m):
@@ -146,9 +149,11 @@ def _newton_row(theta, other_factors, other_bias, others, values, global_mean, l
             a = (t[i] - resid[i] * h[i]) / denom - resid[i]
             alpha[i, b] = a
             beta[i] += abs(a) * np.sqrt(norm[i])
+            h_max[b] = max(h_max[b], h[i])
+            x2_max[b] = max(x2_max[b], norm[i])
         A_all[b] = A
         inv_all[b] = A_inv
-    return A_all, inv_all, alpha, beta.astype(np.float32)
+    return A_all, inv_all, alpha, beta.astype(np.float32), h_max, x2_max
 
 
 def _fold_in_leave_one_out(item_factors, item_bias, items, values, global_mean, reg, bias_reg):
@@ -236,6 +241,128 @@ def _fold_in_leave_one_out(item_factors, item_bias, items, values, global_mean, 
     return V
 
 
+def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_factors, others, reg_theta, h_max,
+                     x2_max, theta_moved, reg_theta_moved):
+    """A cached row's system after some of its raters moved, it gained ratings or its own
+    parameters moved (`NewtonInfluence`'s update in place of a long row).
+
+    gram ``[K, d+1, d+1]`` float64: the row's ``A`` as of its last build or update; weights
+    ``[K, d+1, d+1]`` float32: the ``W`` its cached α were computed with (at its build);
+    positions ``[n]``: the ratings whose rater moved since ``gram``, with old_rows ``[n, K·d]``
+    float32 their rater's factors then (other_factors holds them now); added ``[a]``: the
+    positions of the ratings gained since ``gram`` and ridge ``[d+1]``: what they add to the
+    ridge ``(m−1)λ``; others ``[m]``: every rating's rater (positions index it); reg_theta
+    ``[K, d+1]``: ``λ⊙θ`` now; h_max, x2_max ``[K]``: `newton_row`'s bounds at the build;
+    theta_moved, reg_theta_moved ``[K]``: ``‖θ − θ_build‖`` and ``‖λ⊙(θ − θ_build)‖`` per block.
+
+    ``A' = A + Σ_n (x_new x_newᵀ − x_old x_oldᵀ) + Σ_added x xᵀ + diag(ridge)``, ``W' = A'⁻¹``
+    by Cholesky. Returns ``(A' [K, d+1, d+1], W' [K, d+1, d+1] float64, W'(λ⊙θ) [K, d+1],
+    scale, shift)``. For a rating whose rater did not move since the build, ``α'_i = (t'_i −
+    r_i')/(1 − h'_i)`` (with ``t = x·W(λ⊙θ)``, ``h = xᵀWx``) differs from the cached ``α_i =
+    (t_i − r_i)/(1 − h_i)`` through ``W``, ``θ`` and the error ``r_i``: with ``ε ≥ ‖W' − W‖₂``
+    (Frobenius, plus ``W``'s float32 rounding) and ``ω ≥ ‖W‖₂``, ``|h' − h| ≤ ε‖x‖²`` and
+    ``|t' − r' − (t − r)| ≤ ‖x‖(ε‖λ⊙θ‖ + ω‖λ⊙Δθ‖ + ‖Δθ‖)``, so per block ``|α'| ≤ |α|·s +
+    ‖x‖·(ε‖λ⊙θ‖ + ω‖λ⊙Δθ‖ + ‖Δθ‖)/(1 − h_max − ε·x2_max)``, ``s = (1 − h_max)/(1 − h_max −
+    ε·x2_max)``: the bound ``β = Σ_blocks |α|·‖x‖`` of the pruned order becomes ``β·scale +
+    shift``. ``scale`` is inf when that bound is of no use (``ε·x2_max > (1 − h_max)/2``)."""
+    k, d1 = reg_theta.shape
+    d = d1 - 1
+    A = gram.copy()
+    x_new = np.empty(d1)
+    x_old = np.empty(d1)
+    x_new[d] = 1.0
+    x_old[d] = 1.0
+    for n in range(len(positions)):
+        o = others[positions[n]]
+        for b in range(k):
+            for j in range(d):
+                x_new[j] = np.float64(other_factors[o, b * d + j])
+                x_old[j] = np.float64(old_rows[n, b * d + j])
+            for p in range(d1):
+                for q in range(d1):
+                    A[b, p, q] += x_new[p] * x_new[q] - x_old[p] * x_old[q]
+    for n in range(len(added)):
+        o = others[added[n]]
+        for b in range(k):
+            for j in range(d):
+                x_new[j] = np.float64(other_factors[o, b * d + j])
+            for p in range(d1):
+                for q in range(d1):
+                    A[b, p, q] += x_new[p] * x_new[q]
+    for b in range(k):
+        for p in range(d1):
+            A[b, p, p] += ridge[p]
+    W = np.empty((k, d1, d1))
+    Wg = np.empty((k, d1))
+    scale = 1.0
+    shift = 0.0
+    for b in range(k):
+        W[b] = gram_of_inverse(lower_cholesky_inverse(A[b]))
+        diff = 0.0
+        size = 0.0
+        g_norm = 0.0
+        for p in range(d1):
+            s = 0.0
+            for q in range(d1):
+                s += W[b, p, q] * reg_theta[b, q]
+                old = np.float64(weights[b, p, q])
+                diff += (W[b, p, q] - old) ** 2
+                size += old * old
+            Wg[b, p] = s
+            g_norm += reg_theta[b, p] * reg_theta[b, p]
+        rounding = 2.0 ** -23 * np.sqrt(size)
+        eps = np.sqrt(diff) + rounding
+        omega = np.sqrt(size) + rounding
+        room = 1.0 - h_max[b]
+        moved = eps * x2_max[b]
+        if not moved <= 0.5 * room:
+            return A, W, Wg, np.inf, np.inf
+        scale = max(scale, room / (room - moved))
+        shift += x2_max[b] * (eps * np.sqrt(g_norm) + omega * reg_theta_moved[b] + theta_moved[b]) / (room - moved)
+    return A, W, Wg, scale, shift
+
+
+def _updated_rating_score(others, examples, values, i, table, bias, theta, W, Wg, w, c, global_mean):
+    """The effect of the rating at position ``i`` of a row updated in place (`updated_weights`):
+    ``α_i`` computed now from the current ``x_i``, its error ``r_i`` and ``W'`` (``h_i =
+    x_iᵀW'x_i``, ``t_i = x_i·W'(λ⊙θ)``, as `newton_row` does at a build), then ``−(Σ_blocks α_i
+    (x_i·w_b) + c)/K``. table / bias: the other side's factors and biases; theta ``[K, d+1]``
+    the row's ``[factors; bias]``; values: every rating's value by example id."""
+    k, d1 = w.shape
+    d = d1 - 1
+    o = others[i]
+    value = np.float64(values[examples[i]])
+    x = np.empty(d1)
+    x[d] = 1.0
+    acc = 0.0
+    for b in range(k):
+        s = 0.0
+        fit = 0.0
+        for j in range(d):
+            v = np.float64(table[o, b * d + j])
+            x[j] = v
+            s += v * w[b, j]
+            fit += v * theta[b, j]
+        resid = value - (global_mean + theta[b, d] + np.float64(bias[o, b]) + fit)
+        h = 0.0
+        t = 0.0
+        for p in range(d1):
+            row = 0.0
+            for q in range(d1):
+                row += W[b, p, q] * x[q]
+            h += x[p] * row
+            t += x[p] * Wg[b, p]
+        denom = 1.0 - h
+        if abs(denom) < 1e-9:
+            denom = 1e-9
+        a = (t - resid * h) / denom - resid
+        acc += a * (s + w[b, d])
+    return -(acc + c) / k
+
+
+updated_rating_score = variant(_updated_rating_score, "serial", nogil=True, fastmath=_REASSOC)
+
+
 def _rating_score(alpha, others, i, table, w, c):
     """The effect of the row's rating at position ``i``: ``−(Σ_blocks α_i (x_i·w_b) + c)/K``."""
     k, d1 = w.shape
@@ -253,20 +380,34 @@ def _rating_score(alpha, others, i, table, w, c):
 rating_score = variant(_rating_score, "serial", nogil=True, fastmath=_REASSOC)
 
 
+def _row_rating_score(updated, alpha, others, examples, values, i, table, bias, theta, W, Wg, w, c, global_mean):
+    """`rating_score` from the cached α, or for a row ``updated`` in place `updated_rating_score`."""
+    if updated:
+        return updated_rating_score(others, examples, values, i, table, bias, theta, W, Wg, w, c, global_mean)
+    return rating_score(alpha, others, i, table, w, c)
+
+
+row_rating_score = variant(_row_rating_score, "serial", nogil=True, fastmath=_REASSOC)
+
+
 def _pruned_row_scores(alpha, others, examples, beta, by_beta, table, w, c, w_max, lo, hi, settled_below, best,
-                       chunk):
-    """The effects of a long row's ratings (`rating_score`) in decreasing order of their bound, stopping
+                       chunk, updated, moved, values, bias, theta, W, Wg, global_mean, beta_scale, beta_shift):
+    """The effects of a long row's ratings (`row_rating_score`) in decreasing order of their bound, stopping
     once none left can reach the ``len(best)``-th largest ``|effect|`` (`NewtonInfluence`'s
     pruned item side). Returns ``(positions int64, effects float64)``: first every rating at
-    or above example id ``settled_below`` (in position order: the caller re-estimates them),
-    then the scored ones in bound order; positions in ``[lo, hi)`` (the user's own) are skipped.
+    or above example id ``settled_below`` (in position order: the caller re-estimates them)
+    and, for a row ``updated`` in place, every rating whose rater moved (``moved[i]``: their
+    cached bound no longer holds), then the scored ones in bound order; positions in ``[lo,
+    hi)`` (the user's own) are skipped.
 
     beta ``[m]`` float32 and by_beta ``[m]`` int: the bound ``Σ_blocks |α_i|·‖x_i‖`` and the
-    positions in decreasing order of it; w_max: ``max_b ‖w_b‖``; best float64 ``[top]``: the
-    largest settled ``|effects|`` so far, decreasing, padded with -1 (updated in place with
-    every scored effect). Scored in steps of ``chunk`` ratings, doubling; after each step it
-    stops if the next rating's bound ``(β·w_max + |c|)/K`` with a relative margin of 1e-4 is
-    below the smallest of a full ``best``."""
+    positions in decreasing order of it (for an updated row ``β·beta_scale + beta_shift``
+    bounds the current α: `updated_weights`); w_max: ``max_b ‖w_b‖``; best float64 ``[top]``:
+    the largest settled ``|effects|`` so far, decreasing, padded with -1 (updated in place
+    with every scored effect). Scored in steps of ``chunk`` ratings, doubling; after each
+    step it stops if the next rating's bound ``((β·beta_scale + beta_shift)·w_max + |c|)/K``
+    with a relative margin of 1e-4 is below the smallest of a full ``best``. The arguments
+    from ``values`` on are `updated_rating_score`'s (unused when not ``updated``)."""
     k = w.shape[0]
     m = len(examples)
     top = len(best)
@@ -274,19 +415,29 @@ def _pruned_row_scores(alpha, others, examples, beta, by_beta, table, w, c, w_ma
     effects = np.empty(m)
     n = 0
     for i in range(m):
-        if examples[i] >= settled_below and (i < lo or i >= hi):
+        if (examples[i] >= settled_below or (updated and moved[i])) and (i < lo or i >= hi):
             positions[n] = i
-            effects[n] = rating_score(alpha, others, i, table, w, c)
+            effects[n] = row_rating_score(updated, alpha, others, examples, values, i, table, bias, theta, W, Wg, w,
+                                          c, global_mean)
             n += 1
+            if updated and examples[i] < settled_below:  # a settled rating: it may be in the top
+                a = abs(effects[n - 1])
+                if a > best[top - 1]:
+                    j = top - 1
+                    while j > 0 and best[j - 1] < a:
+                        best[j] = best[j - 1]
+                        j -= 1
+                    best[j] = a
     start = 0
     size = chunk
     while start < m:
         stop = min(start + size, m)
         for r in range(start, stop):
             i = by_beta[r]
-            if (i >= lo and i < hi) or examples[i] >= settled_below:
+            if (i >= lo and i < hi) or examples[i] >= settled_below or (updated and moved[i]):
                 continue
-            e = rating_score(alpha, others, i, table, w, c)
+            e = row_rating_score(updated, alpha, others, examples, values, i, table, bias, theta, W, Wg, w, c,
+                                 global_mean)
             positions[n] = i
             effects[n] = e
             n += 1
@@ -300,7 +451,7 @@ def _pruned_row_scores(alpha, others, examples, beta, by_beta, table, w, c, w_ma
         start = stop
         size *= 2
         if start < m and best[top - 1] >= 0.0:
-            bound = (np.float64(beta[by_beta[start]]) * w_max + abs(c)) / k
+            bound = ((np.float64(beta[by_beta[start]]) * beta_scale + beta_shift) * w_max + abs(c)) / k
             if bound * (1 + 1e-4) + 1e-12 < best[top - 1]:
                 break
     return positions[:n].copy(), effects[:n].copy()
@@ -326,14 +477,22 @@ target_weights = variant(_target_weights, "serial", nogil=True, fastmath=_REASSO
 
 def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
                  item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta, has_item,
-                 P, Q, user, item, prune, top, settled_below, user_settled, chunk):
+                 P, Q, user, item, prune, top, settled_below, user_settled, chunk,
+                 item_updated, item_moved, values, BU, item_theta, item_W_now, item_Wg_now, global_mean, beta_scale,
+                 beta_shift):
     """Every candidate of the prediction of ``(user, item)`` scored from the two cached rows
     in one call (`NewtonInfluence.effects_and_shares`). Returns ``(example ids int64 [n],
     effects float64 [n], shares_user bool [n], shares_item bool [n], candidates)``: the
     user's ratings first (row order; effect 0 unless ``score_user``; the pair's own rating
     also gets its item-row share), then the item's other ratings (all, in row order, or with
     ``prune`` those `_pruned_row_scores` keeps, seeded with the ``top`` largest ``|effect|``
-    of the user's ratings below ``settled_below`` when ``user_settled``)."""
+    of the user's ratings below ``settled_below`` when ``user_settled``).
+
+    ``item_updated``: the item row was updated in place since some of its raters moved
+    (`updated_weights`): its ratings are scored by `updated_rating_score` with ``W' =
+    item_W_now`` (``w`` from it too), ``item_Wg_now = W'(λ⊙θ)``, the row's ``item_theta``,
+    the ratings' ``values`` and the user biases ``BU``; ``item_moved`` marks the ratings whose
+    rater moved and ``beta_scale``, ``beta_shift`` widen the cached bound."""
     m_u = len(user_examples)
     m_i = len(item_examples)
     lo = hi = 0
@@ -342,7 +501,10 @@ def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_the
     if has_item:
         lo = np.searchsorted(item_others, user)
         hi = np.searchsorted(item_others, user + 1)
-        w_i = target_weights(item_W, P, user, k)
+        if item_updated:
+            w_i = target_weights(item_W_now, P, user, k)
+        else:
+            w_i = target_weights(item_W, P, user, k)
         c_i = np.sum(item_reg_theta * w_i)
     ids = np.empty(m_u + m_i, np.int64)
     eff = np.zeros(m_u + m_i)
@@ -363,7 +525,8 @@ def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_the
             if score_user:
                 e = rating_score(user_alpha, user_others, n, Q, w_u, c_u)
                 if si[n] and has_item and own < hi:  # the pair's own rating moved both rows
-                    e += rating_score(item_alpha, item_others, own, P, w_i, c_i)
+                    e += row_rating_score(item_updated, item_alpha, item_others, item_examples, values, own, P, BU,
+                                          item_theta, item_W_now, item_Wg_now, w_i, c_i, global_mean)
                     own += 1
                 eff[n] = e
                 if user_settled and user_examples[n] < settled_below:
@@ -384,7 +547,9 @@ def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_the
                     s += w_i[b, p] * w_i[b, p]
                 w_max = max(w_max, np.sqrt(s))
             pos, scores = pruned_row_scores(item_alpha, item_others, item_examples, item_beta, item_by_beta, P, w_i,
-                                            c_i, w_max, lo, hi, settled_below, best, chunk)
+                                            c_i, w_max, lo, hi, settled_below, best, chunk, item_updated, item_moved,
+                                            values, BU, item_theta, item_W_now, item_Wg_now, global_mean, beta_scale,
+                                            beta_shift)
             for r in range(len(pos)):
                 ids[n] = item_examples[pos[r]]
                 eff[n] = scores[r]
@@ -395,7 +560,8 @@ def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_the
                 if i >= lo and i < hi:
                     continue
                 ids[n] = item_examples[i]
-                eff[n] = rating_score(item_alpha, item_others, i, P, w_i, c_i)
+                eff[n] = row_rating_score(item_updated, item_alpha, item_others, item_examples, values, i, P, BU,
+                                          item_theta, item_W_now, item_Wg_now, w_i, c_i, global_mean)
                 si[n] = True
                 n += 1
     return ids[:n], eff[:n], su[:n], si[:n], m_u + m_i - (hi - lo)
@@ -455,6 +621,7 @@ def _online_step_scores(user_factors, item_factors, user_bias, item_bias, owners
 
 
 newton_row = variant(_newton_row, "serial", nogil=True, fastmath=_REASSOC)
+updated_weights = variant(_updated_weights, "serial", nogil=True, fastmath=_REASSOC)
 fold_in_leave_one_out = variant(_fold_in_leave_one_out, "serial", nogil=True, fastmath=_REASSOC)
 pruned_row_scores = variant(_pruned_row_scores, "serial", nogil=True, fastmath=_REASSOC)
 pair_scores = variant(_pair_scores, "serial", nogil=True, fastmath=_REASSOC)
@@ -462,4 +629,5 @@ pair_prediction = variant(_pair_prediction, "serial", nogil=True, fastmath=_REAS
 online_step_scores = variant(_online_step_scores, "serial", nogil=True, fastmath=_REASSOC)
 
 __all__ = ["fold_in_leave_one_out", "gram_of_inverse", "lower_cholesky_inverse", "newton_row", "online_step_scores",
-           "pair_prediction", "pair_scores", "pruned_row_scores", "rating_score", "target_weights"]
+           "pair_prediction", "pair_scores", "pruned_row_scores", "rating_score", "row_rating_score", "target_weights",
+           "updated_rating_score", "updated_weights"]
