@@ -297,6 +297,12 @@ def _table(weight: torch.Tensor) -> np.ndarray:
     return w.numpy() if w.device.type == "cpu" else w.cpu().numpy()
 
 
+def _lower(A: np.ndarray) -> np.ndarray:
+    """The lower triangles ``[K, n(n+1)/2]`` of ``A [K, n, n]``, row by row (`numpy.tril_indices`)."""
+    rows, cols = np.tril_indices(A.shape[1])
+    return A[:, rows, cols]
+
+
 class _NewtonRow(NamedTuple):
     """One user or item row of `NewtonInfluence`, in the row's CSR order (``m`` ratings)."""
 
@@ -307,7 +313,8 @@ class _NewtonRow(NamedTuple):
     reg_theta: np.ndarray  # float64 [K, d+1]: λ⊙θ, the row's L2 gradient
     beta: np.ndarray  # float32 [m]: Σ_blocks |α_i|·‖x_i‖, the bound on |α_i (x_i·w)| per unit ‖w‖
     by_beta: np.ndarray  # int32 [m]: positions in decreasing order of beta
-    gram: np.ndarray  # float64 [K, d+1, d+1]: A, kept for an update in place (`NewtonInfluence.update_above`), else [0, 0, 0]
+    gram: np.ndarray  # float64 [K, (d+1)(d+2)/2]: A's lower triangle, kept for an update in place
+    #                   (`NewtonInfluence.update_above`), else [0, 0]
     h_max: np.ndarray  # float64 [K]: max_i h_i (bounds the α_i after an update in place)
     x2_max: np.ndarray  # float64 [K]: max_i ‖x_i‖²
     theta: np.ndarray  # float64 [K, d+1]: the row's [factors; bias] at the build
@@ -322,7 +329,7 @@ class _RowUpdate(NamedTuple):
     own parameters moved): its system now, which ratings were gained or had their rater move
     since the build, and how far the cached bound ``β`` widens (`explain_kernels.updated_weights`)."""
 
-    gram: np.ndarray  # float64 [K, d+1, d+1]: A now
+    gram: np.ndarray  # float64 [K, (d+1)(d+2)/2]: A's lower triangle now
     weights: np.ndarray  # float64 [K, d+1, d+1]: W' = A⁻¹
     reg_weights: np.ndarray  # float64 [K, d+1]: W'(λ⊙θ)
     theta: np.ndarray  # float64 [K, d+1]: the row's [factors; bias] now
@@ -385,11 +392,11 @@ class NewtonInfluence:
         k, d = model.config.n_blocks, model.block_size
         self._empty = _NewtonRow(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((k, d + 1, d + 1), np.float32),
                                  np.zeros((0, k), np.float32), np.zeros((k, d + 1)), np.zeros(0, np.float32),
-                                 np.zeros(0, np.int32), np.zeros((0, 0, 0)), np.zeros(k), np.zeros(k),
+                                 np.zeros(0, np.int32), np.zeros((0, 0)), np.zeros(k), np.zeros(k),
                                  np.zeros((k, d + 1)))  # a user or item with no row
         #: long item rows updated in place since raters moved (`_update`), by key
         self._updates: dict[tuple[str, int], _RowUpdate] = {}
-        self._not_updated = _RowUpdate(np.zeros((k, d + 1, d + 1)), np.zeros((k, d + 1, d + 1)), np.zeros((k, d + 1)),
+        self._not_updated = _RowUpdate(np.zeros((k, (d + 1) * (d + 2) // 2)), np.zeros((k, d + 1, d + 1)), np.zeros((k, d + 1)),
                                        np.zeros((k, d + 1)), np.zeros((k, d + 1)), np.zeros(0, bool), 0, 1.0,
                                        0.0)  # its fields' types
         #: how many rows were built and updated in place (for tests and benchmarks)
@@ -425,7 +432,7 @@ class NewtonInfluence:
     #: not) is updated in place: ``A`` gains each moved rating's rank-2 change and is
     #: inverted again (``O(K·(d+1)³)``), and the α of the ratings a pruned query scores are
     #: computed from it then, instead of rebuilding the row (``O(m·K·(d+1)²)``: about 2.4 ms
-    #: at 5,000 ratings, 80 ms at 173,000); it keeps its ``A`` (``8·K·(d+1)²`` bytes more)
+    #: at 5,000 ratings, 80 ms at 173,000); it keeps its ``A`` (``4·K·(d+1)(d+2)`` bytes more)
     update_above = 256
     #: an updated row is rebuilt once more of its ratings than this have moved raters (each is
     #: scored in full by every query) or the cached bound widens past use
@@ -704,7 +711,7 @@ class NewtonInfluence:
         updatable = side == "item" and len(z) > self.update_above and self.learning_rate_sum is None
         self.counts["built"] += 1
         return _NewtonRow(z, others, W.astype(np.float32), alpha, lam * theta, beta,
-                          np.argsort(-beta, kind="stable").astype(np.int32), A if updatable else np.zeros((0, 0, 0)),
+                          np.argsort(-beta, kind="stable").astype(np.int32), _lower(A) if updatable else np.zeros((0, 0)),
                           h_max, x2_max, theta)
 
     def _keep(self, key: tuple[str, int], row: _NewtonRow) -> None:
@@ -761,7 +768,7 @@ class NewtonInfluence:
             # and the update in place's (of no moved rating: nothing changes)
             model, up = self.model, self._not_updated
             none = np.zeros(0, np.int64)
-            updated_weights(np.eye(d + 1)[None].repeat(k, 0), up.weights.astype(np.float32), none,
+            updated_weights(_lower(np.eye(d + 1)[None].repeat(k, 0)), up.weights.astype(np.float32), none,
                             np.zeros((0, k * d), np.float32), none, np.zeros(d + 1), _table(model.user_factors.weight),
                             np.zeros(0, np.int32), up.reg_weights, np.zeros(k), np.ones(k), np.zeros(k), np.zeros(k))
 

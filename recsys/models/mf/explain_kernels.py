@@ -246,7 +246,8 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
     """A cached row's system after some of its raters moved, it gained ratings or its own
     parameters moved (`NewtonInfluence`'s update in place of a long row).
 
-    gram ``[K, d+1, d+1]`` float64: the row's ``A`` as of its last build or update; weights
+    gram ``[K, (d+1)(d+2)/2]`` float64: the row's ``A`` as of its last build or update (its
+    lower triangle row by row, as `numpy.tril_indices` lists it); weights
     ``[K, d+1, d+1]`` float32: the ``W`` its cached α were computed with (at its build);
     positions ``[n]``: the ratings whose rater moved since ``gram``, with old_rows ``[n, K·d]``
     float32 their rater's factors then (other_factors holds them now); added ``[a]``: the
@@ -256,7 +257,7 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
     theta_moved, reg_theta_moved ``[K]``: ``‖θ − θ_build‖`` and ``‖λ⊙(θ − θ_build)‖`` per block.
 
     ``A' = A + Σ_n (x_new x_newᵀ − x_old x_oldᵀ) + Σ_added x xᵀ + diag(ridge)``, ``W' = A'⁻¹``
-    by Cholesky. Returns ``(A' [K, d+1, d+1], W' [K, d+1, d+1] float64, W'(λ⊙θ) [K, d+1],
+    by Cholesky. Returns ``(A' [K, (d+1)(d+2)/2] packed as gram, W' [K, d+1, d+1] float64, W'(λ⊙θ) [K, d+1],
     scale, shift)``. For a rating whose rater did not move since the build, ``α'_i = (t'_i −
     r_i')/(1 − h'_i)`` (with ``t = x·W(λ⊙θ)``, ``h = xᵀWx``) differs from the cached ``α_i =
     (t_i − r_i)/(1 − h_i)`` through ``W``, ``θ`` and the error ``r_i``: with ``ε ≥ ‖W' − W‖₂``
@@ -267,7 +268,14 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
     shift``. ``scale`` is inf when that bound is of no use (``ε·x2_max > (1 − h_max)/2``)."""
     k, d1 = reg_theta.shape
     d = d1 - 1
-    A = gram.copy()
+    A = np.empty((k, d1, d1))
+    for b in range(k):
+        at = 0
+        for p in range(d1):
+            for q in range(p + 1):
+                A[b, p, q] = gram[b, at]
+                A[b, q, p] = gram[b, at]
+                at += 1
     x_new = np.empty(d1)
     x_old = np.empty(d1)
     x_new[d] = 1.0
@@ -316,10 +324,17 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
         room = 1.0 - h_max[b]
         moved = eps * x2_max[b]
         if not moved <= 0.5 * room:
-            return A, W, Wg, np.inf, np.inf
+            return gram, W, Wg, np.inf, np.inf
         scale = max(scale, room / (room - moved))
         shift += x2_max[b] * (eps * np.sqrt(g_norm) + omega * reg_theta_moved[b] + theta_moved[b]) / (room - moved)
-    return A, W, Wg, scale, shift
+    packed = np.empty_like(gram)
+    for b in range(k):
+        at = 0
+        for p in range(d1):
+            for q in range(p + 1):
+                packed[b, at] = A[b, p, q]
+                at += 1
+    return packed, W, Wg, scale, shift
 
 
 def _updated_rating_score(others, examples, values, i, table, bias, theta, W, Wg, w, c, global_mean):
