@@ -559,7 +559,7 @@ def test_long_item_rows_updated_in_place_explain_as_rebuilt_rows(top):
     effects to 1e-5), the updated system equals the rebuilt one, and every rating of the
     updated row scored without pruning equals the rebuilt row's."""
     from recsys.models.mf.explain import NewtonInfluence
-    from recsys.models.mf.explain_kernels import pair_scores
+    from recsys.models.mf.explain_kernels import pair_scores_updated
     from tests.conftest import make_ratings, with_new_ratings
 
     r = make_ratings(n_users=120, n_items=8, n=700, seed=3)
@@ -613,11 +613,12 @@ def test_long_item_rows_updated_in_place_explain_as_rebuilt_rows(top):
     P, Q = model.user_factors.weight.detach().numpy(), model.item_factors.weight.detach().numpy()
     want_ids, want_eff, _, _, _ = NewtonInfluence(model, ratings).effects_and_shares(u, hot)
     empty = cache._empty
-    got = pair_scores(model.config.n_blocks, empty.examples, empty.others, empty.alpha, empty.weights,
-                      empty.reg_theta, False, row.examples, row.others, row.alpha, row.weights, done.reg_theta,
-                      row.beta, row.by_beta, True, P, Q, u, hot, False, 1, np.iinfo(np.int64).max, True, 4, True,
-                      done.moved, ratings.values, model.user_bias.weight.detach().numpy(), done.theta, done.weights,
-                      done.reg_weights, float(model.global_mean), done.beta_scale, done.beta_shift)
+    got = pair_scores_updated(model.config.n_blocks, empty.examples, empty.others, empty.alpha, empty.weights,
+                              empty.reg_theta, False, row.examples, row.others, row.alpha, row.weights,
+                              done.reg_theta, row.beta, row.by_beta, True, P, Q, u, hot, False, 1,
+                              np.iinfo(np.int64).max, True, 4, True, done.moved, ratings.values,
+                              model.user_bias.weight.detach().numpy(), done.theta, done.weights, done.reg_weights,
+                              float(model.global_mean), done.beta_scale, done.beta_shift)
     mine = np.isin(want_ids, got[0])
     np.testing.assert_array_equal(got[0], want_ids[mine])
     np.testing.assert_allclose(got[1], want_eff[mine], rtol=1e-5, atol=1e-8)

@@ -43,6 +43,7 @@ from recsys.models.mf.explain_kernels import (
     online_step_scores,
     pair_prediction,
     pair_scores,
+    pair_scores_updated,
     updated_weights,
 )
 from recsys.ratings import Ratings
@@ -771,6 +772,12 @@ class NewtonInfluence:
             updated_weights(_lower(np.eye(d + 1)[None].repeat(k, 0)), up.weights.astype(np.float32), none,
                             np.zeros((0, k * d), np.float32), none, np.zeros(d + 1), _table(model.user_factors.weight),
                             np.zeros(0, np.int32), up.reg_weights, np.zeros(k), np.ones(k), np.zeros(k), np.zeros(k))
+            e, users, items = self._empty, _table(model.user_factors.weight), _table(model.item_factors.weight)
+            pair_scores_updated(k, e.examples, e.others, e.alpha, e.weights, e.reg_theta, False, e.examples, e.others,
+                                e.alpha, e.weights, up.reg_theta, e.beta, e.by_beta, False, users, items, 0, 0, True, 1,
+                                np.iinfo(np.int64).max, True, self.prune_chunk, True, up.moved, self.train.values,
+                                _table(model.user_bias.weight), up.theta, up.weights, up.reg_weights,
+                                float(model.global_mean), 1.0, 0.0)
 
     def effects_and_shares(self, user: int, item: int, *, top: int | None = None,
                            settled_below: int | None = None, user_settled: bool = True, score_user: bool = True
@@ -802,15 +809,19 @@ class NewtonInfluence:
             z_u, others_u = self.index.row("user", user) if known_u else (ur.examples, ur.others)
             others_u = others_u.astype(np.int32)
         prune = top is not None and len(ir.examples) > self.prune_above
-        up = done if done is not None else self._not_updated
-        return pair_scores(model.config.n_blocks, z_u, others_u, ur.alpha, ur.weights, ur.reg_theta,
-                           known_u and score_user, ir.examples, ir.others, ir.alpha, ir.weights,
-                           up.reg_theta if done is not None else ir.reg_theta,
-                           ir.beta, ir.by_beta, known_i, _table(model.user_factors.weight),
-                           _table(model.item_factors.weight), user, item, prune, max(top or 1, 1), settled_below,
-                           user_settled, self.prune_chunk, done is not None, up.moved, self.train.values,
-                           _table(model.user_bias.weight), up.theta, up.weights, up.reg_weights,
-                           float(model.global_mean), up.beta_scale, up.beta_shift)
+        if done is None:
+            return pair_scores(model.config.n_blocks, z_u, others_u, ur.alpha, ur.weights, ur.reg_theta,
+                               known_u and score_user, ir.examples, ir.others, ir.alpha, ir.weights, ir.reg_theta,
+                               ir.beta, ir.by_beta, known_i, _table(model.user_factors.weight),
+                               _table(model.item_factors.weight), user, item, prune, max(top or 1, 1), settled_below,
+                               user_settled, self.prune_chunk)
+        return pair_scores_updated(model.config.n_blocks, z_u, others_u, ur.alpha, ur.weights, ur.reg_theta,
+                                   known_u and score_user, ir.examples, ir.others, ir.alpha, ir.weights,
+                                   done.reg_theta, ir.beta, ir.by_beta, known_i, _table(model.user_factors.weight),
+                                   _table(model.item_factors.weight), user, item, prune, max(top or 1, 1),
+                                   settled_below, user_settled, self.prune_chunk, True, done.moved, self.train.values,
+                                   _table(model.user_bias.weight), done.theta, done.weights, done.reg_weights,
+                                   float(model.global_mean), done.beta_scale, done.beta_shift)
 
     def effects(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray]:
         """``(example ids [m], effects [m])`` like `estimate_effects(..., "newton")`."""

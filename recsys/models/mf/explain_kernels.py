@@ -492,9 +492,22 @@ target_weights = variant(_target_weights, "serial", nogil=True, fastmath=_REASSO
 
 def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
                  item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta, has_item,
-                 P, Q, user, item, prune, top, settled_below, user_settled, chunk,
-                 item_updated, item_moved, values, BU, item_theta, item_W_now, item_Wg_now, global_mean, beta_scale,
-                 beta_shift):
+                 P, Q, user, item, prune, top, settled_below, user_settled, chunk):
+    """`pair_scores_updated` of an item row not updated in place (fewer arguments to pass:
+    each costs the caller's dispatch)."""
+    k_, d1 = item_reg_theta.shape
+    return pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
+                               item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta,
+                               has_item, P, Q, user, item, prune, top, settled_below, user_settled, chunk, False,
+                               np.zeros(0, np.bool_), np.zeros(0, np.float32), np.zeros((0, k_), np.float32),
+                               np.zeros((k_, d1)), np.zeros((k_, d1, d1)), np.zeros((k_, d1)), 0.0, 1.0, 0.0)
+
+
+def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
+                         item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta,
+                         has_item, P, Q, user, item, prune, top, settled_below, user_settled, chunk,
+                         item_updated, item_moved, values, BU, item_theta, item_W_now, item_Wg_now, global_mean,
+                         beta_scale, beta_shift):
     """Every candidate of the prediction of ``(user, item)`` scored from the two cached rows
     in one call (`NewtonInfluence.effects_and_shares`). Returns ``(example ids int64 [n],
     effects float64 [n], shares_user bool [n], shares_item bool [n], candidates)``: the
@@ -639,10 +652,11 @@ newton_row = variant(_newton_row, "serial", nogil=True, fastmath=_REASSOC)
 updated_weights = variant(_updated_weights, "serial", nogil=True, fastmath=_REASSOC)
 fold_in_leave_one_out = variant(_fold_in_leave_one_out, "serial", nogil=True, fastmath=_REASSOC)
 pruned_row_scores = variant(_pruned_row_scores, "serial", nogil=True, fastmath=_REASSOC)
+pair_scores_updated = variant(_pair_scores_updated, "serial", nogil=True, fastmath=_REASSOC)
 pair_scores = variant(_pair_scores, "serial", nogil=True, fastmath=_REASSOC)
 pair_prediction = variant(_pair_prediction, "serial", nogil=True, fastmath=_REASSOC)
 online_step_scores = variant(_online_step_scores, "serial", nogil=True, fastmath=_REASSOC)
 
 __all__ = ["fold_in_leave_one_out", "gram_of_inverse", "lower_cholesky_inverse", "newton_row", "online_step_scores",
-           "pair_prediction", "pair_scores", "pruned_row_scores", "rating_score", "row_rating_score", "target_weights",
+           "pair_prediction", "pair_scores", "pair_scores_updated", "pruned_row_scores", "rating_score", "row_rating_score", "target_weights",
            "updated_rating_score", "updated_weights"]
