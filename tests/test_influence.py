@@ -699,3 +699,35 @@ def test_a_folded_in_users_leave_one_out_follows_the_items_it_was_folded_on(smal
                                rtol=1e-6)
     mine = {c.example: c.effect for c in first.contributions if c.shares == "user"}
     assert any(abs(c.effect - mine[c.example]) > 1e-6 for c in got.contributions if c.example in mine)
+
+
+def test_the_history_of_moved_users_gives_their_factors_at_any_clock_it_reaches():
+    """`NewtonInfluence` keeps the factors moved users had before each move (a ring grown up
+    to `history_kept` records): for any clock it still reaches, each user's factors then
+    come back exactly; past it, None."""
+    from recsys.models.mf.explain import NewtonInfluence
+    from tests.conftest import make_ratings
+
+    r = make_ratings(n_users=400, n_items=10, n=2000, seed=1)
+    model, _ = _fit(r, _setup(epochs=1))
+    cache = NewtonInfluence(model, r)
+    cache.history_kept = 700  # read at construction
+    cache.__init__(model, r)
+    table = model.user_factors.weight.detach().numpy()
+    snapshots = [table.copy()]
+    rng = np.random.default_rng(0)
+    for _ in range(6):  # 6 x 150 records: the ring grows from 256 to 700, then wraps
+        users = rng.choice(r.n_users, size=150, replace=False)
+        table[users] += rng.normal(size=(150, table.shape[1])).astype(np.float32)
+        cache.invalidate(users)
+        snapshots.append(table.copy())
+    assert len(cache._history_users) == 700
+    for clock in range(len(snapshots)):
+        users = np.arange(0, r.n_users, 7)
+        moved = [u for u in users if any((snapshots[c][u] != snapshots[clock][u]).any()
+                                         for c in range(clock + 1, len(snapshots)))]
+        got = cache._factors_before(np.asarray(moved), clock)
+        if clock < 2:  # records of clocks 1 and 2 were overwritten
+            assert got is None
+        else:
+            np.testing.assert_array_equal(got, snapshots[clock][moved])

@@ -318,7 +318,7 @@ class _NewtonRow(NamedTuple):
     #                   (`NewtonInfluence.update_above`), else [0, 0]
     h_max: np.ndarray  # float64 [K]: max_i h_i (bounds the α_i after an update in place)
     x2_max: np.ndarray  # float64 [K]: max_i ‖x_i‖²
-    theta: np.ndarray  # float64 [K, d+1]: the row's [factors; bias] at the build
+    theta: np.ndarray  # float64 [K, d+1]: the row's [factors; bias] at the build (kept with gram, else [0, 0])
 
     @property
     def nbytes(self) -> int:
@@ -394,7 +394,7 @@ class NewtonInfluence:
         self._empty = _NewtonRow(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((k, d + 1, d + 1), np.float32),
                                  np.zeros((0, k), np.float32), np.zeros((k, d + 1)), np.zeros(0, np.float32),
                                  np.zeros(0, np.int32), np.zeros((0, 0)), np.zeros(k), np.zeros(k),
-                                 np.zeros((k, d + 1)))  # a user or item with no row
+                                 np.zeros((0, 0)))  # a user or item with no row
         #: long item rows updated in place since raters moved (`_update`), by key
         self._updates: dict[tuple[str, int], _RowUpdate] = {}
         self._not_updated = _RowUpdate(np.zeros((k, (d + 1) * (d + 2) // 2)), np.zeros((k, d + 1, d + 1)), np.zeros((k, d + 1)),
@@ -406,8 +406,8 @@ class NewtonInfluence:
         # had before each move (record n at n % history_kept): an update in place needs each
         # moved rater's factors as they were when the row was last built or updated
         self._user_factors_then = _table(model.user_factors.weight).copy()
-        self._history_users = np.zeros(self.history_kept, np.int64)
-        self._history_factors = np.zeros((self.history_kept, self._user_factors_then.shape[1]), np.float32)
+        self._history_users = np.zeros(min(self.history_kept, 256), np.int64)  # grown up to history_kept
+        self._history_factors = np.zeros((len(self._history_users), self._user_factors_then.shape[1]), np.float32)
         self._history_written = 0
         self._history_dropped = 0  # the clock of the newest invalidation whose records were overwritten
         self._history_clocks: list[int] = []  # per invalidation: its clock ...
@@ -429,14 +429,17 @@ class NewtonInfluence:
     prune_above = 128
     #: ratings scored in the first step of that order (doubling at each step)
     prune_chunk = 32
-    #: an item row longer than this whose raters moved (its own parameters and ratings did
-    #: not) is updated in place: ``A`` gains each moved rating's rank-2 change and is
-    #: inverted again (``O(K·(d+1)³)``), and the α of the ratings a pruned query scores are
-    #: computed from it then, instead of rebuilding the row (``O(m·K·(d+1)²)``: about 2.4 ms
-    #: at 5,000 ratings, 80 ms at 173,000); it keeps its ``A`` (``4·K·(d+1)(d+2)`` bytes more)
-    update_above = 256
-    #: an updated row is rebuilt once more of its ratings than this have moved raters (each is
-    #: scored in full by every query) or the cached bound widens past use
+    #: an item row longer than this whose raters moved, that gained ratings or whose own
+    #: parameters moved is updated in place when a pruned query (`explain`'s top k) uses it:
+    #: ``A`` gains each moved rating's rank-2 change, each gained rating's rank-1 term and its
+    #: share of the ridge, and is inverted again (``O(K·(d+1)³)``); the α of the ratings the
+    #: query scores are computed then from ``A⁻¹`` (``O(K·(d+1)²)`` each: more than a cached α,
+    #: so rows a rebuild costs little for are rebuilt), instead of rebuilding the row
+    #: (``O(m·K·(d+1)²)``: about 0.5 ms at 512 ratings at 10^7, 5 ms at 5,000, 80 ms at
+    #: 173,000). Such a row keeps ``A``'s lower triangle (``4·K·(d+1)(d+2)`` bytes more).
+    update_above = 512
+    #: an updated row is rebuilt once more of its ratings than this were gained or had their
+    #: rater move since its build (each is scored in full by every query)
     update_moved_max = 64
     #: moved users' previous factors kept (records; one per user and invalidation): a row whose
     #: raters moved longer ago than the ring reaches is rebuilt
@@ -491,6 +494,11 @@ class NewtonInfluence:
         if len(table) > len(then):  # new users: nothing held them before this move
             then = self._user_factors_then = np.concatenate([then, table[len(then):]])
         ring = len(self._history_users)
+        if self._history_written + len(users) > ring and ring < self.history_kept:  # not wrapped yet: grow
+            ring = min(self.history_kept, max(2 * ring, self._history_written + len(users)))
+            self._history_users = np.r_[self._history_users, np.zeros(ring - len(self._history_users), np.int64)]
+            self._history_factors = np.concatenate(
+                [self._history_factors, np.zeros((ring - len(self._history_factors), then.shape[1]), np.float32)])
         self._history_clocks.append(self._clock)
         self._history_starts.append(self._history_written)
         for start in range(0, len(users), ring):  # (a batch larger than the ring keeps its last records)
@@ -713,7 +721,7 @@ class NewtonInfluence:
         self.counts["built"] += 1
         return _NewtonRow(z, others, W.astype(np.float32), alpha, lam * theta, beta,
                           np.argsort(-beta, kind="stable").astype(np.int32), _lower(A) if updatable else np.zeros((0, 0)),
-                          h_max, x2_max, theta)
+                          h_max, x2_max, theta if updatable else np.zeros((0, 0)))
 
     def _keep(self, key: tuple[str, int], row: _NewtonRow) -> None:
         """Cache a row just built, current now: in the main cache while it holds less than

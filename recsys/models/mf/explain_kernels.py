@@ -361,11 +361,11 @@ def _updated_rating_score(others, examples, values, i, table, bias, theta, W, Wg
         resid = value - (global_mean + theta[b, d] + np.float64(bias[o, b]) + fit)
         h = 0.0
         t = 0.0
-        for p in range(d1):
+        for p in range(d1):  # xᵀW'x from the lower triangle (W' is symmetric)
             row = 0.0
-            for q in range(d1):
+            for q in range(p):
                 row += W[b, p, q] * x[q]
-            h += x[p] * row
+            h += x[p] * (2.0 * row + W[b, p, p] * x[p])
             t += x[p] * Wg[b, p]
         denom = 1.0 - h
         if abs(denom) < 1e-9:
