@@ -579,11 +579,16 @@ class NewtonInfluence:
             held[inside] = stamps[others[inside]]
             positions = np.flatnonzero(held > seen)
         elif len(moved) and len(others):  # few: look them up in the sorted `others`
-            moved = np.unique(moved)
-            lo, hi = np.searchsorted(others, moved, "left"), np.searchsorted(others, moved, "right")
-            counts = hi - lo
-            total = int(counts.sum())
-            positions = np.repeat(lo, counts) + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
+            lo = np.searchsorted(others, moved)
+            held = others[np.minimum(lo, len(others) - 1)] == moved
+            if held.any():  # every rating of each (a rater may have rated the item more than once)
+                moved = np.unique(moved[held])
+                lo, hi = np.searchsorted(others, moved, "left"), np.searchsorted(others, moved, "right")
+                counts = hi - lo
+                total = int(counts.sum())
+                positions = np.repeat(lo, counts) + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
+            else:
+                positions = np.zeros(0, np.int64)
         else:
             positions = np.zeros(0, np.int64)
         if own_changed:
