@@ -614,7 +614,7 @@ def test_long_item_rows_updated_in_place_explain_as_rebuilt_rows(top):
     want_ids, want_eff, _, _, _ = NewtonInfluence(model, ratings).effects_and_shares(u, hot)
     empty = cache._empty
     got = pair_scores_updated(model.config.n_blocks, empty.examples, empty.others, empty.alpha, empty.weights,
-                              empty.reg_theta, False, row.examples, row.others, row.alpha, row.weights,
+                              empty.reg_theta, False, row.examples, row.others, done.alpha.copy(), row.weights,
                               done.reg_theta, row.beta, row.by_beta, True, P, Q, u, hot, False, 1,
                               np.iinfo(np.int64).max, True, 4, True, done.moved, ratings.values,
                               model.user_bias.weight.detach().numpy(), done.theta, done.weights, done.reg_weights,

@@ -336,6 +336,7 @@ class _RowUpdate(NamedTuple):
     theta: np.ndarray  # float64 [K, d+1]: the row's [factors; bias] now
     reg_theta: np.ndarray  # float64 [K, d+1]: λ⊙θ now
     moved: np.ndarray  # bool [m]: ratings gained, or whose rater moved, since the build
+    alpha: np.ndarray  # float32 [m, K]: α with W' and θ now, NaN until a query computed it (`updated_rating_score`)
     n_moved: int
     beta_scale: float
     beta_shift: float
@@ -398,8 +399,8 @@ class NewtonInfluence:
         #: long item rows updated in place since raters moved (`_update`), by key
         self._updates: dict[tuple[str, int], _RowUpdate] = {}
         self._not_updated = _RowUpdate(np.zeros((k, (d + 1) * (d + 2) // 2)), np.zeros((k, d + 1, d + 1)), np.zeros((k, d + 1)),
-                                       np.zeros((k, d + 1)), np.zeros((k, d + 1)), np.zeros(0, bool), 0, 1.0,
-                                       0.0)  # its fields' types
+                                       np.zeros((k, d + 1)), np.zeros((k, d + 1)), np.zeros(0, bool),
+                                       np.zeros((0, k), np.float32), 0, 1.0, 0.0)  # its fields' types
         #: how many rows were built and updated in place (for tests and benchmarks)
         self.counts = {"built": 0, "updated": 0}
         # the user factors as of the last `invalidate`, and the ring of the factors moved users
@@ -688,7 +689,8 @@ class NewtonInfluence:
                 self._rows[key] = row_now
             else:
                 self._recent[key] = row_now
-        self._updates[key] = _RowUpdate(gram, weights, reg_weights, theta, lam * theta, moved, n_moved, float(scale),
+        self._updates[key] = _RowUpdate(gram, weights, reg_weights, theta, lam * theta, moved,
+                                        np.full((len(moved), k), np.nan, np.float32), n_moved, float(scale),
                                         float(shift))
         self._checked[key] = self._clock
         self.counts["updated"] += 1
@@ -787,7 +789,7 @@ class NewtonInfluence:
                             np.zeros(0, np.int32), up.reg_weights, np.zeros(k), np.ones(k), np.zeros(k), np.zeros(k))
             e, users, items = self._empty, _table(model.user_factors.weight), _table(model.item_factors.weight)
             pair_scores_updated(k, e.examples, e.others, e.alpha, e.weights, e.reg_theta, False, e.examples, e.others,
-                                e.alpha, e.weights, up.reg_theta, e.beta, e.by_beta, False, users, items, 0, 0, True, 1,
+                                up.alpha, e.weights, up.reg_theta, e.beta, e.by_beta, False, users, items, 0, 0, True, 1,
                                 np.iinfo(np.int64).max, True, self.prune_chunk, True, up.moved, self.train.values,
                                 _table(model.user_bias.weight), up.theta, up.weights, up.reg_weights,
                                 float(model.global_mean), 1.0, 0.0)
@@ -829,7 +831,7 @@ class NewtonInfluence:
                                _table(model.item_factors.weight), user, item, prune, max(top or 1, 1), settled_below,
                                user_settled, self.prune_chunk)
         return pair_scores_updated(model.config.n_blocks, z_u, others_u, ur.alpha, ur.weights, ur.reg_theta,
-                                   known_u and score_user, ir.examples, ir.others, ir.alpha, ir.weights,
+                                   known_u and score_user, ir.examples, ir.others, done.alpha, ir.weights,
                                    done.reg_theta, ir.beta, ir.by_beta, known_i, _table(model.user_factors.weight),
                                    _table(model.item_factors.weight), user, item, prune, max(top or 1, 1),
                                    settled_below, user_settled, self.prune_chunk, True, done.moved, self.train.values,

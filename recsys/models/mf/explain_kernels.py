@@ -337,14 +337,22 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
     return packed, W, Wg, scale, shift
 
 
-def _updated_rating_score(others, examples, values, i, table, bias, theta, W, Wg, w, c, global_mean):
+def _updated_rating_score(alpha, others, examples, values, i, table, bias, theta, W, Wg, w, c, global_mean):
     """The effect of the rating at position ``i`` of a row updated in place (`updated_weights`):
-    ``α_i`` computed now from the current ``x_i``, its error ``r_i`` and ``W'`` (``h_i =
-    x_iᵀW'x_i``, ``t_i = x_i·W'(λ⊙θ)``, as `newton_row` does at a build), then ``−(Σ_blocks α_i
-    (x_i·w_b) + c)/K``. table / bias: the other side's factors and biases; theta ``[K, d+1]``
-    the row's ``[factors; bias]``; values: every rating's value by example id."""
+    ``α_i`` computed from the current ``x_i``, its error ``r_i`` and ``W'`` (``h_i = x_iᵀW'x_i``,
+    ``t_i = x_i·W'(λ⊙θ)``, as `newton_row` does at a build) and kept, float32, in ``alpha``
+    ``[m, K]`` (NaN until computed: a later query reads it back), then ``−(Σ_blocks α_i (x_i·w_b)
+    + c)/K``. table / bias: the other side's factors and biases; theta ``[K, d+1]`` the row's
+    ``[factors; bias]``; values: every rating's value by example id. (Concurrent calls write
+    the same values; one that reads a block's α before another call wrote it computes it.)"""
     k, d1 = w.shape
     d = d1 - 1
+    known = True
+    for b in range(k):
+        if np.isnan(alpha[i, b]):
+            known = False
+    if known:
+        return rating_score(alpha, others, i, table, w, c)
     o = others[i]
     value = np.float64(values[examples[i]])
     x = np.empty(d1)
@@ -370,8 +378,9 @@ def _updated_rating_score(others, examples, values, i, table, bias, theta, W, Wg
         denom = 1.0 - h
         if abs(denom) < 1e-9:
             denom = 1e-9
-        a = (t - resid * h) / denom - resid
-        acc += a * (s + w[b, d])
+        a = np.float32((t - resid * h) / denom - resid)
+        alpha[i, b] = a
+        acc += np.float64(a) * (s + w[b, d])
     return -(acc + c) / k
 
 
@@ -398,7 +407,7 @@ rating_score = variant(_rating_score, "serial", nogil=True, fastmath=_REASSOC)
 def _row_rating_score(updated, alpha, others, examples, values, i, table, bias, theta, W, Wg, w, c, global_mean):
     """`rating_score` from the cached α, or for a row ``updated`` in place `updated_rating_score`."""
     if updated:
-        return updated_rating_score(others, examples, values, i, table, bias, theta, W, Wg, w, c, global_mean)
+        return updated_rating_score(alpha, others, examples, values, i, table, bias, theta, W, Wg, w, c, global_mean)
     return rating_score(alpha, others, i, table, w, c)
 
 
@@ -516,11 +525,13 @@ def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user
     ``prune`` those `_pruned_row_scores` keeps, seeded with the ``top`` largest ``|effect|``
     of the user's ratings below ``settled_below`` when ``user_settled``).
 
-    ``item_updated``: the item row was updated in place since some of its raters moved
-    (`updated_weights`): its ratings are scored by `updated_rating_score` with ``W' =
-    item_W_now`` (``w`` from it too), ``item_Wg_now = W'(λ⊙θ)``, the row's ``item_theta``,
-    the ratings' ``values`` and the user biases ``BU``; ``item_moved`` marks the ratings whose
-    rater moved and ``beta_scale``, ``beta_shift`` widen the cached bound."""
+    ``item_updated``: the item row was updated in place (`updated_weights`): its ratings are
+    scored by `updated_rating_score` with ``W' = item_W_now`` (``w`` from it too),
+    ``item_Wg_now = W'(λ⊙θ)``, the row's ``item_theta`` (``item_reg_theta`` its ``λ⊙θ``), the
+    ratings' ``values`` and the user biases ``BU``, and ``item_alpha`` is the update's α
+    (NaN until computed; filled in); ``item_beta`` / ``item_by_beta`` stay the build's, with
+    ``item_moved`` marking the ratings gained or whose rater moved since the build and
+    ``beta_scale``, ``beta_shift`` widening the bound."""
     m_u = len(user_examples)
     m_i = len(item_examples)
     lo = hi = 0
