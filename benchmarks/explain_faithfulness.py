@@ -188,7 +188,8 @@ def synthetic_latency(n_ratings: int, n_users: int, n_items: int, n_pairs: int =
     (a user with ratings, any item) and pairs whose item is drawn by popularity, 3 rounds of
     ``n_pairs`` each; then ``n_online`` trained users each send 5 ratings of random items,
     learnt online (`MatrixFactorization.learn`, `MFExplainer.update`), and their 10 queries
-    are timed right after (thread CPU, ms)."""
+    are timed right after (thread CPU, ms; with how many rows those queries built and
+    updated in place, `NewtonInfluence.update_above`)."""
     from serve_latency import synthetic_model
 
     from recsys.artefact import load_artefact
@@ -225,6 +226,7 @@ def synthetic_latency(n_ratings: int, n_users: int, n_items: int, n_pairs: int =
     ratings = train.reserve(1 << 16)
     explainer.update(ratings, np.zeros(0, np.int64))
     cpu, update_us = [], []
+    counts_before = dict(explainer._cache().counts)
     for u in rng.choice(rated, size=n_online, replace=False).tolist():
         ratings, new = _appended(ratings, np.full(5, u), rng.choice(train.n_items, size=5, replace=False),
                                  rng.integers(1, 6, size=5))
@@ -236,8 +238,11 @@ def synthetic_latency(n_ratings: int, n_users: int, n_items: int, n_pairs: int =
             c0 = time.thread_time()
             explainer.explain(u, i, 5)
             cpu.append(time.thread_time() - c0)
+    counts = explainer._cache().counts  # rows built / updated in place by the timed queries
     out["online_right_after_ratings"] = {**_percentiles(cpu), "update_us_p50": float(np.median(update_us)),
-                                         "first_query_ms": [round(c * 1e3, 3) for c in cpu[::10]]}
+                                         "first_query_ms": [round(c * 1e3, 3) for c in cpu[::10]],
+                                         "rows": {key: counts[key] - counts_before[key] for key in counts},
+                                         "cache_mb_after": explainer.cache_bytes / 1e6}
     return out
 
 
@@ -294,6 +299,8 @@ def main() -> None:
                          "(e.g. 1e7; built and cached on first use), written beside parts A and B")
     ap.add_argument("--synthetic-users", type=int, default=200_000)
     ap.add_argument("--synthetic-items", type=int, default=10_000)
+    ap.add_argument("--online-users", type=int, default=20,
+                    help="part C: trained users who each send 5 ratings online (10 queries timed after each)")
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.candidates, args.removal_pairs, args.fold_in_users, args.latency_pairs = 4, 5, 4, 3, 50
@@ -304,12 +311,13 @@ def main() -> None:
     if args.synthetic_ratings:
         t0 = time.perf_counter()
         part = synthetic_latency(int(args.synthetic_ratings), args.synthetic_users, args.synthetic_items,
-                                 seed=args.seed)
+                                 n_online=args.online_users, seed=args.seed)
         part["seconds"] = time.perf_counter() - t0
         part["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "load_average_at_end": os.getloadavg()}
         part["command"] = ("RECSYS_DATA=../shared/data python benchmarks/explain_faithfulness.py "
-                           "--synthetic-ratings " + f"{args.synthetic_ratings:g}".replace("e+0", "e").replace("e+", "e"))
+                           "--synthetic-ratings " + f"{args.synthetic_ratings:g}".replace("e+0", "e").replace("e+", "e")
+                           + (f" --online-users {args.online_users}" if args.online_users != 20 else ""))
         out[f"latency_synthetic_{int(args.synthetic_ratings)}"] = part
         print(json.dumps(part, indent=1))
         write_json(RESULTS, out)
