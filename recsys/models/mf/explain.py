@@ -298,6 +298,10 @@ def _table(weight: torch.Tensor) -> np.ndarray:
     return w.numpy() if w.device.type == "cpu" else w.cpu().numpy()
 
 
+_NO_POSITIONS = np.zeros(0, np.int64)
+_NO_POSITIONS.flags.writeable = False
+
+
 def _lower(A: np.ndarray) -> np.ndarray:
     """The lower triangles ``[K, n(n+1)/2]`` of ``A [K, n, n]``, row by row (`numpy.tril_indices`)."""
     rows, cols = np.tril_indices(A.shape[1])
@@ -558,18 +562,22 @@ class NewtonInfluence:
                 return None
         return np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else np.zeros(0, np.int64))
 
-    def _staleness(self, side: str, row: int, cached: _NewtonRow) -> tuple[str, np.ndarray | None]:
+    def _staleness(self, side: str, row: int, cached: _NewtonRow,
+                   positions_wanted: bool = False) -> tuple[str, np.ndarray | None]:
         """Whether a cached row is still what `_build` would give: ``("current", None)`` when
         neither its own parameters or ratings nor the parameters of a row it holds changed
         since it was last found so; else ``("own", positions)`` when its own did, or
         ``("held", positions)``, with the positions (sorted) of its ratings whose other row
-        moved since."""
+        moved since (None unless ``positions_wanted``: an update in place needs them, a
+        rebuild does not)."""
         key = (side, row)
         seen = self._checked.get(key, -1)
         if seen == self._clock:
             return "current", None
         own = self._own[side]
         own_changed = row < len(own) and own[row] > seen
+        if own_changed and not positions_wanted:
+            return "own", None
         other = "item" if side == "user" else "user"
         others = cached.others
         moved = self._moved_since(other, seen, max(len(others) // 8, 16))
@@ -582,6 +590,8 @@ class NewtonInfluence:
         elif len(moved) and len(others):  # few: look them up in the sorted `others`
             lo = np.searchsorted(others, moved)
             held = others[np.minimum(lo, len(others) - 1)] == moved
+            if held.any() and not positions_wanted:
+                return ("own" if own_changed else "held"), None
             if held.any():  # every rating of each (a rater may have rated the item more than once)
                 moved = np.unique(moved[held])
                 lo, hi = np.searchsorted(others, moved, "left"), np.searchsorted(others, moved, "right")
@@ -589,13 +599,13 @@ class NewtonInfluence:
                 total = int(counts.sum())
                 positions = np.repeat(lo, counts) + (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts))
             else:
-                positions = np.zeros(0, np.int64)
+                positions = _NO_POSITIONS
         else:
-            positions = np.zeros(0, np.int64)
+            positions = _NO_POSITIONS
         if own_changed:
-            return "own", positions.astype(np.int64)
+            return "own", positions
         if len(positions):
-            return "held", positions.astype(np.int64)
+            return "held", positions
         self._checked[key] = self._clock
         return "current", None
 
@@ -608,10 +618,11 @@ class NewtonInfluence:
         if cached is None:
             cached = self._recent.get(key)
         if cached is not None:
-            status, positions = self._staleness(side, row, cached)
+            updatable = update and side == "item" and cached.gram.size > 0
+            status, positions = self._staleness(side, row, cached, updatable)
             if status == "current" and (update or key not in self._updates):
                 return cached
-            if status != "current" and update and self._update(key, cached, positions, status == "own"):
+            if status != "current" and updatable and self._update(key, cached, positions, status == "own"):
                 return self._rows.get(key, self._recent.get(key))
         out = self._build(side, row)
         self._keep(key, out)

@@ -504,12 +504,11 @@ def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_the
                  P, Q, user, item, prune, top, settled_below, user_settled, chunk):
     """`pair_scores_updated` of an item row not updated in place (fewer arguments to pass:
     each costs the caller's dispatch)."""
-    k_, d1 = item_reg_theta.shape
     return pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
                                item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta,
                                has_item, P, Q, user, item, prune, top, settled_below, user_settled, chunk, False,
-                               np.zeros(0, np.bool_), np.zeros(0, np.float32), np.zeros((0, k_), np.float32),
-                               np.zeros((k_, d1)), np.zeros((k_, d1, d1)), np.zeros((k_, d1)), 0.0, 1.0, 0.0)
+                               np.zeros(0, np.bool_), np.zeros(0, np.float32), np.zeros((0, 0), np.float32),
+                               np.zeros((0, 0)), np.zeros((0, 0, 0)), np.zeros((0, 0)), 0.0, 1.0, 0.0)
 
 
 def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
