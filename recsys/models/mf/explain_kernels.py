@@ -499,6 +499,15 @@ def _target_weights(W, table, row, k):
 target_weights = variant(_target_weights, "serial", nogil=True, fastmath=_REASSOC)
 
 
+# placeholders of `_pair_scores_updated`'s update arguments for a row not updated (module
+# constants: numba freezes them into the compiled code, nothing is allocated per call)
+_NO_MOVED = np.zeros(0, np.bool_)
+_NO_VALUES = np.zeros(0, np.float32)
+_NO_BIAS = np.zeros((0, 0), np.float32)
+_NO_THETA = np.zeros((0, 0))
+_NO_WEIGHTS = np.zeros((0, 0, 0))
+
+
 def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
                  item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta, has_item,
                  P, Q, user, item, prune, top, settled_below, user_settled, chunk):
@@ -507,8 +516,7 @@ def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_the
     return pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
                                item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta,
                                has_item, P, Q, user, item, prune, top, settled_below, user_settled, chunk, False,
-                               np.zeros(0, np.bool_), np.zeros(0, np.float32), np.zeros((0, 0), np.float32),
-                               np.zeros((0, 0)), np.zeros((0, 0, 0)), np.zeros((0, 0)), 0.0, 1.0, 0.0)
+                               _NO_MOVED, _NO_VALUES, _NO_BIAS, _NO_THETA, _NO_WEIGHTS, _NO_THETA, 0.0, 1.0, 0.0)
 
 
 def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
