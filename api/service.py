@@ -218,17 +218,17 @@ class Service:
         rec.recommend(user, 1, explain=1)
 
     # ------------------------------------------------------------------ following the store
-    def _apply_new(self, loaded: Loaded, until_seq: int = 0) -> int:
-        """Apply to ``loaded`` the users and ratings committed after its cursors (the ratings:
-        everything committed, or at least up to ``until_seq`` when given); returns how many
-        ratings were applied. Callers hold the apply lock or own ``loaded`` alone.
+    def _apply_new(self, loaded: Loaded, until_seq: int = 0, *, users: bool = True) -> int:
+        """Apply to ``loaded`` the users (unless ``users`` is False) and ratings committed
+        after its cursors (the ratings: everything committed, or at least up to ``until_seq``
+        when given); returns how many ratings were applied. Callers hold the apply lock or own
+        ``loaded`` alone.
 
         The rows come from `RatingStore.committed_after`: those this process committed from
         memory, others' from the file, in log order, so a request applies every row
         committed before it in one batch (those of concurrent requests of its group commit
         too: they then find the cursor past their rows)."""
-        users = self.store.new_users(loaded.users_cursor)
-        for position, user in users:
+        for position, user in self.store.new_users(loaded.users_cursor) if users else ():
             loaded.recommender.add_user(user)
             loaded.users_cursor = position
         rec = loaded.recommender
@@ -244,7 +244,10 @@ class Service:
     def catch_up(self, until_seq: int = 0, until_user: int = 0) -> int:
         """Under the apply lock, apply everything the store committed after the live model's
         cursors (nothing when they are already at ``until_seq`` and ``until_user``; with
-        ``until_seq``, at least the log up to it); returns how many ratings were applied."""
+        ``until_seq``, at least the log up to it); returns how many ratings were applied.
+        Asked for ratings only (``until_seq`` without ``until_user``: a write's or a read's
+        ``min_seq``), it leaves the users created without ratings to the follower and to
+        `create_user`: a rating creates its user anyway, and the query would cost every write."""
         with self._apply_lock:
             live = self._live
             if live is None or self.store is None:
@@ -252,7 +255,7 @@ class Service:
             if (until_seq or until_user) and until_seq <= live.recommender.last_seq \
                     and until_user <= live.users_cursor:
                 return 0
-            applied = self._apply_new(live, until_seq)
+            applied = self._apply_new(live, until_seq, users=bool(until_user) or not until_seq)
         if applied:
             self.metrics.ingested.inc(applied)
         return applied

@@ -269,17 +269,27 @@ class Recommender:
             if self.rater is not None and top:
                 ratings = self.rater.predict(torch.full((len(top),), u), torch.tensor(top)).tolist()
             raw_items = self.item_ids.raw_ids
-            for s, i, r in zip(top_scores, top, ratings, strict=True):
+            explained = self._explain_list(u, top, explain) if explain and path != "popularity" else None
+            for n, (s, i, r) in enumerate(zip(top_scores, top, ratings, strict=True)):
                 raw = str(raw_items[i])
                 p = Prediction(str(user), raw, None if r is None else float(r), rec.path, self.title(raw),
                                score=float(s))
                 if explain:
                     if path == "popularity":
                         p.explanation_method = POPULARITY_REASON
+                    elif explained is not None:
+                        p.explanation, p.explanation_method, _ = explained[n]
                     else:
                         p.explanation, p.explanation_method, _ = self._explain("ranking", u, i, explain, path)
                 rec.items.append(p)
             return rec
+
+    def _explain_list(self, u: int, items: list[int], k: int) -> list[tuple] | None:
+        """`_explain` of each of ``items`` by the ranker, in one call where its explainer
+        explains a list at once (``explain_many``); None where it does not."""
+        explainer = self._explainer("ranking", self.explain_method)
+        many = getattr(explainer, "explain_many", None)
+        return None if many is None else [_served(exp) for exp in many(u, items, k)]
 
     def _top(self, u: int, scores: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
         """The ``k`` best-scored items of ``scores [n_items]`` that user ``u`` has not rated:
@@ -391,11 +401,7 @@ class Recommender:
         explainer = self._explainer(role, self.explain_method)
         if explainer is None:
             return None, None, None
-        exp = explainer.explain(u, i, k)
-        if exp.method.startswith("none"):
-            return None, exp.method, exp.prediction
-        return [{"user": c.user, "item": c.item, "title": c.title, "rating": c.rating,
-                 "timestamp": c.timestamp, "effect": c.effect} for c in exp.contributions], exp.method, exp.prediction
+        return _served(explainer.explain(u, i, k))
 
     def user_info(self, user: object) -> UserInfo:
         with self._lock:
@@ -572,3 +578,12 @@ class Recommender:
     @property
     def last_seq(self) -> int:
         return self._seen_seq
+
+
+def _served(exp: Explanation) -> tuple[list[dict] | None, str, float | None]:
+    """An explanation as the service returns it: ``(contributions as dicts, or None when the
+    method says none applies; the method; the prediction or score explained)``."""
+    if exp.method.startswith("none"):
+        return None, exp.method, exp.prediction
+    return [{"user": c.user, "item": c.item, "title": c.title, "rating": c.rating,
+             "timestamp": c.timestamp, "effect": c.effect} for c in exp.contributions], exp.method, exp.prediction

@@ -145,6 +145,21 @@ def test_explanation_credits_each_interaction_its_exact_share_and_they_sum_to_th
     assert len(top2) == 2 and abs(top2[0].effect) >= abs(top2[1].effect)
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_a_list_explained_at_once_is_each_item_explained_alone(top_k):
+    """`explain_many` (one gather for a whole recommendation list) gives, item by item, the
+    explanation `explain` gives, popularity users included."""
+    r = make_ratings()
+    explainer = fitted(r, reg=5.0, top_k=top_k).explainer(r)
+    items = [19, 0, 5, 5, 11]
+    for user in (0, 7, 29, r.n_users + 3):
+        together = explainer.explain_many(user, items, 3)
+        alone = [explainer.explain(user, item, 3) for item in items]
+        assert together == alone
+    with pytest.raises(IndexError):
+        explainer.explain_many(0, [0, r.n_items], 3)
+
+
 def test_a_user_with_no_interaction_is_explained_by_popularity():
     r = tiny()
     e = fitted(r, reg=1.0).explainer(r).explain(4, 2, k=3)

@@ -13,6 +13,7 @@ A user with no interaction gets the popularity ranking, which no interaction exp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,34 +104,44 @@ class EASEExplainer:
         score of index ``item`` (``units="score"``; ``n_candidates``: all the user's
         interactions); ``terms``: ``{PRIOR_TERM: the popularity prior's part}`` where the
         model's ``cold_weight`` is on (all contributions plus the terms = the score)."""
+        return self.explain_many(user, [item], k)[0]
+
+    def explain_many(self, user: int, items: Sequence[int], k: int) -> list[Explanation]:
+        """`explain` of each of ``items`` for one ``user`` (a list of recommendations), with
+        one gather of the weights ``B_j,i`` for all of them (`EASE.source_weights_many`)."""
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         model, r = self.model, self.ratings
-        if not 0 <= item < model.n_items:
-            raise IndexError(f"item index {item} outside the model's {model.n_items} items")
+        items = [int(i) for i in items]
+        for item in items:
+            if not 0 <= item < model.n_items:
+                raise IndexError(f"item index {item} outside the model's {model.n_items} items")
         raw_items = self._raw_items()
-        raw_i = str(raw_items[item])
-        title = r.title(raw_i)
         known = 0 <= user < min(model.n_users, r.n_users)
         parts = self._user(user) if known else None
         if parts is None or len(parts.items) == 0:  # no interaction: the popularity path
-            score = float(model.popularity_scores(1)[0, item])
-            return Explanation(parts.raw_user if parts else "", raw_i, title, score, POPULARITY_REASON,
-                               units=self.units)
-        raw_u, score, prior = parts.raw_user, float(parts.scores[item]), parts.prior
-        examples, effects = self.contributions(user, item)
-        order = _top_abs(effects, k)
-        contribs = []
-        for j in order.tolist():
-            ex = int(examples[j])
-            raw = str(raw_items[r.items[ex]])
-            contribs.append(Contribution(
-                example=ex, user=raw_u, item=raw, rating=float(r.values[ex]),
-                timestamp=None if r.timestamps is None else int(r.timestamps[ex]),
-                title=r.title(raw), effect=float(effects[j]), shares="item-item"))
-        terms = None if prior is None else {PRIOR_TERM: float(prior[item])}
-        return Explanation(raw_u, raw_i, title, score, METHOD, contribs, len(examples),
-                           units=self.units, terms=terms)
+            popularity = model.popularity_scores(1)[0]
+            return [Explanation(parts.raw_user if parts else "", str(raw_items[item]),
+                                r.title(str(raw_items[item])), float(popularity[item]), POPULARITY_REASON,
+                                units=self.units) for item in items]
+        raw_u, prior = parts.raw_user, parts.prior
+        effects = parts.weights[:, None] * model.source_weights_many(parts.items, np.asarray(items, np.int64))
+        timestamps = r.timestamps
+        out = []
+        for column, item in enumerate(items):
+            raw_i = str(raw_items[item])
+            contribs = []
+            for j in _top_abs(effects[:, column], k).tolist():
+                ex = int(parts.examples[j])
+                raw = str(raw_items[r.items[ex]])
+                contribs.append(Contribution(
+                    example=ex, user=raw_u, item=raw, rating=float(r.values[ex]),
+                    timestamp=None if timestamps is None else int(timestamps[ex]),
+                    title=r.title(raw), effect=float(effects[j, column]), shares="item-item"))
+            terms = None if prior is None else {PRIOR_TERM: float(prior[item])}
+            out.append(Explanation(raw_u, raw_i, r.title(raw_i), float(parts.scores[item]), METHOD, contribs,
+                                   len(parts.examples), units=self.units, terms=terms))
+        return out
 
 
 def _top_abs(values: np.ndarray, k: int) -> np.ndarray:

@@ -374,6 +374,18 @@ class EASE(RankingModel):
         hit = kept[pos] == sources if len(kept) else np.zeros(len(sources), bool)
         return np.where(hit, w[pos] if len(kept) else 0.0, 0.0).astype(np.float32)
 
+    def source_weights_many(self, sources: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """``B_j,i`` for the source items ``sources [m]`` and scored items ``items [n]``,
+        ``float32 [m, n]`` (`source_weights` of each item, in one gather where ``B`` is dense)."""
+        sources = np.asarray(sources, dtype=np.int64)
+        items = np.asarray(items, dtype=np.int64)
+        if self.pruned or self.device.type != "cpu":
+            out = np.empty((len(sources), len(items)), dtype=np.float32)
+            for column, item in enumerate(items.tolist()):
+                out[:, column] = self.source_weights(sources, item)
+            return out
+        return self._weights_numpy()[np.ix_(sources, items)]
+
     @torch.no_grad()
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         """Scores ``float32 [B, n_items]`` of index tensor ``users [B]``: ``x_u·B`` plus the
