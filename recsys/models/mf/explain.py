@@ -1066,6 +1066,12 @@ class MFExplainer:
                 model.path(0)
 
     @property
+    def row_counts(self) -> dict[str, int]:
+        """How many cached Newton rows were built and updated in place so far
+        (`NewtonInfluence.counts`: ``{"built": n, "updated": n}``)."""
+        return dict(self._newton.counts) if self._newton is not None else {"built": 0, "updated": 0}
+
+    @property
     def cache_bytes(self) -> int:
         """Bytes held by the cached Newton rows and fold-in users' leave-one-out matrices."""
         newton = 0 if self._newton is None else self._newton.nbytes
