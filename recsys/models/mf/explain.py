@@ -365,7 +365,10 @@ class NewtonInfluence:
     built (one compiled call, `explain_kernels.newton_row`) on first use or all at once by
     `warm`; call `invalidate` with the rows whose parameters changed (online updates): it
     stamps them, and a cached row is rebuilt on its next use if a stamp says that its own
-    parameters or ratings, or the parameters of a row it holds, changed since it was built.
+    parameters or ratings, or the parameters of a row it holds, changed since it was built;
+    an item row of more than `update_above` ratings is updated in place instead when a
+    pruned query uses it (`_update`: its ``A`` gains the changes' low-rank terms, the α a
+    query scores are computed from ``A⁻¹``, the pruning bound is widened by a proven margin).
 
     ``learning_rate_sum`` (the training's summed SGD rate, Σ over epochs of the epoch's rate;
     None: off): damp each row by ``1 − exp(−S·h)`` per eigenvalue ``h`` of the row's matrix
@@ -989,7 +992,8 @@ class MFExplainer:
     ``method`` None: the serving default, one-row Newton cached per row (`NewtonInfluence`:
     ``A⁻¹`` per row and one number per rating, float32; `warm` precomputes rows, those of most
     ratings first, up to `NewtonInfluence.max_bytes`: all of them for MovieLens-100K; rows
-    whose parameters online learning changed are recomputed on their next use). A named method (`METHODS`) is computed directly per query in float64
+    whose parameters online learning changed are recomputed on their next use, long item
+    rows updated in place: `NewtonInfluence.update_above`). A named method (`METHODS`) is computed directly per query in float64
     (`estimate_effects`), as `recsys.explain.influence.explain` reports it. ``rollback`` needs
     the update ``log``; it follows the training trajectory, so once ratings were learnt online
     (the model's rows no longer where the log left them: fold-ins replace rows outright) it is
@@ -1022,8 +1026,10 @@ class MFExplainer:
     def update(self, ratings: Ratings, new: np.ndarray) -> None:
         """``ratings`` (training + live) grew by the example ids ``new``, whose users' and
         items' rows online learning changed: the cached rows they touch are marked stale
-        (stamps, ``O(len(new))``) and rebuilt when next used (lazily, so a burst of ratings
-        costs one rebuild per row)."""
+        (stamps, ``O(len(new))``; the moved users' previous factors are kept for updates in
+        place) and rebuilt or updated when next used (lazily, so a burst of ratings costs one
+        rebuild per row); a folded-in user's leave-one-out is recomputed once an item it rated
+        moved."""
         new = np.asarray(new, dtype=np.int64)
         self.ratings = ratings
         if self._index is not None:
