@@ -452,6 +452,10 @@ class NewtonInfluence:
     #: moved users' previous factors kept (records; one per user and invalidation): a row whose
     #: raters moved longer ago than the ring reaches is rebuilt
     history_kept = 1 << 14
+    #: rows kept updated in place at once (each holds ``A``, ``W'`` and its α: about 60 KB plus
+    #: 4K bytes a rating at D=128/K=4, outside `max_bytes`); past it the least recently
+    #: updated row is dropped and rebuilt when next used
+    updates_kept = 1024
 
     @property
     def train(self) -> Ratings:
@@ -703,9 +707,12 @@ class NewtonInfluence:
                 self._rows[key] = row_now
             else:
                 self._recent[key] = row_now
+        self._updates.pop(key, None)  # (re-inserted last: the dict is in the order last updated)
         self._updates[key] = _RowUpdate(gram, weights, reg_weights, theta, lam * theta, moved,
                                         np.full((len(moved), k), np.nan, np.float32), n_moved, float(scale),
                                         float(shift))
+        while len(self._updates) > self.updates_kept:  # the least recently updated row: rebuilt when next used
+            self._drop(next(iter(self._updates)))
         self._checked[key] = self._clock
         self.counts["updated"] += 1
         return True
@@ -743,6 +750,15 @@ class NewtonInfluence:
         return _NewtonRow(z, others, W.astype(np.float32), alpha, lam * theta, beta,
                           np.argsort(-beta, kind="stable").astype(np.int32), _lower(A) if updatable else np.zeros((0, 0)),
                           h_max, x2_max, theta if updatable else np.zeros((0, 0)))
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        """Forget a cached row (and its update in place): it is built again when next used."""
+        old = self._rows.pop(key, None)
+        if old is not None:
+            self._nbytes -= old.nbytes
+        self._recent.pop(key, None)
+        self._updates.pop(key, None)
+        self._checked.pop(key, None)
 
     def _keep(self, key: tuple[str, int], row: _NewtonRow) -> None:
         """Cache a row just built, current now: in the main cache while it holds less than
