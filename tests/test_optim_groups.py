@@ -116,3 +116,48 @@ def test_a_models_reference_may_name_the_rule_auto_stands_for():
     assert TrainConfig.for_model(MatrixFactorization, optimizer="kfac", batch_size=4096).scaling.rule == "linear"
     # the key configures the scaling only: it is not a TrainConfig field
     assert not hasattr(cfg, "lr_scaling")
+
+
+def test_the_eigenbasis_refresh_interval_reaches_the_preconditioner():
+    # KFACConfig.update_freq: 1 refreshes a dense layer's eigenbases at every step, 10 keeps
+    # the first step's basis for the next nine
+    from recsys.optim.factory import build_preconditioner
+    from recsys.optim.kfac import KFACConfig
+
+    with pytest.raises(ValueError, match="update_freq must be >= 1, got 0"):
+        KFACConfig(update_freq=0)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, generator=gen), torch.randn(64, 1, generator=gen)
+    bases = {}
+    for update_freq in (1, 10):
+        layer = torch.nn.Sequential(torch.nn.Linear(5, 1))
+        pre = build_preconditioner("ekfac", layer, KFACConfig(update_freq=update_freq), statistic="empirical")
+        assert pre.param_groups[0]["update_freq"] == update_freq
+        seen = []
+        for step in range(2):
+            layer.zero_grad()
+            ((layer(x[32 * step:32 * (step + 1)]) - y[32 * step:32 * (step + 1)]) ** 2).mean().backward()
+            pre.step()
+            seen.append(pre.state["0"]["QA"])
+        bases[update_freq] = seen
+    assert bases[1][1] is not bases[1][0]
+    assert bases[10][1] is bases[10][0]
+
+
+def test_recs_ekfac_reference_refreshes_every_step_and_scales_its_vectors(small_ratings):
+    ref = EvidenceChainModel.optimizer_defaults["ekfac"]
+    assert ref == EvidenceChainModel.optimizer_defaults["tekfac"]
+    cfg = TrainConfig.for_model(EvidenceChainModel, optimizer="ekfac", epochs=1, progress=False, patience=None)
+    assert cfg.kfac.update_freq == 1 and cfg.kfac.damping == ref["kfac"]["damping"]
+    trainer = Trainer(cfg)
+    model = _rec(small_ratings)
+    trainer.fit(model, small_ratings)
+    assert trainer.preconditioner.param_groups[0]["update_freq"] == 1
+    base, vectors = trainer.optimizer.param_groups[0], trainer.optimizer.param_groups[1]
+    assert vectors["params"][0] is model.prototype_vectors
+    assert vectors["lr"] == pytest.approx(ref["lr_scales"]["prototype_vectors"] * base["lr"])
+    # the square root to other batches (measured at 256), the damping raised by the growth of lr/B
+    small = TrainConfig.for_model(EvidenceChainModel, optimizer="ekfac", batch_size=256, examples=80_000)
+    assert small.scaling.rule == "sqrt"
+    assert small.learning_rate == pytest.approx(ref["learning_rate"] / 4)
+    assert small.kfac.damping == pytest.approx(ref["kfac"]["damping"] * 4) and small.kfac.update_freq == 1

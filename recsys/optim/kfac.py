@@ -111,12 +111,15 @@ class KFACConfig:
     (`recsys.train.TrainConfig.kfac`; command line ``--damping``, ``--stats-freq``,
     ``--visit-gain``): ``damping`` relative to the factors' mean eigenvalue; update the
     curvature factors (and run the Fisher's sampled-target pass) every ``stats_freq`` steps;
-    ``visit_gain``: the per-row trust region κ on embedding rows (None: no cap). See
-    `KFACPreconditioner`."""
+    ``visit_gain``: the per-row trust region κ on embedding rows (None: no cap);
+    ``update_freq``: refresh the dense layers' eigenbases every ``update_freq`` steps (REC's
+    EKFAC reference: every step, whose per-entry second moments then stay in a current
+    basis). See `KFACPreconditioner`."""
 
     damping: float = 1.0
     stats_freq: int = 1
     visit_gain: float | None = 0.1
+    update_freq: int = 10
 
     def __post_init__(self) -> None:
         if not self.damping > 0:
@@ -125,6 +128,8 @@ class KFACConfig:
             raise ValueError(f"stats_freq must be >= 1, got {self.stats_freq}")
         if self.visit_gain is not None and not self.visit_gain > 0:
             raise ValueError(f"visit_gain must be > 0 or None (no cap), got {self.visit_gain}")
+        if self.update_freq < 1:
+            raise ValueError(f"update_freq must be >= 1, got {self.update_freq}")
 
     def check(self, kind: str) -> None:
         """ValueError when these options do not suit the preconditioner ``kind`` (EKFAC's
