@@ -161,3 +161,27 @@ def test_recs_ekfac_reference_refreshes_every_step_and_scales_its_vectors(small_
     assert small.scaling.rule == "sqrt"
     assert small.learning_rate == pytest.approx(ref["learning_rate"] / 4)
     assert small.kfac.damping == pytest.approx(ref["kfac"]["damping"] * 4) and small.kfac.update_freq == 1
+
+
+@pytest.mark.parametrize("damping", [0.5, 10.0])
+def test_dense_ekfac_with_kroneckers_eigenvalues_is_damped_kfac(damping):
+    # every input paired with every residual: the per-entry second moments in the eigenbasis
+    # are exactly the products of the factors' eigenvalues, so EKFAC's damping (K-FAC's
+    # damping of the two factors) must give K-FAC's step at any damping
+    from recsys.optim.kfac import KFACPreconditioner
+
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(6, 3, generator=gen, dtype=torch.double)
+    ds = torch.randn(5, 2, generator=gen, dtype=torch.double)
+    x, d = xs.repeat_interleave(5, 0), ds.repeat(6, 1)
+    steps = {}
+    for kind in ("kfac", "ekfac"):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(3, 2).double()
+        with torch.no_grad():
+            y = layer(x) - d
+        pre = KFACPreconditioner(layer, kind, damping=damping, statistic="empirical", kl_clip=None)
+        (0.5 * (layer(x) - y).square().sum(1).mean()).backward()
+        pre.step()
+        steps[kind] = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+    torch.testing.assert_close(steps["ekfac"], steps["kfac"], rtol=1e-6, atol=1e-10)

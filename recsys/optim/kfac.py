@@ -23,11 +23,15 @@ so that ``δ_n`` is the per-example output gradient of a mean loss). Which loss,
   ``Ψ = E[|a|² g gᵀ]/δ``, which keeps ``tr F``; used as K-FAC with ``A = √δ Φ``, ``G = √δ Ψ``.
 - ``ekfac`` (George et al. 2018) / ``tekfac``: the eigenbases of the K-FAC / TKFAC factors and a
   per-entry running second moment ``s`` of the per-row gradients in that basis:
-  ``ΔW = Q_G [(Q_Gᵀ ∇W Q_A) / (s + λ)] Q_Aᵀ``. When the basis is refreshed, ``s`` is carried
+  ``ΔW = Q_G [(Q_Gᵀ ∇W Q_A) / (s + damping)] Q_Aᵀ``. When the basis is refreshed, ``s`` is carried
   into the new basis (``diag(Rᵀ diag(s) R)``, ``R = Q_oldᵀ Q_new``) rather than dropped.
 
 Damping is relative (scale invariant): ``γ_A = damping · mean eig(A)``, ``γ_G = damping ·
-mean eig(G)``, ``λ = damping · mean(s)``. Factors are zero-initialised running averages with
+mean eig(G)``; EKFAC's dense layers add K-FAC's damping of the two factors to ``s``,
+``s + γ_G d_A + γ_A d_G + γ_G γ_A`` (``d_A, d_G`` the factors' eigenvalues), so that ``s = d_G ⊗
+d_A`` gives damped K-FAC back (a damping of ``λ = damping · mean(s)`` alone let REC's directions
+of small ``s`` beside a large factor eigenvalue take huge steps: validation spikes at damping
+10–60; tables keep ``s + damping · mean(s)`` per row, see below). Factors are zero-initialised running averages with
 decay ``factor_decay`` and bias correction ``1 - β^n``, updated every ``stats_freq`` steps
 (kfac-pytorch's ``factor_update_steps``: between them no sampled-target pass runs and the
 factors are used as they are; an embedding table's row frequencies come from the lookups
@@ -374,7 +378,11 @@ class KFACPreconditioner:
             self._ema(st, "S", s_batch, beta)
             st["nS"] = st.get("nS", torch.zeros((), dtype=torch.long)) + 1
             s = st["S"] / (1 - beta ** int(st["nS"]))
-            v = v / (s + damping * s.mean())
+            # K-FAC's damping of the two factors, (dG + γ_G)(dA + γ_A) − dG·dA, added to the
+            # corrected eigenvalues s (s = dG ⊗ dA gives damped K-FAC back)
+            da, dg = st["dA"], st["dG"]
+            ga, gg = damping * da.mean(), damping * dg.mean()
+            v = v / (s + gg * da[None, :] + ga * dg[:, None] + gg * ga)
         else:
             da, dg = st["dA"], st["dG"]
             v = v / ((dg + damping * dg.mean())[:, None] * (da + damping * da.mean())[None, :])

@@ -213,28 +213,25 @@ class EvidenceChainModel(RatingModel):
     #: linear rule: at 256 the linear rule's lr 0.0625 ended at test 0.9321 (0.9504 after 3
     #: epochs); the square root's lr 0.25 (damping raised to 40 by the K-FAC damping rule)
     #: reached validation 0.9321 after 3 epochs.
-    #: ``ekfac``/``tekfac``: damping 100 (at 10–60 EKFAC's validation spiked or it diverged),
-    #: eigenbases refreshed every step (``update_freq`` 1: the per-entry second moments stay
-    #: in a current basis; every 10 steps: validation 0.9493 after 6 epochs against 0.9369),
-    #: lr 0.5 at 4,096 and the vectors at 400x (a vector rate of 200). The KL clip binds
-    #: (factor ~0.16), so the networks' steps hardly depend on the rate; the vectors' rate is
-    #: what matters: 100 (lr 1 at 100x, as before) 0.9445 after 6 epochs, 200
-    #: 0.9369, 400 0.9406 (training MSE 0.856 against 0.866: overfits). A looser clip (1e-2)
-    #: diverged in epoch 2. TEKFAC takes EKFAC's reference, not probed on its own. Both
-    #: scale by the square root, as K-FAC: at 256 its lr 0.125 (damping 400 by the damping
-    #: rule) reached validation 0.9470 after 3 epochs, the linear rule's 0.031 (damping 100)
-    #: 0.9509 (training MSE 0.896 against 0.911).
+    #: ``ekfac``/``tekfac``: K-FAC's reference, with the eigenbases refreshed every step
+    #: (``update_freq`` 1, so the per-entry second moments stay in a current basis). EKFAC's
+    #: dense layers take K-FAC's damping of the two factors (`recsys.optim.kfac`): with the
+    #: earlier ``damping · mean(s)`` EKFAC's validation spiked at damping 10–60 and at 100 it
+    #: trained slowly (test 0.9349 at 4,096; best probe then, lr 0.5 with the vectors at 400x:
+    #: test 0.9323 at 4,096, 0.9403 at 256). With K-FAC's damping, lr 1, damping 10: validation
+    #: 0.9523, 0.9470, 0.9456 in the first 3 epochs (K-FAC 0.9507, 0.9489, 0.9455), 0.9307 after
+    #: 6 (the earlier best 0.9369). TEKFAC takes EKFAC's reference, not probed on its own; both
+    #: scale by the square root, as K-FAC (the square root's lr 0.125 beat the linear rule's
+    #: 0.031 at 256 also under the earlier damping: validation 0.9470 against 0.9509 after 3).
     #: REC has no reference for ``sgd`` and ``adagrad``: none found trains its message
     #: networks (``docs/optimizers.md``, *Figures*, REC).
     optimizer_defaults: ClassVar[dict[str, dict[str, object]]] = {
         "cov-noise": {"batch_size": 4096, "learning_rate": 8e-3,
                       "noise": {"estimator": "sub-batch", "base": "adam", "batch": 256, "scale": 0.1}},
-        **{kind: {"batch_size": 4096, "learning_rate": 1.0, "kfac": {"damping": 10.0},
+        **{kind: {"batch_size": 4096, "learning_rate": 1.0,
+                  "kfac": {"damping": 10.0, **({"update_freq": 1} if kind in ("ekfac", "tekfac") else {})},
                   "lr_scales": {"prototype_vectors": 100.0, "fallback_vectors": 100.0}, "lr_scaling": "sqrt"}
-           for kind in ("kfac", "tkfac")},
-        **{kind: {"batch_size": 4096, "learning_rate": 0.5, "kfac": {"damping": 100.0, "update_freq": 1},
-                  "lr_scales": {"prototype_vectors": 400.0, "fallback_vectors": 400.0}, "lr_scaling": "sqrt"}
-           for kind in ("ekfac", "tekfac")},
+           for kind in ("kfac", "tkfac", "ekfac", "tekfac")},
     }
 
     def __init__(self, n_users: int, n_items: int, rating_scale: tuple[float, float],
