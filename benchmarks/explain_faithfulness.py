@@ -226,7 +226,7 @@ def synthetic_latency(n_ratings: int, n_users: int, n_items: int, n_pairs: int =
     ratings = train.reserve(1 << 16)
     explainer.update(ratings, np.zeros(0, np.int64))
     cpu, update_us = [], []
-    counts_before = dict(explainer._cache().counts)
+    counts_before = explainer.row_counts
     for u in rng.choice(rated, size=n_online, replace=False).tolist():
         ratings, new = _appended(ratings, np.full(5, u), rng.choice(train.n_items, size=5, replace=False),
                                  rng.integers(1, 6, size=5))
@@ -238,7 +238,7 @@ def synthetic_latency(n_ratings: int, n_users: int, n_items: int, n_pairs: int =
             c0 = time.thread_time()
             explainer.explain(u, i, 5)
             cpu.append(time.thread_time() - c0)
-    counts = explainer._cache().counts  # rows built / updated in place by the timed queries
+    counts = explainer.row_counts  # rows built / updated in place by the timed queries
     out["online_right_after_ratings"] = {**_percentiles(cpu), "update_us_p50": float(np.median(update_us)),
                                          "first_query_ms": [round(c * 1e3, 3) for c in cpu[::10]],
                                          "rows": {key: counts[key] - counts_before[key] for key in counts},

@@ -628,8 +628,9 @@ def test_long_item_rows_updated_in_place_explain_as_rebuilt_rows(top):
 def test_an_item_row_whose_movers_left_the_history_or_that_moved_too_often_is_rebuilt(history_kept):
     """An item row is rebuilt instead of updated in place when its moved raters' previous
     factors have left the history ring (3 moves: a ring of 2 records lost one, one of 3 did
-    not and is updated) or once more of its ratings than `update_moved_max` were gained or
-    had their rater move; the explanations equal a fresh explainer's either way."""
+    not and is updated), once more of its ratings than `update_moved_max` were gained or
+    had their rater move, or once `updates_kept` other rows were updated since (it is
+    dropped then); the explanations equal a fresh explainer's either way."""
     from tests.conftest import make_ratings, with_new_ratings
 
     r = make_ratings(n_users=120, n_items=8, n=700, seed=3)
@@ -655,7 +656,7 @@ def test_an_item_row_whose_movers_left_the_history_or_that_moved_too_often_is_re
         cached.update(ratings, new)
 
     def check(rebuilt: bool):
-        before = cache._rows[("item", hot)]
+        before = cache._rows.get(("item", hot))
         got = cached.explain(int(raters[20]), hot, 3)
         assert (cache._rows[("item", hot)] is not before) == rebuilt and cache.updated("item", hot) == (not rebuilt)
         want = model.explainer(ratings).explain(int(raters[20]), hot, 3)
@@ -669,6 +670,15 @@ def test_an_item_row_whose_movers_left_the_history_or_that_moved_too_often_is_re
     rate([raters[4]])
     check(rebuilt=False)
     rate([raters[5], raters[6], raters[7], raters[8]])  # with the 1-4 moved before: past update_moved_max
+    check(rebuilt=True)
+    cache.updates_kept, cache.update_moved_max = 1, 64  # a second updated row drops the first
+    second = next(int(j) for j in np.argsort(-r.item_counts()) if j not in (hot, other))
+    rate([raters[9]])
+    check(rebuilt=False)
+    cached.explain(int(raters[20]), second, 3)  # (rebuilt: its raters moved longer ago than the ring reaches)
+    rate([int(r.by_item.columns[r.by_item.row(second)][0])])
+    cached.explain(int(raters[20]), second, 3)
+    assert cache.updated("item", second) and not cache.updated("item", hot) and ("item", hot) not in cache._rows
     check(rebuilt=True)
 
 

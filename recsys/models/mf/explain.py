@@ -365,7 +365,10 @@ class NewtonInfluence:
     built (one compiled call, `explain_kernels.newton_row`) on first use or all at once by
     `warm`; call `invalidate` with the rows whose parameters changed (online updates): it
     stamps them, and a cached row is rebuilt on its next use if a stamp says that its own
-    parameters or ratings, or the parameters of a row it holds, changed since it was built.
+    parameters or ratings, or the parameters of a row it holds, changed since it was built;
+    an item row of more than `update_above` ratings is updated in place instead when a
+    pruned query uses it (`_update`: its ``A`` gains the changes' low-rank terms, the α a
+    query scores are computed from ``A⁻¹``, the pruning bound is widened by a proven margin).
 
     ``learning_rate_sum`` (the training's summed SGD rate, Σ over epochs of the epoch's rate;
     None: off): damp each row by ``1 − exp(−S·h)`` per eigenvalue ``h`` of the row's matrix
@@ -443,12 +446,18 @@ class NewtonInfluence:
     #: (``O(m·K·(d+1)²)``: about 0.5 ms at 512 ratings at 10^7, 5 ms at 5,000, 80 ms at
     #: 173,000). Such a row keeps ``A``'s lower triangle (``4·K·(d+1)(d+2)`` bytes more).
     update_above = 512
-    #: an updated row is rebuilt once more of its ratings than this were gained or had their
-    #: rater move since its build (each is scored in full by every query)
+    #: an updated row of m ratings is rebuilt once more of its ratings than
+    #: ``min(max(update_moved_max, m/128), 8·update_moved_max)`` were gained or had their
+    #: rater move since its build (each is scored by every query, its α computed again after
+    #: each update: ~1.3 µs a rating at 10^7, against ~1.7 µs a rating for a rebuild)
     update_moved_max = 64
     #: moved users' previous factors kept (records; one per user and invalidation): a row whose
     #: raters moved longer ago than the ring reaches is rebuilt
     history_kept = 1 << 14
+    #: rows kept updated in place at once (each holds ``A``, ``W'`` and its α: about 60 KB plus
+    #: 4K bytes a rating at D=128/K=4, outside `max_bytes`); past it the least recently
+    #: updated row is dropped and rebuilt when next used
+    updates_kept = 1024
 
     @property
     def train(self) -> Ratings:
@@ -632,8 +641,8 @@ class NewtonInfluence:
         """Update a long item row in place (`explain_kernels.updated_weights`) for the
         ratings at ``positions`` whose raters moved since it was last built or updated and,
         when ``own_changed``, for the ratings it gained and its own parameters' move; False
-        (the caller rebuilds) when the row keeps no ``A``, more than `update_moved_max` of its
-        ratings were gained or had their rater move since the build, the raters' previous
+        (the caller rebuilds) when the row keeps no ``A``, too many of its ratings were gained
+        or had their rater move since the build (`update_moved_max`), the raters' previous
         factors are no longer in the history, or the cached bound would widen past use."""
         side, row = key
         if side != "item" or cached.gram.size == 0:
@@ -668,7 +677,7 @@ class NewtonInfluence:
         moved = moved.copy()
         moved[positions] = True
         n_moved = int(moved.sum())
-        if n_moved > self.update_moved_max:
+        if n_moved > min(max(self.update_moved_max, len(moved) // 128), 8 * self.update_moved_max):
             return False
         raters = row_now.others[positions].astype(np.int64)
         users = np.unique(raters)
@@ -700,9 +709,12 @@ class NewtonInfluence:
                 self._rows[key] = row_now
             else:
                 self._recent[key] = row_now
+        self._updates.pop(key, None)  # (re-inserted last: the dict is in the order last updated)
         self._updates[key] = _RowUpdate(gram, weights, reg_weights, theta, lam * theta, moved,
                                         np.full((len(moved), k), np.nan, np.float32), n_moved, float(scale),
                                         float(shift))
+        while len(self._updates) > self.updates_kept:  # the least recently updated row: rebuilt when next used
+            self._drop(next(iter(self._updates)))
         self._checked[key] = self._clock
         self.counts["updated"] += 1
         return True
@@ -740,6 +752,15 @@ class NewtonInfluence:
         return _NewtonRow(z, others, W.astype(np.float32), alpha, lam * theta, beta,
                           np.argsort(-beta, kind="stable").astype(np.int32), _lower(A) if updatable else np.zeros((0, 0)),
                           h_max, x2_max, theta if updatable else np.zeros((0, 0)))
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        """Forget a cached row (and its update in place): it is built again when next used."""
+        old = self._rows.pop(key, None)
+        if old is not None:
+            self._nbytes -= old.nbytes
+        self._recent.pop(key, None)
+        self._updates.pop(key, None)
+        self._checked.pop(key, None)
 
     def _keep(self, key: tuple[str, int], row: _NewtonRow) -> None:
         """Cache a row just built, current now: in the main cache while it holds less than
@@ -989,7 +1010,8 @@ class MFExplainer:
     ``method`` None: the serving default, one-row Newton cached per row (`NewtonInfluence`:
     ``A⁻¹`` per row and one number per rating, float32; `warm` precomputes rows, those of most
     ratings first, up to `NewtonInfluence.max_bytes`: all of them for MovieLens-100K; rows
-    whose parameters online learning changed are recomputed on their next use). A named method (`METHODS`) is computed directly per query in float64
+    whose parameters online learning changed are recomputed on their next use, long item
+    rows updated in place: `NewtonInfluence.update_above`). A named method (`METHODS`) is computed directly per query in float64
     (`estimate_effects`), as `recsys.explain.influence.explain` reports it. ``rollback`` needs
     the update ``log``; it follows the training trajectory, so once ratings were learnt online
     (the model's rows no longer where the log left them: fold-ins replace rows outright) it is
@@ -1022,8 +1044,10 @@ class MFExplainer:
     def update(self, ratings: Ratings, new: np.ndarray) -> None:
         """``ratings`` (training + live) grew by the example ids ``new``, whose users' and
         items' rows online learning changed: the cached rows they touch are marked stale
-        (stamps, ``O(len(new))``) and rebuilt when next used (lazily, so a burst of ratings
-        costs one rebuild per row)."""
+        (stamps, ``O(len(new))``; the moved users' previous factors are kept for updates in
+        place) and rebuilt or updated when next used (lazily, so a burst of ratings costs one
+        rebuild per row); a folded-in user's leave-one-out is recomputed once an item it rated
+        moved."""
         new = np.asarray(new, dtype=np.int64)
         self.ratings = ratings
         if self._index is not None:
@@ -1064,6 +1088,12 @@ class MFExplainer:
                 _prediction(model, 0, 0)
             if getattr(model, "path", None) is not None:  # its first call imports the online-learning module
                 model.path(0)
+
+    @property
+    def row_counts(self) -> dict[str, int]:
+        """How many cached Newton rows were built and updated in place so far
+        (`NewtonInfluence.counts`: ``{"built": n, "updated": n}``)."""
+        return dict(self._newton.counts) if self._newton is not None else {"built": 0, "updated": 0}
 
     @property
     def cache_bytes(self) -> int:
