@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +139,7 @@ class Service:
         self._apply_lock = threading.Lock()
         self._stop = threading.Event()
         self._follower: threading.Thread | None = None
+        self._restore_threads: Callable[[], None] | None = None
         #: the generation of the store's chosen model this worker serves (0: none chosen yet)
         self.generation = 0
         self._model_reloader: threading.Thread | None = None
@@ -150,7 +151,7 @@ class Service:
 
     def open(self) -> None:
         """Open the store, load, replay and warm the model, start following the store."""
-        limit_compute_threads(self.settings.compute_threads)
+        self._restore_threads = limit_compute_threads(self.settings.compute_threads)
         self.store = RatingStore(self.settings.db)
         chosen = self.store.chosen_model()
         if chosen is not None:
@@ -168,6 +169,9 @@ class Service:
             self._model_reloader.join(timeout=60)
         if self.store is not None:
             self.store.close()
+        if self._restore_threads is not None:  # the process's thread counts as they were before `open`
+            self._restore_threads()
+            self._restore_threads = None
 
     def live(self) -> Recommender:
         """The recommender serving now (`NotReady` before the model is loaded)."""

@@ -169,8 +169,13 @@ class Server:
         return max(1, len(kids))
 
     def cpu_seconds(self) -> float:
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[int, float]:
+        """CPU seconds so far of each process of the tree (supervisor, workers)."""
         self.pids = descendants(self.proc.pid) if self.proc.poll() is None else self.pids
-        return sum(cpu_ticks(p) for p in self.pids) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return {p: cpu_ticks(p) / tick for p in self.pids}
 
     def rss_mib(self) -> float:
         total = 0
@@ -330,6 +335,14 @@ def _generator_process(port: int, requests: list[bytes], rate: float, t0: float,
     out.put((share, result, result.pop("cpu")))
 
 
+def cpu_split(server: Server, before: dict[int, float]) -> list[float]:
+    """CPU seconds each process of the server used since ``before`` (`Server.cpu_by_process`),
+    largest first: how the clients' connections landed on the workers (all on one worker
+    leaves the other core to the follower) shows in it."""
+    now = server.cpu_by_process()
+    return sorted((round(now[p] - before.get(p, 0.0), 3) for p in now), reverse=True)
+
+
 def open_loop(server: Server, paths: list[str], rate: float, seconds: float, *, generators: int,
               connections: int, nice: int = 0, cpus: list[int] | None = None, grace: float = 30.0) -> dict:
     """One open-loop phase: ``rate · seconds`` GETs of ``paths`` (cycled), spread over
@@ -340,7 +353,7 @@ def open_loop(server: Server, paths: list[str], rate: float, seconds: float, *, 
     out: mp.Queue = ctx.Queue()
     t0 = time.perf_counter() + 0.5 + 0.05 * generators
     deadline = t0 + seconds + grace
-    cpu_before = server.cpu_seconds()
+    cpu_before = server.cpu_by_process()
     procs = [ctx.Process(target=_generator_process,
                          args=(server.port, requests, rate, t0, g, generators, connections, deadline, nice, cpus, out))
              for g in range(generators)]
@@ -349,7 +362,8 @@ def open_loop(server: Server, paths: list[str], rate: float, seconds: float, *, 
     parts = sorted((out.get() for _ in procs), key=lambda x: x[0])
     for p in procs:
         p.join()
-    server_cpu = server.cpu_seconds() - cpu_before
+    by_process = cpu_split(server, cpu_before)
+    server_cpu = sum(by_process)
     latency = np.concatenate([r["latency"] for _, r, _ in parts])
     lag = np.concatenate([r["lag"] for _, r, _ in parts])
     statuses: dict[str, int] = {}
@@ -372,7 +386,8 @@ def open_loop(server: Server, paths: list[str], rate: float, seconds: float, *, 
             "p99_ms": float(np.percentile(full, 99)), "max_ms": float(full.max()),
             "send_lag_p50_ms": float(np.nanpercentile(lag, 50)) if np.isfinite(lag).any() else None,
             "send_lag_p99_ms": float(np.nanpercentile(lag, 99)) if np.isfinite(lag).any() else None,
-            "server_cpu_seconds": server_cpu, "server_cores_busy": server_cpu / max(seconds, finish),
+            "server_cpu_seconds": server_cpu, "server_cpu_seconds_by_process": by_process,
+            "server_cores_busy": server_cpu / max(seconds, finish),
             "server_cpu_us_per_request": server_cpu / max(1, len(done)) * 1e6,
             "generator_cpu_us_per_request": sum(c for _, _, c in parts) / max(1, len(done)) * 1e6,
             "generators": generators, "connections_per_generator": connections}
@@ -426,18 +441,20 @@ def ingest(server: Server, batch: int, clients: int, seconds: float, users: list
         bodies.append(post_request("/v1/ratings", json.dumps(doc, separators=(",", ":")).encode()))
         per_body.append(np.bincount(np.searchsorted(np.sort(pool), us), minlength=len(pool)))
     before = live_counts(server, [users[u] for u in np.sort(pool)]) if check_applied else None
-    cpu_before = server.cpu_seconds()
+    cpu_before = server.cpu_by_process()
     start = time.perf_counter()
     _install_fast_loop()
     sent_idx, lat = asyncio.run(_ingest_clients(server.port, bodies, clients, seconds))
     elapsed = time.perf_counter() - start
-    server_cpu = server.cpu_seconds() - cpu_before
+    by_process = cpu_split(server, cpu_before)
+    server_cpu = sum(by_process)
     n = len(sent_idx) * batch
     out = {"batch": batch, "clients": clients, "posts": len(sent_idx), "ratings": n, "seconds": elapsed,
            "ratings_per_second": n / elapsed, "posts_per_second": len(sent_idx) / elapsed,
            "post_p50_ms": float(np.percentile(lat, 50) * 1e3), "post_p99_ms": float(np.percentile(lat, 99) * 1e3),
            "server_cpu_us_per_post": server_cpu / max(1, len(sent_idx)) * 1e6,
-           "server_cpu_us_per_rating": server_cpu / max(1, n) * 1e6, "server_cores_busy": server_cpu / elapsed}
+           "server_cpu_us_per_rating": server_cpu / max(1, n) * 1e6, "server_cores_busy": server_cpu / elapsed,
+           "server_cpu_seconds_by_process": by_process}
     if check_applied:
         expected = before + sum(per_body[b] for b in sent_idx)
         out.update(applied_check(server, [users[u] for u in np.sort(pool)], expected))
@@ -540,7 +557,8 @@ def run_server(server: Server, users: list[str], items: list[str], args: argpars
         out["ingest"].append(r)
         print(f"  {server.name:<13} ingest {batch:>4}/POST x{r['clients']}: {r['ratings_per_second']:>9,.0f} ratings/s"
               f"  POST p99 {r['post_p99_ms']:6.1f} ms  cpu {r['server_cpu_us_per_rating']:7.1f} us/rating"
-              + (f"  applied {r.get('applied')}" if check_applied else ""), flush=True)
+              + (f"  applied {r.get('applied')}" if check_applied else "")
+              + f"  cpu s by process {r['server_cpu_seconds_by_process']}", flush=True)
     out["rss_mib"] = server.rss_mib()
     return out
 

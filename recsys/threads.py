@@ -10,7 +10,7 @@ loop ran 9x slower after one parallel shuffle, and REC epochs 10-40x slower).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -26,9 +26,9 @@ def torch_threads_kept() -> Iterator[None]:
             torch.set_num_threads(n)
 
 
-def limit_compute_threads(n: int) -> None:
+def limit_compute_threads(n: int) -> Callable[[], None]:
     """Make torch and every BLAS/OpenMP pool this process loaded (numpy's OpenBLAS included)
-    use ``n`` threads from now on, for the rest of the process.
+    use ``n`` threads from now on; returns a function that restores the counts before.
 
     A serving worker runs requests side by side with the other workers on every core; a BLAS
     call that fans out over idle-looking cores finds them busy and its threads spin waiting for
@@ -36,7 +36,14 @@ def limit_compute_threads(n: int) -> None:
     ms of CPU per user with OpenBLAS's default threads, 0.15 ms with one."""
     from threadpoolctl import threadpool_limits
 
-    if int(n) < 1:
-        raise ValueError(f"compute threads must be at least 1, got {n!r}")
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"compute threads must be a whole number >= 1, got {n!r}")
+    torch_before = torch.get_num_threads()
     torch.set_num_threads(int(n))
-    threadpool_limits(limits=int(n))  # kept: the limits stay in force until changed again
+    pools = threadpool_limits(limits=int(n))  # in force until restored
+
+    def restore() -> None:
+        pools.restore_original_limits()
+        torch.set_num_threads(torch_before)
+
+    return restore

@@ -1,25 +1,30 @@
-"""numba's parallel kernels leave torch's thread count as the user set it (they share one
-OpenMP runtime; see `recsys.threads`)."""
+"""`recsys.threads.limit_compute_threads`: what a serving worker runs its numerical libraries with."""
 
 from __future__ import annotations
 
-import numpy as np
+import pytest
 import torch
+from threadpoolctl import threadpool_info
 
-from recsys.optim.shuffle import PARALLEL_FROM, gather_examples, random_permutation
+from recsys.threads import limit_compute_threads
 
 
-def test_parallel_shuffle_and_gather_keep_torch_at_its_thread_count():
-    before = torch.get_num_threads()
+def test_limiting_sets_torch_and_every_loaded_blas_pool_and_restoring_gives_the_counts_back():
+    torch_before = torch.get_num_threads()
+    pools_before = {p["filepath"]: p["num_threads"] for p in threadpool_info()}
+    restore = limit_compute_threads(1)
     try:
-        torch.set_num_threads(1)
-        order = random_permutation(4 * PARALLEL_FROM, seed=0)  # several buckets: the parallel path
         assert torch.get_num_threads() == 1
-        n = len(order)
-        users, items, values = np.arange(n), np.arange(n), np.ones(n, np.float32)
-        out = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float32)
-        gather_examples(users, items, values, order, *out)
-        assert torch.get_num_threads() == 1
-        np.testing.assert_array_equal(out[0], order)
+        pools = threadpool_info()
+        assert any(p["user_api"] == "blas" for p in pools)  # numpy's BLAS is among them
+        assert all(p["num_threads"] == 1 for p in pools)
     finally:
-        torch.set_num_threads(before)
+        restore()
+    assert torch.get_num_threads() == torch_before
+    assert {p["filepath"]: p["num_threads"] for p in threadpool_info()} == pools_before
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_a_count_below_one_or_not_whole_is_refused_by_value(bad):
+    with pytest.raises(ValueError, match="compute threads"):
+        limit_compute_threads(bad)
