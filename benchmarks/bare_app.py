@@ -25,8 +25,9 @@ It reads a ``recsys train`` artefact's files directly (safetensors + ``ids.json`
 
 Reads are ``async def`` (sub-millisecond numpy work is cheaper on the event loop than through
 the thread pool); the write is a ``def`` (its fsync runs in the thread pool). Unknown ids
-are 404. Numpy's BLAS runs one thread per worker, as recsys serve's does. Settings from the environment: ``BARE_MODEL`` (artefact folder), ``BARE_DB``
-(SQLite file). Run as a user would::
+are 404. Numpy's BLAS runs one thread per worker, as recsys serve's does. Settings from the
+environment: ``BARE_MODEL`` (artefact folder), ``BARE_DB`` (SQLite file). Run as a user
+would::
 
     BARE_MODEL=/path/to/artefact BARE_DB=/tmp/bare.sqlite3 \\
         uvicorn bare_app:app --app-dir benchmarks --workers 2 --port 8001

@@ -309,3 +309,14 @@ def test_online_sgd_of_the_service_is_logged_into_the_artefact_s_rollback_log(tm
     assert [p.path for p in a.predict_many(pairs)] == ["online", "online", "fold-in", "model"]
     np.testing.assert_allclose([p.rating for p in a.predict_many(pairs)], [p.rating for p in b.predict_many(pairs)],
                                atol=1e-5)
+
+
+def test_a_read_answer_is_valid_json_with_the_values_json_dumps_gives_and_null_for_non_finite_floats():
+    import json
+
+    from api.app import ReadResponse
+
+    answer = {"user": "é", "rating": 3.25, "effect": 1e-7, "items": [{"score": -0.5}], "none": None}
+    assert json.loads(ReadResponse(answer).body) == answer
+    assert json.loads(ReadResponse({"rating": float("nan"), "score": float("inf")}).body) == \
+        {"rating": None, "score": None}

@@ -26,17 +26,22 @@ AUTH = (b"authorization", f"Bearer {KEY}".encode())
 ODD_USERS = ["a b", "50%", "\u00e9", "+5", "5.0", "05", " 5", "u~x.y", "x" * 128, "a+b", "a&b", "q=1", "h#1"]
 
 
-@pytest.fixture(scope="module")
-def artefacts(tmp_path_factory):
+def small_artefacts(root) -> dict:
+    """Two artefacts under folder ``root`` trained on small synthetic ratings: ``mf+ranker``
+    (MF with the default ranker beside it) and ``ranker`` (the ranker alone)."""
     train = make_ratings(n_users=40, n_items=30, n=700)
     mf = build_model("mf", train.n_users, train.n_items, train.rating_scale, {"embedding_size": 8, "n_blocks": 2})
     Trainer(TrainConfig(epochs=10, progress=False)).fit(mf, train)
     ranker = build_model(DEFAULT_RANKER, train.n_users, train.n_items, train.rating_scale)
     ranker.fit(train)
-    root = tmp_path_factory.mktemp("fast")
     meta = {"training": {"train_config": {"learning_rate": 0.015, "epochs": 10}}}
     return {"mf+ranker": save_artefact(root / "mf", mf, train, meta, ranker=ranker),
             "ranker": save_artefact(root / "ranker", ranker, train)}
+
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    return small_artefacts(tmp_path_factory.mktemp("fast"))
 
 
 class Served:

@@ -14,25 +14,14 @@ import re
 import pytest
 
 from api.app import Settings, create_app
-from recsys.artefact import save_artefact
-from recsys.models import DEFAULT_RANKER, build_model
-from recsys.train import TrainConfig, Trainer
-from tests.conftest import make_ratings
-from tests.test_api_fast_reads import AUTH, KEY, Served, request_counts
+from tests.test_api_fast_reads import AUTH, KEY, Served, request_counts, small_artefacts
 
 JSON = (b"content-type", b"application/json")
 
 
 @pytest.fixture(scope="module")
 def artefacts(tmp_path_factory):
-    train = make_ratings(n_users=40, n_items=30, n=700)
-    mf = build_model("mf", train.n_users, train.n_items, train.rating_scale, {"embedding_size": 4, "n_blocks": 2})
-    Trainer(TrainConfig(epochs=2, progress=False)).fit(mf, train)
-    ranker = build_model(DEFAULT_RANKER, train.n_users, train.n_items, train.rating_scale)
-    ranker.fit(train)
-    root = tmp_path_factory.mktemp("fast-writes")
-    return {"mf+ranker": save_artefact(root / "mf", mf, train, {}, ranker=ranker),
-            "ranker": save_artefact(root / "ranker", ranker, train)}
+    return small_artefacts(tmp_path_factory.mktemp("fast-writes"))
 
 
 def rating(j: int, **extra) -> dict:
