@@ -741,3 +741,73 @@ def test_the_history_of_moved_users_gives_their_factors_at_any_clock_it_reaches(
             assert got is None
         else:
             np.testing.assert_array_equal(got, snapshots[clock][moved])
+
+
+def test_the_row_index_chains_many_appended_batches_in_arrival_order(small_ratings):
+    """`RowIndex.extend` (compiled chains, grown as ratings and users arrive): after many
+    batches of repeat raters, repeat items and new users, every row equals the grown
+    `Ratings`' CSR and `appended` lists each row's appended ratings in arrival order; an id
+    that is not an appended row is refused before anything is written."""
+    from recsys.models.mf.explain import RowIndex
+    from tests.conftest import with_new_ratings
+
+    r = small_ratings
+    index = RowIndex(r)
+    rng = np.random.default_rng(3)
+    ratings, newcomers = r, []
+    for _ in range(60):
+        size = int(rng.choice([1, 3, 80]))
+        users = []
+        for _ in range(size):
+            if rng.random() < 0.1:
+                newcomers.append(f"new{len(newcomers)}")
+                users.append(newcomers[-1])
+            elif newcomers and rng.random() < 0.2:
+                users.append(newcomers[int(rng.integers(len(newcomers)))])
+            else:
+                users.append(r.user_ids.raw(int(rng.integers(3))))  # few users: long chains
+        items = [r.item_ids.raw(int(rng.integers(r.n_items))) for _ in range(size)]
+        ratings, new = with_new_ratings(ratings, users, items, rng.integers(1, 6, size).astype(float).tolist())
+        index.extend(ratings, new)
+    assert len(ratings) - len(r) > 1024  # the chains grew past their first size
+    for side, csr, n in (("user", ratings.by_user, ratings.n_users), ("item", ratings.by_item, ratings.n_items)):
+        of_side = ratings.users if side == "user" else ratings.items
+        for row in range(n):
+            z, cols = index.row(side, row)
+            np.testing.assert_array_equal(z, csr.examples[csr.row(row)])
+            np.testing.assert_array_equal(cols, csr.columns[csr.row(row)])
+            appended = np.flatnonzero(of_side[len(r):] == row) + len(r)
+            np.testing.assert_array_equal(index.appended(side, row), appended)
+    heads = index._head["user"].copy()
+    with pytest.raises(ValueError, match="not an appended row"):
+        index.extend(ratings, np.array([len(ratings) - 1, 0]))
+    np.testing.assert_array_equal(index._head["user"], heads)
+
+
+def test_one_invalidation_records_each_moved_user_once_with_the_factors_before_it():
+    """`NewtonInfluence.record` (the form `MFExplainer.update` uses): a user listed twice in
+    one batch is recorded once, with the factors they had before the batch; users and items
+    past the stamp arrays grow them; the stamps and lists of moved rows are `invalidate`'s."""
+    from recsys.models.mf.explain import NewtonInfluence
+    from tests.conftest import make_ratings
+
+    r = make_ratings(n_users=50, n_items=10, n=400, seed=2)
+    model, _ = _fit(r, _setup(epochs=1))
+    direct, generic = NewtonInfluence(model, r), NewtonInfluence(model, r)
+    table = model.user_factors.weight.detach().numpy()
+    before = table.copy()
+    users = np.array([4, 9, 4, 7], np.int64)
+    table[[4, 7, 9]] += 1.0
+    direct.record(users, np.array([2, 3, 2], np.int64), np.array([True, False, True]))
+    generic.invalidate(users, [2, 2], [3])
+    for cache in (direct, generic):
+        assert cache._history_written == 3
+        np.testing.assert_array_equal(cache._factors_before(np.array([4, 7, 9]), 0), before[[4, 7, 9]])
+        assert cache._own["user"][[4, 7, 9]].tolist() == [1, 1, 1] and cache._moved["item"][[2, 3]].tolist() == [1, 0]
+        assert cache._own["item"][[2, 3]].tolist() == [1, 1]
+    assert [c.tolist() for _, c in direct._changes["item"]] == [[2, 2]]
+    assert [c.tolist() for _, c in generic._changes["item"]] == [[2, 2]]
+    model.grow(3 * r.n_users, r.n_items)  # users the stamps have no room for yet
+    direct.record(np.array([3 * r.n_users - 1], np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
+    assert len(direct._own["user"]) >= 3 * r.n_users and direct._own["user"][3 * r.n_users - 1] == 2
+    assert len(direct._moved["user"]) == len(direct._own["user"])

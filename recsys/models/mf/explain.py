@@ -38,12 +38,17 @@ import torch
 
 from recsys.models.base import Contribution, Explanation, RatingModel, UpdateLog
 from recsys.models.mf.explain_kernels import (
+    extend_row_chains,
     fold_in_leave_one_out,
     newton_row,
     online_step_scores,
     pair_prediction,
     pair_scores,
     pair_scores_updated,
+    record_moves,
+    row_chain,
+    stamp_rows,
+    trained_mask,
     updated_weights,
 )
 from recsys.ratings import Ratings
@@ -256,21 +261,47 @@ def _newton(model: RatingModel, train: Ratings, user: int, item: int, ids: np.nd
 
 class RowIndex:
     """Each user's and item's ratings over a growing `Ratings`: the CSR of the ratings it
-    started from (built once) plus the rows appended since, kept per user and item as they
-    arrive (`extend`), so the new `Ratings` each batch of online ratings makes is never
-    re-sorted (a full CSR is ``O(N log N)``: seconds at 10^7 ratings)."""
+    started from (built once) plus the rows appended since, chained per user and item as
+    they arrive (`extend`: one compiled pass, ``O(len(new))``, no per-rating Python), so the
+    new `Ratings` each batch of online ratings makes is never re-sorted (a full CSR is
+    ``O(N log N)``: seconds at 10^7 ratings)."""
 
     def __init__(self, base: Ratings) -> None:
         self.base, self.ratings = base, base
-        self._extra: dict[str, dict[int, list[int]]] = {"user": {}, "item": {}}
+        self._first = len(base)  # the first appended example id
+        # per appended example (id − _first): the previous appended example of its user / item
+        # (−1: none); per user / item: its last appended example (−1: none) and how many
+        self._prev = {"user": np.zeros(0, np.int64), "item": np.zeros(0, np.int64)}
+        self._head = {"user": np.full(base.n_users, -1, np.int64), "item": np.full(base.n_items, -1, np.int64)}
+        self._count = {"user": np.zeros(base.n_users, np.int64), "item": np.zeros(base.n_items, np.int64)}
 
     def extend(self, ratings: Ratings, new: np.ndarray) -> None:
         """``ratings`` is the previous one plus the example ids ``new`` (appended rows)."""
         self.ratings = ratings
         new = np.asarray(new, dtype=np.int64)
-        for z, u, i in zip(new.tolist(), ratings.users[new].tolist(), ratings.items[new].tolist(), strict=True):
-            self._extra["user"].setdefault(u, []).append(z)
-            self._extra["item"].setdefault(i, []).append(z)
+        if len(new) == 0:
+            return
+        prev, head, count = self._prev, self._head, self._count
+        if len(ratings) - self._first > len(prev["user"]):  # amortised growth, as the ratings arrive
+            size = max(len(ratings) - self._first, 2 * len(prev["user"]), 1024)
+            for side in ("user", "item"):
+                prev[side] = np.r_[prev[side], np.full(size - len(prev[side]), -1, np.int64)]
+        for side, n in (("user", ratings.n_users), ("item", ratings.n_items)):
+            if n > len(head[side]):
+                size = max(n, 2 * len(head[side]))
+                head[side] = np.r_[head[side], np.full(size - len(head[side]), -1, np.int64)]
+                count[side] = np.r_[count[side], np.zeros(size - len(count[side]), np.int64)]
+        extend_row_chains(new, ratings.users, ratings.items, self._first, prev["user"], prev["item"], head["user"],
+                          head["item"], count["user"], count["item"])
+
+    def appended(self, side: str, r: int) -> np.ndarray:
+        """The example ids appended for user or item ``r`` (``side``) since the base ratings,
+        in the order `extend` received them (int64)."""
+        count = self._count[side]
+        n = int(count[r]) if 0 <= r < len(count) else 0
+        if n == 0:
+            return _NO_POSITIONS
+        return row_chain(int(self._head[side][r]), self._prev[side], n, self._first)
 
     def row(self, side: str, r: int) -> tuple[np.ndarray, np.ndarray]:
         """``(example ids int64 [m], the other side's indices int64 [m])`` of user or item
@@ -282,9 +313,8 @@ class RowIndex:
             z, cols = csr.examples[sl], csr.columns[sl].astype(np.int64)
         else:
             z = cols = np.empty(0, np.int64)
-        extra = self._extra[side].get(r)
-        if extra:
-            ez = np.asarray(extra, np.int64)
+        ez = self.appended(side, r)
+        if len(ez):
             z = np.r_[z, ez]
             cols = np.r_[cols, (self.ratings.items if side == "user" else self.ratings.users)[ez]]
             order = np.lexsort((z, cols))
@@ -420,6 +450,7 @@ class NewtonInfluence:
         self._history_dropped = 0  # the clock of the newest invalidation whose records were overwritten
         self._history_clocks: list[int] = []  # per invalidation: its clock ...
         self._history_starts: list[int] = []  # ... and the number of records written before it
+        self._history_first = 0  # entries of both lists before this one were overwritten
 
     #: the cache keeps rows while it holds less than this (bytes); rows built past it are
     #: kept only among the `recent_rows` built last (`warm` fills it with the rows of most
@@ -479,30 +510,21 @@ class NewtonInfluence:
         ``grown_items``: items that gained ratings while their parameters stayed (a folded-in
         user's ratings): only their own rows. Costs ``O(len)`` now (stamps); each cached row
         is checked against the stamps when next used and rebuilt if stale."""
-        users = np.asarray(users, dtype=np.int64)  # repeats are harmless: stamps and a membership test
         items = np.asarray(items, dtype=np.int64)
         grown = np.asarray(grown_items, dtype=np.int64)
-        if len(users) + len(items) + len(grown) == 0:
+        moved = np.zeros(len(items) + len(grown), bool)
+        moved[:len(items)] = True
+        self.record(np.asarray(users, dtype=np.int64), np.r_[items, grown], moved)
+
+    def record(self, users: np.ndarray, items: np.ndarray, items_moved: np.ndarray) -> None:
+        """`invalidate` in the form online ratings come in (`MFExplainer.update`): ``users``
+        (int64 ``[n]``, repeats harmless) moved; ``items`` (int64 ``[m]``) gained ratings, and
+        their parameters moved where ``items_moved`` (bool ``[m]``). One compiled pass
+        (`explain_kernels.record_moves`: the stamps, and the moved users' previous factors
+        into the history ring), plus the lists of moved rows."""
+        if len(users) + len(items) == 0:
             return
         self._clock += 1
-        if len(users):
-            self._record_moved_users(users)
-        for side, moved in (("user", users), ("item", items)):
-            if len(moved) == 0:
-                continue
-            self._stamp(self._own, side, moved)
-            self._stamp(self._moved, side, moved)
-            listed = self._changes[side]
-            listed.append((self._clock, moved))
-            if len(listed) > self.changes_kept:
-                self._dropped_change[side] = listed.pop(0)[0]
-        if len(grown):
-            self._stamp(self._own, "item", grown)
-
-    def _record_moved_users(self, users: np.ndarray) -> None:
-        """Keep the factors ``users`` had before this invalidation's move (the copy taken at
-        the last one) in the history ring, and copy their factors now."""
-        users = np.unique(users)
         table = _table(self.model.user_factors.weight)
         then = self._user_factors_then
         if len(table) > len(then):  # new users: nothing held them before this move
@@ -513,18 +535,40 @@ class NewtonInfluence:
             self._history_users = np.r_[self._history_users, np.zeros(ring - len(self._history_users), np.int64)]
             self._history_factors = np.concatenate(
                 [self._history_factors, np.zeros((ring - len(self._history_factors), then.shape[1]), np.float32)])
-        self._history_clocks.append(self._clock)
-        self._history_starts.append(self._history_written)
-        for start in range(0, len(users), ring):  # (a batch larger than the ring keeps its last records)
-            part = users[start:start + ring]
-            at = (self._history_written + np.arange(len(part))) % ring
-            self._history_users[at] = part
-            self._history_factors[at] = then[part]
-            self._history_written += len(part)
-        then[users] = table[users]
-        while self._history_starts and self._history_starts[0] < self._history_written - ring:
-            self._history_dropped = self._history_clocks.pop(0)
-            self._history_starts.pop(0)
+        own, moved = self._own, self._moved
+        while True:
+            written, n_moved, top_u, top_i = record_moves(
+                users, items, items_moved, self._clock, own["user"], moved["user"], own["item"], moved["item"],
+                self._history_users, self._history_factors, self._history_written, then, table)
+            short = [(side, top) for side, top in (("user", top_u), ("item", top_i))
+                     if top > min(len(own[side]), len(moved[side]))]
+            if not short:
+                break
+            for side, top in short:  # amortised growth, new users arrive one by one (nothing was written)
+                for stamps in (own, moved):
+                    size = max(top, 2 * len(stamps[side]))
+                    stamps[side] = np.r_[stamps[side], np.zeros(size - len(stamps[side]), np.int64)]
+        if len(users):
+            self._history_clocks.append(self._clock)
+            self._history_starts.append(self._history_written)
+            self._history_written += written
+            # the invalidations whose records were overwritten: dropped from the front (lazily)
+            first = self._history_first
+            while first < len(self._history_starts) and self._history_starts[first] < self._history_written - ring:
+                self._history_dropped = self._history_clocks[first]
+                first += 1
+            if first > 1024 and 2 * first > len(self._history_starts):
+                del self._history_clocks[:first], self._history_starts[:first]
+                first = 0
+            self._history_first = first
+        moved_items = items if n_moved == len(items) else items[items_moved]
+        for side, rows in (("user", users), ("item", moved_items)):
+            if len(rows) == 0:
+                continue
+            listed = self._changes[side]
+            listed.append((self._clock, rows))
+            if len(listed) > self.changes_kept:
+                self._dropped_change[side] = listed.pop(0)[0]
 
     def _factors_before(self, users: np.ndarray, clock: int) -> np.ndarray | None:
         """The factors ``[len(users), K·d]`` float32 the (sorted, unique) ``users`` had at
@@ -532,7 +576,7 @@ class NewtonInfluence:
         reaches back that far or holds more than `update_window` records since."""
         if self._history_dropped > clock:
             return None  # the history no longer reaches back to ``clock``
-        at = bisect.bisect_right(self._history_clocks, clock)
+        at = bisect.bisect_right(self._history_clocks, clock, self._history_first)
         first = self._history_starts[at] if at < len(self._history_starts) else self._history_written
         ring = len(self._history_users)
         if first < self._history_written - ring or self._history_written - first > self.update_window:
@@ -547,14 +591,6 @@ class NewtonInfluence:
 
     #: at most this many history records are searched for an update in place (else rebuild)
     update_window = 4096
-
-    def _stamp(self, stamps: dict[str, np.ndarray], side: str, rows: np.ndarray) -> None:
-        table = stamps[side]
-        top = int(rows.max()) + 1
-        if top > len(table):  # amortised growth: new users arrive one by one
-            table = np.r_[table, np.zeros(max(top, 2 * len(table)) - len(table), np.int64)]
-            stamps[side] = table
-        table[rows] = self._clock
 
     def _moved_since(self, side: str, clock: int, limit: int) -> np.ndarray | None:
         """The ``side`` rows whose parameters changed after ``clock`` (unsorted, maybe repeated),
@@ -655,12 +691,12 @@ class NewtonInfluence:
         if own_changed:  # ratings gained since: inserted in CSR order (after the rater's earlier ones)
             base = self.index.base
             n_base = len(base.by_item.examples[base.by_item.row(row)]) if row < base.n_items else 0
-            extra = self.index._extra["item"].get(row, [])
+            extra = self.index.appended("item", row)
             first = len(cached.examples) - n_base
             if first < 0 or first > len(extra):
                 return False
             if first < len(extra):
-                new_z = np.asarray(extra[first:], np.int64)
+                new_z = extra[first:]
                 new_users = self.train.users[new_z].astype(np.int32)
                 order = np.lexsort((new_z, new_users))
                 new_z, new_users = new_z[order], new_users[order]
@@ -941,16 +977,24 @@ class FoldInLeaveOneOut:
                    moved_items: np.ndarray | list[int] = ()) -> None:
         """Drop ``users`` (they rated again) and stamp ``moved_items`` (their parameters
         changed: every cached user who rated one is stale)."""
-        for u in users:
-            self._users.pop(int(u), None)
         moved_items = np.asarray(moved_items, dtype=np.int64)
-        if len(moved_items):
-            self._clock += 1
-            top = int(moved_items.max()) + 1
-            if top > len(self._item_moved):
-                self._item_moved = np.r_[self._item_moved,
-                                         np.zeros(max(top, 2 * len(self._item_moved)) - len(self._item_moved), np.int64)]
-            self._item_moved[moved_items] = self._clock
+        self.record(np.fromiter((int(u) for u in users), np.int64), moved_items, np.ones(len(moved_items), bool))
+
+    def record(self, users: np.ndarray, items: np.ndarray, items_moved: np.ndarray) -> None:
+        """`invalidate` in the form online ratings come in (`MFExplainer.update`): drop
+        ``users`` (int64) and stamp the ``items`` (int64) where ``items_moved`` (bool)."""
+        if self._users:
+            for u in users.tolist():
+                self._users.pop(u, None)
+        self._clock += 1
+        while True:
+            stamped, top = stamp_rows(self._item_moved, items, items_moved, self._clock)
+            if top <= len(self._item_moved):
+                break
+            self._item_moved = np.r_[self._item_moved,
+                                     np.zeros(max(top, 2 * len(self._item_moved)) - len(self._item_moved), np.int64)]
+        if stamped == 0:  # nothing moved: the clock stays
+            self._clock -= 1
 
     def _user(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """``(example ids [m] sorted, V [m, D+1] float64)`` of one folded-in user."""
@@ -1052,19 +1096,17 @@ class MFExplainer:
         self.ratings = ratings
         if self._index is not None:
             self._index.extend(ratings, new)
-        if len(new) == 0:
+        newton = self._newton if self._newton is not None and self._newton.index is self._index else None
+        if len(new) == 0 or (newton is None and self._fold_in is None):
             return
-        users = ratings.users[new]
-        if self._newton is not None and self._newton.index is self._index:
-            items = ratings.items[new]
-            state = getattr(self.model, "_online", None)  # `recsys.models.mf.online.OnlineState`
-            stepped = np.ones(len(new), bool) if state is None else state.is_trained(users)
-            # online SGD moved the users' rows and their items' rows; a fold-in moves no item row
-            self._newton.invalidate(users, items[stepped], items[~stepped])
+        users, items = ratings.users[new], ratings.items[new]
+        state = getattr(self.model, "_online", None)  # `recsys.models.mf.online.OnlineState`
+        # online SGD moved the users' rows and their items' rows; a fold-in moves no item row
+        stepped = np.ones(len(new), bool) if state is None else trained_mask(state.trained, users)
+        if newton is not None:
+            newton.record(users, items, stepped)
         if self._fold_in is not None:
-            state = getattr(self.model, "_online", None)
-            stepped = np.ones(len(new), bool) if state is None else state.is_trained(users)
-            self._fold_in.invalidate(users.tolist(), ratings.items[new][stepped])
+            self._fold_in.record(users, items, stepped)
 
     def warm(self) -> None:
         """Precompute the cached Newton rows, those of most ratings first, up to
@@ -1086,6 +1128,16 @@ class MFExplainer:
                                0, 0, np.zeros(0, bool), np.zeros(0, bool), 0.0, 0.0, 0.0, 0.0)
             if model.n_users and model.n_items:
                 _prediction(model, 0, 0)
+            # and `update`'s bookkeeping (of no rating: nothing changes)
+            index, one = self._row_index(), np.zeros(1, np.int64)
+            extend_row_chains(none, ratings.users, ratings.items, index._first, index._prev["user"], index._prev["item"],
+                              index._head["user"], index._head["item"], index._count["user"], index._count["item"])
+            row_chain(-1, index._prev["user"], 0, index._first)
+            trained_mask(np.zeros(0, bool), none)
+            stamp_rows(one, none, np.zeros(0, bool), 0)
+            record_moves(none, none, np.zeros(0, bool), 0, one, one, one, one, none,
+                         np.zeros((0, model.user_factors.weight.shape[1]), np.float32), 0,
+                         _table(model.user_factors.weight), _table(model.user_factors.weight))
             if getattr(model, "path", None) is not None:  # its first call imports the online-learning module
                 model.path(0)
 

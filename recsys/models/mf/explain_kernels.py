@@ -666,6 +666,126 @@ def _online_step_scores(user_factors, item_factors, user_bias, item_bias, owners
     return out
 
 
+def _extend_row_chains(new, users, items, first, prev_user, prev_item, head_user, head_item, count_user,
+                       count_item):
+    """`recsys.models.mf.explain.RowIndex.extend`'s bookkeeping of the example ids ``new``
+    (int64, each ``>= first``, rows of ratings whose users / items are ``users`` / ``items``,
+    int64 by example id): each is chained to its user's and its item's previous one
+    (``prev_user[z − first]``, ``prev_item[z − first]``: the previous example id, −1 for none),
+    becomes the head of both chains (``head_user``, ``head_item`` by index, −1 for none) and
+    counts (``count_user``, ``count_item``). ``O(len(new))``; ValueError (nothing written) for
+    an id below ``first`` or past the arrays."""
+    for n in range(len(new)):
+        z = new[n]
+        if z < first or z >= len(users) or z - first >= len(prev_user) or z - first >= len(prev_item):
+            raise ValueError("RowIndex.extend: an example id is not an appended row (below the base ratings or past them)")
+        if users[z] < 0 or users[z] >= len(head_user) or items[z] < 0 or items[z] >= len(head_item):
+            raise ValueError("RowIndex.extend: a user or item index is past the chains' heads")
+    for n in range(len(new)):
+        z = new[n]
+        u = users[z]
+        i = items[z]
+        prev_user[z - first] = head_user[u]
+        head_user[u] = z
+        count_user[u] += 1
+        prev_item[z - first] = head_item[i]
+        head_item[i] = z
+        count_item[i] += 1
+
+
+def _row_chain(head, prev, count, first):
+    """The ``count`` example ids of one chain of `extend_row_chains` (from ``head``, following
+    ``prev[z − first]``), in the order they were added (int64 ``[count]``)."""
+    out = np.empty(count, np.int64)
+    z = head
+    for n in range(count - 1, -1, -1):
+        out[n] = z
+        z = prev[z - first]
+    return out
+
+
+def _trained_mask(trained, users):
+    """``trained[u]`` for each of ``users`` (False past ``trained``: users added since training)."""
+    out = np.zeros(len(users), np.bool_)
+    n = len(trained)
+    for j in range(len(users)):
+        u = users[j]
+        out[j] = u >= 0 and u < n and trained[u]
+    return out
+
+
+def _record_moves(users, items, items_moved, clock, own_user, moved_user, own_item, moved_item, ring_users,
+                  ring_factors, written, then, table):
+    """`recsys.models.mf.explain.NewtonInfluence`'s stamps and history ring for one
+    invalidation at ``clock`` (larger than every stamp): ``users`` (int64, repeats allowed)
+    moved; ``items`` (int64) changed, their parameters moved where ``items_moved``, else they
+    only gained ratings. Stamps ``own_user``, ``moved_user`` of each user and ``own_item`` of
+    each item (``moved_item`` too where moved); for each user once (in order of first
+    appearance) writes the record ``(user, then[user])`` at ring slot ``(written + n) %
+    len(ring_users)`` (``then``: the factors ``[n_users, K·d]`` float32 as of the last
+    invalidation) and copies ``table[user]`` (the factors now) into ``then``.
+
+    Returns ``(records written, items moved, users' stamps needed, items' stamps needed)``:
+    when a stamp array is shorter than an index needs, nothing is written (records 0) and the
+    caller grows it and calls again. ValueError for a user past ``then`` or ``table``."""
+    top_u = 0
+    for j in range(len(users)):
+        u = users[j]
+        if u < 0 or u >= len(then) or u >= len(table):
+            raise ValueError("NewtonInfluence.invalidate: a user index is past the factor tables")
+        top_u = max(top_u, u + 1)
+    top_i = 0
+    for j in range(len(items)):
+        if items[j] < 0:
+            raise ValueError("NewtonInfluence.invalidate: a negative item index")
+        top_i = max(top_i, items[j] + 1)
+    if top_u > len(own_user) or top_u > len(moved_user) or top_i > len(own_item) or top_i > len(moved_item):
+        return 0, 0, top_u, top_i
+    ring = len(ring_users)
+    n = 0
+    for j in range(len(users)):
+        u = users[j]
+        if moved_user[u] == clock:
+            continue
+        moved_user[u] = clock
+        own_user[u] = clock
+        if ring > 0:
+            slot = (written + n) % ring
+            ring_users[slot] = u
+            ring_factors[slot, :] = then[u, :]
+        n += 1
+    for j in range(len(users)):  # after every record: a user listed twice is recorded once, before its move
+        u = users[j]
+        then[u, :] = table[u, :]
+    n_moved = 0
+    for j in range(len(items)):
+        i = items[j]
+        own_item[i] = clock
+        if items_moved[j]:
+            moved_item[i] = clock
+            n_moved += 1
+    return n, n_moved, top_u, top_i
+
+
+def _stamp_rows(stamps, rows, mask, clock):
+    """``stamps[rows[j]] = clock`` where ``mask[j]``; returns ``(rows stamped, size needed)``:
+    nothing is written when ``stamps`` is shorter than a masked row needs."""
+    top = 0
+    n = 0
+    for j in range(len(rows)):
+        if mask[j]:
+            if rows[j] < 0:
+                raise ValueError("a negative row index")
+            top = max(top, rows[j] + 1)
+            n += 1
+    if top > len(stamps):
+        return 0, top
+    for j in range(len(rows)):
+        if mask[j]:
+            stamps[rows[j]] = clock
+    return n, top
+
+
 newton_row = variant(_newton_row, "serial", nogil=True, fastmath=_REASSOC)
 updated_weights = variant(_updated_weights, "serial", nogil=True, fastmath=_REASSOC)
 fold_in_leave_one_out = variant(_fold_in_leave_one_out, "serial", nogil=True, fastmath=_REASSOC)
@@ -674,7 +794,13 @@ pair_scores_updated = variant(_pair_scores_updated, "serial", nogil=True, fastma
 pair_scores = variant(_pair_scores, "serial", nogil=True, fastmath=_REASSOC)
 pair_prediction = variant(_pair_prediction, "serial", nogil=True, fastmath=_REASSOC)
 online_step_scores = variant(_online_step_scores, "serial", nogil=True, fastmath=_REASSOC)
+extend_row_chains = variant(_extend_row_chains, "serial", nogil=True)
+row_chain = variant(_row_chain, "serial", nogil=True)
+trained_mask = variant(_trained_mask, "serial", nogil=True)
+record_moves = variant(_record_moves, "serial", nogil=True)
+stamp_rows = variant(_stamp_rows, "serial", nogil=True)
 
-__all__ = ["fold_in_leave_one_out", "gram_of_inverse", "lower_cholesky_inverse", "newton_row", "online_step_scores",
-           "pair_prediction", "pair_scores", "pair_scores_updated", "pruned_row_scores", "rating_score", "row_rating_score", "target_weights",
-           "updated_rating_score", "updated_weights"]
+__all__ = ["extend_row_chains", "fold_in_leave_one_out", "gram_of_inverse", "lower_cholesky_inverse", "newton_row", "online_step_scores",
+           "pair_prediction", "pair_scores", "pair_scores_updated", "pruned_row_scores", "rating_score", "record_moves",
+           "row_chain", "row_rating_score", "stamp_rows", "target_weights", "trained_mask", "updated_rating_score",
+           "updated_weights"]
