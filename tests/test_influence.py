@@ -811,3 +811,29 @@ def test_one_invalidation_records_each_moved_user_once_with_the_factors_before_i
     direct.record(np.array([3 * r.n_users - 1], np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
     assert len(direct._own["user"]) >= 3 * r.n_users and direct._own["user"][3 * r.n_users - 1] == 2
     assert len(direct._moved["user"]) == len(direct._own["user"])
+
+
+def test_a_long_row_built_a_tile_at_a_time_equals_the_one_pass_build():
+    """`explain_kernels.newton_row` builds rows of more than `_TILED_ABOVE` ratings
+    `_ROW_TILE` ratings at a time (`_newton_row_tiled`): the same system, inverse and α as the
+    one-pass build (to float rounding), a last partial tile included, and ``A`` the row's
+    ``Σ x xᵀ + (m−1)λ``."""
+    from recsys.models.mf import explain_kernels as kernels
+
+    rng = np.random.default_rng(5)
+    k, d, n_other = 2, 6, 9000
+    other = (rng.normal(size=(n_other, k * d)) * 0.4).astype(np.float32)
+    other_bias = (rng.normal(size=(n_other, k)) * 0.1).astype(np.float32)
+    theta, lam = rng.normal(size=(k, d + 1)) * 0.3, np.full(d + 1, 0.05)
+    for m in (3 * kernels._ROW_TILE + 17, kernels._TILED_ABOVE + 5):
+        others = np.sort(rng.choice(n_other, m, replace=False)).astype(np.int32)
+        values = rng.integers(1, 6, m).astype(np.float64)
+        tiled = kernels.newton_row_tiled(theta, other, other_bias, others, values, 3.5, lam)
+        one_pass = kernels.newton_row(theta, other, other_bias, others, values, 3.5, lam)
+        if m > kernels._TILED_ABOVE:  # newton_row itself goes by tiles: check A against its definition
+            X = np.concatenate([other[others].astype(np.float64).reshape(m, k, d), np.ones((m, k, 1))], axis=2)
+            want = np.einsum("mki,mkj->kij", X, X) + (m - 1) * np.diag(lam)
+            np.testing.assert_allclose(tiled[0], want, rtol=1e-12, atol=1e-9)
+        for got, ref in zip(tiled, one_pass, strict=True):
+            rtol = 1e-6 if got.dtype == np.float32 else 1e-10
+            np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-9)

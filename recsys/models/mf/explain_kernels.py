@@ -67,6 +67,12 @@ lower_cholesky_inverse = variant(_lower_cholesky_inverse, "serial", nogil=True, 
 gram_of_inverse = variant(_gram_of_inverse, "serial", nogil=True, fastmath=_REASSOC)
 
 
+#: rows of more ratings than `_TILED_ABOVE` (whose ``(d+1)·m`` float64 columns, over 1 MB at
+#: d=32, no longer stay in a core's cache) are built `_ROW_TILE` ratings at a time (`_newton_row_tiled`)
+_ROW_TILE = 1024
+_TILED_ABOVE = 4096
+
+
 def _newton_row(theta, other_factors, other_bias, others, values, global_mean, lam):
     """One row's Newton system and per-rating numbers (`NewtonInfluence`'s cached row).
 
@@ -81,6 +87,8 @@ def _newton_row(theta, other_factors, other_bias, others, values, global_mean, l
     α_i = t_i/(1 − h_i) − r_i, β [m] float32 = Σ_blocks |α_i|·‖x_i‖, h_max [K] float64 = max_i
     h_i, x2_max [K] float64 = max_i ‖x_i‖²)`` (the last two bound how far the α_i can move when
     raters move: `updated_weights`). ``A⁻¹`` by Cholesky (``h_i = ‖L⁻¹x_i‖²``)."""
+    if len(others) > _TILED_ABOVE:
+        return newton_row_tiled(theta, other_factors, other_bias, others, values, global_mean, lam)
     k, d1 = theta.shape
     d = d1 - 1
     m = len(others)
@@ -151,6 +159,99 @@ def _newton_row(theta, other_factors, other_bias, others, values, global_mean, l
             beta[i] += abs(a) * np.sqrt(norm[i])
             h_max[b] = max(h_max[b], h[i])
             x2_max[b] = max(x2_max[b], norm[i])
+        A_all[b] = A
+        inv_all[b] = A_inv
+    return A_all, inv_all, alpha, beta.astype(np.float32), h_max, x2_max
+
+
+def _newton_row_tiled(theta, other_factors, other_bias, others, values, global_mean, lam):
+    """`newton_row` of a long row, `_ROW_TILE` ratings at a time: the same
+    arithmetic, each pair of coefficients running over one tile's columns (contiguous slices,
+    in the core's cache) instead of over the whole row's, which a long row read from memory
+    once per pair (the 173k-rating item row at 10^7: 330 -> 145 ms in isolation)."""
+    k, d1 = theta.shape
+    d = d1 - 1
+    m = len(others)
+    tile = min(_ROW_TILE, max(m, 1))
+    A_all = np.empty((k, d1, d1))
+    inv_all = np.empty((k, d1, d1))
+    alpha = np.empty((m, k), np.float32)
+    beta = np.zeros(m)
+    xt = np.empty((d1, m))  # the block's x_i as columns: the loops below run along the ratings
+    y = np.empty((d1, tile))  # L⁻¹x_i as columns, for one tile of ratings
+    resid = np.empty(m)
+    h = np.empty(tile)
+    t = np.empty(tile)
+    norm = np.empty(tile)
+    reg_theta = np.empty(d1)
+    v_reg = np.empty(d1)
+    h_max = np.zeros(k)
+    x2_max = np.zeros(k)
+    scale = max(m - 1, 1)
+    for b in range(k):
+        A = np.zeros((d1, d1))
+        for lo in range(0, m, tile):  # A's lower triangle, one tile of ratings at a time
+            hi = min(lo + tile, m)
+            for i in range(lo, hi):
+                o = others[i]
+                s = 0.0
+                for j in range(d):
+                    v = np.float64(other_factors[o, b * d + j])
+                    xt[j, i] = v
+                    s += v * theta[b, j]
+                xt[d, i] = 1.0
+                resid[i] = values[i] - (global_mean + theta[b, d] + np.float64(other_bias[o, b]) + s)
+            for p in range(d1):
+                xp = xt[p, lo:hi]
+                for q in range(p + 1):
+                    xq = xt[q, lo:hi]
+                    s = 0.0
+                    for i in range(hi - lo):
+                        s += xp[i] * xq[i]
+                    A[p, q] += s
+        for p in range(d1):
+            for q in range(p):
+                A[q, p] = A[p, q]
+            A[p, p] += scale * lam[p]
+            reg_theta[p] = lam[p] * theta[b, p]
+        L_inv = lower_cholesky_inverse(A)
+        A_inv = gram_of_inverse(L_inv)
+        for p in range(d1):
+            s = 0.0
+            for q in range(d1):
+                s += A_inv[p, q] * reg_theta[q]
+            v_reg[p] = s
+        for lo in range(0, m, tile):
+            n = min(lo + tile, m) - lo
+            for i in range(n):
+                h[i] = 0.0
+                t[i] = 0.0
+                norm[i] = 0.0
+            for p in range(d1):  # y = L⁻¹X, h_i = ‖y_i‖², t_i's x_i·A⁻¹(λ⊙θ), ‖x_i‖²
+                yp = y[p, :n]
+                for i in range(n):
+                    yp[i] = 0.0
+                for q in range(p + 1):
+                    coef = L_inv[p, q]
+                    xq = xt[q, lo:lo + n]
+                    for i in range(n):
+                        yp[i] += coef * xq[i]
+                vp = v_reg[p]
+                xp = xt[p, lo:lo + n]
+                for i in range(n):
+                    h[i] += yp[i] * yp[i]
+                    t[i] += xp[i] * vp
+                    norm[i] += xp[i] * xp[i]
+            for i in range(n):
+                denom = 1.0 - h[i]
+                if abs(denom) < 1e-9:
+                    denom = 1e-9
+                r = resid[lo + i]
+                a = (t[i] - r * h[i]) / denom - r
+                alpha[lo + i, b] = a
+                beta[lo + i] += abs(a) * np.sqrt(norm[i])
+                h_max[b] = max(h_max[b], h[i])
+                x2_max[b] = max(x2_max[b], norm[i])
         A_all[b] = A
         inv_all[b] = A_inv
     return A_all, inv_all, alpha, beta.astype(np.float32), h_max, x2_max
@@ -786,6 +887,7 @@ def _stamp_rows(stamps, rows, mask, clock):
     return n, top
 
 
+newton_row_tiled = variant(_newton_row_tiled, "serial", nogil=True, fastmath=_REASSOC)
 newton_row = variant(_newton_row, "serial", nogil=True, fastmath=_REASSOC)
 updated_weights = variant(_updated_weights, "serial", nogil=True, fastmath=_REASSOC)
 fold_in_leave_one_out = variant(_fold_in_leave_one_out, "serial", nogil=True, fastmath=_REASSOC)
