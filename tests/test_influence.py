@@ -807,10 +807,17 @@ def test_one_invalidation_records_each_moved_user_once_with_the_factors_before_i
         assert cache._own["item"][[2, 3]].tolist() == [1, 1]
     assert [c.tolist() for _, c in direct._changes["item"]] == [[2, 2]]
     assert [c.tolist() for _, c in generic._changes["item"]] == [[2, 2]]
-    model.grow(3 * r.n_users, r.n_items)  # users the stamps have no room for yet
-    direct.record(np.array([3 * r.n_users - 1], np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
-    assert len(direct._own["user"]) >= 3 * r.n_users and direct._own["user"][3 * r.n_users - 1] == 2
+    model.grow(3 * r.n_users, r.n_items)  # users the stamps and the copy of the factors have no room for yet
+    newcomer = 3 * r.n_users - 1
+    model.user_factors.weight.data[newcomer] = 2.0
+    direct.record(np.array([newcomer], np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
+    assert len(direct._own["user"]) >= 3 * r.n_users and direct._own["user"][newcomer] == 2
     assert len(direct._moved["user"]) == len(direct._own["user"])
+    assert len(direct._user_factors_then) == r.n_users  # the copy grows by its new part only
+    np.testing.assert_array_equal(direct._user_factors_then_new[newcomer - r.n_users], 2.0)
+    model.user_factors.weight.data[newcomer] = 3.0  # moves again: the ring keeps the factors before
+    direct.record(np.array([newcomer], np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
+    np.testing.assert_array_equal(direct._factors_before(np.array([newcomer]), 2), 2.0)
 
 
 def test_a_long_row_built_a_tile_at_a_time_equals_the_one_pass_build():

@@ -444,6 +444,9 @@ class NewtonInfluence:
         # had before each move (record n at n % history_kept): an update in place needs each
         # moved rater's factors as they were when the row was last built or updated
         self._user_factors_then = _table(model.user_factors.weight).copy()
+        #: the rows of users added since (from len(_user_factors_then) on), grown as they come: the
+        #: copy above is never copied again (102 MB at 10^7; the model doubles its tables)
+        self._user_factors_then_new = np.zeros((0, self._user_factors_then.shape[1]), np.float32)
         self._history_users = np.zeros(min(self.history_kept, 256), np.int64)  # grown up to history_kept
         self._history_factors = np.zeros((len(self._history_users), self._user_factors_then.shape[1]), np.float32)
         self._history_written = 0
@@ -501,6 +504,7 @@ class NewtonInfluence:
         by the copy of the user factors and history an update in place reads."""
         return (self._nbytes + sum(r.nbytes for r in self._recent.values())
                 + sum(u.nbytes for u in self._updates.values()) + self._user_factors_then.nbytes
+                + self._user_factors_then_new.nbytes
                 + self._history_users.nbytes + self._history_factors.nbytes)
 
     def invalidate(self, users: np.ndarray | list[int] = (), items: np.ndarray | list[int] = (),
@@ -527,8 +531,6 @@ class NewtonInfluence:
         self._clock += 1
         table = _table(self.model.user_factors.weight)
         then = self._user_factors_then
-        if len(table) > len(then):  # new users: nothing held them before this move
-            then = self._user_factors_then = np.concatenate([then, table[len(then):]])
         ring = len(self._history_users)
         if self._history_written + len(users) > ring and ring < self.history_kept:  # not wrapped yet: grow
             ring = min(self.history_kept, max(2 * ring, self._history_written + len(users)))
@@ -539,10 +541,15 @@ class NewtonInfluence:
         while True:
             written, n_moved, top_u, top_i = record_moves(
                 users, items, items_moved, self._clock, own["user"], moved["user"], own["item"], moved["item"],
-                self._history_users, self._history_factors, self._history_written, then, table)
+                self._history_users, self._history_factors, self._history_written, then,
+                self._user_factors_then_new, table)
             short = [(side, top) for side, top in (("user", top_u), ("item", top_i))
                      if top > min(len(own[side]), len(moved[side]))]
-            if not short:
+            held = len(then) + len(self._user_factors_then_new)
+            if top_u > held:  # users added since the copy: their rows as they are now (no row held them before)
+                size = min(max(top_u, held + (held - len(then)), len(then) + 64), len(table))
+                self._user_factors_then_new = np.concatenate([self._user_factors_then_new, table[held:size]])
+            if not short and top_u <= held:
                 break
             for side, top in short:  # amortised growth, new users arrive one by one (nothing was written)
                 for stamps in (own, moved):
@@ -1135,9 +1142,9 @@ class MFExplainer:
             row_chain(-1, index._prev["user"], 0, index._first)
             trained_mask(np.zeros(0, bool), none)
             stamp_rows(one, none, np.zeros(0, bool), 0)
-            record_moves(none, none, np.zeros(0, bool), 0, one, one, one, one, none,
-                         np.zeros((0, model.user_factors.weight.shape[1]), np.float32), 0,
-                         _table(model.user_factors.weight), _table(model.user_factors.weight))
+            factors = np.zeros((0, model.user_factors.weight.shape[1]), np.float32)
+            record_moves(none, none, np.zeros(0, bool), 0, one, one, one, one, none, factors, 0,
+                         _table(model.user_factors.weight), factors, _table(model.user_factors.weight))
             if getattr(model, "path", None) is not None:  # its first call imports the online-learning module
                 model.path(0)
 

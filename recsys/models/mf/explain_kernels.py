@@ -816,31 +816,35 @@ def _trained_mask(trained, users):
 
 
 def _record_moves(users, items, items_moved, clock, own_user, moved_user, own_item, moved_item, ring_users,
-                  ring_factors, written, then, table):
+                  ring_factors, written, then, then_new, table):
     """`recsys.models.mf.explain.NewtonInfluence`'s stamps and history ring for one
     invalidation at ``clock`` (larger than every stamp): ``users`` (int64, repeats allowed)
     moved; ``items`` (int64) changed, their parameters moved where ``items_moved``, else they
     only gained ratings. Stamps ``own_user``, ``moved_user`` of each user and ``own_item`` of
     each item (``moved_item`` too where moved); for each user once (in order of first
-    appearance) writes the record ``(user, then[user])`` at ring slot ``(written + n) %
-    len(ring_users)`` (``then``: the factors ``[n_users, K·d]`` float32 as of the last
-    invalidation) and copies ``table[user]`` (the factors now) into ``then``.
+    appearance) writes the record ``(user, their factors then)`` at ring slot ``(written + n)
+    % len(ring_users)`` and copies ``table[user]`` (the factors now, ``[n_users, K·d]``
+    float32) into the copy ``then`` (the factors as of the last invalidation: ``then[u]`` for
+    the users it holds, ``then_new[u − len(then)]`` for those added since).
 
-    Returns ``(records written, items moved, users' stamps needed, items' stamps needed)``:
-    when a stamp array is shorter than an index needs, nothing is written (records 0) and the
-    caller grows it and calls again. ValueError for a user past ``then`` or ``table``."""
+    Returns ``(records written, items moved, users' rows needed, items' stamps needed)``:
+    when a stamp array, or ``then`` and ``then_new`` together, are shorter than an index
+    needs, nothing is written (records 0) and the caller grows them and calls again.
+    ValueError for a user past ``table`` or a negative index."""
+    n_then = len(then)
     top_u = 0
     for j in range(len(users)):
         u = users[j]
-        if u < 0 or u >= len(then) or u >= len(table):
-            raise ValueError("NewtonInfluence.invalidate: a user index is past the factor tables")
+        if u < 0 or u >= len(table):
+            raise ValueError("NewtonInfluence.invalidate: a user index is past the factor table")
         top_u = max(top_u, u + 1)
     top_i = 0
     for j in range(len(items)):
         if items[j] < 0:
             raise ValueError("NewtonInfluence.invalidate: a negative item index")
         top_i = max(top_i, items[j] + 1)
-    if top_u > len(own_user) or top_u > len(moved_user) or top_i > len(own_item) or top_i > len(moved_item):
+    if top_u > len(own_user) or top_u > len(moved_user) or top_i > len(own_item) or top_i > len(moved_item) \
+            or top_u > n_then + len(then_new):
         return 0, 0, top_u, top_i
     ring = len(ring_users)
     n = 0
@@ -853,11 +857,17 @@ def _record_moves(users, items, items_moved, clock, own_user, moved_user, own_it
         if ring > 0:
             slot = (written + n) % ring
             ring_users[slot] = u
-            ring_factors[slot, :] = then[u, :]
+            if u < n_then:
+                ring_factors[slot, :] = then[u, :]
+            else:
+                ring_factors[slot, :] = then_new[u - n_then, :]
         n += 1
     for j in range(len(users)):  # after every record: a user listed twice is recorded once, before its move
         u = users[j]
-        then[u, :] = table[u, :]
+        if u < n_then:
+            then[u, :] = table[u, :]
+        else:
+            then_new[u - n_then, :] = table[u, :]
     n_moved = 0
     for j in range(len(items)):
         i = items[j]
