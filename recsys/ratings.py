@@ -47,15 +47,11 @@ class _IdStore:
 class IdMap:
     """A bijection between raw ids (strings) and dense indices ``0..n-1``.
 
-    Built once from the raw ids in index order; lookups are O(1) per id (a dict) and
-    vectorised for large arrays (a pandas index, built on first use). Raw ids are normalised
-    with ``str()`` so callers may pass ints. `extend` appends in O(new ids): the extended map
-    shares this one's storage (this map still sees only its own ids).
+    Built once from the raw ids in index order; lookups are O(1) per id (a dict, for many
+    ids at once too: faster than a pandas index at every size measured, 10 to 10^6 ids).
+    Raw ids are normalised with ``str()`` so callers may pass ints. `extend` appends in O(new
+    ids): the extended map shares this one's storage (this map still sees only its own ids).
     """
-
-    #: `indices` of at most this many ids looks them up one by one (a dict) rather than
-    #: through the pandas index, whose set-up costs tens of microseconds per call
-    small = 256
 
     def __init__(self, raw_ids: Iterable[object]) -> None:
         values = np.asarray([str(x) for x in raw_ids], dtype=object)
@@ -109,10 +105,6 @@ class IdMap:
         """Raw ids in index order, ``object`` array of ``str``, shape ``[n]`` (read-only use)."""
         return self._raw
 
-    @cached_property
-    def _index(self) -> pd.Index:
-        return pd.Index(self._raw, dtype=object)
-
     def index(self, raw_id: object, kind: str = "id") -> int:
         """The index of one raw id; `UnknownIdError` if it was never seen."""
         i = self._position(raw_id)
@@ -128,15 +120,12 @@ class IdMap:
         """Indices of many raw ids, ``int64 [n]``, ``-1`` where an id is unknown."""
         if not isinstance(raw_ids, np.ndarray | pd.Index) and not isinstance(raw_ids, Sequence):
             raw_ids = list(raw_ids)
-        if len(raw_ids) <= self.small:
-            positions, n = self._positions, self._n
-            out = [positions.get(x if type(x) is str else str(x), -1) for x in raw_ids]
-            arr = np.asarray(out, dtype=np.int64)
-            if len(arr) and self._store.length > n:
-                arr[arr >= n] = -1  # ids a later extend added: not in this map
-            return arr
-        values = np.asarray([str(x) for x in raw_ids], dtype=object)
-        return self._index.get_indexer(values).astype(np.int64)
+        positions, n = self._positions, self._n  # a dict lookup per id beats pandas' get_indexer at every size
+        arr = np.fromiter((positions.get(x if type(x) is str else str(x), -1) for x in raw_ids), dtype=np.int64,
+                          count=len(raw_ids))
+        if len(arr) and self._store.length > n:
+            arr[arr >= n] = -1  # ids a later extend added: not in this map
+        return arr
 
     def raw(self, index: int) -> str:
         """The raw id of one index."""

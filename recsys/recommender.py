@@ -36,6 +36,7 @@ import time
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -491,9 +492,70 @@ class Recommender:
         whose rows an earlier artefact accepted) it is left out, counted in ``n_skipped``,
         listed in ``skipped_examples`` and its seq still counts as seen; without, the first
         one raises `UnknownIdError` or `ValueError` before anything is applied."""
+        if not isinstance(ratings, list):
+            ratings = list(ratings)
+        parsed = self._stored_columns(ratings)
+        if parsed is None:  # anything but consecutive fresh stored rows the model can all apply
+            parsed = self._parse_each(ratings, skip_unmappable)
+        users, user_rows, items, values, stamps, skipped, last = parsed
+        with self._lock:
+            for r, problem in skipped:
+                self._skip(r, problem)
+            if users:
+                ratings_now = self.ratings
+                user_ids = ratings_now.user_ids
+                if (user_rows < 0).any():  # users new to the map (or ids given as another type than str)
+                    user_ids = user_ids.extend(users)
+                    user_rows = user_ids.indices(users)
+                if not isinstance(stamps, np.ndarray):
+                    if None in stamps:
+                        now = int(time.time())
+                        stamps = [now if t is None else t for t in stamps]
+                    stamps = np.asarray(stamps, dtype=np.int64)
+                new = Ratings(user_rows, items, values, stamps,
+                              user_ids, ratings_now.item_ids, ratings_now.rating_scale)
+                self._learn(ratings_now.append(new))
+                self.n_ingested += len(users)
+            self._seen_seq = last
+            return len(users)
+
+    #: `_stored_columns` from this many ratings on (below, its fixed cost exceeds the loop's)
+    columns_from = 64
+
+    def _stored_columns(self, ratings: list) -> tuple | None:
+        """The columns of ``ratings`` when they are what a store hands a follower: stored rows
+        (`StoredRating`), none a duplicate, seqs increasing and all after `last_seq`, every item
+        known and every value on the scale; None otherwise (`_parse_each` then looks at each).
+        One transposition and C-level dict lookups instead of a Python loop per rating (u1,
+        around the models: 0.5-0.6 -> 0.4 µs a rating at 100 a batch, 0.6 -> 0.25 at 1,000)."""
+        if len(ratings) < self.columns_from or set(map(type, ratings)) != {StoredRating}:
+            return None
+        seqs, users, raw_items, values, stamps, _, duplicates = zip(*ratings, strict=True)
+        if any(duplicates):
+            return None
+        seq = np.fromiter(seqs, dtype=np.int64, count=len(seqs))
+        if seq[0] <= self._seen_seq or (len(seq) > 1 and not bool((seq[1:] > seq[:-1]).all())):
+            return None
+        positions, n_items = self.item_ids.table()
+        items = np.fromiter(map(positions.get, raw_items, repeat(-1)), dtype=np.int64, count=len(raw_items))
+        value = np.fromiter(values, dtype=np.float64, count=len(values))  # checked as given, then stored as float32
+        lo, hi = self.model.rating_scale
+        if not (bool((items >= 0).all()) and bool((items < n_items).all())
+                and bool((value >= lo).all()) and bool((value <= hi).all())):  # NaN fails too
+            return None
+        user_positions, n_users = self.user_ids.table()
+        user_rows = np.fromiter(map(user_positions.get, users, repeat(-1)), dtype=np.int64, count=len(users))
+        user_rows[user_rows >= n_users] = -1  # ids a later map holds: not in this one
+        return (list(users), user_rows, items, value.astype(np.float32),
+                np.fromiter(stamps, dtype=np.int64, count=len(stamps)), [], int(seq[-1]))
+
+    def _parse_each(self, ratings: list, skip_unmappable: bool) -> tuple:
+        """`add_ratings`' columns from one look at each rating: ``(users, user rows, items,
+        values, timestamps, skipped, last seq)``."""
         # one pass, one dict lookup per item; a stored rating (the service's path) is unpacked
         # as the tuple it is, anything else read by attribute
         users: list[str] = []
+        user_rows: list[int] = []  # each rating's user index, -1 for a user this map does not hold yet
         items: list[int] = []
         values: list[float] = []
         stamps: list[int | None] = []
@@ -502,6 +564,7 @@ class Recommender:
         lo, hi = self.model.rating_scale
         item_ids = self.item_ids
         positions, n_items = item_ids.table()
+        user_positions, n_users = self.user_ids.table()
         for r in ratings:
             if type(r) is StoredRating:
                 seq, user, item, value, stamp, _, duplicate = r
@@ -524,26 +587,14 @@ class Recommender:
                         self._refuse(r)
                     skipped.append((r, self._unmappable(r)))
                     continue
+            u = user_positions.get(user, -1)
             users.append(user)
+            user_rows.append(u if u < n_users else -1)
             items.append(i)
             values.append(value)
             stamps.append(stamp)
-        with self._lock:
-            for r, problem in skipped:
-                self._skip(r, problem)
-            if users:
-                ratings_now = self.ratings
-                user_ids = ratings_now.user_ids.extend(users)
-                if None in stamps:
-                    now = int(time.time())
-                    stamps = [now if t is None else t for t in stamps]
-                new = Ratings(user_ids.indices(users), np.asarray(items, dtype=np.int64),
-                              np.asarray(values, dtype=np.float32), np.asarray(stamps, dtype=np.int64),
-                              user_ids, ratings_now.item_ids, ratings_now.rating_scale)
-                self._learn(ratings_now.append(new))
-                self.n_ingested += len(users)
-            self._seen_seq = last
-            return len(users)
+        return (users, np.asarray(user_rows, dtype=np.int64), np.asarray(items, dtype=np.int64),
+                np.asarray(values, dtype=np.float32), stamps, skipped, last)
 
     def _skip(self, r: StoredRating | NewRating, reason: str) -> None:
         self.n_skipped += 1

@@ -91,3 +91,45 @@ def test_validate_names_the_first_bad_rating(artefact):
     for bad in (7.0, math.inf, -math.inf, math.nan, 0.99):
         with pytest.raises(ValueError, match="outside the scale"):
             rec.validate([NewRating("x", item, 3.0), NewRating("x", item, bad), NewRating("x", "zzz", 3.0)])
+
+
+def _stored_batch(train, n: int, first_seq: int, seed: int) -> list[StoredRating]:
+    rng = np.random.default_rng(seed)
+    users = [train.user_ids.raw(int(u)) for u in rng.integers(train.n_users, size=n)]
+    users[::7] = [f"new-{k}" for k in range(len(users[::7]))]  # some users the model has never seen
+    return [StoredRating(first_seq + k, u, train.item_ids.raw(int(rng.integers(train.n_items))),
+                         float(rng.integers(1, 6)), 1000 + k, None) for k, u in enumerate(users)]
+
+
+def _model_state(rec: Recommender) -> list[np.ndarray]:
+    return [t.detach().numpy().copy() for t in rec.model.state_dict().values()]
+
+
+@pytest.mark.parametrize("n", [64, 300])
+def test_a_batch_of_stored_rows_read_by_column_is_applied_as_one_read_row_by_row(artefact, n):
+    path, train = artefact
+    by_column, by_row = Recommender.load(path, warm=False), Recommender.load(path, warm=False)
+    by_row.columns_from = 10**9  # every rating through the per-rating loop
+    batch = _stored_batch(train, n, 1, seed=n)
+    assert by_column._stored_columns(batch) is not None and by_row._stored_columns(batch) is None
+    assert by_column.add_ratings(batch) == by_row.add_ratings(batch) == n
+    assert live_rows(by_column, len(train)) == live_rows(by_row, len(train))
+    assert by_column.ratings.user_ids == by_row.ratings.user_ids and by_column.last_seq == by_row.last_seq == n
+    for a, b in zip(_model_state(by_column), _model_state(by_row), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_stored_batch_the_columns_cannot_take_goes_row_by_row(artefact):
+    path, train = artefact
+    rec = Recommender.load(path, warm=False)
+    good = _stored_batch(train, 80, 1, seed=0)
+    unknown_item = [*good[:40], good[40]._replace(item="no-such-item"), *good[41:]]
+    off_scale = [*good[:40], good[40]._replace(rating=7.0), *good[41:]]
+    seen_already = good[:40]
+    assert rec._stored_columns(unknown_item) is None and rec._stored_columns(off_scale) is None
+    assert rec._stored_columns([*good[:40], good[40]._replace(duplicate=True), *good[41:]]) is None
+    assert rec._stored_columns([*good[41:], *good[:41]]) is None  # out of order: the loop raises
+    assert rec.add_ratings(unknown_item, skip_unmappable=True) == 79
+    assert rec.n_skipped == 1 and rec.skipped_seqs(1, 80) == [41]
+    assert rec._stored_columns(seen_already) is None  # seqs already applied: the loop skips them
+    assert rec.add_ratings(seen_already) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
 import threading
 
 import pytest
@@ -205,3 +206,24 @@ def test_a_write_waiting_in_line_past_its_timeout_is_not_stored_and_the_line_mov
         follower.join(5)
         assert [r.user for r in store.replay()] == ["u", "v"]
         assert results["leader"][0].seq == 1 and results["follower"][0].seq == 2
+
+
+def test_event_ids_are_indexed_only_where_given_and_an_older_store_keeps_its_index(tmp_path):
+    store = RatingStore(tmp_path / "new.db")
+    indexes = {row[1]: row for row in store._conn.execute("PRAGMA index_list(ratings)")}
+    assert set(indexes) == {"ratings_event_id"} and indexes["ratings_event_id"][4] == 1  # partial
+    plan = store._conn.execute("EXPLAIN QUERY PLAN SELECT seq FROM ratings WHERE event_id IN (?, ?)",
+                               ("a", "b")).fetchall()
+    assert "ratings_event_id" in str(plan)
+    store.close()
+    old = sqlite3.connect(tmp_path / "old.db")  # the schema before: the column declared UNIQUE
+    old.executescript("CREATE TABLE ratings (seq INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, "
+                      "item TEXT NOT NULL, rating REAL NOT NULL, timestamp INTEGER NOT NULL, event_id TEXT UNIQUE, "
+                      "received_at REAL NOT NULL)")
+    old.close()
+    store = RatingStore(tmp_path / "old.db")
+    assert {row[1] for row in store._conn.execute("PRAGMA index_list(ratings)")} == {"sqlite_autoindex_ratings_1"}
+    first = store.add([NewRating("u", "i", 4.0, event_id="e")])
+    again = store.add([NewRating("u", "i", 4.0, event_id="e"), NewRating("u", "j", 3.0)])
+    assert again[0].duplicate and again[0].seq == first[0].seq and [r.seq for r in store.replay()] == [1, 2]
+    store.close()
