@@ -144,11 +144,16 @@ def _load_kernels(model: RatingModel, state: OnlineState, ratings: Ratings) -> N
 
 
 def path(model: RatingModel, state: OnlineState | None, user: int) -> str:
-    """``model``, ``online``, ``fold-in`` or ``fallback`` for index ``user`` (``-1``: unknown)."""
-    if user < 0 or user >= model.n_users or not bool(model.known_users[user]):
+    """``model``, ``online``, ``fold-in`` or ``fallback`` for index ``user`` (``-1``: unknown).
+    Asked on every prediction: the flags are read through numpy on the CPU (a torch scalar
+    index costs microseconds)."""
+    if user < 0 or user >= model.n_users:
+        return "fallback"
+    known = model.known_users
+    if not (known.numpy()[user] if known.device.type == "cpu" else bool(known[user])):
         return "fallback"
     if state is None:
         return "model"
-    if bool(state.is_trained(np.array([user]))[0]):
+    if user < len(state.trained) and state.trained[user]:
         return "online" if user in state.live else "model"
     return "fold-in"
