@@ -14,9 +14,9 @@ seconds until the cell first reaches the default's test RMSE. ``soonest``: the c
 there in the fewest training seconds.
 
 MF: 8 optimizers x batches 256, 4,096, 16,384. REC (``--models rec``): batches 256 and 4,096
-for ``--rec-optimizers`` (default adam, REC's own, and cov-noise and kfac, the ones REC declares
-a reference for, `EvidenceChainModel.optimizer_defaults`; the others start from REC's Adam
-schedule; ``docs/optimizers.md`` says why sgd and adagrad have no working one on REC).
+for ``--rec-optimizers`` (default adam, REC's own, cov-noise and kfac; REC declares a
+reference for every other optimizer of the grid in `EvidenceChainModel.optimizer_defaults`,
+``sgd`` and ``adagrad`` included: ``docs/optimizers.md``).
 The machine is shared: seconds are noisy; every cell of one run shares the same load.
 
     RECSYS_DATA=../shared/data OMP_NUM_THREADS=1 python benchmarks/optim_batch_grid.py [--models mf,rec]
@@ -87,6 +87,7 @@ def run_cell(model_name: str, train, test, optimizer: str | None, batch: int | N
            "learning_rate": config.learning_rate, "epochs": config.epochs, "lr_decay": config.lr_decay,
            "damping": config.kfac.damping if config.optimizer in ("kfac", "ekfac", "tkfac", "tekfac") else None,
            "stats_freq": config.kfac.stats_freq if config.optimizer in ("kfac", "tkfac") else None,
+           "lr_scales": config.lr_scales, "optimizer_options": config.optimizer_options,
            "scaling": None if config.scaling is None else asdict(config.scaling)}
     t0 = time.perf_counter()
     try:

@@ -39,7 +39,12 @@ from tqdm.auto import tqdm
 
 from recsys.errors import TrainingDivergedError
 from recsys.models.base import RatingModel, Stepper, UpdateLog, UpdateRecorder
-from recsys.optim.factory import PRECONDITIONED, build_optimizer, build_preconditioner
+from recsys.optim.factory import (
+    PRECONDITIONED,
+    build_optimizer,
+    build_preconditioner,
+    check_optimizer_options,
+)
 from recsys.optim.kfac import KFACConfig
 from recsys.optim.noise import NoiseConfig, SubBatchNoise
 from recsys.optim.salr import SALR, SALRConfig
@@ -111,6 +116,11 @@ class TrainConfig:
     #: heavy-ball momentum of SGD (``sgd`` and the K-FAC family's base step; autograd path);
     #: 0: plain SGD
     momentum: float = 0.0
+    #: the optimizer's own options (autograd path, `recsys.optim.factory.OPTIMIZER_OPTIONS`):
+    #: ``sgd``'s ``input_scaling`` (a fixed input-scale diagonal preconditioner of linear
+    #: layers), ``adagrad``'s ``warm_steps`` (its accumulator started from the first gradient);
+    #: a model's reference sets them (REC's ``sgd`` and ``adagrad``). None: none
+    optimizer_options: dict[str, object] | None = None
     #: how `for_model` scaled the optimizer's reference schedule to ``batch_size``
     #: (`recsys.optim.scaling.BatchScaling`; None: not scaled). A record: the fields above
     #: already hold the scaled values.
@@ -201,6 +211,7 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.momentum and self.optimizer not in ("sgd", *PRECONDITIONED):
             raise ValueError(f"momentum is an option of sgd and the K-FAC family, not of {self.optimizer!r}")
+        check_optimizer_options(self.optimizer, self.optimizer_options)
         if self.lr_scales is not None:
             if not isinstance(self.lr_scales, dict) or not all(
                     isinstance(k, str) and isinstance(v, int | float) and math.isfinite(v) and v > 0
@@ -322,7 +333,7 @@ class AutogradStepper:
         self.optimizer: torch.optim.Optimizer | SALR = (
             optimizer_factory(model) if optimizer_factory
             else build_optimizer(c.optimizer, model, c.learning_rate, noise=c.noise, seed=c.seed,
-                                 lr_scales=c.lr_scales, momentum=c.momentum))
+                                 lr_scales=c.lr_scales, momentum=c.momentum, options=c.optimizer_options))
         #: the K-FAC-family preconditioner (None for other optimizers)
         self.preconditioner = None if optimizer_factory else build_preconditioner(c.optimizer, model, c.kfac,
                                                                                    seed=c.seed)
@@ -498,8 +509,11 @@ class Trainer:
     @property
     def _autograd_only(self) -> bool:
         """Whether the config needs the autograd step whatever the model brings: a custom
-        optimizer factory, or per-parameter rates (``lr_scales``) that model steps do not take."""
-        return self.optimizer_factory is not None or bool(self.config.lr_scales) or bool(self.config.momentum)
+        optimizer factory, or per-parameter rates (``lr_scales``), momentum or optimizer options
+        that model steps do not take."""
+        c = self.config
+        return (self.optimizer_factory is not None or bool(c.lr_scales) or bool(c.momentum)
+                or bool(c.optimizer_options))
 
     def step_kind(self, model: RatingModel) -> str:
         """The `Stepper.kind` that `fit` would run for ``model``: its family's own step for

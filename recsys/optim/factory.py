@@ -14,11 +14,13 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from recsys.optim.adagrad import WarmAdagrad
+from recsys.optim.input_scaling import InputScaledSGD
 from recsys.optim.kfac import KFACConfig
 from recsys.optim.noise import NOISE_ESTIMATORS, CovNoiseSGD, NoiseConfig
 
-__all__ = ["NAMES", "NOISE_ESTIMATORS", "OPTIMIZERS", "PRECONDITIONED", "build_optimizer", "build_preconditioner",
-           "parameter_groups"]
+__all__ = ["NAMES", "NOISE_ESTIMATORS", "OPTIMIZERS", "OPTIMIZER_OPTIONS", "PRECONDITIONED", "build_optimizer",
+           "build_preconditioner", "check_optimizer_options", "parameter_groups"]
 
 #: name -> (factory(params, lr), accepts sparse gradients)
 OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], bool]] = {
@@ -27,6 +29,36 @@ OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], bool]] = {
     "sparse-adam": (lambda params, lr: torch.optim.SparseAdam(params, lr=lr), True),
     "adam": (lambda params, lr: torch.optim.Adam(params, lr=lr), False),
 }
+
+
+#: the options an optimizer takes beyond its rate (``TrainConfig.optimizer_options``), by name:
+#: ``sgd``'s ``input_scaling`` (`recsys.optim.input_scaling.InputScaledSGD`'s keyword options,
+#: e.g. ``{"layers": ["phi_user.0"]}``; ``{}``: every linear layer) and ``adagrad``'s
+#: ``warm_steps`` (`recsys.optim.adagrad.WarmAdagrad`)
+OPTIMIZER_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "sgd": {"input_scaling": ("layers", "calibration_steps", "damping")},
+    "adagrad": {"warm_steps": ()},
+}
+
+
+def check_optimizer_options(name: str, options: Mapping[str, object] | None) -> None:
+    """Raise a ValueError naming what is wrong when ``options`` are not options
+    `build_optimizer` takes for the optimizer ``name`` (`OPTIMIZER_OPTIONS`)."""
+    if not options:
+        return
+    if not isinstance(options, Mapping):
+        raise ValueError(f"optimizer_options must be a dict of option -> value, got {options!r}")
+    known = OPTIMIZER_OPTIONS.get(name, {})
+    for key, value in options.items():
+        if key not in known:
+            raise ValueError(f"optimizer option {key!r} is not an option of {name!r} "
+                             f"(its options: {sorted(known) or 'none'})")
+        fields = known[key]
+        if fields and not (isinstance(value, Mapping) and set(value) <= set(fields)):
+            raise ValueError(f"optimizer option {key!r} of {name!r} must be a dict with keys among {list(fields)}, "
+                             f"got {value!r}")
+        if key == "warm_steps" and not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"optimizer option 'warm_steps' must be a number >= 0, got {value!r}")
 
 
 #: names that are a Kronecker-factored preconditioner (`recsys.optim.kfac`) over plain SGD
@@ -63,7 +95,7 @@ def parameter_groups(model: nn.Module, learning_rate: float,
 
 def build_optimizer(name: str, model: nn.Module, learning_rate: float, *, noise: NoiseConfig | None = None,
                     seed: int = 0, lr_scales: Mapping[str, float] | None = None,
-                    momentum: float = 0.0) -> torch.optim.Optimizer:
+                    momentum: float = 0.0, options: Mapping[str, object] | None = None) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``model``'s parameters, switching its embeddings to dense
     gradients when the optimizer cannot take sparse ones. For the K-FAC family this is the
     base SGD; build the preconditioner with `build_preconditioner`. ``noise`` (default
@@ -73,8 +105,13 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float, *, noise:
     `recsys.optim.noise.SubBatchNoise`. ``lr_scales``: learning-rate multipliers by parameter
     name (`parameter_groups`; e.g. REC's SGD reference steps its prototype table faster than
     its shared message networks); not for the per-example ``cov-noise``. ``momentum``: SGD's
-    heavy-ball momentum (``sgd`` and the K-FAC family's base SGD; 0 for the others)."""
+    heavy-ball momentum (``sgd`` and the K-FAC family's base SGD; 0 for the others).
+    ``options``: the optimizer's own options (`OPTIMIZER_OPTIONS`): ``sgd`` with
+    ``input_scaling`` is `recsys.optim.input_scaling.InputScaledSGD` over ``model``'s linear
+    layers, ``adagrad`` with ``warm_steps`` is `recsys.optim.adagrad.WarmAdagrad`."""
     noise = noise or NoiseConfig()
+    check_optimizer_options(name, options)
+    options = dict(options or {})
     if name in PRECONDITIONED:
         name = "sgd"
     if momentum and name != "sgd":
@@ -109,6 +146,10 @@ def build_optimizer(name: str, model: nn.Module, learning_rate: float, *, noise:
         if dense:
             raise ValueError("sparse-adam takes only embedding tables; this model has dense layers too")
     groups = parameter_groups(model, learning_rate, lr_scales)
+    if "input_scaling" in options:
+        return InputScaledSGD(groups, learning_rate, momentum, model=model, **dict(options["input_scaling"]))
+    if "warm_steps" in options:
+        return WarmAdagrad(groups, learning_rate, warm_steps=float(options["warm_steps"]))
     return factory(groups, learning_rate, momentum) if momentum else factory(groups, learning_rate)
 
 
