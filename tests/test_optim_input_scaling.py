@@ -181,7 +181,7 @@ def test_warm_adagrad_divides_by_the_sum_plus_warm_steps_times_the_largest_squar
         seen = torch.stack(grads[: k + 1]).square()
         expected = expected - 0.2 * g / ((seen.sum(0) + 10.0 * seen.max(0).values).sqrt() + 1e-10)
         torch.testing.assert_close(p.detach(), expected)
-    # a gradient 30x the first (REC's grow so after the first steps) moves by at most lr/√11
+    # a gradient 30x the first (REC's grow about 10x after the first step) moves by at most lr/√11
     # (torch's Adagrad: 0.2 · 30/√(1 + 900) = 0.9995 of the full rate)
     step = grads[1][0] / (seen[:2, 0].sum() + 10 * seen[:2, 0].max()).sqrt()
     assert float(step) <= 1 / math.sqrt(11) + 1e-6

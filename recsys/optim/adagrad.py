@@ -3,9 +3,10 @@
 
 torch's Adagrad steps ``θ ← θ − lr · g_t / (√(Σ_{s≤t} g_s²) + ε)``. From a zero accumulator the
 first step is ``lr · sign(g_1)``: every coordinate moves by the full rate, whatever its
-gradient's scale, and a coordinate whose gradient then grows (REC's gradients grow 10–30x
-after the first steps, as its vectors leave their small initial values) keeps stepping at
-nearly the full rate until the sum catches up. On REC the first step at lr 0.1 moves every
+gradient's scale, and a coordinate whose gradient then grows (REC's grow about 10x after the
+first step, as its vectors leave their small initial values) keeps stepping at nearly the
+full rate until the sum catches up; an accumulator started at a multiple of the first
+squared gradient does not help for the same reason. On REC the first step at lr 0.1 moves every
 parameter by 60–90% of its norm and the run never recovers (``docs/optimizers.md``); a
 constant initial accumulator cannot fix it, since the gradients' scales differ by 100x
 between coordinates.
