@@ -6,8 +6,13 @@ defaults (its default number of uvicorn workers, the count found recorded; no ac
 its default; its output written to a file), on
 a MovieLens-100K u1 model trained with ``recsys train`` defaults (an MF rating model with
 the default ranker beside it); then the bare app (``uvicorn bare_app:app --workers N``) with
-the same number of workers, on the same artefact, without an access log (the floor). Each
-server runs alone.
+the same number of workers, on the same artefact, without an access log (the floor). Both
+servers run side by side (an idle one costs the other nothing measurable: an idle recsys
+server polls its store for about 1 ms of CPU a second) and every phase is measured on one
+and then at once on the other, the first alternating between ``--rounds`` rounds (default
+2): each ratio pairs measurements seconds apart, not a whole run apart, as the machine's
+speed drifts (a bare-app phase measured minutes apart moved by 30-40%). Results hold every
+round (``rounds``) and, per phase, each round's ratio and their median.
 
 Load. Reads are sent open loop: request ``k`` is scheduled at ``t0 + k/rate`` and its
 latency counted from that *scheduled* time, so a server that falls behind cannot hide its
@@ -525,42 +530,99 @@ def synthetic_model(n_ratings: int, n_users: int, n_items: int) -> Path:
 
 
 # ---------------------------------------------------------------------------- run
-def run_server(server: Server, users: list[str], items: list[str], args: argparse.Namespace, *,
-               check_applied: bool) -> dict:
+def read_paths(users: list[str], items: list[str]) -> tuple[list[str], list[str]]:
+    """The explained predictions and recommendations every server is asked for (seeded)."""
     rng = np.random.default_rng(0)
     predict_paths = [f"/v1/predict?user={users[rng.integers(len(users))]}&item={items[rng.integers(len(items))]}"
                      f"&explain=5" for _ in range(20_000)]
     rec_paths = [f"/v1/users/{users[rng.integers(len(users))]}/recommendations?k=10&explain=3"
                  for _ in range(10_000)]
-    load = {"generators": args.generators, "connections": args.connections, "nice": args.generator_nice,
+    return predict_paths, rec_paths
+
+
+def load_options(args: argparse.Namespace) -> dict:
+    return {"generators": args.generators, "connections": args.connections, "nice": args.generator_nice,
             "cpus": args.generator_cpus}
+
+
+def warm_up(server: Server, users: list[str], items: list[str], args: argparse.Namespace) -> dict:
+    """A sample answer, then ``--warmup`` seconds of each read route; what the server is."""
+    predict_paths, rec_paths = read_paths(users, items)
     status, body = http_get("127.0.0.1", server.port, predict_paths[0])
     sample = json.loads(body) if status == 200 else {"status": status, "body": body[:300].decode(errors="replace")}
     warm_started = time.perf_counter()
-    open_loop(server, predict_paths[::-1], 100, args.warmup, **load)
-    open_loop(server, rec_paths[::-1], 50, args.warmup, **load)
-    out = {"workers": server.workers, "ready_seconds": server.ready_seconds,
-           "all_workers_loaded_seconds": server.settled_seconds,
-           "warmup_seconds": time.perf_counter() - warm_started,
-           "explanation_present": sample.get("explanation") is not None,
-           "explanation_method": sample.get("explanation_method"), "predict_explain": [], "recommend_k10_explain3": None}
-    for rate in args.predict_rates:
-        r = open_loop(server, predict_paths, rate, args.seconds, **load)
-        out["predict_explain"].append(r)
-        report(server.name, f"predict explain=5 @{rate:g}", r)
-    r = open_loop(server, rec_paths, args.recommend_rate, args.seconds, **load)
-    out["recommend_k10_explain3"] = r
-    report(server.name, f"recommend k10 e3 @{args.recommend_rate:g}", r)
-    out["ingest"] = []
-    for batch in args.batches if args.ingest_seconds > 0 else ():  # --ingest-seconds 0: reads only
-        r = ingest(server, batch, args.clients, args.ingest_seconds, users, items, rng, check_applied=check_applied)
-        out["ingest"].append(r)
-        print(f"  {server.name:<13} ingest {batch:>4}/POST x{r['clients']}: {r['ratings_per_second']:>9,.0f} ratings/s"
-              f"  POST p99 {r['post_p99_ms']:6.1f} ms  cpu {r['server_cpu_us_per_rating']:7.1f} us/rating"
+    open_loop(server, predict_paths[::-1], 100, args.warmup, **load_options(args))
+    open_loop(server, rec_paths[::-1], 50, args.warmup, **load_options(args))
+    return {"workers": server.workers, "ready_seconds": server.ready_seconds,
+            "all_workers_loaded_seconds": server.settled_seconds,
+            "warmup_seconds": time.perf_counter() - warm_started,
+            "explanation_present": sample.get("explanation") is not None,
+            "explanation_method": sample.get("explanation_method")}
+
+
+def phases(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """Every measured phase in order: ``(kind, rate or ratings per POST)``."""
+    out = [("predict", rate) for rate in args.predict_rates] + [("recommend", args.recommend_rate)]
+    return out + [("ingest", batch) for batch in (args.batches if args.ingest_seconds > 0 else ())]
+
+
+def run_phase(server: Server, kind: str, value: float, round_no: int, users: list[str], items: list[str],
+              args: argparse.Namespace, *, check_applied: bool) -> dict:
+    """One phase on one server; the ingestion bodies depend only on the round and the batch,
+    so the two servers of a round are sent the same ratings."""
+    predict_paths, rec_paths = read_paths(users, items)
+    if kind == "ingest":
+        rng = np.random.default_rng([round_no, int(value)])
+        r = ingest(server, int(value), args.clients, args.ingest_seconds, users, items, rng,
+                   check_applied=check_applied)
+        print(f"  {server.name:<13} ingest {int(value):>4}/POST x{r['clients']}: {r['ratings_per_second']:>9,.0f} "
+              f"ratings/s  POST p99 {r['post_p99_ms']:6.1f} ms  cpu {r['server_cpu_us_per_rating']:7.1f} us/rating"
               + (f"  applied {r.get('applied')}" if check_applied else "")
               + f"  cpu s by process {r['server_cpu_seconds_by_process']}", flush=True)
-    out["rss_mib"] = server.rss_mib()
-    return out
+        return r
+    paths = predict_paths if kind == "predict" else rec_paths
+    r = open_loop(server, paths, value, args.seconds, **load_options(args))
+    report(server.name, f"{'predict explain=5' if kind == 'predict' else 'recommend k10 e3'} @{value:g}", r)
+    return r
+
+
+def empty_round() -> dict:
+    return {"predict_explain": [], "recommend_k10_explain3": None, "ingest": []}
+
+
+def record(into: dict, kind: str, r: dict) -> None:
+    if kind == "predict":
+        into["predict_explain"].append(r)
+    elif kind == "recommend":
+        into["recommend_k10_explain3"] = r
+    else:
+        into["ingest"].append(r)
+
+
+def round_ratios(ours: dict, bare: dict) -> dict:
+    """recsys over bare, phase by phase, within one round."""
+    return {"predict_explain_cpu_per_request": [ratio(a["server_cpu_us_per_request"], b["server_cpu_us_per_request"])
+                                                for a, b in zip(ours["predict_explain"], bare["predict_explain"],
+                                                                strict=True)],
+            "recommend_cpu_per_request": ratio(ours["recommend_k10_explain3"]["server_cpu_us_per_request"],
+                                               bare["recommend_k10_explain3"]["server_cpu_us_per_request"])
+            if ours["recommend_k10_explain3"] and bare["recommend_k10_explain3"] else None,
+            "ingest_rate_bare_over_recsys": [ratio(b["ratings_per_second"], a["ratings_per_second"])
+                                             for a, b in zip(ours["ingest"], bare["ingest"], strict=True)]}
+
+
+def median_ratios(per_round: list[dict]) -> dict:
+    """Each ratio's median over the rounds (the mean of the two middle ones for an even count)."""
+    def med(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return float(np.median(values)) if values else None
+
+    first = per_round[0]
+    return {"predict_explain_cpu_per_request": [med([r["predict_explain_cpu_per_request"][k] for r in per_round])
+                                                for k in range(len(first["predict_explain_cpu_per_request"]))],
+            "recommend_cpu_per_request": med([r["recommend_cpu_per_request"] for r in per_round]),
+            "ingest_rate_bare_over_recsys": [med([r["ingest_rate_bare_over_recsys"][k] for r in per_round])
+                                             for k in range(len(first["ingest_rate_bare_over_recsys"]))]}
 
 
 def report(name: str, what: str, r: dict) -> None:
@@ -596,6 +658,9 @@ def main() -> None:
     parser.add_argument("--generator-nice", type=int, default=0, help="niceness of the generator processes")
     parser.add_argument("--generator-cpus", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="pin the generator processes to these CPUs (e.g. 0); default: unpinned")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of every phase; each phase runs on both servers back to back, the first "
+                             "server alternating between rounds")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (model, stores, server logs)")
     args = parser.parse_args()
@@ -618,38 +683,43 @@ def main() -> None:
                              "generators": args.generators, "connections_per_generator": args.connections,
                              "generator_nice": args.generator_nice, "generator_cpus": args.generator_cpus,
                              "ingest_clients": args.clients}}
-    workers = args.workers
-    if args.only in ("both", "recsys"):
-        print(f"recsys serve on {model}", flush=True)
-        server = start_recsys(model, work / "recsys.sqlite3")
-        try:
-            print(f"  ready in {server.ready_seconds:.1f} s, all workers loaded in {server.settled_seconds:.1f} s, "
-                  f"{server.workers} worker(s)", flush=True)
-            result["recsys"] = run_server(server, users, items, args, check_applied=True)
-        finally:
+    servers: dict[str, Server] = {}
+    try:
+        if args.only in ("both", "recsys"):
+            print(f"recsys serve on {model}", flush=True)
+            servers["recsys"] = start_recsys(model, work / "recsys.sqlite3")
+            print(f"  ready in {servers['recsys'].ready_seconds:.1f} s, all workers loaded in "
+                  f"{servers['recsys'].settled_seconds:.1f} s, {servers['recsys'].workers} worker(s)", flush=True)
+        if args.only in ("both", "bare"):
+            workers = args.workers or (servers["recsys"].workers if "recsys" in servers else os.cpu_count() or 1)
+            print(f"bare app, {workers} worker(s)", flush=True)
+            servers["bare"] = start_bare(model, work / "bare.sqlite3", workers)
+        for name, server in servers.items():
+            result[name] = warm_up(server, users, items, args)
+        names = list(servers)
+        result["rounds"] = []
+        for round_no in range(args.rounds):
+            order = names if round_no % 2 == 0 else names[::-1]  # who goes first alternates
+            print(f"round {round_no + 1} of {args.rounds} ({' then '.join(order)} in each phase)", flush=True)
+            this = {name: empty_round() for name in names}
+            for kind, value in phases(args):
+                for name in order:
+                    record(this[name], kind, run_phase(servers[name], kind, value, round_no, users, items, args,
+                                                       check_applied=name == "recsys"))
+            result["rounds"].append(this)
+        for name, server in servers.items():
+            result[name]["rss_mib"] = server.rss_mib()
+    finally:
+        for server in servers.values():
             server.stop()
-        workers = workers or server.workers
-    if args.only in ("both", "bare"):
-        workers = workers or os.cpu_count() or 1
-        print(f"bare app, {workers} worker(s)", flush=True)
-        server = start_bare(model, work / "bare.sqlite3", workers)
-        try:
-            result["bare"] = run_server(server, users, items, args, check_applied=False)
-        finally:
-            server.stop()
-    if "recsys" in result and "bare" in result:
-        ours, bare = result["recsys"], result["bare"]
-        result["ratios_recsys_over_bare"] = {
-            "predict_explain_cpu_per_request": [ratio(a["server_cpu_us_per_request"], b["server_cpu_us_per_request"])
-                                                for a, b in zip(ours["predict_explain"], bare["predict_explain"],
-                                                                strict=True)],
-            "recommend_cpu_per_request": ratio(ours["recommend_k10_explain3"]["server_cpu_us_per_request"],
-                                               bare["recommend_k10_explain3"]["server_cpu_us_per_request"]),
-            "ingest_rate_bare_over_recsys": [ratio(b["ratings_per_second"], a["ratings_per_second"])
-                                             for a, b in zip(ours["ingest"], bare["ingest"], strict=True)]}
-        print("recsys / bare server CPU per predict+explain request:",
-              ", ".join(f"{x:.2f}" for x in result["ratios_recsys_over_bare"]["predict_explain_cpu_per_request"]
-                        if x is not None))
+    if "recsys" in servers and "bare" in servers:
+        per_round = [round_ratios(r["recsys"], r["bare"]) for r in result["rounds"]]
+        result["ratios_recsys_over_bare"] = {"per_round": per_round, "median": median_ratios(per_round)}
+        for k, r in enumerate(per_round):
+            print(f"round {k + 1}: recsys / bare server CPU per predict+explain request:",
+                  ", ".join(f"{x:.2f}" for x in r["predict_explain_cpu_per_request"] if x is not None),
+                  "; bare / recsys ingestion rate:",
+                  ", ".join(f"{x:.2f}" for x in r["ingest_rate_bare_over_recsys"] if x is not None))
     write_json(out_path, result)
     print(f"wrote {out_path}")
     if not args.keep:
