@@ -618,7 +618,9 @@ def test_long_item_rows_updated_in_place_explain_as_rebuilt_rows(top):
                               done.reg_theta, row.beta, row.by_beta, True, P, Q, u, hot, False, 1,
                               np.iinfo(np.int64).max, True, 4, True, done.moved, ratings.values,
                               model.user_bias.weight.detach().numpy(), done.theta, done.weights, done.reg_weights,
-                              float(model.global_mean), done.beta_scale, done.beta_shift)
+                              float(model.global_mean), done.beta_scale, done.beta_shift, False, done.moved[:0],
+                              empty.alpha.copy(), empty.alpha, done.theta, done.weights, done.reg_weights, done.h_spread,
+                              model.item_bias.weight.detach().numpy(), False)
     mine = np.isin(want_ids, got[0])
     np.testing.assert_array_equal(got[0], want_ids[mine])
     np.testing.assert_allclose(got[1], want_eff[mine], rtol=1e-5, atol=1e-8)
@@ -731,7 +733,7 @@ def test_the_history_of_moved_users_gives_their_factors_at_any_clock_it_reaches(
         table[users] += rng.normal(size=(150, table.shape[1])).astype(np.float32)
         cache.invalidate(users)
         snapshots.append(table.copy())
-    assert len(cache._history_users) == 700
+    assert len(cache._history["user"].rows) == 700
     for clock in range(len(snapshots)):
         users = np.arange(0, r.n_users, 7)
         moved = [u for u in users if any((snapshots[c][u] != snapshots[clock][u]).any()
@@ -801,7 +803,7 @@ def test_one_invalidation_records_each_moved_user_once_with_the_factors_before_i
     direct.record(users, np.array([2, 3, 2], np.int64), np.array([True, False, True]))
     generic.invalidate(users, [2, 2], [3])
     for cache in (direct, generic):
-        assert cache._history_written == 3
+        assert cache._history["user"].written == 3
         np.testing.assert_array_equal(cache._factors_before(np.array([4, 7, 9]), 0), before[[4, 7, 9]])
         assert cache._own["user"][[4, 7, 9]].tolist() == [1, 1, 1] and cache._moved["item"][[2, 3]].tolist() == [1, 0]
         assert cache._own["item"][[2, 3]].tolist() == [1, 1]
@@ -813,8 +815,8 @@ def test_one_invalidation_records_each_moved_user_once_with_the_factors_before_i
     direct.record(np.array([newcomer], np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
     assert len(direct._own["user"]) >= 3 * r.n_users and direct._own["user"][newcomer] == 2
     assert len(direct._moved["user"]) == len(direct._own["user"])
-    assert len(direct._user_factors_then) == r.n_users  # the copy grows by its new part only
-    np.testing.assert_array_equal(direct._user_factors_then_new[newcomer - r.n_users], 2.0)
+    assert len(direct._history["user"].then) == r.n_users  # the copy grows by its new part only
+    np.testing.assert_array_equal(direct._history["user"].then_new[newcomer - r.n_users], 2.0)
     model.user_factors.weight.data[newcomer] = 3.0  # moves again: the ring keeps the factors before
     direct.record(np.array([newcomer], np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
     np.testing.assert_array_equal(direct._factors_before(np.array([newcomer]), 2), 2.0)
@@ -844,3 +846,64 @@ def test_a_long_row_built_a_tile_at_a_time_equals_the_one_pass_build():
         for got, ref in zip(tiled, one_pass, strict=True):
             rtol = 1e-6 if got.dtype == np.float32 else 1e-10
             np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-9)
+
+
+@pytest.mark.parametrize("top", [1, 5])
+def test_a_long_user_row_updated_in_place_explains_as_its_rebuilt_row(top):
+    """A user row of more than `update_above` ratings whose own parameters moved (the user
+    rated online), that gained ratings (a repeat rating included) and whose items moved
+    (others rated them) is updated in place, not rebuilt: its ``A`` gains the changes' terms,
+    and a pruned query scores exactly only the ratings it must (gained, item moved, the
+    pair's own) and those whose bound on ``|effect|`` (from the build's ``h`` and ``ε``) can
+    reach the top: every explanation equals a fresh explainer's (same top k in order,
+    effects to 1e-5), the system equals the rebuilt one, and most ratings are not scored."""
+    from recsys.models.mf.explain import NewtonInfluence
+    from tests.conftest import make_ratings, with_new_ratings
+
+    r = make_ratings(n_users=30, n_items=150, n=2400, seed=4)
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r, learning_rate=0.02)
+    cached = model.explainer(r)
+    cache = cached._cache()
+    cache.update_above = 40
+    cached.warm()
+    rng = np.random.default_rng(2)
+    heavy = [int(u) for u in np.argsort(-r.user_counts())[:3]]
+    assert r.user_counts()[heavy].min() > 40
+    mine = r.items[r.users == heavy[0]]
+    others = [u for u in range(r.n_users) if u not in heavy]
+    batches = [([heavy[0]] * 2, [int(j) for j in rng.choice(r.n_items, 2, replace=False)]),
+               ([others[0], others[1]], [int(mine[0]), int(mine[3])]),  # items the heavy user rated move
+               ([heavy[0]], [int(mine[5])]),  # a repeat rating: after the earlier one
+               ([heavy[1], heavy[0], others[2]], [int(mine[7]), int(rng.integers(r.n_items)), int(mine[9])])]
+    ratings, skipped = r, 0
+    for users, items in batches:
+        ratings, new = with_new_ratings(ratings, [r.user_ids.raw(u) for u in users],
+                                        [r.item_ids.raw(j) for j in items],
+                                        rng.integers(1, 6, len(users)).astype(float).tolist())
+        model.learn(ratings, new)
+        cached.update(ratings, new)
+        fresh = model.explainer(ratings)
+        for u in heavy:
+            for i in rng.choice(r.n_items, 12, replace=False).tolist() + [int(mine[5])]:
+                got, want = cached.explain(u, i, top), fresh.explain(u, i, top)
+                assert [c.example for c in got.contributions] == [c.example for c in want.contributions]
+                np.testing.assert_allclose([c.effect for c in got.contributions],
+                                           [c.effect for c in want.contributions], rtol=1e-5, atol=1e-8)
+                assert (got.method, got.n_candidates, got.prediction) == (want.method, want.n_candidates,
+                                                                         want.prediction)
+                ids, _, su, _, _ = cache.effects_and_shares(u, i, top=top)
+                skipped += int(ratings.user_counts()[u] - su.sum())
+        assert cache.updated("user", heavy[0])
+        fresh_cache = NewtonInfluence(model, ratings)
+        fresh_cache.update_above = 40
+        rebuilt = fresh_cache._build("user", heavy[0])
+        done, row = cache._updates[("user", heavy[0])], cache._rows[("user", heavy[0])]
+        np.testing.assert_array_equal(row.examples, rebuilt.examples)
+        np.testing.assert_array_equal(row.others, rebuilt.others)
+        np.testing.assert_allclose(done.gram, rebuilt.gram, rtol=1e-9, atol=1e-9)
+    assert skipped > 0.5 * len(batches) * len(heavy) * 13 * 40  # most of the users' ratings were never scored
+    ids, eff = cache.effects(heavy[0], int(mine[5]))  # every candidate: the same as a fresh explainer's
+    want_ids, want_eff = NewtonInfluence(model, ratings).effects(heavy[0], int(mine[5]))
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(eff, want_eff, rtol=1e-5, atol=1e-8)

@@ -353,6 +353,8 @@ class _NewtonRow(NamedTuple):
     h_max: np.ndarray  # float64 [K]: max_i h_i (bounds the α_i after an update in place)
     x2_max: np.ndarray  # float64 [K]: max_i ‖x_i‖²
     theta: np.ndarray  # float64 [K, d+1]: the row's [factors; bias] at the build (kept with gram, else [0, 0])
+    h: np.ndarray  # float32 [m, K]: h_i = x_iᵀA⁻¹x_i, kept with gram on a user row (else [0, 0]): bounds its
+    #                ratings' α once its own parameters moved (`explain_kernels.pair_scores_updated`)
 
     @property
     def nbytes(self) -> int:
@@ -374,10 +376,89 @@ class _RowUpdate(NamedTuple):
     n_moved: int
     beta_scale: float
     beta_shift: float
+    h_spread: np.ndarray  # float64 [K]: how far h' = xᵀW'x may be from the build's h of a rating whose other
+    #                       row did not move: ε·x2_max + 2⁻²³, ε ≥ ‖W' − W‖₂ (`updated_weights`; user rows)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self if isinstance(a, np.ndarray))
+
+
+class _FactorHistory:
+    """The factors one side's rows (users or items) had before each move, for updates in
+    place (`NewtonInfluence`): a copy of the side's factor table as of the last invalidation
+    (``then``; rows added since are kept apart in ``then_new``, so the copy is never copied
+    again when the model doubles its tables) and a ring of records ``(row, factors before the
+    move)``, record n at slot ``n % len(rows)``, grown up to ``kept`` records before it wraps.
+    `explain_kernels.record_moves` writes them."""
+
+    def __init__(self, table: np.ndarray, kept: int) -> None:
+        self.then = table.copy()
+        self.then_new = np.zeros((0, table.shape[1]), np.float32)
+        self.kept = kept
+        self.rows = np.zeros(min(kept, 256), np.int64)
+        self.factors = np.zeros((len(self.rows), table.shape[1]), np.float32)
+        self.written = 0
+        self.dropped = 0  # the clock of the newest invalidation whose records were overwritten
+        self.clocks: list[int] = []  # per invalidation that wrote records: its clock ...
+        self.starts: list[int] = []  # ... and the number of records written before it
+        self.first = 0  # entries of both lists before this one were overwritten
+
+    @property
+    def nbytes(self) -> int:
+        return self.then.nbytes + self.then_new.nbytes + self.rows.nbytes + self.factors.nbytes
+
+    def make_room(self, n: int) -> None:
+        """Grow the ring for ``n`` more records while it has not wrapped (up to ``kept``)."""
+        ring = len(self.rows)
+        if self.written + n > ring and ring < self.kept:
+            ring = min(self.kept, max(2 * ring, self.written + n))
+            self.rows = np.r_[self.rows, np.zeros(ring - len(self.rows), np.int64)]
+            self.factors = np.concatenate([self.factors, np.zeros((ring - len(self.factors), self.factors.shape[1]),
+                                                                  np.float32)])
+
+    def hold(self, top: int, table: np.ndarray) -> None:
+        """Room in ``then_new`` for rows up to ``top`` (rows added since the copy: as they are
+        now, no row held them before), grown amortised."""
+        held = len(self.then) + len(self.then_new)
+        if top > held:
+            size = min(max(top, held + (held - len(self.then)), len(self.then) + 64), len(table))
+            self.then_new = np.concatenate([self.then_new, table[held:size]])
+
+    def wrote(self, clock: int, n: int) -> None:
+        """``n`` records were written at ``clock``: list them, drop what they overwrote."""
+        if n == 0:
+            return
+        self.clocks.append(clock)
+        self.starts.append(self.written)
+        self.written += n
+        first, ring = self.first, len(self.rows)
+        while first < len(self.starts) and self.starts[first] < self.written - ring:  # overwritten: dropped lazily
+            self.dropped = self.clocks[first]
+            first += 1
+        if first > 1024 and 2 * first > len(self.starts):
+            del self.clocks[:first], self.starts[:first]
+            first = 0
+        self.first = first
+
+    def before(self, rows: np.ndarray, clock: int, window: int) -> np.ndarray | None:
+        """The factors ``[len(rows), K·d]`` float32 the (sorted, unique) ``rows`` had at
+        ``clock`` (before their first move after it), or None when the ring no longer reaches
+        back that far or holds more than ``window`` records since."""
+        if self.dropped > clock:
+            return None
+        at = bisect.bisect_right(self.clocks, clock, self.first)
+        first = self.starts[at] if at < len(self.starts) else self.written
+        ring = len(self.rows)
+        if first < self.written - ring or self.written - first > window:
+            return None
+        slots = np.arange(first, self.written) % ring
+        held = self.rows[slots]
+        seen, where = np.unique(held, return_index=True)  # each row's first record after ``clock``
+        pos = np.searchsorted(seen, rows)
+        if (pos >= len(seen)).any() or (seen[np.minimum(pos, len(seen) - 1)] != rows).any():
+            return None
+        return self.factors[slots[where[pos]]]
 
 
 class NewtonInfluence:
@@ -396,9 +477,10 @@ class NewtonInfluence:
     `warm`; call `invalidate` with the rows whose parameters changed (online updates): it
     stamps them, and a cached row is rebuilt on its next use if a stamp says that its own
     parameters or ratings, or the parameters of a row it holds, changed since it was built;
-    an item row of more than `update_above` ratings is updated in place instead when a
-    pruned query uses it (`_update`: its ``A`` gains the changes' low-rank terms, the α a
-    query scores are computed from ``A⁻¹``, the pruning bound is widened by a proven margin).
+    a row of more than `update_above` ratings is updated in place instead when a pruned
+    query uses it (`_update`: its ``A`` gains the changes' low-rank terms, the α a query
+    scores are computed from ``A⁻¹``; an item row's pruning bound is widened by a proven
+    margin, a user row's ratings are bounded one by one from the build's ``h``).
 
     ``learning_rate_sum`` (the training's summed SGD rate, Σ over epochs of the epoch's rate;
     None: off): damp each row by ``1 − exp(−S·h)`` per eigenvalue ``h`` of the row's matrix
@@ -432,28 +514,19 @@ class NewtonInfluence:
         self._empty = _NewtonRow(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((k, d + 1, d + 1), np.float32),
                                  np.zeros((0, k), np.float32), np.zeros((k, d + 1)), np.zeros(0, np.float32),
                                  np.zeros(0, np.int32), np.zeros((0, 0)), np.zeros(k), np.zeros(k),
-                                 np.zeros((0, 0)))  # a user or item with no row
-        #: long item rows updated in place since raters moved (`_update`), by key
+                                 np.zeros((0, 0)), np.zeros((0, k), np.float32))  # a user or item with no row
+        #: long rows updated in place since their other rows moved (`_update`), by key
         self._updates: dict[tuple[str, int], _RowUpdate] = {}
         self._not_updated = _RowUpdate(np.zeros((k, (d + 1) * (d + 2) // 2)), np.zeros((k, d + 1, d + 1)), np.zeros((k, d + 1)),
                                        np.zeros((k, d + 1)), np.zeros((k, d + 1)), np.zeros(0, bool),
-                                       np.zeros((0, k), np.float32), 0, 1.0, 0.0)  # its fields' types
+                                       np.zeros((0, k), np.float32), 0, 1.0, 0.0, np.zeros(k))  # its fields' types
         #: how many rows were built and updated in place (for tests and benchmarks)
         self.counts = {"built": 0, "updated": 0}
-        # the user factors as of the last `invalidate`, and the ring of the factors moved users
-        # had before each move (record n at n % history_kept): an update in place needs each
-        # moved rater's factors as they were when the row was last built or updated
-        self._user_factors_then = _table(model.user_factors.weight).copy()
-        #: the rows of users added since (from len(_user_factors_then) on), grown as they come: the
-        #: copy above is never copied again (102 MB at 10^7; the model doubles its tables)
-        self._user_factors_then_new = np.zeros((0, self._user_factors_then.shape[1]), np.float32)
-        self._history_users = np.zeros(min(self.history_kept, 256), np.int64)  # grown up to history_kept
-        self._history_factors = np.zeros((len(self._history_users), self._user_factors_then.shape[1]), np.float32)
-        self._history_written = 0
-        self._history_dropped = 0  # the clock of the newest invalidation whose records were overwritten
-        self._history_clocks: list[int] = []  # per invalidation: its clock ...
-        self._history_starts: list[int] = []  # ... and the number of records written before it
-        self._history_first = 0  # entries of both lists before this one were overwritten
+        # per side, the factors as of the last `invalidate` and a ring of the factors moved rows
+        # had before each move: an update in place needs each moved rater's (or rated item's)
+        # factors as they were when the row was last built or updated
+        self._history = {"user": _FactorHistory(_table(model.user_factors.weight), self.history_kept),
+                         "item": _FactorHistory(_table(model.item_factors.weight), self.history_kept)}
 
     #: the cache keeps rows while it holds less than this (bytes); rows built past it are
     #: kept only among the `recent_rows` built last (`warm` fills it with the rows of most
@@ -471,20 +544,30 @@ class NewtonInfluence:
     prune_above = 128
     #: ratings scored in the first step of that order (doubling at each step)
     prune_chunk = 32
-    #: an item row longer than this whose raters moved, that gained ratings or whose own
-    #: parameters moved is updated in place when a pruned query (`explain`'s top k) uses it:
-    #: ``A`` gains each moved rating's rank-2 change, each gained rating's rank-1 term and its
-    #: share of the ridge, and is inverted again (``O(K·(d+1)³)``); the α of the ratings the
-    #: query scores are computed then from ``A⁻¹`` (``O(K·(d+1)²)`` each: more than a cached α,
-    #: so rows a rebuild costs little for are rebuilt), instead of rebuilding the row
-    #: (``O(m·K·(d+1)²)``: about 0.5 ms at 512 ratings at 10^7, 5 ms at 5,000, 80 ms at
-    #: 173,000). Such a row keeps ``A``'s lower triangle (``4·K·(d+1)(d+2)`` bytes more).
+    #: a row longer than this whose other rows (raters, or rated items) moved, that gained
+    #: ratings or whose own parameters moved is updated in place when a pruned query
+    #: (`explain`'s top k) uses it: ``A`` gains each moved rating's rank-2 change, each gained
+    #: rating's rank-1 term and its share of the ridge, and is inverted again
+    #: (``O(K·(d+1)³)``); the α of the ratings the query scores are computed then from ``A⁻¹``
+    #: (``O(K·(d+1)²)`` each: more than a cached α, so rows a rebuild costs little for are
+    #: rebuilt), instead of rebuilding the row (``O(m·K·(d+1)²)``: about 0.7 ms at 512 ratings
+    #: at 10^7, 6 ms at 5,000, 170 ms at 173,000). An item row's other ratings are pruned by
+    #: their build's bound, widened; a user row's (scored unpruned when current) are each
+    #: bounded in ``O(K·d)`` from the build's ``h`` (`explain_kernels.user_rating_bounds`) and
+    #: scored only when the bound can reach the top. Such a row keeps ``A``'s lower triangle
+    #: (``4·K·(d+1)(d+2)`` bytes more; a user row also ``h``, ``4K`` bytes a rating).
     update_above = 512
     #: an updated row of m ratings is rebuilt once more of its ratings than
     #: ``min(max(update_moved_max, m/128), 8·update_moved_max)`` were gained or had their
     #: rater move since its build (each is scored by every query, its α computed again after
     #: each update: ~1.3 µs a rating at 10^7, against ~1.7 µs a rating for a rebuild)
     update_moved_max = 64
+    #: an updated user row of m ratings is rebuilt once more than ``max(update_moved_max,
+    #: m/user_moved_share)`` of its ratings were gained or had their item move since its build
+    #: (each is scored by every query, its α computed again after each update, ~1.3 µs a rating
+    #: at 10^7; the others are bounded rating by rating, and a rebuild costs ~1.3 µs a rating:
+    #: a heavy user's items move often, when anyone rates them)
+    user_moved_share = 8
     #: moved users' previous factors kept (records; one per user and invalidation): a row whose
     #: raters moved longer ago than the ring reaches is rebuilt
     history_kept = 1 << 14
@@ -503,9 +586,7 @@ class NewtonInfluence:
         """Bytes held by the cached rows (the `recent_rows` and updates in place included) and
         by the copy of the user factors and history an update in place reads."""
         return (self._nbytes + sum(r.nbytes for r in self._recent.values())
-                + sum(u.nbytes for u in self._updates.values()) + self._user_factors_then.nbytes
-                + self._user_factors_then_new.nbytes
-                + self._history_users.nbytes + self._history_factors.nbytes)
+                + sum(u.nbytes for u in self._updates.values()) + sum(h.nbytes for h in self._history.values()))
 
     def invalidate(self, users: np.ndarray | list[int] = (), items: np.ndarray | list[int] = (),
                    grown_items: np.ndarray | list[int] = ()) -> None:
@@ -529,45 +610,31 @@ class NewtonInfluence:
         if len(users) + len(items) == 0:
             return
         self._clock += 1
-        table = _table(self.model.user_factors.weight)
-        then = self._user_factors_then
-        ring = len(self._history_users)
-        if self._history_written + len(users) > ring and ring < self.history_kept:  # not wrapped yet: grow
-            ring = min(self.history_kept, max(2 * ring, self._history_written + len(users)))
-            self._history_users = np.r_[self._history_users, np.zeros(ring - len(self._history_users), np.int64)]
-            self._history_factors = np.concatenate(
-                [self._history_factors, np.zeros((ring - len(self._history_factors), then.shape[1]), np.float32)])
+        users_then, items_then = self._history["user"], self._history["item"]
+        user_table, item_table = _table(self.model.user_factors.weight), _table(self.model.item_factors.weight)
+        users_then.make_room(len(users))
+        items_then.make_room(len(items))
         own, moved = self._own, self._moved
         while True:
-            written, n_moved, top_u, top_i = record_moves(
+            user_records, item_records, n_moved, top_u, top_i = record_moves(
                 users, items, items_moved, self._clock, own["user"], moved["user"], own["item"], moved["item"],
-                self._history_users, self._history_factors, self._history_written, then,
-                self._user_factors_then_new, table)
+                users_then.rows, users_then.factors, users_then.written, users_then.then, users_then.then_new,
+                user_table, items_then.rows, items_then.factors, items_then.written, items_then.then,
+                items_then.then_new, item_table)
             short = [(side, top) for side, top in (("user", top_u), ("item", top_i))
                      if top > min(len(own[side]), len(moved[side]))]
-            held = len(then) + len(self._user_factors_then_new)
-            if top_u > held:  # users added since the copy: their rows as they are now (no row held them before)
-                size = min(max(top_u, held + (held - len(then)), len(then) + 64), len(table))
-                self._user_factors_then_new = np.concatenate([self._user_factors_then_new, table[held:size]])
-            if not short and top_u <= held:
+            if not short and top_u <= len(users_then.then) + len(users_then.then_new) \
+                    and top_i <= len(items_then.then) + len(items_then.then_new):
                 break
-            for side, top in short:  # amortised growth, new users arrive one by one (nothing was written)
+            users_then.hold(top_u, user_table)  # (nothing was written)
+            items_then.hold(top_i, item_table)
+            for side, top in short:  # amortised growth, new users arrive one by one
                 for stamps in (own, moved):
-                    size = max(top, 2 * len(stamps[side]))
-                    stamps[side] = np.r_[stamps[side], np.zeros(size - len(stamps[side]), np.int64)]
-        if len(users):
-            self._history_clocks.append(self._clock)
-            self._history_starts.append(self._history_written)
-            self._history_written += written
-            # the invalidations whose records were overwritten: dropped from the front (lazily)
-            first = self._history_first
-            while first < len(self._history_starts) and self._history_starts[first] < self._history_written - ring:
-                self._history_dropped = self._history_clocks[first]
-                first += 1
-            if first > 1024 and 2 * first > len(self._history_starts):
-                del self._history_clocks[:first], self._history_starts[:first]
-                first = 0
-            self._history_first = first
+                    if top > len(stamps[side]):
+                        size = max(top, 2 * len(stamps[side]))
+                        stamps[side] = np.r_[stamps[side], np.zeros(size - len(stamps[side]), np.int64)]
+        users_then.wrote(self._clock, user_records)
+        items_then.wrote(self._clock, item_records)
         moved_items = items if n_moved == len(items) else items[items_moved]
         for side, rows in (("user", users), ("item", moved_items)):
             if len(rows) == 0:
@@ -577,24 +644,11 @@ class NewtonInfluence:
             if len(listed) > self.changes_kept:
                 self._dropped_change[side] = listed.pop(0)[0]
 
-    def _factors_before(self, users: np.ndarray, clock: int) -> np.ndarray | None:
-        """The factors ``[len(users), K·d]`` float32 the (sorted, unique) ``users`` had at
+    def _factors_before(self, rows: np.ndarray, clock: int, side: str = "user") -> np.ndarray | None:
+        """The factors ``[len(rows), K·d]`` float32 the (sorted, unique) ``side`` rows had at
         ``clock`` (before their first move after it), or None when the history no longer
         reaches back that far or holds more than `update_window` records since."""
-        if self._history_dropped > clock:
-            return None  # the history no longer reaches back to ``clock``
-        at = bisect.bisect_right(self._history_clocks, clock, self._history_first)
-        first = self._history_starts[at] if at < len(self._history_starts) else self._history_written
-        ring = len(self._history_users)
-        if first < self._history_written - ring or self._history_written - first > self.update_window:
-            return None
-        slots = np.arange(first, self._history_written) % ring
-        held = self._history_users[slots]
-        seen, where = np.unique(held, return_index=True)  # each user's first record after ``clock``
-        pos = np.searchsorted(seen, users)
-        if (pos >= len(seen)).any() or (seen[np.minimum(pos, len(seen) - 1)] != users).any():
-            return None
-        return self._history_factors[slots[where[pos]]]
+        return self._history[side].before(rows, clock, self.update_window)
 
     #: at most this many history records are searched for an update in place (else rebuild)
     update_window = 4096
@@ -663,14 +717,14 @@ class NewtonInfluence:
 
     def _row(self, side: str, row: int, update: bool = False) -> _NewtonRow:
         """One user or item row: the cached one while it is current (`_staleness`), else
-        built now (and kept, `_keep`). ``update``: a long item row whose raters moved may be
+        built now (and kept, `_keep`). ``update``: a long row whose other rows moved may be
         updated in place instead (`_update`; the caller scores it with `_updates`' state)."""
         key = (side, row)
         cached = self._rows.get(key)
         if cached is None:
             cached = self._recent.get(key)
         if cached is not None:
-            updatable = update and side == "item" and cached.gram.size > 0
+            updatable = update and cached.gram.size > 0
             status, positions = self._staleness(side, row, cached, updatable)
             if status == "current" and (update or key not in self._updates):
                 return cached
@@ -681,70 +735,78 @@ class NewtonInfluence:
         return out
 
     def _update(self, key: tuple[str, int], cached: _NewtonRow, positions: np.ndarray, own_changed: bool) -> bool:
-        """Update a long item row in place (`explain_kernels.updated_weights`) for the
-        ratings at ``positions`` whose raters moved since it was last built or updated and,
-        when ``own_changed``, for the ratings it gained and its own parameters' move; False
-        (the caller rebuilds) when the row keeps no ``A``, too many of its ratings were gained
-        or had their rater move since the build (`update_moved_max`), the raters' previous
-        factors are no longer in the history, or the cached bound would widen past use."""
+        """Update a long row in place (`explain_kernels.updated_weights`) for the ratings at
+        ``positions`` whose other row (rater, or rated item) moved since it was last built or
+        updated and, when ``own_changed``, for the ratings it gained and its own parameters'
+        move; False (the caller rebuilds) when the row keeps no ``A``, too many of its ratings
+        were gained or had their other row move since the build (`update_moved_max`), their
+        previous factors are no longer in the history, or (an item row) the cached bound would
+        widen past use."""
         side, row = key
-        if side != "item" or cached.gram.size == 0:
+        if cached.gram.size == 0:
             return False
+        other = "user" if side == "item" else "item"
         model = self.model
         k, d = model.config.n_blocks, model.block_size
         done = self._updates.get(key)
         moved = done.moved if done is not None else np.zeros(len(cached.examples), bool)
         row_now, added = cached, np.zeros(0, np.int64)
-        if own_changed:  # ratings gained since: inserted in CSR order (after the rater's earlier ones)
+        if own_changed:  # ratings gained since: inserted in CSR order (after the other row's earlier ones)
             base = self.index.base
-            n_base = len(base.by_item.examples[base.by_item.row(row)]) if row < base.n_items else 0
-            extra = self.index.appended("item", row)
+            csr, n_rows = (base.by_item, base.n_items) if side == "item" else (base.by_user, base.n_users)
+            n_base = len(csr.examples[csr.row(row)]) if row < n_rows else 0
+            extra = self.index.appended(side, row)
             first = len(cached.examples) - n_base
             if first < 0 or first > len(extra):
                 return False
             if first < len(extra):
                 new_z = extra[first:]
-                new_users = self.train.users[new_z].astype(np.int32)
-                order = np.lexsort((new_z, new_users))
-                new_z, new_users = new_z[order], new_users[order]
-                inserted = np.searchsorted(cached.others, new_users, "right")
+                new_others = (self.train.users if side == "item" else self.train.items)[new_z].astype(np.int32)
+                order = np.lexsort((new_z, new_others))
+                new_z, new_others = new_z[order], new_others[order]
+                inserted = np.searchsorted(cached.others, new_others, "right")
                 added = inserted + np.arange(len(inserted))
                 positions = positions + np.searchsorted(inserted, positions, "right")
                 by_beta = cached.by_beta + np.searchsorted(inserted, cached.by_beta, "right")
                 row_now = cached._replace(
                     examples=np.insert(cached.examples, inserted, new_z),
-                    others=np.insert(cached.others, inserted, new_users),
+                    others=np.insert(cached.others, inserted, new_others),
                     alpha=np.insert(cached.alpha, inserted, 0.0, axis=0), beta=np.insert(cached.beta, inserted, 0.0),
-                    by_beta=np.r_[by_beta, added].astype(np.int32))
+                    by_beta=np.r_[by_beta, added].astype(np.int32),
+                    h=np.insert(cached.h, inserted, 0.0, axis=0) if cached.h.size else cached.h)
                 moved = np.insert(moved, inserted, True)
         moved = moved.copy()
         moved[positions] = True
         n_moved = int(moved.sum())
-        if n_moved > min(max(self.update_moved_max, len(moved) // 128), 8 * self.update_moved_max):
+        if n_moved > (min(max(self.update_moved_max, len(moved) // 128), 8 * self.update_moved_max) if side == "item"
+                      else max(self.update_moved_max, len(moved) // self.user_moved_share)):
             return False
-        raters = row_now.others[positions].astype(np.int64)
-        users = np.unique(raters)
-        before = self._factors_before(users, self._checked.get(key, -1)) if len(users) else None
-        if len(users) and before is None:
+        movers = row_now.others[positions].astype(np.int64)
+        unique = np.unique(movers)
+        before = self._factors_before(unique, self._checked.get(key, -1), other) if len(unique) else None
+        if len(unique) and before is None:
             return False
-        lam = np.full(d + 1, float(_table(model.reg_item)[row]))
-        lam[d] = float(_table(model.bias_reg_item)[row])
+        reg, bias_reg = (model.reg_item, model.bias_reg_item) if side == "item" else (model.reg_user, model.bias_reg_user)
+        lam = np.full(d + 1, float(_table(reg)[row]))
+        lam[d] = float(_table(bias_reg)[row])
         if own_changed:
+            own_f, own_b = (model.item_factors, model.item_bias) if side == "item" else (model.user_factors, model.user_bias)
             theta = np.empty((k, d + 1))
-            theta[:, :d] = _table(model.item_factors.weight)[row].reshape(k, d)
-            theta[:, d] = _table(model.item_bias.weight)[row]
+            theta[:, :d] = _table(own_f.weight)[row].reshape(k, d)
+            theta[:, d] = _table(own_b.weight)[row]
         else:
             theta = done.theta if done is not None else cached.theta
         drift = theta - cached.theta
+        other_f = model.user_factors if side == "item" else model.item_factors
         try:
-            gram, weights, reg_weights, scale, shift = updated_weights(
+            gram, weights, reg_weights, scale, shift, eps = updated_weights(
                 cached.gram if done is None else done.gram, cached.weights, positions,
-                before[np.searchsorted(users, raters)] if len(users) else np.zeros((0, k * d), np.float32), added,
-                len(added) * lam, _table(model.user_factors.weight), row_now.others, lam * theta, cached.h_max,
+                before[np.searchsorted(unique, movers)] if len(unique) else np.zeros((0, k * d), np.float32), added,
+                len(added) * lam, _table(other_f.weight), row_now.others, lam * theta, cached.h_max,
                 cached.x2_max, np.sqrt((drift ** 2).sum(1)), np.sqrt(((lam * drift) ** 2).sum(1)))
         except ValueError:  # not positive definite (cannot happen with an L2 > 0): rebuild
             return False
-        if not np.isfinite(scale):
+        if side == "item" and not np.isfinite(scale):  # (a user row is bounded rating by rating: `h`, `eps`)
             return False
         if row_now is not cached:
             if key in self._rows:
@@ -755,7 +817,7 @@ class NewtonInfluence:
         self._updates.pop(key, None)  # (re-inserted last: the dict is in the order last updated)
         self._updates[key] = _RowUpdate(gram, weights, reg_weights, theta, lam * theta, moved,
                                         np.full((len(moved), k), np.nan, np.float32), n_moved, float(scale),
-                                        float(shift))
+                                        float(shift), eps * cached.x2_max + 2.0 ** -23)
         while len(self._updates) > self.updates_kept:  # the least recently updated row: rebuilt when next used
             self._drop(next(iter(self._updates)))
         self._checked[key] = self._clock
@@ -781,7 +843,7 @@ class NewtonInfluence:
         theta[:, d] = _table(own_b)[row]
         lam = np.full(d + 1, reg)
         lam[d] = bias_reg
-        A, A_inv, alpha, beta, h_max, x2_max = newton_row(theta, _table(other_f), _table(other_b), others,
+        A, A_inv, alpha, beta, h_max, x2_max, h = newton_row(theta, _table(other_f), _table(other_b), others,
                                                           self.train.values[z].astype(np.float64),
                                                           float(model.global_mean), lam)
         if self.learning_rate_sum is None:
@@ -790,11 +852,12 @@ class NewtonInfluence:
             h, V = np.linalg.eigh(A)
             D = np.einsum("kij,kj,klj->kil", V, -np.expm1(-np.maximum(h, 0.0) * self.learning_rate_sum), V)
             W = np.linalg.solve(A, D)
-        updatable = side == "item" and len(z) > self.update_above and self.learning_rate_sum is None
+        updatable = len(z) > self.update_above and self.learning_rate_sum is None
         self.counts["built"] += 1
         return _NewtonRow(z, others, W.astype(np.float32), alpha, lam * theta, beta,
                           np.argsort(-beta, kind="stable").astype(np.int32), _lower(A) if updatable else np.zeros((0, 0)),
-                          h_max, x2_max, theta if updatable else np.zeros((0, 0)))
+                          h_max, x2_max, theta if updatable else np.zeros((0, 0)),
+                          h if updatable and side == "user" else np.zeros((0, k), np.float32))
 
     def _drop(self, key: tuple[str, int]) -> None:
         """Forget a cached row (and its update in place): it is built again when next used."""
@@ -867,7 +930,8 @@ class NewtonInfluence:
                                 up.alpha, e.weights, up.reg_theta, e.beta, e.by_beta, False, users, items, 0, 0, True, 1,
                                 np.iinfo(np.int64).max, True, self.prune_chunk, True, up.moved, self.train.values,
                                 _table(model.user_bias.weight), up.theta, up.weights, up.reg_weights,
-                                float(model.global_mean), 1.0, 0.0)
+                                float(model.global_mean), 1.0, 0.0, True, up.moved, up.alpha, up.alpha, up.theta,
+                                up.weights, up.reg_weights, up.h_spread, _table(model.item_bias.weight), True)
 
     def effects_and_shares(self, user: int, item: int, *, top: int | None = None,
                            settled_below: int | None = None, user_settled: bool = True, score_user: bool = True
@@ -879,7 +943,8 @@ class NewtonInfluence:
         ``top``: only the candidates that can be among the ``top`` largest ``|effect|`` need
         be returned: an item row of more than `prune_above` ratings is scored in decreasing
         order of a bound on each rating's effect, stopping when no rating left can reach the
-        ``top``-th largest (exact: the same top ``top`` as scoring all). Ratings with example
+        ``top``-th largest, and a user row updated in place scores only the ratings whose
+        bound can reach it (exact: the same top ``top`` as scoring all). Ratings with example
         id ``>= settled_below``, and the user's own unless ``user_settled``, are ones the
         caller re-estimates: always returned, never used to stop. ``score_user`` False: the
         user's own ratings are returned with effect 0 (the caller replaces all of them, as
@@ -892,26 +957,33 @@ class NewtonInfluence:
         ir = self._row("item", item, update=top is not None) if known_i else self._empty
         done = self._updates.get(("item", item)) if known_i else None
         if known_u and score_user:
-            ur = self._row("user", user)
+            ur = self._row("user", user, update=top is not None)
             z_u, others_u = ur.examples, ur.others
         else:
             ur = self._empty
             z_u, others_u = self.index.row("user", user) if known_u else (ur.examples, ur.others)
             others_u = others_u.astype(np.int32)
+        done_u = self._updates.get(("user", user)) if known_u and score_user else None
         prune = top is not None and len(ir.examples) > self.prune_above
-        if done is None:
+        users, items = _table(model.user_factors.weight), _table(model.item_factors.weight)
+        if done is None and done_u is None:
             return pair_scores(model.config.n_blocks, z_u, others_u, ur.alpha, ur.weights, ur.reg_theta,
                                known_u and score_user, ir.examples, ir.others, ir.alpha, ir.weights, ir.reg_theta,
-                               ir.beta, ir.by_beta, known_i, _table(model.user_factors.weight),
-                               _table(model.item_factors.weight), user, item, prune, max(top or 1, 1), settled_below,
-                               user_settled, self.prune_chunk)
-        return pair_scores_updated(model.config.n_blocks, z_u, others_u, ur.alpha, ur.weights, ur.reg_theta,
-                                   known_u and score_user, ir.examples, ir.others, done.alpha, ir.weights,
-                                   done.reg_theta, ir.beta, ir.by_beta, known_i, _table(model.user_factors.weight),
-                                   _table(model.item_factors.weight), user, item, prune, max(top or 1, 1),
-                                   settled_below, user_settled, self.prune_chunk, True, done.moved, self.train.values,
-                                   _table(model.user_bias.weight), done.theta, done.weights, done.reg_weights,
-                                   float(model.global_mean), done.beta_scale, done.beta_shift)
+                               ir.beta, ir.by_beta, known_i, users, items, user, item, prune, max(top or 1, 1),
+                               settled_below, user_settled, self.prune_chunk)
+        up = self._not_updated  # (the side not updated in place: placeholders of the right types)
+        i_up, u_up = done or up, done_u or up
+        return pair_scores_updated(model.config.n_blocks, z_u, others_u, ur.alpha, ur.weights, u_up.reg_theta
+                                   if done_u is not None else ur.reg_theta, known_u and score_user, ir.examples,
+                                   ir.others, i_up.alpha if done is not None else ir.alpha, ir.weights,
+                                   i_up.reg_theta if done is not None else ir.reg_theta, ir.beta, ir.by_beta, known_i,
+                                   users, items, user, item, prune, max(top or 1, 1), settled_below, user_settled,
+                                   self.prune_chunk, done is not None, i_up.moved, self.train.values,
+                                   _table(model.user_bias.weight), i_up.theta, i_up.weights, i_up.reg_weights,
+                                   float(model.global_mean), i_up.beta_scale, i_up.beta_shift, done_u is not None,
+                                   u_up.moved, u_up.alpha, ur.h if done_u is not None else up.alpha, u_up.theta,
+                                   u_up.weights, u_up.reg_weights, u_up.h_spread, _table(model.item_bias.weight),
+                                   top is not None)
 
     def effects(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray]:
         """``(example ids [m], effects [m])`` like `estimate_effects(..., "newton")`."""
@@ -1062,7 +1134,7 @@ class MFExplainer:
     ``A⁻¹`` per row and one number per rating, float32; `warm` precomputes rows, those of most
     ratings first, up to `NewtonInfluence.max_bytes`: all of them for MovieLens-100K; rows
     whose parameters online learning changed are recomputed on their next use, long item
-    rows updated in place: `NewtonInfluence.update_above`). A named method (`METHODS`) is computed directly per query in float64
+    rows and user rows updated in place: `NewtonInfluence.update_above`). A named method (`METHODS`) is computed directly per query in float64
     (`estimate_effects`), as `recsys.explain.influence.explain` reports it. ``rollback`` needs
     the update ``log``; it follows the training trajectory, so once ratings were learnt online
     (the model's rows no longer where the log left them: fold-ins replace rows outright) it is
@@ -1143,8 +1215,9 @@ class MFExplainer:
             trained_mask(np.zeros(0, bool), none)
             stamp_rows(one, none, np.zeros(0, bool), 0)
             factors = np.zeros((0, model.user_factors.weight.shape[1]), np.float32)
-            record_moves(none, none, np.zeros(0, bool), 0, one, one, one, one, none, factors, 0,
-                         _table(model.user_factors.weight), factors, _table(model.user_factors.weight))
+            users_then, items_then = _table(model.user_factors.weight), _table(model.item_factors.weight)
+            record_moves(none, none, np.zeros(0, bool), 0, one, one, one, one, none, factors, 0, users_then, factors,
+                         users_then, none, factors, 0, items_then, factors, items_then)
             if getattr(model, "path", None) is not None:  # its first call imports the online-learning module
                 model.path(0)
 

@@ -85,8 +85,9 @@ def _newton_row(theta, other_factors, other_bias, others, values, global_mean, l
     + max(m−1, 1)·diag(λ)``, ``h_i = x_iᵀA⁻¹x_i`` and ``t_i = −r_i h_i + x_iᵀA⁻¹(λ⊙θ)``:
     returns ``(A [K, d+1, d+1] float64, A⁻¹ [K, d+1, d+1] float64, α [m, K] float32 with
     α_i = t_i/(1 − h_i) − r_i, β [m] float32 = Σ_blocks |α_i|·‖x_i‖, h_max [K] float64 = max_i
-    h_i, x2_max [K] float64 = max_i ‖x_i‖²)`` (the last two bound how far the α_i can move when
-    raters move: `updated_weights`). ``A⁻¹`` by Cholesky (``h_i = ‖L⁻¹x_i‖²``)."""
+    h_i, x2_max [K] float64 = max_i ‖x_i‖², h [m, K] float32)`` (h_max and x2_max bound how far
+    the α_i can move when raters move: `updated_weights`; h bounds each one when the row's own
+    parameters moved: `updated_user_scores`). ``A⁻¹`` by Cholesky (``h_i = ‖L⁻¹x_i‖²``)."""
     if len(others) > _TILED_ABOVE:
         return newton_row_tiled(theta, other_factors, other_bias, others, values, global_mean, lam)
     k, d1 = theta.shape
@@ -95,6 +96,7 @@ def _newton_row(theta, other_factors, other_bias, others, values, global_mean, l
     A_all = np.empty((k, d1, d1))
     inv_all = np.empty((k, d1, d1))
     alpha = np.empty((m, k), np.float32)
+    h_all = np.empty((m, k), np.float32)
     beta = np.zeros(m)
     xt = np.empty((d1, m))  # the block's x_i as columns: the loops below run along the ratings
     y = np.empty((d1, m))  # L⁻¹x_i as columns
@@ -156,12 +158,13 @@ def _newton_row(theta, other_factors, other_bias, others, values, global_mean, l
                 denom = 1e-9
             a = (t[i] - resid[i] * h[i]) / denom - resid[i]
             alpha[i, b] = a
+            h_all[i, b] = h[i]
             beta[i] += abs(a) * np.sqrt(norm[i])
             h_max[b] = max(h_max[b], h[i])
             x2_max[b] = max(x2_max[b], norm[i])
         A_all[b] = A
         inv_all[b] = A_inv
-    return A_all, inv_all, alpha, beta.astype(np.float32), h_max, x2_max
+    return A_all, inv_all, alpha, beta.astype(np.float32), h_max, x2_max, h_all
 
 
 def _newton_row_tiled(theta, other_factors, other_bias, others, values, global_mean, lam):
@@ -176,6 +179,7 @@ def _newton_row_tiled(theta, other_factors, other_bias, others, values, global_m
     A_all = np.empty((k, d1, d1))
     inv_all = np.empty((k, d1, d1))
     alpha = np.empty((m, k), np.float32)
+    h_all = np.empty((m, k), np.float32)
     beta = np.zeros(m)
     xt = np.empty((d1, m))  # the block's x_i as columns: the loops below run along the ratings
     y = np.empty((d1, tile))  # L⁻¹x_i as columns, for one tile of ratings
@@ -249,12 +253,13 @@ def _newton_row_tiled(theta, other_factors, other_bias, others, values, global_m
                 r = resid[lo + i]
                 a = (t[i] - r * h[i]) / denom - r
                 alpha[lo + i, b] = a
+                h_all[lo + i, b] = h[i]
                 beta[lo + i] += abs(a) * np.sqrt(norm[i])
                 h_max[b] = max(h_max[b], h[i])
                 x2_max[b] = max(x2_max[b], norm[i])
         A_all[b] = A
         inv_all[b] = A_inv
-    return A_all, inv_all, alpha, beta.astype(np.float32), h_max, x2_max
+    return A_all, inv_all, alpha, beta.astype(np.float32), h_max, x2_max, h_all
 
 
 def _fold_in_leave_one_out(item_factors, item_bias, items, values, global_mean, reg, bias_reg):
@@ -359,7 +364,7 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
 
     ``A' = A + Σ_n (x_new x_newᵀ − x_old x_oldᵀ) + Σ_added x xᵀ + diag(ridge)``, ``W' = A'⁻¹``
     by Cholesky. Returns ``(A' [K, (d+1)(d+2)/2] packed as gram, W' [K, d+1, d+1] float64, W'(λ⊙θ) [K, d+1],
-    scale, shift)``. For a rating whose rater did not move since the build, ``α'_i = (t'_i −
+    scale, shift, ε [K])``. For a rating whose rater did not move since the build, ``α'_i = (t'_i −
     r_i')/(1 − h'_i)`` (with ``t = x·W(λ⊙θ)``, ``h = xᵀWx``) differs from the cached ``α_i =
     (t_i − r_i)/(1 − h_i)`` through ``W``, ``θ`` and the error ``r_i``: with ``ε ≥ ‖W' − W‖₂``
     (Frobenius, plus ``W``'s float32 rounding) and ``ω ≥ ‖W‖₂``, ``|h' − h| ≤ ε‖x‖²`` and
@@ -403,6 +408,7 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
             A[b, p, p] += ridge[p]
     W = np.empty((k, d1, d1))
     Wg = np.empty((k, d1))
+    eps_all = np.empty(k)
     scale = 1.0
     shift = 0.0
     for b in range(k):
@@ -421,13 +427,17 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
             g_norm += reg_theta[b, p] * reg_theta[b, p]
         rounding = 2.0 ** -23 * np.sqrt(size)
         eps = np.sqrt(diff) + rounding
+        eps_all[b] = eps
         omega = np.sqrt(size) + rounding
         room = 1.0 - h_max[b]
         moved = eps * x2_max[b]
         if not moved <= 0.5 * room:
-            return gram, W, Wg, np.inf, np.inf
-        scale = max(scale, room / (room - moved))
-        shift += x2_max[b] * (eps * np.sqrt(g_norm) + omega * reg_theta_moved[b] + theta_moved[b]) / (room - moved)
+            scale = np.inf
+        else:
+            scale = max(scale, room / (room - moved))
+            shift += x2_max[b] * (eps * np.sqrt(g_norm) + omega * reg_theta_moved[b] + theta_moved[b]) / (room - moved)
+    if not np.isfinite(scale):
+        shift = np.inf
     packed = np.empty_like(gram)
     for b in range(k):
         at = 0
@@ -435,7 +445,7 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
             for q in range(p + 1):
                 packed[b, at] = A[b, p, q]
                 at += 1
-    return packed, W, Wg, scale, shift
+    return packed, W, Wg, scale, shift, eps_all
 
 
 def _updated_rating_score(alpha, others, examples, values, i, table, bias, theta, W, Wg, w, c, global_mean):
@@ -582,6 +592,51 @@ def _pruned_row_scores(alpha, others, examples, beta, by_beta, table, w, c, w_ma
     return positions[:n].copy(), effects[:n].copy()
 
 
+def _into_top(best, a):
+    """Insert ``a`` into ``best`` (decreasing, padded with −1) if it is among its largest."""
+    top = len(best)
+    if a > best[top - 1]:
+        j = top - 1
+        while j > 0 and best[j - 1] < a:
+            best[j] = best[j - 1]
+            j -= 1
+        best[j] = a
+
+
+def _user_rating_bounds(o, value, Q, BI, gsum, h, n, spread, w, c, global_mean):
+    """``(low, high)``: bounds on ``|effect|`` of rating ``n`` (of item ``o``, ``value``) of a
+    user row updated in place whose item did not move since the build (`updated_weights`),
+    without its ``h' = xᵀW'x`` (the ``O(d²)`` part of `updated_rating_score`). Per block
+    ``α' = (t' − r')/(1 − h')``: ``t' − r' = x·(W'(λ⊙θ) + θ) − (value − μ − b_item)`` exactly
+    (``gsum`` ``[K, d+1]`` is ``W'(λ⊙θ) + θ``, θ the row now), and ``h'`` within
+    ``spread = ε·x2_max + 2⁻²³`` of the build's ``h`` (``|xᵀ(W' − A⁻¹)x| ≤ ‖W' − A⁻¹‖₂‖x‖²``;
+    ``ε`` bounds ``‖W' − W‖₂`` plus ``W``'s float32 rounding, 2⁻²³ the float32 ``h``); then
+    ``effect = −(Σ_b α'_b (x·w_b) + c)/K``. ``high`` is inf when ``1 − h'`` may come near 0
+    (the caller scores the rating)."""
+    k, d1 = w.shape
+    d = d1 - 1
+    s_lo = c
+    s_hi = c
+    for b in range(k):
+        xw = w[b, d]
+        num = gsum[b, d] - (value - global_mean - np.float64(BI[o, b]))
+        for j in range(d):
+            v = np.float64(Q[o, b * d + j])
+            xw += v * w[b, j]
+            num += v * gsum[b, j]
+        den_lo = 1.0 - np.float64(h[n, b]) - spread[b]
+        if not den_lo > 1e-6:
+            return 0.0, np.inf
+        den_hi = den_lo + 2.0 * spread[b]
+        a1 = num / den_lo * xw
+        a2 = num / den_hi * xw
+        s_lo += min(a1, a2)
+        s_hi += max(a1, a2)
+    high = max(abs(s_lo), abs(s_hi)) / k
+    low = 0.0 if s_lo <= 0.0 <= s_hi else min(abs(s_lo), abs(s_hi)) / k
+    return low * (1 - 1e-6) - 1e-12, high
+
+
 def _target_weights(W, table, row, k):
     """``(w [K, d+1] float64, c)``: ``w_b = W_b [table[row] block b; 1]`` and ``c = (λ⊙θ)·w``
     is left to the caller (`_pair_scores`)."""
@@ -598,6 +653,8 @@ def _target_weights(W, table, row, k):
 
 
 target_weights = variant(_target_weights, "serial", nogil=True, fastmath=_REASSOC)
+into_top = variant(_into_top, "serial", nogil=True)
+user_rating_bounds = variant(_user_rating_bounds, "serial", nogil=True, fastmath=_REASSOC)
 
 
 # placeholders of `_pair_scores_updated`'s update arguments for a row not updated (module
@@ -607,6 +664,7 @@ _NO_VALUES = np.zeros(0, np.float32)
 _NO_BIAS = np.zeros((0, 0), np.float32)
 _NO_THETA = np.zeros((0, 0))
 _NO_WEIGHTS = np.zeros((0, 0, 0))
+_NO_EPS = np.zeros(0)
 
 
 def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
@@ -617,14 +675,17 @@ def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_the
     return pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
                                item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta,
                                has_item, P, Q, user, item, prune, top, settled_below, user_settled, chunk, False,
-                               _NO_MOVED, _NO_VALUES, _NO_BIAS, _NO_THETA, _NO_WEIGHTS, _NO_THETA, 0.0, 1.0, 0.0)
+                               _NO_MOVED, _NO_VALUES, _NO_BIAS, _NO_THETA, _NO_WEIGHTS, _NO_THETA, 0.0, 1.0, 0.0,
+                               False, _NO_MOVED, np.empty((0, 0), np.float32), _NO_BIAS, _NO_THETA, _NO_WEIGHTS,
+                               _NO_THETA, _NO_EPS, _NO_BIAS, False)
 
 
 def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
                          item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta,
                          has_item, P, Q, user, item, prune, top, settled_below, user_settled, chunk,
                          item_updated, item_moved, values, BU, item_theta, item_W_now, item_Wg_now, global_mean,
-                         beta_scale, beta_shift):
+                         beta_scale, beta_shift, user_updated, user_moved, user_alpha_now, user_h, user_theta,
+                         user_W_now, user_Wg_now, user_spread, BI, prune_user):
     """Every candidate of the prediction of ``(user, item)`` scored from the two cached rows
     in one call (`NewtonInfluence.effects_and_shares`). Returns ``(example ids int64 [n],
     effects float64 [n], shares_user bool [n], shares_item bool [n], candidates)``: the
@@ -660,31 +721,69 @@ def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user
     best = np.full(max(top, 1), -1.0)
     w_u = np.zeros((k, 1))
     c_u = 0.0
+    n = m_u
     if m_u:
         if score_user:
-            w_u = target_weights(user_W, Q, item, k)
+            if user_updated:
+                w_u = target_weights(user_W_now, Q, item, k)
+            else:
+                w_u = target_weights(user_W, Q, item, k)
             c_u = np.sum(user_reg_theta * w_u)
+        bounded = user_updated and score_user and prune_user and user_settled
+        upper = np.empty(m_u if bounded else 0)
+        gsum = np.empty((k, w_u.shape[1]))
+        if bounded:
+            for b in range(k):
+                for p in range(w_u.shape[1]):
+                    gsum[b, p] = user_Wg_now[b, p] + user_theta[b, p]
+        scored = np.ones(m_u, np.bool_)
+        floor = np.full(max(top, 1), -1.0)  # the largest lower bounds of |effect| (exact ones included)
         own = lo
         for n in range(m_u):
             ids[n] = user_examples[n]
             su[n] = True
             si[n] = user_others[n] == item
             if score_user:
-                e = rating_score(user_alpha, user_others, n, Q, w_u, c_u)
+                if bounded and not (user_moved[n] or si[n] or user_examples[n] >= settled_below):
+                    low, high = user_rating_bounds(user_others[n], values[user_examples[n]], Q, BI, gsum, user_h, n,
+                                                   user_spread, w_u, c_u, global_mean)
+                    if high < np.inf:  # else scored now
+                        upper[n] = high
+                        scored[n] = False
+                        into_top(floor, low)
+                        continue
+                if user_updated:
+                    e = updated_rating_score(user_alpha_now, user_others, user_examples, values, n, Q, BI, user_theta,
+                                             user_W_now, user_Wg_now, w_u, c_u, global_mean)
+                else:
+                    e = rating_score(user_alpha, user_others, n, Q, w_u, c_u)
                 if si[n] and has_item and own < hi:  # the pair's own rating moved both rows
                     e += row_rating_score(item_updated, item_alpha, item_others, item_examples, values, own, P, BU,
                                           item_theta, item_W_now, item_Wg_now, w_i, c_i, global_mean)
                     own += 1
                 eff[n] = e
                 if user_settled and user_examples[n] < settled_below:
-                    a = abs(e)
-                    if a > best[len(best) - 1]:
-                        j = len(best) - 1
-                        while j > 0 and best[j - 1] < a:
-                            best[j] = best[j - 1]
-                            j -= 1
-                        best[j] = a
-    n = m_u
+                    into_top(best, abs(e))
+                    into_top(floor, abs(e))
+        n = m_u
+        if bounded:  # the user's other ratings: scored when their bound reaches the largest lower bounds
+            for r in range(m_u):
+                if scored[r] or upper[r] * (1 + 1e-6) + 1e-12 < floor[len(floor) - 1]:
+                    continue
+                e = updated_rating_score(user_alpha_now, user_others, user_examples, values, r, Q, BI, user_theta,
+                                         user_W_now, user_Wg_now, w_u, c_u, global_mean)
+                eff[r] = e
+                scored[r] = True
+                into_top(best, abs(e))
+            n = 0
+            for r in range(m_u):  # keep the scored ones, in row order
+                if scored[r]:
+                    ids[n], eff[n], su[n], si[n] = ids[r], eff[r], su[r], si[r]
+                    n += 1
+            for r in range(n, m_u):  # (the item's ratings are written from here on)
+                eff[r] = 0.0
+                su[r] = False
+                si[r] = False
     if has_item and m_i:
         if prune:
             w_max = 0.0
@@ -815,67 +914,86 @@ def _trained_mask(trained, users):
     return out
 
 
-def _record_moves(users, items, items_moved, clock, own_user, moved_user, own_item, moved_item, ring_users,
-                  ring_factors, written, then, then_new, table):
-    """`recsys.models.mf.explain.NewtonInfluence`'s stamps and history ring for one
-    invalidation at ``clock`` (larger than every stamp): ``users`` (int64, repeats allowed)
-    moved; ``items`` (int64) changed, their parameters moved where ``items_moved``, else they
-    only gained ratings. Stamps ``own_user``, ``moved_user`` of each user and ``own_item`` of
-    each item (``moved_item`` too where moved); for each user once (in order of first
-    appearance) writes the record ``(user, their factors then)`` at ring slot ``(written + n)
-    % len(ring_users)`` and copies ``table[user]`` (the factors now, ``[n_users, K·d]``
-    float32) into the copy ``then`` (the factors as of the last invalidation: ``then[u]`` for
-    the users it holds, ``then_new[u − len(then)]`` for those added since).
+def _record_moves(users, items, items_moved, clock, own_user, moved_user, own_item, moved_item, user_ring,
+                  user_ring_factors, user_written, user_then, user_then_new, user_table, item_ring, item_ring_factors,
+                  item_written, item_then, item_then_new, item_table):
+    """`recsys.models.mf.explain.NewtonInfluence`'s stamps and histories for one invalidation
+    at ``clock`` (larger than every stamp): ``users`` (int64, repeats allowed) moved;
+    ``items`` (int64) gained ratings, and their parameters moved where ``items_moved``.
+    Stamps ``own_user``, ``moved_user`` of each user and ``own_item`` of each item
+    (``moved_item`` too where moved). For each moved user and item once (in order of first
+    appearance) writes the record ``(row, its factors then)`` at slot ``(written + n) %
+    len(ring)`` of its side's ring and copies its factors now (``user_table`` / ``item_table``,
+    ``[n, K·d]`` float32) into the side's copy (the factors as of the last invalidation:
+    ``then[r]`` for the rows it holds, ``then_new[r − len(then)]`` for those added since).
 
-    Returns ``(records written, items moved, users' rows needed, items' stamps needed)``:
-    when a stamp array, or ``then`` and ``then_new`` together, are shorter than an index
-    needs, nothing is written (records 0) and the caller grows them and calls again.
-    ValueError for a user past ``table`` or a negative index."""
-    n_then = len(then)
+    Returns ``(user records, item records, items moved, users' rows needed, items' rows
+    needed)``: when a stamp array or a side's copy is shorter than an index needs, nothing is
+    written (records 0) and the caller grows it and calls again. ValueError for an index past
+    the factor tables or negative."""
     top_u = 0
     for j in range(len(users)):
         u = users[j]
-        if u < 0 or u >= len(table):
+        if u < 0 or u >= len(user_table):
             raise ValueError("NewtonInfluence.invalidate: a user index is past the factor table")
         top_u = max(top_u, u + 1)
     top_i = 0
     for j in range(len(items)):
-        if items[j] < 0:
-            raise ValueError("NewtonInfluence.invalidate: a negative item index")
-        top_i = max(top_i, items[j] + 1)
+        i = items[j]
+        if i < 0 or i >= len(item_table):
+            raise ValueError("NewtonInfluence.invalidate: an item index is past the factor table")
+        top_i = max(top_i, i + 1)
     if top_u > len(own_user) or top_u > len(moved_user) or top_i > len(own_item) or top_i > len(moved_item) \
-            or top_u > n_then + len(then_new):
-        return 0, 0, top_u, top_i
-    ring = len(ring_users)
-    n = 0
+            or top_u > len(user_then) + len(user_then_new) or top_i > len(item_then) + len(item_then_new):
+        return 0, 0, 0, top_u, top_i
+    n_users = 0
     for j in range(len(users)):
         u = users[j]
         if moved_user[u] == clock:
             continue
         moved_user[u] = clock
         own_user[u] = clock
-        if ring > 0:
-            slot = (written + n) % ring
-            ring_users[slot] = u
-            if u < n_then:
-                ring_factors[slot, :] = then[u, :]
-            else:
-                ring_factors[slot, :] = then_new[u - n_then, :]
-        n += 1
+        write_record(u, user_ring, user_ring_factors, user_written + n_users, user_then, user_then_new)
+        n_users += 1
     for j in range(len(users)):  # after every record: a user listed twice is recorded once, before its move
-        u = users[j]
-        if u < n_then:
-            then[u, :] = table[u, :]
-        else:
-            then_new[u - n_then, :] = table[u, :]
+        copy_row(users[j], user_then, user_then_new, user_table)
+    n_items = 0
     n_moved = 0
     for j in range(len(items)):
         i = items[j]
         own_item[i] = clock
         if items_moved[j]:
-            moved_item[i] = clock
             n_moved += 1
-    return n, n_moved, top_u, top_i
+            if moved_item[i] != clock:
+                moved_item[i] = clock
+                write_record(i, item_ring, item_ring_factors, item_written + n_items, item_then, item_then_new)
+                n_items += 1
+    for j in range(len(items)):
+        if items_moved[j]:
+            copy_row(items[j], item_then, item_then_new, item_table)
+    return n_users, n_items, n_moved, top_u, top_i
+
+
+def _write_record(row, ring, ring_factors, at, then, then_new):
+    """Record ``(row, its factors in the copy)`` at slot ``at % len(ring)`` (none in an empty ring)."""
+    if len(ring) == 0:
+        return
+    slot = at % len(ring)
+    ring[slot] = row
+    n_then = len(then)
+    if row < n_then:
+        ring_factors[slot, :] = then[row, :]
+    else:
+        ring_factors[slot, :] = then_new[row - n_then, :]
+
+
+def _copy_row(row, then, then_new, table):
+    """``table[row]`` into the copy (``then`` or, for a row added since, ``then_new``)."""
+    n_then = len(then)
+    if row < n_then:
+        then[row, :] = table[row, :]
+    else:
+        then_new[row - n_then, :] = table[row, :]
 
 
 def _stamp_rows(stamps, rows, mask, clock):
@@ -909,10 +1027,12 @@ online_step_scores = variant(_online_step_scores, "serial", nogil=True, fastmath
 extend_row_chains = variant(_extend_row_chains, "serial", nogil=True)
 row_chain = variant(_row_chain, "serial", nogil=True)
 trained_mask = variant(_trained_mask, "serial", nogil=True)
+write_record = variant(_write_record, "serial", nogil=True)
+copy_row = variant(_copy_row, "serial", nogil=True)
 record_moves = variant(_record_moves, "serial", nogil=True)
 stamp_rows = variant(_stamp_rows, "serial", nogil=True)
 
 __all__ = ["extend_row_chains", "fold_in_leave_one_out", "gram_of_inverse", "lower_cholesky_inverse", "newton_row", "online_step_scores",
            "pair_prediction", "pair_scores", "pair_scores_updated", "pruned_row_scores", "rating_score", "record_moves",
-           "row_chain", "row_rating_score", "stamp_rows", "target_weights", "trained_mask", "updated_rating_score",
-           "updated_weights"]
+           "copy_row", "row_chain", "row_rating_score", "stamp_rows", "target_weights", "trained_mask", "updated_rating_score",
+           "updated_weights", "write_record"]
