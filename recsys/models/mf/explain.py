@@ -527,6 +527,11 @@ class NewtonInfluence:
         # factors as they were when the row was last built or updated
         self._history = {"user": _FactorHistory(_table(model.user_factors.weight), self.history_kept),
                          "item": _FactorHistory(_table(model.item_factors.weight), self.history_kept)}
+        self._tables_key: tuple[int, int] | None = None  # `_factor_tables`
+        self._tables: tuple[np.ndarray, np.ndarray] | None = None
+        #: (users, items) the stamps and the histories' copies have room for (`record` grows them)
+        self._room = tuple(min(len(self._own[side]), len(self._moved[side]), len(self._history[side].then))
+                           for side in ("user", "item"))
 
     #: the cache keeps rows while it holds less than this (bytes); rows built past it are
     #: kept only among the `recent_rows` built last (`warm` fills it with the rows of most
@@ -611,9 +616,11 @@ class NewtonInfluence:
             return
         self._clock += 1
         users_then, items_then = self._history["user"], self._history["item"]
-        user_table, item_table = _table(self.model.user_factors.weight), _table(self.model.item_factors.weight)
-        users_then.make_room(len(users))
-        items_then.make_room(len(items))
+        user_table, item_table = self._factor_tables()
+        if users_then.written + len(users) > len(users_then.rows):
+            users_then.make_room(len(users))
+        if items_then.written + len(items) > len(items_then.rows):
+            items_then.make_room(len(items))
         own, moved = self._own, self._moved
         while True:
             user_records, item_records, n_moved, top_u, top_i = record_moves(
@@ -621,20 +628,21 @@ class NewtonInfluence:
                 users_then.rows, users_then.factors, users_then.written, users_then.then, users_then.then_new,
                 user_table, items_then.rows, items_then.factors, items_then.written, items_then.then,
                 items_then.then_new, item_table)
-            short = [(side, top) for side, top in (("user", top_u), ("item", top_i))
-                     if top > min(len(own[side]), len(moved[side]))]
-            if not short and top_u <= len(users_then.then) + len(users_then.then_new) \
-                    and top_i <= len(items_then.then) + len(items_then.then_new):
+            if top_u <= self._room[0] and top_i <= self._room[1]:
                 break
-            users_then.hold(top_u, user_table)  # (nothing was written)
+            users_then.hold(top_u, user_table)  # (nothing was written) amortised growth: new users arrive one by one
             items_then.hold(top_i, item_table)
-            for side, top in short:  # amortised growth, new users arrive one by one
+            for side, top in (("user", top_u), ("item", top_i)):
                 for stamps in (own, moved):
                     if top > len(stamps[side]):
                         size = max(top, 2 * len(stamps[side]))
                         stamps[side] = np.r_[stamps[side], np.zeros(size - len(stamps[side]), np.int64)]
-        users_then.wrote(self._clock, user_records)
-        items_then.wrote(self._clock, item_records)
+            self._room = tuple(min(len(own[side]), len(moved[side]), len(h.then) + len(h.then_new))
+                               for side, h in (("user", users_then), ("item", items_then)))
+        if user_records:
+            users_then.wrote(self._clock, user_records)
+        if item_records:
+            items_then.wrote(self._clock, item_records)
         moved_items = items if n_moved == len(items) else items[items_moved]
         for side, rows in (("user", users), ("item", moved_items)):
             if len(rows) == 0:
@@ -643,6 +651,15 @@ class NewtonInfluence:
             listed.append((self._clock, rows))
             if len(listed) > self.changes_kept:
                 self._dropped_change[side] = listed.pop(0)[0]
+
+    def _factor_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """The user and item factor tables as numpy, kept while the tables' storage stays (on
+        the CPU a view sees every write in place; the model's `grow` makes new tables)."""
+        users, items = self.model.user_factors.weight, self.model.item_factors.weight
+        key = (users.data_ptr(), items.data_ptr())
+        if key != self._tables_key or users.device.type != "cpu":
+            self._tables, self._tables_key = (_table(users), _table(items)), key
+        return self._tables
 
     def _factors_before(self, rows: np.ndarray, clock: int, side: str = "user") -> np.ndarray | None:
         """The factors ``[len(rows), K·d]`` float32 the (sorted, unique) ``side`` rows had at
