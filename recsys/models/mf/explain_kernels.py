@@ -392,8 +392,8 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
             for j in range(d):
                 x_new[j] = np.float64(other_factors[o, b * d + j])
                 x_old[j] = np.float64(old_rows[n, b * d + j])
-            for p in range(d1):
-                for q in range(d1):
+            for p in range(d1):  # the lower triangle (mirrored below: the same sums)
+                for q in range(p + 1):
                     A[b, p, q] += x_new[p] * x_new[q] - x_old[p] * x_old[q]
     for n in range(len(added)):
         o = others[added[n]]
@@ -401,10 +401,12 @@ def _updated_weights(gram, weights, positions, old_rows, added, ridge, other_fac
             for j in range(d):
                 x_new[j] = np.float64(other_factors[o, b * d + j])
             for p in range(d1):
-                for q in range(d1):
+                for q in range(p + 1):
                     A[b, p, q] += x_new[p] * x_new[q]
     for b in range(k):
         for p in range(d1):
+            for q in range(p):
+                A[b, q, p] = A[b, p, q]
             A[b, p, p] += ridge[p]
     W = np.empty((k, d1, d1))
     Wg = np.empty((k, d1))
