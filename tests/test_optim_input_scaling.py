@@ -240,9 +240,10 @@ def test_recs_reference_is_what_the_command_line_uses_and_scales_by_its_rule(nam
     assert (cfg.batch_size, cfg.learning_rate) == (ref["batch_size"], ref["learning_rate"])
     _, cfg = _configs(parser.parse_args(["evaluate", "--dataset", "ml-100k", "--model", "rec", "--optimizer", name,
                                          "--batch-size", "256"]))
-    ratio = 256 / ref["batch_size"]
-    expected = ref["learning_rate"] * (ratio if name == "sgd" else math.sqrt(ratio))
+    # SGD: linear; Adagrad: the rate kept (its 1/√steps already scales the rate per example)
+    expected = ref["learning_rate"] * (256 / ref["batch_size"] if name == "sgd" else 1.0)
     assert cfg.learning_rate == pytest.approx(expected)
+    assert cfg.scaling.rule == ("linear" if name == "sgd" else "none")
     assert cfg.optimizer_options == ref["optimizer_options"]  # the options move with the reference
 
 
