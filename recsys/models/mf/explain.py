@@ -389,15 +389,15 @@ class _FactorHistory:
     place (`NewtonInfluence`): a copy of the side's factor table as of the last invalidation
     (``then``; rows added since are kept apart in ``then_new``, so the copy is never copied
     again when the model doubles its tables) and a ring of records ``(row, factors before the
-    move)``, record n at slot ``n % len(rows)``: room for as many records as the side has rows
-    (up to ``kept``) from the start, grown up to ``kept`` records before it wraps.
+    move)``, record n at slot ``n % len(rows)``: room for twice as many records as the side has
+    rows (up to ``kept``) from the start, grown up to ``kept`` records before it wraps.
     `explain_kernels.record_moves` writes them."""
 
     def __init__(self, table: np.ndarray, kept: int) -> None:
         self.then = table.copy()
         self.then_new = np.zeros((0, table.shape[1]), np.float32)
         self.kept = kept
-        self.rows = np.zeros(min(kept, max(256, len(table))), np.int64)  # (grown while ingesting: copies)
+        self.rows = np.zeros(min(kept, max(256, 2 * len(table))), np.int64)  # (grown while ingesting: copies)
         self.factors = np.zeros((len(self.rows), table.shape[1]), np.float32)
         self.written = 0
         self.dropped = 0  # the clock of the newest invalidation whose records were overwritten
