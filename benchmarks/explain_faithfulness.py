@@ -25,7 +25,9 @@ ratings through ``add_ratings`` (learnt by online SGD); wall and thread-CPU p50 
 
 Part C (``--synthetic-ratings 1e7``, alone): the same explainer's latency on the synthetic
 10^7-rating model `serve_latency.py` builds (random pairs, items by popularity, right after
-online ratings; `synthetic_latency`).
+online ratings of ``--online-users`` users, drawn uniformly or with ``--online-draw activity``
+as likely as their number of ratings (heavy users; key ``..._online_activity``), and the CPU of
+`MFExplainer.update` per rating learnt online; `synthetic_latency`).
 
 Writes ``benchmarks/results/explain_faithfulness.json`` (``--latency-only`` keeps part A of an
 existing file; ``--synthetic-ratings`` keeps parts A and B).
@@ -181,7 +183,7 @@ def _appended(ratings: Ratings, users: np.ndarray, items: np.ndarray, values: np
 
 
 def synthetic_latency(n_ratings: int, n_users: int, n_items: int, n_pairs: int = 400, n_online: int = 20,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, online_draw: str = "uniform") -> dict:
     """Part C: ``MFExplainer.explain(user, item, 5)`` (the service's explainer, warmed as
     the service warms it: its CPU time and bytes) on the synthetic model `serve_latency.py`
     builds and caches (10^7: 200,000 users x 10,000 items, D=128 in 4 blocks): random pairs
@@ -189,7 +191,11 @@ def synthetic_latency(n_ratings: int, n_users: int, n_items: int, n_pairs: int =
     ``n_pairs`` each; then ``n_online`` trained users each send 5 ratings of random items,
     learnt online (`MatrixFactorization.learn`, `MFExplainer.update`), and their 10 queries
     are timed right after (thread CPU, ms; with how many rows those queries built and
-    updated in place, `NewtonInfluence.update_above`)."""
+    updated in place, `NewtonInfluence.update_above`). ``online_draw``: ``uniform`` (any
+    user with ratings, as likely) or ``activity`` (a user as likely as their number of
+    ratings: the heavy users who rate most, whose own rows cost most to rebuild). Last, the
+    CPU of `MFExplainer.update` per rating learnt online, for batches of 1, 5, 100 and 1000
+    ratings of random trained users and items (``update_cost``; the learning not counted)."""
     from serve_latency import synthetic_model
 
     from recsys.artefact import load_artefact
@@ -227,7 +233,11 @@ def synthetic_latency(n_ratings: int, n_users: int, n_items: int, n_pairs: int =
     explainer.update(ratings, np.zeros(0, np.int64))
     cpu, update_us = [], []
     counts_before = explainer.row_counts
-    for u in rng.choice(rated, size=n_online, replace=False).tolist():
+    if online_draw not in ("uniform", "activity"):
+        raise ValueError(f"online_draw must be uniform or activity, got {online_draw!r}")
+    weights = None if online_draw == "uniform" else user_counts[rated] / user_counts[rated].sum()
+    online_users = rng.choice(rated, size=n_online, replace=False, p=weights)
+    for u in online_users.tolist():
         ratings, new = _appended(ratings, np.full(5, u), rng.choice(train.n_items, size=5, replace=False),
                                  rng.integers(1, 6, size=5))
         model.learn(ratings, new)
@@ -240,9 +250,24 @@ def synthetic_latency(n_ratings: int, n_users: int, n_items: int, n_pairs: int =
             cpu.append(time.thread_time() - c0)
     counts = explainer.row_counts  # rows built / updated in place by the timed queries
     out["online_right_after_ratings"] = {**_percentiles(cpu), "update_us_p50": float(np.median(update_us)),
+                                         "online_draw": online_draw,
+                                         "user_ratings": [int(user_counts[u]) for u in online_users],
                                          "first_query_ms": [round(c * 1e3, 3) for c in cpu[::10]],
                                          "rows": {key: counts[key] - counts_before[key] for key in counts},
                                          "cache_mb_after": explainer.cache_bytes / 1e6}
+    out["update_cost"] = {}
+    for size, batches in ((1, 400), (5, 200), (100, 40), (1000, 8)):
+        per_rating = []
+        for _ in range(batches):
+            ratings, new = _appended(ratings, rng.choice(rated, size=size), rng.integers(train.n_items, size=size),
+                                     rng.integers(1, 6, size=size))
+            model.learn(ratings, new)
+            c0 = time.thread_time()
+            explainer.update(ratings, new)
+            per_rating.append((time.thread_time() - c0) * 1e6 / size)
+        out["update_cost"][str(size)] = {"batches": batches, "us_per_rating_p50": float(np.median(per_rating)),
+                                         "us_per_rating_mean": float(np.mean(per_rating)),
+                                         "us_per_batch_max": float(np.max(per_rating) * size)}
     return out
 
 
@@ -301,6 +326,8 @@ def main() -> None:
     ap.add_argument("--synthetic-items", type=int, default=10_000)
     ap.add_argument("--online-users", type=int, default=20,
                     help="part C: trained users who each send 5 ratings online (10 queries timed after each)")
+    ap.add_argument("--online-draw", choices=("uniform", "activity"), default="uniform",
+                    help="part C: those users drawn uniformly, or as likely as their number of ratings (heavy users)")
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.candidates, args.removal_pairs, args.fold_in_users, args.latency_pairs = 4, 5, 4, 3, 50
@@ -311,14 +338,16 @@ def main() -> None:
     if args.synthetic_ratings:
         t0 = time.perf_counter()
         part = synthetic_latency(int(args.synthetic_ratings), args.synthetic_users, args.synthetic_items,
-                                 n_online=args.online_users, seed=args.seed)
+                                 n_online=args.online_users, seed=args.seed, online_draw=args.online_draw)
         part["seconds"] = time.perf_counter() - t0
         part["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "load_average_at_end": os.getloadavg()}
         part["command"] = ("RECSYS_DATA=../shared/data python benchmarks/explain_faithfulness.py "
                            "--synthetic-ratings " + f"{args.synthetic_ratings:g}".replace("e+0", "e").replace("e+", "e")
-                           + (f" --online-users {args.online_users}" if args.online_users != 20 else ""))
-        out[f"latency_synthetic_{int(args.synthetic_ratings)}"] = part
+                           + (f" --online-users {args.online_users}" if args.online_users != 20 else "")
+                           + (f" --online-draw {args.online_draw}" if args.online_draw != "uniform" else ""))
+        suffix = "" if args.online_draw == "uniform" else f"_online_{args.online_draw}"
+        out[f"latency_synthetic_{int(args.synthetic_ratings)}{suffix}"] = part
         print(json.dumps(part, indent=1))
         write_json(RESULTS, out)
         print(f"wrote {RESULTS}")
