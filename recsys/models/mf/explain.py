@@ -397,8 +397,10 @@ class _FactorHistory:
         self.then = table.copy()
         self.then_new = np.zeros((0, table.shape[1]), np.float32)
         self.kept = kept
-        self.rows = np.zeros(min(kept, max(256, 2 * len(table))), np.int64)  # (grown while ingesting: copies)
-        self.factors = np.zeros((len(self.rows), table.shape[1]), np.float32)
+        # room from the start (grown while ingesting: copies), its pages written now (np.full):
+        # a page first written while ingesting cost a fault (4-6 ms for a batch at 10^7)
+        self.rows = np.full(min(kept, max(256, 2 * len(table))), 0, np.int64)
+        self.factors = np.full((len(self.rows), table.shape[1]), 0.0, np.float32)
         self.written = 0
         self.dropped = 0  # the clock of the newest invalidation whose records were overwritten
         self.clocks: list[int] = []  # per invalidation that wrote records: its clock ...
