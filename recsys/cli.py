@@ -659,8 +659,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     if workers < 1:
         raise RecsysError(f"--workers must be at least 1, got {workers}")
+    from api.workers import PortInUseError, check_free, run_workers
     from recsys.artefact import load_artefact as _check  # fail fast, with a one-line error
 
+    try:  # before the store records this server's model: a server already on the port keeps its own
+        check_free(args.host, args.port)
+    except PortInUseError as exc:
+        raise RecsysError(str(exc)) from None
     try:
         _check(settings.model)
         with RatingStore(settings.db) as store:  # every worker (and process on the store) serves this model
@@ -681,8 +686,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ[SUPERVISOR_ENV] = str(os.getpid())
     # a spawned worker re-imports this module (torch) before it can answer the supervisor's
     # health check: on a busy machine that takes longer than uvicorn's default 5 s
-    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=workers,
-                log_level=log_level, access_log=args.access_log, timeout_worker_healthcheck=60)
+    config = uvicorn.Config("api.app:create_app", factory=True, host=args.host, port=args.port, workers=workers,
+                            log_level=log_level, access_log=args.access_log, timeout_worker_healthcheck=60)
+    try:
+        run_workers(config)  # a listening socket per worker: the kernel spreads the connections (api/workers.py)
+    except PortInUseError as exc:
+        raise RecsysError(str(exc)) from None
     return 0
 
 

@@ -207,6 +207,12 @@ def test_a_server_with_two_workers_applies_every_acknowledged_rating_in_each_wor
                 n = http.get("/v1/users/shared", params={"min_seq": max(acked)}).json()["n_live_ratings"]
                 count_by_worker[http.get("/ready").json()["worker_pid"]] = n
         assert set(count_by_worker.values()) == {160}
+        # each worker listens on its own socket: a second server on the port is refused, in one line
+        second = subprocess.run([sys.executable, "-m", "recsys.cli", "serve", "--model", str(model_dir), "--db",
+                                 str(tmp_path / "other.db"), "--port", str(server.port), "--workers", "2"],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"cannot listen on 127.0.0.1:{server.port}" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
         # a reload answered by one worker is followed by the other: both end on generation 2
         res = httpx.post(f"{server.url}/v1/admin/reload", headers=AUTH, json={}, timeout=60)
         assert res.status_code == 200
