@@ -74,8 +74,9 @@ class OwnSocketProcess(multiprocess.Process):
 def run_workers(config: Config) -> None:
     """Run ``config.workers`` worker processes under uvicorn's supervisor until it is told to
     stop, each on its own ``SO_REUSEPORT`` socket where that balances (module docstring),
-    else on one shared socket as ``uvicorn.run`` would."""
-    if not BALANCES:
+    else on one shared socket as ``uvicorn.run`` would; so also for port 0 (any free port:
+    each worker would get its own)."""
+    if not BALANCES or config.port == 0:
         multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()
         return
     check_free(config.host, config.port)

@@ -59,3 +59,46 @@ def test_a_port_something_listens_on_is_refused_naming_the_address():
     finally:
         taken.close()
     check_free("127.0.0.1", port)  # free again
+
+
+class _RecordingSupervisor:
+    """Stands in for uvicorn's `Multiprocess`: records what it was given, starts nothing."""
+
+    runs: list = []
+
+    def __init__(self, config, sockets) -> None:
+        self.config, self.sockets = config, sockets
+
+    def run(self) -> None:
+        from uvicorn.supervisors import multiprocess
+
+        _RecordingSupervisor.runs.append((self.config.port, [s.getsockname()[1] for s in self.sockets],
+                                          multiprocess.Process))
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.fixture
+def recording_supervisor(monkeypatch):
+    from uvicorn.supervisors import multiprocess
+
+    _RecordingSupervisor.runs = []
+    monkeypatch.setattr(multiprocess, "Multiprocess", _RecordingSupervisor)
+    monkeypatch.setattr(multiprocess, "Process", multiprocess.Process)  # restored after the test
+    return _RecordingSupervisor.runs
+
+
+def test_workers_bind_their_own_sockets_except_on_port_zero(recording_supervisor):
+    from uvicorn import Config
+
+    from api.workers import OwnSocketProcess, run_workers
+
+    port = _free_port()
+    run_workers(Config("api.app:create_app", factory=True, host="127.0.0.1", port=port, workers=2))
+    run_workers(Config("api.app:create_app", factory=True, host="127.0.0.1", port=0, workers=2))
+    (first_port, first_sockets, first_process), (zero_port, zero_sockets, _) = recording_supervisor
+    if BALANCES:  # no shared socket: each worker process binds its own
+        assert first_port == port and first_sockets == [] and first_process is OwnSocketProcess
+    else:
+        assert first_sockets == [port]
+    assert zero_port == 0 and len(zero_sockets) == 1 and zero_sockets[0] != 0  # any free port, one for all
