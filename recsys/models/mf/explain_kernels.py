@@ -68,7 +68,8 @@ gram_of_inverse = variant(_gram_of_inverse, "serial", nogil=True, fastmath=_REAS
 
 
 #: rows of more ratings than `_TILED_ABOVE` (whose ``(d+1)·m`` float64 columns, over 1 MB at
-#: d=32, no longer stay in a core's cache) are built `_ROW_TILE` ratings at a time (`_newton_row_tiled`)
+#: d=32, no longer stay in a core's cache) are built `_ROW_TILE` ratings at a time, shorter ones
+#: in one tile (`_newton_row_tiles`)
 _ROW_TILE = 1024
 _TILED_ABOVE = 4096
 
@@ -88,94 +89,25 @@ def _newton_row(theta, other_factors, other_bias, others, values, global_mean, l
     h_i, x2_max [K] float64 = max_i ‖x_i‖², h [m, K] float32)`` (h_max and x2_max bound how far
     the α_i can move when raters move: `updated_weights`; h bounds each one when the row's own
     parameters moved: `updated_user_scores`). ``A⁻¹`` by Cholesky (``h_i = ‖L⁻¹x_i‖²``)."""
-    if len(others) > _TILED_ABOVE:
-        return newton_row_tiled(theta, other_factors, other_bias, others, values, global_mean, lam)
-    k, d1 = theta.shape
-    d = d1 - 1
     m = len(others)
-    A_all = np.empty((k, d1, d1))
-    inv_all = np.empty((k, d1, d1))
-    alpha = np.empty((m, k), np.float32)
-    h_all = np.empty((m, k), np.float32)
-    beta = np.zeros(m)
-    xt = np.empty((d1, m))  # the block's x_i as columns: the loops below run along the ratings
-    y = np.empty((d1, m))  # L⁻¹x_i as columns
-    resid = np.empty(m)
-    h = np.empty(m)
-    t = np.empty(m)
-    norm = np.empty(m)
-    reg_theta = np.empty(d1)
-    v_reg = np.empty(d1)
-    h_max = np.zeros(k)
-    x2_max = np.zeros(k)
-    scale = max(m - 1, 1)
-    for b in range(k):
-        for i in range(m):
-            o = others[i]
-            s = 0.0
-            for j in range(d):
-                v = np.float64(other_factors[o, b * d + j])
-                xt[j, i] = v
-                s += v * theta[b, j]
-            xt[d, i] = 1.0
-            resid[i] = values[i] - (global_mean + theta[b, d] + np.float64(other_bias[o, b]) + s)
-        A = np.empty((d1, d1))
-        for p in range(d1):
-            for q in range(p + 1):
-                s = 0.0
-                for i in range(m):
-                    s += xt[p, i] * xt[q, i]
-                A[p, q] = s
-                A[q, p] = s
-            A[p, p] += scale * lam[p]
-            reg_theta[p] = lam[p] * theta[b, p]
-        L_inv = lower_cholesky_inverse(A)
-        A_inv = gram_of_inverse(L_inv)
-        for p in range(d1):
-            s = 0.0
-            for q in range(d1):
-                s += A_inv[p, q] * reg_theta[q]
-            v_reg[p] = s
-        for i in range(m):
-            h[i] = 0.0
-            t[i] = 0.0
-            norm[i] = 0.0
-        for p in range(d1):  # y = L⁻¹X, h_i = ‖y_i‖², t_i's x_i·A⁻¹(λ⊙θ), ‖x_i‖²
-            for i in range(m):
-                y[p, i] = 0.0
-            for q in range(p + 1):
-                coef = L_inv[p, q]
-                for i in range(m):
-                    y[p, i] += coef * xt[q, i]
-            vp = v_reg[p]
-            for i in range(m):
-                h[i] += y[p, i] * y[p, i]
-                t[i] += xt[p, i] * vp
-                norm[i] += xt[p, i] * xt[p, i]
-        for i in range(m):
-            denom = 1.0 - h[i]
-            if abs(denom) < 1e-9:
-                denom = 1e-9
-            a = (t[i] - resid[i] * h[i]) / denom - resid[i]
-            alpha[i, b] = a
-            h_all[i, b] = h[i]
-            beta[i] += abs(a) * np.sqrt(norm[i])
-            h_max[b] = max(h_max[b], h[i])
-            x2_max[b] = max(x2_max[b], norm[i])
-        A_all[b] = A
-        inv_all[b] = A_inv
-    return A_all, inv_all, alpha, beta.astype(np.float32), h_max, x2_max, h_all
+    return newton_row_tiles(theta, other_factors, other_bias, others, values, global_mean, lam,
+                            m if m <= _TILED_ABOVE else _ROW_TILE)
 
 
 def _newton_row_tiled(theta, other_factors, other_bias, others, values, global_mean, lam):
-    """`newton_row` of a long row, `_ROW_TILE` ratings at a time: the same
-    arithmetic, each pair of coefficients running over one tile's columns (contiguous slices,
-    in the core's cache) instead of over the whole row's, which a long row read from memory
-    once per pair (the 173k-rating item row at 10^7: 330 -> 145 ms in isolation)."""
+    """`newton_row` `_ROW_TILE` ratings at a time, whatever the row's length."""
+    return newton_row_tiles(theta, other_factors, other_bias, others, values, global_mean, lam, _ROW_TILE)
+
+
+def _newton_row_tiles(theta, other_factors, other_bias, others, values, global_mean, lam, tile):
+    """`newton_row`, ``tile`` ratings at a time: each pair of coefficients runs over one
+    tile's columns (contiguous slices, in the core's cache) instead of over the whole row's,
+    which a long row read from memory once per pair (the 173k-rating item row at 10^7: 330 ->
+    145 ms in isolation). One tile (``tile >= m``) is the row in one pass."""
     k, d1 = theta.shape
     d = d1 - 1
     m = len(others)
-    tile = min(_ROW_TILE, max(m, 1))
+    tile = min(tile, max(m, 1))
     A_all = np.empty((k, d1, d1))
     inv_all = np.empty((k, d1, d1))
     alpha = np.empty((m, k), np.float32)
@@ -1017,6 +949,7 @@ def _stamp_rows(stamps, rows, mask, clock):
     return n, top
 
 
+newton_row_tiles = variant(_newton_row_tiles, "serial", nogil=True, fastmath=_REASSOC)
 newton_row_tiled = variant(_newton_row_tiled, "serial", nogil=True, fastmath=_REASSOC)
 newton_row = variant(_newton_row, "serial", nogil=True, fastmath=_REASSOC)
 updated_weights = variant(_updated_weights, "serial", nogil=True, fastmath=_REASSOC)
