@@ -620,7 +620,8 @@ def test_long_item_rows_updated_in_place_explain_as_rebuilt_rows(top):
                               model.user_bias.weight.detach().numpy(), done.theta, done.weights, done.reg_weights,
                               float(model.global_mean), done.beta_scale, done.beta_shift, False, done.moved[:0],
                               empty.alpha.copy(), empty.alpha, done.theta, done.weights, done.reg_weights, done.h_spread,
-                              model.item_bias.weight.detach().numpy(), False)
+                              model.item_bias.weight.detach().numpy(), False, empty.values,
+                              np.zeros((0, model.config.n_blocks, 2), np.float32), empty.x2_max)
     mine = np.isin(want_ids, got[0])
     np.testing.assert_array_equal(got[0], want_ids[mine])
     np.testing.assert_allclose(got[1], want_eff[mine], rtol=1e-5, atol=1e-8)
@@ -907,3 +908,70 @@ def test_a_long_user_row_updated_in_place_explains_as_its_rebuilt_row(top):
     want_ids, want_eff = NewtonInfluence(model, ratings).effects(heavy[0], int(mine[5]))
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(eff, want_eff, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("rated_online", [False, True])
+def test_the_user_rows_float32_bounds_hold_every_ratings_exact_effect(rated_online):
+    """`explain_kernels.user_effect_bounds` (float32 dot products, their rounding bounded)
+    brackets the exact ``|effect|`` of every rating it bounds, on a current long user row
+    (the build's α) and on one updated in place after the user rated online (α' within an
+    interval from the build's ``h``, computed once per update and kept): ``low ≤ |effect| ≤
+    high``, and tightly enough to prune (median width: within 1e-4 of the effect on the current
+    row, 5e-2 on the updated one, whose ``h'`` is only known within ``ε·max‖x‖²``)."""
+    from recsys.models.mf.explain_kernels import (
+        rating_score,
+        target_weights,
+        updated_rating_score,
+        user_effect_bounds,
+    )
+    from tests.conftest import make_ratings, with_new_ratings
+
+    r = make_ratings(n_users=30, n_items=150, n=2400, seed=4)
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r, learning_rate=0.02)
+    cached = model.explainer(r)
+    cache = cached._cache()
+    cache.update_above = 40
+    cached.warm()
+    heavy = int(np.argmax(r.user_counts()))
+    rng = np.random.default_rng(5)
+    if rated_online:
+        other = (heavy + 1) % r.n_users
+        mine = r.items[r.users == heavy]
+        ratings, new = with_new_ratings(r, [r.user_ids.raw(u) for u in (heavy, heavy, other)],
+                                        [r.item_ids.raw(int(j)) for j in (*rng.choice(r.n_items, 2, replace=False), mine[0])],
+                                        [4.0, 1.0, 5.0])
+        model.learn(ratings, new)
+        cached.update(ratings, new)
+        cached.explain(heavy, 0, 3)
+        assert cache.updated("user", heavy)
+    k = model.config.n_blocks
+    Q, BI = model.item_factors.weight.detach().numpy(), model.item_bias.weight.detach().numpy()
+    mu = float(model.global_mean)
+    row = cache._row("user", heavy, update=True)
+    done = cache._updates.get(("user", heavy))
+    assert (done is not None) == rated_online
+    m = len(row.examples)
+    bounded, widths = 0, []
+    for i in range(0, r.n_items, 5):
+        weights = done.weights if done is not None else row.weights
+        w = target_weights(weights, Q, i, k)
+        c = float(np.sum((done.reg_theta if done is not None else row.reg_theta) * w))
+        skip = (done.moved.copy() if done is not None else np.zeros(m, bool)) | (row.others == i)
+        low, high = np.empty(m), np.empty(m)
+        gsum = done.reg_weights + done.theta if done is not None else np.zeros((k, w.shape[1]))
+        user_effect_bounds(skip, row.others, Q, BI, row.values, row.alpha,
+                           done.alpha_bounds if done is not None else np.zeros((0, k, 2), np.float32), row.h,
+                           done.h_spread if done is not None else np.zeros(k), gsum, w, c, mu,
+                           np.sqrt(row.x2_max) * (1 + 1e-12), done is not None, low, high)
+        for n in np.flatnonzero(~skip):
+            if done is not None:
+                exact = abs(updated_rating_score(done.alpha, row.others, row.examples, cached.ratings.values, n, Q, BI,
+                                                 done.theta, done.weights, done.reg_weights, w, c, mu))
+            else:
+                exact = abs(rating_score(row.alpha, row.others, n, Q, w, c))
+            assert low[n] <= exact <= high[n], (n, low[n], exact, high[n])
+            widths.append((high[n] - low[n]) / exact)
+            bounded += 1
+    assert bounded > 0.8 * m * len(range(0, r.n_items, 5))
+    assert np.median(widths) < (5e-2 if rated_online else 1e-4)

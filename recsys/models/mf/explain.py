@@ -355,6 +355,8 @@ class _NewtonRow(NamedTuple):
     theta: np.ndarray  # float64 [K, d+1]: the row's [factors; bias] at the build (kept with gram, else [0, 0])
     h: np.ndarray  # float32 [m, K]: h_i = x_iᵀA⁻¹x_i, kept with gram on a user row (else [0, 0]): bounds its
     #                ratings' α once its own parameters moved (`explain_kernels.pair_scores_updated`)
+    values: np.ndarray  # float32 [m]: the ratings' values, kept with h (else [0]): read in row order by the
+    #                     bounds of a user row updated in place (`explain_kernels.user_effect_bounds`)
 
     @property
     def nbytes(self) -> int:
@@ -378,6 +380,8 @@ class _RowUpdate(NamedTuple):
     beta_shift: float
     h_spread: np.ndarray  # float64 [K]: how far h' = xᵀW'x may be from the build's h of a rating whose other
     #                       row did not move: ε·x2_max + 2⁻²³, ε ≥ ‖W' − W‖₂ (`updated_weights`; user rows)
+    alpha_bounds: np.ndarray  # float32 [m, K, 2] (user rows; else [0, K, 2]): each rating's α' interval,
+    #                           NaN until a query computed it (`explain_kernels.user_effect_bounds`)
 
     @property
     def nbytes(self) -> int:
@@ -517,12 +521,14 @@ class NewtonInfluence:
         self._empty = _NewtonRow(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((k, d + 1, d + 1), np.float32),
                                  np.zeros((0, k), np.float32), np.zeros((k, d + 1)), np.zeros(0, np.float32),
                                  np.zeros(0, np.int32), np.zeros((0, 0)), np.zeros(k), np.zeros(k),
-                                 np.zeros((0, 0)), np.zeros((0, k), np.float32))  # a user or item with no row
+                                 np.zeros((0, 0)), np.zeros((0, k), np.float32),
+                                 np.zeros(0, np.float32))  # a user or item with no row
         #: long rows updated in place since their other rows moved (`_update`), by key
         self._updates: dict[tuple[str, int], _RowUpdate] = {}
         self._not_updated = _RowUpdate(np.zeros((k, (d + 1) * (d + 2) // 2)), np.zeros((k, d + 1, d + 1)), np.zeros((k, d + 1)),
                                        np.zeros((k, d + 1)), np.zeros((k, d + 1)), np.zeros(0, bool),
-                                       np.zeros((0, k), np.float32), 0, 1.0, 0.0, np.zeros(k))  # its fields' types
+                                       np.zeros((0, k), np.float32), 0, 1.0, 0.0, np.zeros(k),
+                                       np.zeros((0, k, 2), np.float32))  # its fields' types
         #: how many rows were built and updated in place (for tests and benchmarks)
         self.counts = {"built": 0, "updated": 0}
         # per side, the factors as of the last `invalidate` and a ring of the factors moved rows
@@ -793,7 +799,9 @@ class NewtonInfluence:
                     others=np.insert(cached.others, inserted, new_others),
                     alpha=np.insert(cached.alpha, inserted, 0.0, axis=0), beta=np.insert(cached.beta, inserted, 0.0),
                     by_beta=np.r_[by_beta, added].astype(np.int32),
-                    h=np.insert(cached.h, inserted, 0.0, axis=0) if cached.h.size else cached.h)
+                    h=np.insert(cached.h, inserted, 0.0, axis=0) if cached.h.size else cached.h,
+                    values=np.insert(cached.values, inserted, self.train.values[new_z]) if cached.values.size
+                    else cached.values)
                 moved = np.insert(moved, inserted, True)
         moved = moved.copy()
         moved[positions] = True
@@ -837,7 +845,9 @@ class NewtonInfluence:
         self._updates.pop(key, None)  # (re-inserted last: the dict is in the order last updated)
         self._updates[key] = _RowUpdate(gram, weights, reg_weights, theta, lam * theta, moved,
                                         np.full((len(moved), k), np.nan, np.float32), n_moved, float(scale),
-                                        float(shift), eps * cached.x2_max + 2.0 ** -23)
+                                        float(shift), eps * cached.x2_max + 2.0 ** -23,
+                                        np.full((len(moved), k, 2), np.nan, np.float32) if side == "user"
+                                        else self._not_updated.alpha_bounds)
         while len(self._updates) > self.updates_kept:  # the least recently updated row: rebuilt when next used
             self._drop(next(iter(self._updates)))
         self._checked[key] = self._clock
@@ -877,7 +887,9 @@ class NewtonInfluence:
         return _NewtonRow(z, others, W.astype(np.float32), alpha, lam * theta, beta,
                           np.argsort(-beta, kind="stable").astype(np.int32), _lower(A) if updatable else np.zeros((0, 0)),
                           h_max, x2_max, theta if updatable else np.zeros((0, 0)),
-                          h if updatable and side == "user" else np.zeros((0, k), np.float32))
+                          h if updatable and side == "user" else np.zeros((0, k), np.float32),
+                          self.train.values[z].astype(np.float32) if updatable and side == "user"
+                          else np.zeros(0, np.float32))
 
     def _drop(self, key: tuple[str, int]) -> None:
         """Forget a cached row (and its update in place): it is built again when next used."""
@@ -951,7 +963,11 @@ class NewtonInfluence:
                                 np.iinfo(np.int64).max, True, self.prune_chunk, True, up.moved, self.train.values,
                                 _table(model.user_bias.weight), up.theta, up.weights, up.reg_weights,
                                 float(model.global_mean), 1.0, 0.0, True, up.moved, up.alpha, up.alpha, up.theta,
-                                up.weights, up.reg_weights, up.h_spread, _table(model.item_bias.weight), True)
+                                up.weights, up.reg_weights, up.h_spread, _table(model.item_bias.weight), True,
+                                up.alpha[:, 0], up.alpha_bounds, e.x2_max)
+            pair_scores(k, e.examples, e.others, e.alpha, e.weights, e.reg_theta, True, e.examples, e.others, e.alpha,
+                        e.weights, e.reg_theta, e.beta, e.by_beta, False, users, items, 0, 0, True, 1,
+                        np.iinfo(np.int64).max, True, self.prune_chunk, True, e.x2_max)
 
     def effects_and_shares(self, user: int, item: int, *, top: int | None = None,
                            settled_below: int | None = None, user_settled: bool = True, score_user: bool = True
@@ -985,12 +1001,14 @@ class NewtonInfluence:
             others_u = others_u.astype(np.int32)
         done_u = self._updates.get(("user", user)) if known_u and score_user else None
         prune = top is not None and len(ir.examples) > self.prune_above
+        # a user row is bounded first when long, or updated in place (its α' are costly to compute)
+        prune_user = top is not None and (len(z_u) > self.prune_above or done_u is not None)
         users, items = _table(model.user_factors.weight), _table(model.item_factors.weight)
         if done is None and done_u is None:
             return pair_scores(model.config.n_blocks, z_u, others_u, ur.alpha, ur.weights, ur.reg_theta,
                                known_u and score_user, ir.examples, ir.others, ir.alpha, ir.weights, ir.reg_theta,
                                ir.beta, ir.by_beta, known_i, users, items, user, item, prune, max(top or 1, 1),
-                               settled_below, user_settled, self.prune_chunk)
+                               settled_below, user_settled, self.prune_chunk, prune_user, ur.x2_max)
         up = self._not_updated  # (the side not updated in place: placeholders of the right types)
         i_up, u_up = done or up, done_u or up
         return pair_scores_updated(model.config.n_blocks, z_u, others_u, ur.alpha, ur.weights, u_up.reg_theta
@@ -1003,7 +1021,8 @@ class NewtonInfluence:
                                    float(model.global_mean), i_up.beta_scale, i_up.beta_shift, done_u is not None,
                                    u_up.moved, u_up.alpha, ur.h if done_u is not None else up.alpha, u_up.theta,
                                    u_up.weights, u_up.reg_weights, u_up.h_spread, _table(model.item_bias.weight),
-                                   top is not None)
+                                   prune_user, ur.values if done_u is not None else up.alpha[:, 0],
+                                   u_up.alpha_bounds, ur.x2_max)
 
     def effects(self, user: int, item: int) -> tuple[np.ndarray, np.ndarray]:
         """``(example ids [m], effects [m])`` like `estimate_effects(..., "newton")`."""

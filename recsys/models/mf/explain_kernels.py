@@ -537,38 +537,123 @@ def _into_top(best, a):
         best[j] = a
 
 
-def _user_rating_bounds(o, value, Q, BI, gsum, h, n, spread, w, c, global_mean):
-    """``(low, high)``: bounds on ``|effect|`` of rating ``n`` (of item ``o``, ``value``) of a
-    user row updated in place whose item did not move since the build (`updated_weights`),
-    without its ``h' = xᵀW'x`` (the ``O(d²)`` part of `updated_rating_score`). Per block
-    ``α' = (t' − r')/(1 − h')``: ``t' − r' = x·(W'(λ⊙θ) + θ) − (value − μ − b_item)`` exactly
-    (``gsum`` ``[K, d+1]`` is ``W'(λ⊙θ) + θ``, θ the row now), and ``h'`` within
-    ``spread = ε·x2_max + 2⁻²³`` of the build's ``h`` (``|xᵀ(W' − A⁻¹)x| ≤ ‖W' − A⁻¹‖₂‖x‖²``;
-    ``ε`` bounds ``‖W' − W‖₂`` plus ``W``'s float32 rounding, 2⁻²³ the float32 ``h``); then
-    ``effect = −(Σ_b α'_b (x·w_b) + c)/K``. ``high`` is inf when ``1 − h'`` may come near 0
-    (the caller scores the rating)."""
+#: a float32 dot product of ``d`` terms (in any order, products possibly fused) with one factor
+#: rounded from float64 is within ``(d + 2)·2⁻²⁴·1.001·‖q‖‖w‖`` of the exact float64 one
+_F32_DOT = 2.0 ** -24 * 1.001
+
+
+def _user_effect_bounds(skip, others, Q, BI, values, alpha, alpha_bounds, h, spread, gsum, w, c, global_mean,
+                        q_norm, updated, low, high):
+    """Bounds ``low[n] ≤ |effect| ≤ high[n]`` of each rating ``n`` of a user row not ``skip``
+    (`NewtonInfluence`'s pruned user side), from float32 dot products (vectorised: 6x the float64
+    ones a rating's exact score takes) whose rounding is bounded and added; ``high`` inf: the
+    rating must be scored exactly. The effect is ``−(Σ_b α_b (x_b·w_b) + c)/K`` with ``x_b =
+    [q_b; 1]`` (``q`` the item's factors, ``others[n]``) and each ``|x_b·w_b − fl32(x_b·w_b)| ≤
+    (d+2)·2⁻²⁴·1.001·‖q_b‖‖w_b‖``, ``‖q_b‖ ≤ q_norm[b]`` (the build's largest ``‖x_b‖``: the items
+    of a rating not skipped did not move since the row was built).
+
+    A row not ``updated``: ``α`` is the build's (``alpha [m, K]`` float32, what the exact score
+    uses). A row ``updated`` in place: ``α' = (x·gsum_b − (value − μ − b_item))/(1 − h')``
+    (`updated_weights`; ``gsum = W'(λ⊙θ) + θ`` now, the rating's ``values[n]``) with ``h'``
+    within ``spread[b]`` of the build's ``h[n, b]``: its interval is computed once per update
+    (the numerator's dot product bounded as above) and kept, rounded outwards to float32, in
+    ``alpha_bounds [m, K, 2]`` as (centre, radius) (NaN until computed; centre inf where
+    ``1 − h'`` may come near 0: scored exactly)."""
     k, d1 = w.shape
     d = d1 - 1
-    s_lo = c
-    s_hi = c
+    w32 = np.empty((k, d), np.float32)
+    g32 = np.empty((k, d), np.float32)
+    w_err = np.empty(k)  # bounds on the rounding of x_b·w_b and x_b·gsum_b
+    g_err = np.empty(k)
     for b in range(k):
-        xw = w[b, d]
-        num = gsum[b, d] - (value - global_mean - np.float64(BI[o, b]))
+        sw = 0.0
+        sg = 0.0
         for j in range(d):
-            v = np.float64(Q[o, b * d + j])
-            xw += v * w[b, j]
-            num += v * gsum[b, j]
-        den_lo = 1.0 - np.float64(h[n, b]) - spread[b]
-        if not den_lo > 1e-6:
-            return 0.0, np.inf
-        den_hi = den_lo + 2.0 * spread[b]
-        a1 = num / den_lo * xw
-        a2 = num / den_hi * xw
-        s_lo += min(a1, a2)
-        s_hi += max(a1, a2)
-    high = max(abs(s_lo), abs(s_hi)) / k
-    low = 0.0 if s_lo <= 0.0 <= s_hi else min(abs(s_lo), abs(s_hi)) / k
-    return low * (1 - 1e-6) - 1e-12, high
+            w32[b, j] = w[b, j]
+            sw += w[b, j] * w[b, j]
+            if updated:
+                g32[b, j] = gsum[b, j]
+                sg += gsum[b, j] * gsum[b, j]
+        w_err[b] = (d + 2) * _F32_DOT * q_norm[b] * np.sqrt(sw) * (1.0 + 1e-9)
+        g_err[b] = (d + 2) * _F32_DOT * q_norm[b] * np.sqrt(sg) * (1.0 + 1e-9)
+    if updated:
+        user_alpha_intervals(skip, others, Q, BI, values, alpha_bounds, h, spread, gsum, g32, g_err, global_mean)
+        user_effect_bounds_rows(skip, others, Q, alpha_bounds[:, :, 0], alpha_bounds[:, :, 1], w, w32, w_err, c, low,
+                                high)
+    else:
+        user_effect_bounds_rows(skip, others, Q, alpha, np.zeros((1, k), np.float32)[np.zeros(len(others), np.int64)],
+                                w, w32, w_err, c, low, high)
+
+
+def _user_alpha_intervals(skip, others, Q, BI, values, alpha_bounds, h, spread, gsum, g32, g_err, global_mean):
+    """`user_effect_bounds`' α' intervals of a row updated in place, for the ratings not
+    ``skip`` whose interval this update has not computed yet (``alpha_bounds[n, 0, 0]`` NaN),
+    as (centre, radius) rounded outwards to float32; centre inf where ``1 − h'`` may come
+    near 0. ``g32`` ``[K, d]``: ``gsum``'s factor part as float32, ``g_err`` ``[K]`` the
+    rounding bound of its dot products."""
+    k, d = g32.shape
+    dots = np.empty(k)
+    for n in range(len(others)):
+        if skip[n] or not np.isnan(alpha_bounds[n, 0, 0]):
+            continue
+        o = others[n]
+        for b in range(k):
+            s32 = np.float32(0.0)
+            for j in range(d):
+                s32 += Q[o, b * d + j] * g32[b, j]
+            dots[b] = np.float64(s32)
+        y = np.float64(values[n]) - global_mean
+        near = False
+        for b in range(k):
+            num = gsum[b, d] + dots[b] - (y - np.float64(BI[o, b]))
+            den_lo = 1.0 - np.float64(h[n, b]) - spread[b]
+            if not den_lo > 1e-6:
+                near = True
+            den_hi = den_lo + 2.0 * spread[b]
+            n_lo = num - g_err[b]
+            n_hi = num + g_err[b]
+            a_lo = min(n_lo / den_lo, n_lo / den_hi)
+            a_hi = max(n_hi / den_lo, n_hi / den_hi)
+            mid = 0.5 * (a_lo + a_hi)
+            centre = np.float32(mid)
+            alpha_bounds[n, b, 0] = centre
+            alpha_bounds[n, b, 1] = np.float32(
+                (0.5 * (a_hi - a_lo) + abs(mid - np.float64(centre))) * (1.0 + 2.0 ** -20) + 1e-300)
+        if near:
+            alpha_bounds[n, 0, 0] = np.inf
+
+
+def _user_effect_bounds_rows(skip, others, Q, centres, radii, w, w32, w_err, c, low, high):
+    """`user_effect_bounds`' pass over the ratings not ``skip``: ``α`` within ``radii`` of
+    ``centres`` (``[m, K]``, float32; an inf centre: ``high`` inf), ``w``'s factor part as
+    float32 ``w32`` ``[K, d]`` with its dot products' rounding bound ``w_err`` ``[K]``. Intervals
+    as centre ± radius (no branches: the loops over ``d``, taken from ``w32``'s shape and kept
+    apart from the interval arithmetic, vectorise): ``α ∈ a ± r`` and ``x·w ∈ s ± e`` give
+    ``α(x·w) ∈ a·s ± (|a|e + r|s| + r·e)``."""
+    k, d = w32.shape
+    dots = np.empty(k)
+    for n in range(len(others)):
+        if skip[n]:
+            continue
+        o = others[n]
+        for b in range(k):
+            s32 = np.float32(0.0)
+            for j in range(d):
+                s32 += Q[o, b * d + j] * w32[b, j]
+            dots[b] = np.float64(s32)
+        centre = c
+        radius = 0.0
+        for b in range(k):
+            xw = w[b, d] + dots[b]
+            a = np.float64(centres[n, b])
+            r = np.float64(radii[n, b])
+            centre += a * xw
+            radius += abs(a) * w_err[b] + r * (abs(xw) + w_err[b])
+        high[n] = (abs(centre) + radius) / k * (1 + 1e-9)
+        low[n] = (abs(centre) - radius) / k * (1 - 1e-6) - 1e-12
+        if not high[n] < np.inf:
+            high[n] = np.inf
+            low[n] = 0.0
 
 
 def _target_weights(W, table, row, k):
@@ -588,7 +673,9 @@ def _target_weights(W, table, row, k):
 
 target_weights = variant(_target_weights, "serial", nogil=True, fastmath=_REASSOC)
 into_top = variant(_into_top, "serial", nogil=True)
-user_rating_bounds = variant(_user_rating_bounds, "serial", nogil=True, fastmath=_REASSOC)
+user_effect_bounds_rows = variant(_user_effect_bounds_rows, "serial", nogil=True, fastmath=_REASSOC)
+user_alpha_intervals = variant(_user_alpha_intervals, "serial", nogil=True, fastmath=_REASSOC)
+user_effect_bounds = variant(_user_effect_bounds, "serial", nogil=True, fastmath=_REASSOC)
 
 
 # placeholders of `_pair_scores_updated`'s update arguments for a row not updated (module
@@ -603,15 +690,16 @@ _NO_EPS = np.zeros(0)
 
 def _pair_scores(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
                  item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta, has_item,
-                 P, Q, user, item, prune, top, settled_below, user_settled, chunk):
-    """`pair_scores_updated` of an item row not updated in place (fewer arguments to pass:
-    each costs the caller's dispatch)."""
+                 P, Q, user, item, prune, top, settled_below, user_settled, chunk, prune_user, user_x2_max):
+    """`pair_scores_updated` of rows not updated in place (fewer arguments to pass: each costs
+    the caller's dispatch)."""
     return pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
                                item_examples, item_others, item_alpha, item_W, item_reg_theta, item_beta, item_by_beta,
                                has_item, P, Q, user, item, prune, top, settled_below, user_settled, chunk, False,
                                _NO_MOVED, _NO_VALUES, _NO_BIAS, _NO_THETA, _NO_WEIGHTS, _NO_THETA, 0.0, 1.0, 0.0,
                                False, _NO_MOVED, np.empty((0, 0), np.float32), _NO_BIAS, _NO_THETA, _NO_WEIGHTS,
-                               _NO_THETA, _NO_EPS, _NO_BIAS, False)
+                               _NO_THETA, _NO_EPS, _NO_BIAS, prune_user, _NO_VALUES, np.empty((0, 0, 2), np.float32),
+                               user_x2_max)
 
 
 def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user_reg_theta, score_user,
@@ -619,7 +707,8 @@ def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user
                          has_item, P, Q, user, item, prune, top, settled_below, user_settled, chunk,
                          item_updated, item_moved, values, BU, item_theta, item_W_now, item_Wg_now, global_mean,
                          beta_scale, beta_shift, user_updated, user_moved, user_alpha_now, user_h, user_theta,
-                         user_W_now, user_Wg_now, user_spread, BI, prune_user):
+                         user_W_now, user_Wg_now, user_spread, BI, prune_user, user_values, user_alpha_bounds,
+                         user_x2_max):
     """Every candidate of the prediction of ``(user, item)`` scored from the two cached rows
     in one call (`NewtonInfluence.effects_and_shares`). Returns ``(example ids int64 [n],
     effects float64 [n], shares_user bool [n], shares_item bool [n], candidates)``: the
@@ -634,7 +723,18 @@ def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user
     ratings' ``values`` and the user biases ``BU``, and ``item_alpha`` is the update's α
     (NaN until computed; filled in); ``item_beta`` / ``item_by_beta`` stay the build's, with
     ``item_moved`` marking the ratings gained or whose rater moved since the build and
-    ``beta_scale``, ``beta_shift`` widening the bound."""
+    ``beta_scale``, ``beta_shift`` widening the bound.
+
+    ``prune_user`` (with ``score_user`` and ``user_settled``): the user's ratings are bounded
+    first (`user_effect_bounds`: float32 dot products, their rounding bounded; ``user_x2_max``
+    the row's build's largest ``‖x‖²`` per block) and only those whose bound reaches the
+    ``top`` largest lower bounds (exact effects included) are scored and returned, besides
+    the ones always scored (the pair's own, at or above ``settled_below``, and for a row
+    ``user_updated`` in place those gained or whose item moved since the build,
+    ``user_moved``). A row updated in place (`updated_weights`: ``user_W_now``, ``user_Wg_now``,
+    ``user_theta`` now) scores with `updated_rating_score` (α' into ``user_alpha_now``) and
+    bounds from the build's ``user_h`` within ``user_spread``, the ratings' ``user_values``
+    and the item biases ``BI``, keeping each rating's α' interval in ``user_alpha_bounds``."""
     m_u = len(user_examples)
     m_i = len(item_examples)
     lo = hi = 0
@@ -663,13 +763,24 @@ def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user
             else:
                 w_u = target_weights(user_W, Q, item, k)
             c_u = np.sum(user_reg_theta * w_u)
-        bounded = user_updated and score_user and prune_user and user_settled
-        upper = np.empty(m_u if bounded else 0)
-        gsum = np.empty((k, w_u.shape[1]))
-        if bounded:
+        # the user's ratings no exact score must be returned for: bounded first (`user_effect_bounds`)
+        pruned = score_user and prune_user and user_settled
+        upper = np.empty(m_u if pruned else 0)
+        lower = np.empty(m_u if pruned else 0)
+        skip = np.zeros(m_u if pruned else 0, np.bool_)
+        if pruned:
+            gsum = np.empty((k, w_u.shape[1]))
+            if user_updated:
+                for b in range(k):
+                    for p in range(w_u.shape[1]):
+                        gsum[b, p] = user_Wg_now[b, p] + user_theta[b, p]
+            q_norm = np.empty(k)
             for b in range(k):
-                for p in range(w_u.shape[1]):
-                    gsum[b, p] = user_Wg_now[b, p] + user_theta[b, p]
+                q_norm[b] = np.sqrt(user_x2_max[b]) * (1.0 + 1e-12)
+            for n in range(m_u):
+                skip[n] = (user_updated and user_moved[n]) or user_others[n] == item or user_examples[n] >= settled_below
+            user_effect_bounds(skip, user_others, Q, BI, user_values, user_alpha, user_alpha_bounds, user_h,
+                               user_spread, gsum, w_u, c_u, global_mean, q_norm, user_updated, lower, upper)
         scored = np.ones(m_u, np.bool_)
         floor = np.full(max(top, 1), -1.0)  # the largest lower bounds of |effect| (exact ones included)
         own = lo
@@ -678,14 +789,10 @@ def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user
             su[n] = True
             si[n] = user_others[n] == item
             if score_user:
-                if bounded and not (user_moved[n] or si[n] or user_examples[n] >= settled_below):
-                    low, high = user_rating_bounds(user_others[n], values[user_examples[n]], Q, BI, gsum, user_h, n,
-                                                   user_spread, w_u, c_u, global_mean)
-                    if high < np.inf:  # else scored now
-                        upper[n] = high
-                        scored[n] = False
-                        into_top(floor, low)
-                        continue
+                if pruned and not skip[n] and upper[n] < np.inf:
+                    scored[n] = False
+                    into_top(floor, lower[n])
+                    continue
                 if user_updated:
                     e = updated_rating_score(user_alpha_now, user_others, user_examples, values, n, Q, BI, user_theta,
                                              user_W_now, user_Wg_now, w_u, c_u, global_mean)
@@ -700,12 +807,15 @@ def _pair_scores_updated(k, user_examples, user_others, user_alpha, user_W, user
                     into_top(best, abs(e))
                     into_top(floor, abs(e))
         n = m_u
-        if bounded:  # the user's other ratings: scored when their bound reaches the largest lower bounds
+        if pruned:  # the user's other ratings: scored when their bound reaches the largest lower bounds
             for r in range(m_u):
                 if scored[r] or upper[r] * (1 + 1e-6) + 1e-12 < floor[len(floor) - 1]:
                     continue
-                e = updated_rating_score(user_alpha_now, user_others, user_examples, values, r, Q, BI, user_theta,
-                                         user_W_now, user_Wg_now, w_u, c_u, global_mean)
+                if user_updated:
+                    e = updated_rating_score(user_alpha_now, user_others, user_examples, values, r, Q, BI, user_theta,
+                                             user_W_now, user_Wg_now, w_u, c_u, global_mean)
+                else:
+                    e = rating_score(user_alpha, user_others, r, Q, w_u, c_u)
                 eff[r] = e
                 scored[r] = True
                 into_top(best, abs(e))
@@ -970,4 +1080,4 @@ stamp_rows = variant(_stamp_rows, "serial", nogil=True)
 __all__ = ["extend_row_chains", "fold_in_leave_one_out", "gram_of_inverse", "lower_cholesky_inverse", "newton_row", "online_step_scores",
            "pair_prediction", "pair_scores", "pair_scores_updated", "pruned_row_scores", "rating_score", "record_moves",
            "copy_row", "row_chain", "row_rating_score", "stamp_rows", "target_weights", "trained_mask", "updated_rating_score",
-           "updated_weights", "write_record"]
+           "updated_weights", "user_alpha_intervals", "user_effect_bounds", "user_effect_bounds_rows", "write_record"]
