@@ -12,9 +12,11 @@ the default REC model (`recsys train --model rec` defaults) of MovieLens-100K u1
   with at most ``fanouts[0]`` training ratings (all of them first-hop evidence of every
   prediction for the user), one random training rating each is removed and the model
   retrained on the same trajectory (`recsys.experiments.rec_rollback.retrain`: same initial
-  weights, orders and batches, the rating at loss weight 0 and hidden from every chain);
-  the true change of each of the user's test predictions against the served effect (and the
-  share) of that rating in the full model, which is itself `retrain` with nothing removed.
+  weights, orders and batches, the rating at loss weight 0 and hidden from every chain; the
+  chains' draws are keyed by node, so the rest of every step samples what the full run
+  sampled); the true change of each of the user's test predictions, and of the rated item's
+  test predictions whose chains read the rating first-hand, against the served effect (and
+  the share) of that rating in the full model, which is itself `retrain` with nothing removed.
   Retrains run in parallel processes (``--workers``), each writing its predictions to JSON.
 - ``latency``: the served explainer's wall time for ``--latency-pairs`` test pairs (k=5);
   with ``--artefact``, also the service path (`Recommender.predict(user, item, explain=5)`
@@ -68,10 +70,12 @@ def default_configs() -> tuple[RECConfig, TrainConfig]:
     return RECConfig(), TrainConfig.for_model(EvidenceChainModel, patience=None, progress=False)
 
 
-def retrain_users(train, test, n: int, seed: int, max_ratings: int) -> list[tuple[int, int, list[int]]]:
-    """``(user, removed example, [test items])`` for ``n`` random test users with
+def retrain_users(train, test, n: int, seed: int, max_ratings: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """``(user, removed example, [test pairs])`` for ``n`` random test users with
     2..``max_ratings`` training ratings (all of them first-hop evidence of every prediction for
-    the user), their test items that have training ratings, one random rating of theirs removed."""
+    the user), one random rating ``(user, item)`` of theirs removed: the pairs are the user's
+    test items and the item's test users that have training ratings (the rating is first-hop
+    evidence of those where the item's chains sample it; the others are skipped when scored)."""
     counts = np.bincount(train.users, minlength=train.n_users)
     rated = np.bincount(train.items, minlength=train.n_items) > 0
     rng = np.random.default_rng(seed)
@@ -84,7 +88,9 @@ def retrain_users(train, test, n: int, seed: int, max_ratings: int) -> list[tupl
         if not items:
             continue
         z = int(rng.choice(np.flatnonzero(train.users == u)))
-        out.append((u, z, items))
+        i = int(train.items[z])
+        users = [int(v) for v in test.users[test.items == i] if v < train.n_users and counts[v] > 0 and v != u]
+        out.append((u, z, [(u, j) for j in items] + [(v, i) for v in users]))
         if len(out) == n:
             break
     return out
@@ -210,6 +216,9 @@ def main() -> None:
                         help="measure the latency only (needs --artefact); keep the results file's other figures")
     parser.add_argument("--retrain-users", type=int, default=0)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--retrain-dir", type=Path, default=None,
+                        help="where the retrains write their results (default: a new temporary folder); "
+                             "a retrain whose result is already there is not run again")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (default: results/explain_rec.json)")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # removed, pairs json, out
@@ -235,13 +244,16 @@ def main() -> None:
     if args.retrain_users:
         # choose the users on the given (or a freshly trained) model, then retrain base + removals
         picks = retrain_users(train, test, args.retrain_users, args.seed, default_configs()[0].fanouts[0])
-        all_pairs = [(u, i) for u, _, items in picks for i in items]
-        tmp = Path(tempfile.mkdtemp(prefix="explain_rec_"))
-        jobs = [(z, [(u, i) for i in items]) for u, z, items in picks]
+        all_pairs = sorted({pair for _, _, pairs in picks for pair in pairs})
+        tmp = args.retrain_dir or Path(tempfile.mkdtemp(prefix="explain_rec_"))
+        tmp.mkdir(parents=True, exist_ok=True)
+        jobs = [(z, pairs) for _, z, pairs in picks]
         if args.artefact is None:  # the full model is retrain() with nothing removed
             jobs.insert(0, (-1, all_pairs))
         procs: list[subprocess.Popen] = []
         for removed, pairs in jobs:
+            if (tmp / f"{removed}.json").is_file():  # finished by an earlier run in the same --retrain-dir
+                continue
             while len([p for p in procs if p.poll() is None]) >= args.workers:
                 time.sleep(5)
             cmd = [sys.executable, __file__, "--worker", str(removed), json.dumps(pairs), str(tmp / f"{removed}.json")]

@@ -91,6 +91,28 @@ def test_batched_leave_one_out_equals_one_substituted_forward_per_rating(model, 
     assert np.abs(reference).max() > 0
 
 
+@pytest.mark.parametrize("passes", [1, 3])
+def test_dropping_a_ratings_edges_from_drawn_chains_is_drawing_without_it(model, passes):
+    """`Chains.without_pair` on the chains drawn once gives the root vectors of chains drawn
+    with the rating excluded, for ratings met at every depth (first hop and deeper)."""
+    graph, _ = model.live()
+    roots = torch.tensor([2, 9, graph.n_users + 3])
+    draw = lambda **kw: model.chain_sampler(graph, roots, model.config.fanouts,  # noqa: E731
+                                            torch.Generator().manual_seed(4), passes=passes, **kw)
+    full = draw()
+    keys = full.edge_pair_keys(graph)
+    met = {d: np.unique(k) for d, k in enumerate(keys)}
+    assert all(len(m) for m in met.values())
+    with torch.no_grad():
+        for pair_keys in met.values():
+            for key in pair_keys[:6].tolist():
+                dropped = full.without_pair(key, keys)
+                redrawn = draw(exclude=torch.tensor([key]))
+                assert sum(len(lvl.parent) for lvl in dropped.levels) < sum(len(lvl.parent) for lvl in full.levels)
+                torch.testing.assert_close(model.aggregate(dropped), model.aggregate(redrawn), atol=1e-6, rtol=0)
+    assert full.without_pair(-1, keys) is full  # a pair the chains never met changes nothing
+
+
 def test_baselines_without_each_rating_equal_a_refit_on_the_other_ratings(model):
     r = model.ratings
     ids = np.array([0, 7, 123, len(r) - 1])

@@ -193,6 +193,18 @@ def test_retrain_with_nothing_removed_reproduces_trainer_fit_bit_for_bit(ratings
     assert torch.equal(free.prototype_vectors, model.prototype_vectors)
 
 
+def test_a_retrain_without_a_rating_keeps_the_full_runs_sampling_stream_in_step(ratings, adam_fit):
+    """Keyed draws take one key per step whatever the chains hide, so retraining without a
+    rating on the sampler's own stream is the retrain restarted from the full run's recorded
+    state before every step: the same trajectory, with no states to record."""
+    _, cb, config = adam_fit
+    z = [7]
+    restarted = retrain(ratings, RECConfig(**SMALL), config, z, sampling_states=cb.sampling_states)
+    free = retrain(ratings, RECConfig(**SMALL), config, z)
+    for (name, a), (_, b) in zip(restarted.state_dict().items(), free.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 # ---------------------------------------------------------------------------- evidence effect
 def test_vectorised_baseline_refit_equals_fit_baseline_without_the_rating(ratings):
     ids = np.array([0, 17, 333])

@@ -715,10 +715,11 @@ def retrain(train: Ratings, model_config: RECConfig, train_config: TrainConfig,
     are unchanged), every step's sampler restarted from the full run's state before that step
     (``sampling_states`` from `RECRollbackCallback(record_sampling=True)`), and, with
     ``evidence`` (default), the removed ratings masked out of every chain and the baseline
-    refitted without them (the model then predicts under `removed`). What still differs: a
-    masked edge that would have been sampled drops its child from the next level, which
-    shifts the later random draws of that step (measured by the benchmark's random-far
-    removals). With nothing removed it reproduces ``Trainer.fit`` bit for bit (tested)."""
+    refitted without them (the model then predicts under `removed`). The chains' draws are
+    keyed by node (`recsys.models.rec.chains.keyed_uniform`), so a masked edge changes a step's
+    chains only below itself, and every step takes the same one key from the sampling stream:
+    the stream stays in step with the full run without ``sampling_states``. With nothing
+    removed it reproduces ``Trainer.fit`` bit for bit (tested)."""
     c = train_config
     if c.threads:
         torch.set_num_threads(c.threads)

@@ -24,6 +24,13 @@ Python loop over nodes or ratings:
 - Several independent samplings (``passes``, averaged at prediction time) are drawn in one
   go, each pass's nodes under their own ids (`Chains`), so their cost is one set of tensor
   operations, not one per pass: what a single prediction's latency is made of.
+- Every random number is *keyed* (`keyed_uniform`): a function of the call's key (one number
+  taken from the generator per call, `draw_key`), the level and the node (pass included), not
+  the next number of a stream. So a node draws the same neighbours whichever other nodes are
+  sampled with it, and hiding a rating drops its edges and what hung below them and changes
+  no other draw: the leave-one-out an explanation computes, and a same-trajectory retrain
+  without the rating, differ from the full run only where the rating was (with a stream, one
+  dropped child shifted every later draw of the call).
 
 The immediate-parent skip is done at aggregation time (see `Level.reverse_edge`), because a
 memoised node is shared by all its parents.
@@ -212,6 +219,65 @@ def edge_hash(examples: np.ndarray, item_row: np.ndarray, seed: int) -> np.ndarr
     return (z >> np.uint64(1)).astype(np.int64)
 
 
+# ----------------------------------------------------------------------------- keyed draws
+#: the stream of a level's draws is its depth; the root truncation's draws have their own
+TRUNCATION_STREAM = 64
+_GOLDEN = 0x9E3779B97F4A7C15
+_ID_MULTIPLIER = 0xD6E8FEB86659FD93
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser on a Python int (64 bits, unsigned)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def draw_key(generator: torch.Generator) -> int:
+    """One sampling call's key: a 62-bit integer from ``generator`` (the only number a call
+    takes from it, whatever it samples)."""
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device).item())
+
+
+def stream_base(key: int, stream: int) -> int:
+    """The 64-bit base of one stream of a call's draws (unsigned, as a Python int)."""
+    return _mix64(key ^ _mix64((stream + 1) * _GOLDEN))
+
+
+def _signed(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
+def _mix64_tensor(z: torch.Tensor) -> torch.Tensor:
+    """`_mix64` on ``int64`` tensors (two's complement; logical shifts by masking)."""
+    z = z ^ ((z >> 30) & ((1 << 34) - 1))
+    z = z * _signed(0xBF58476D1CE4E5B9)
+    z = z ^ ((z >> 27) & ((1 << 37) - 1))
+    z = z * _signed(0x94D049BB133111EB)
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def keyed_uniform(base: int, ids: torch.Tensor, columns: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform draws in ``[0, 1)`` that depend only on ``(base, id, column)``: ``ids`` and
+    ``columns`` (``int64``, broadcast together) give the shape. float32 draws have 24
+    random bits, float64 draws 53; `recsys.models.rec.kernels.keyed_uniform32` and
+    ``keyed_uniform64`` compute the same numbers.
+
+    Why keyed rather than a stream: the draws of one node do not depend on which other nodes
+    a call samples, so hiding one rating changes the chains only below the edge it hides
+    (explanations and same-trajectory retraining compare like with like), and a query draws
+    the same chains alone or in a batch."""
+    h = _mix64_tensor(torch.full_like(ids, _signed(base)) ^ (ids * _signed(_ID_MULTIPLIER)))
+    z = _mix64_tensor(h + (columns + 1) * _signed(_GOLDEN))
+    if dtype == torch.float64:
+        return ((z >> 11) & ((1 << 53) - 1)).to(torch.float64) * 2.0 ** -53
+    return ((z >> 40) & ((1 << 24) - 1)).to(torch.float32) * 2.0 ** -24
+
+
 def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[index]`` for a 1-D integer ``index``: ``index_select``, which costs about half the
     dispatch time of advanced indexing on the small tensors a single prediction gathers."""
@@ -229,11 +295,17 @@ class Edges:
     examples: torch.Tensor
 
 
-def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int,
-                      generator: torch.Generator, *, prototypes_only: bool = False,
+def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int, key: int, *,
+                      stream: int = 0, draw_ids: torch.Tensor | None = None, prototypes_only: bool = False,
                       exclude: torch.Tensor | None = None,
                       evidence_dropout: float = 0.0, truncate: torch.Tensor | None = None) -> Edges:
     """Up to ``fanout`` neighbours of each of ``nodes`` (global ids ``int64 [n]``).
+
+    ``key`` (`draw_key`) and ``stream`` (the level's depth) key the draws: node ``j`` draws
+    columns ``0..F-1`` (its slots' jitter), ``F, F+1`` (the two segments' rotations), ``F+2,
+    F+3`` (evidence dropout) of `keyed_uniform` under its ``draw_ids[j]`` (default: its id;
+    a pass's copy of a node passes its pass id); a root's truncation draws one float64 per
+    sampled edge, column the child's id, under `TRUNCATION_STREAM`.
 
     ``exclude``: sorted pair keys (`EvidenceGraph.pair_keys`) of ratings never to return.
     ``evidence_dropout``: probability that a node keeps only a uniformly random ``1..m`` of
@@ -252,8 +324,10 @@ def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int,
     n_proto = rows(graph.n_proto, nodes).unsqueeze(1)
     kp = n_proto.clamp(max=fanout)
     slots = torch.arange(fanout, device=dev).unsqueeze(0)  # [1, F]
-    jitter = torch.rand(n, fanout, generator=generator, device=dev)
-    rot = torch.rand(n, 2, generator=generator, device=dev)
+    ids = nodes if draw_ids is None else draw_ids
+    draws = keyed_uniform(stream_base(key, stream), ids.unsqueeze(1),
+                          torch.arange(fanout + 4, device=dev).unsqueeze(0))  # [n, F+4]
+    jitter, rot = draws[:, :fanout], draws[:, fanout:fanout + 2]
     # prototype segment: slots 0..kp-1; other segment: slots kp..kp+ko-1; each slot is drawn
     # in its own segment (its size, draws and rotation), in one set of operations for both
     if prototypes_only:
@@ -269,8 +343,8 @@ def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int,
         taken = kp + ko
     if evidence_dropout > 0:
         taken = taken.squeeze(1)
-        drop = torch.rand(n, generator=generator, device=dev) < evidence_dropout
-        keep = (torch.rand(n, generator=generator, device=dev) * taken).long() + 1
+        drop = draws[:, fanout + 2] < evidence_dropout
+        keep = (draws[:, fanout + 3] * taken).long() + 1
         taken = torch.where(drop, torch.minimum(keep, taken), taken).unsqueeze(1)
     valid = torch.nonzero((slots < taken).reshape(-1)).squeeze(1)  # row-major: grouped by parent
     parent = valid // fanout
@@ -285,8 +359,8 @@ def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int,
     if truncate is not None and len(parent):
         # edges come grouped by parent: a random order within each group, then the first
         # truncate[parent] of it (a uniformly random subset, not the prototypes-first prefix)
-        order = torch.argsort(parent.double() + torch.rand(len(parent), generator=generator, device=dev,
-                                                          dtype=torch.float64) * 0.5)
+        spread = keyed_uniform(stream_base(key, TRUNCATION_STREAM), rows(ids, parent), child, torch.float64)
+        order = torch.argsort(parent.double() + spread * 0.5)
         rank = torch.empty_like(parent)
         rank[order] = torch.arange(len(parent), device=dev) - torch.searchsorted(parent, parent[order])
         limit = truncate[parent]
@@ -353,6 +427,40 @@ class Chains:
         """The graph node of each of ``ids`` (the identity for a single pass)."""
         return ids % self.n_nodes if self.passes > 1 else ids
 
+    def edge_pair_keys(self, graph: EvidenceGraph) -> list[np.ndarray]:
+        """Per level, the pair key (`EvidenceGraph.pair_keys`) of every edge's rating, ``int64 [E]``."""
+        out = []
+        for d, lvl in enumerate(self.levels):
+            a = self.base(lvl.nodes[lvl.parent]).numpy()
+            b = self.base(self.nodes(d + 1)[lvl.child]).numpy()
+            out.append(np.minimum(a, b) * graph.n_items + (np.maximum(a, b) - graph.n_users))
+        return out
+
+    def without_pair(self, key: int, edge_keys: list[np.ndarray]) -> Chains:
+        """These chains with the rating of pair key ``key`` hidden (``edge_keys``:
+        `edge_pair_keys`): its edges dropped at every level. Under keyed draws that is what
+        sampling with the pair excluded draws, except that nodes reached only through a dropped
+        edge stay listed (they reach no root, so no root vector changes). On the CPU."""
+        hits = [np.flatnonzero(k == key) for k in edge_keys]
+        if not any(len(h) for h in hits):
+            return self
+        t = torch.from_numpy
+        levels = []
+        for d, lvl in enumerate(self.levels):
+            keep = np.ones(len(lvl.parent), np.bool_)
+            keep[hits[d]] = False
+            rev = lvl.reverse_edge.numpy()
+            if d + 1 < len(self.levels) and len(hits[d + 1]):
+                # next level's edge e moves down by the dropped edges before it; a dropped one is gone
+                gone = np.zeros(len(self.levels[d + 1].parent), np.bool_)
+                gone[hits[d + 1]] = True
+                shift = np.cumsum(gone) - gone
+                safe = np.maximum(rev, 0)
+                rev = np.where((rev >= 0) & ~gone[safe], rev - shift[safe], -1)
+            levels.append(Level(lvl.nodes, t(lvl.parent.numpy()[keep]), t(lvl.child.numpy()[keep]),
+                                t(lvl.values.numpy()[keep]), t(lvl.examples.numpy()[keep]), t(rev[keep])))
+        return Chains(levels, self.leaves, self.passes, self.n_nodes)
+
     def split_passes(self) -> list[Chains]:
         """One single-pass `Chains` per pass, in graph ids (the same chains, re-indexed)."""
         if self.passes == 1:
@@ -387,7 +495,12 @@ def sample_chains(graph: EvidenceGraph, roots: torch.Tensor, fanouts: tuple[int,
     """Evidence chains under the unique global ids ``roots [n_0]`` (see
     `sample_chains_vectorised`). On the CPU, ``compiled`` draws them with
     `recsys.models.rec.kernels`' kernels (`sample_chains_compiled`): the same chains from the
-    same generator (left in the same state), at a fraction of the dispatch cost."""
+    same generator (left in the same state), at a fraction of the dispatch cost.
+
+    A call takes one key from ``generator`` (`draw_key`); every draw is then a function of
+    that key, the level and the node it is for (`keyed_uniform`), so a node's neighbours do
+    not depend on which other nodes are sampled with it or which edges are excluded
+    elsewhere."""
     if compiled and graph.device.type == "cpu" and generator.device.type == "cpu":
         return sample_chains_compiled(graph, roots, fanouts, generator, exclude=exclude,
                                       evidence_dropout=evidence_dropout, root_keep=root_keep, passes=passes)
@@ -401,15 +514,15 @@ def sample_chains_compiled(graph: EvidenceGraph, roots: torch.Tensor, fanouts: t
                            passes: int = 1) -> Chains:
     """`sample_chains_vectorised` for a CPU graph, level by level through the kernels of
     `recsys.models.rec.kernels`: the same `Chains` from ``generator``, which is left in the same
-    state (the same draws, in the same order and amounts)."""
+    state (one key taken, the same draws from it)."""
     n_nodes = graph.n_nodes
+    key = draw_key(generator)
     roots_np = roots.numpy()
     if passes > 1:
         if root_keep is not None:
             raise ValueError("root_keep (cold roots in training) needs passes=1")
         roots_np = (roots_np[None, :] + np.arange(passes)[:, None] * n_nodes).reshape(-1)
     keep_np = None if root_keep is None else root_keep.numpy()
-    no_draws = np.empty(0, np.float32)
     exclude_np = np.sort(exclude.numpy()) if exclude is not None else np.empty(0, np.int64)
     arrays = [graph.indptr.numpy(), graph.n_proto.numpy(), graph.neighbours.numpy(), graph.values.numpy(),
               graph.examples.numpy()]
@@ -419,22 +532,12 @@ def sample_chains_compiled(graph: EvidenceGraph, roots: torch.Tensor, fanouts: t
     raw = []
     for depth, fanout in enumerate(fanouts):
         expand = expandable(nodes, n_nodes, proto_slot)
-        m = len(expand)
-        drop = keep = no_draws
-        if m:
-            jitter = torch.rand(m, fanout, generator=generator).numpy()
-            rotation = torch.rand(m, 2, generator=generator).numpy()
-            if evidence_dropout > 0:
-                drop = torch.rand(m, generator=generator).numpy()
-                keep = torch.rand(m, generator=generator).numpy()
-        else:
-            jitter = rotation = np.empty((0, 2), np.float32)
         edges = sample_level(*arrays, nodes, expand, n_nodes, fanout, depth == len(fanouts) - 1,
-                                         jitter, rotation, exclude_np, graph.n_users, graph.n_items,
-                                         np.float32(evidence_dropout), drop, keep)
+                             np.uint64(stream_base(key, depth)), exclude_np, graph.n_users, graph.n_items,
+                             np.float32(evidence_dropout))
         if depth == 0 and keep_np is not None and len(edges[0]):
-            draws = torch.rand(len(edges[0]), generator=generator, dtype=torch.float64).numpy()
-            chosen = truncate_roots(edges[0], expand, draws, keep_np)
+            chosen = truncate_roots(edges[0], edges[1], nodes, expand,
+                                    np.uint64(stream_base(key, TRUNCATION_STREAM)), keep_np)
             edges = tuple(a[chosen] for a in edges)
         nodes, child_pos = unique_inverse(edges[1])
         raw.append((edges, child_pos))
@@ -465,6 +568,7 @@ def sample_chains_vectorised(graph: EvidenceGraph, roots: torch.Tensor, fanouts:
     ``passes·n_0`` roots, pass by pass."""
     dev = graph.device
     n_nodes = graph.n_nodes
+    key = draw_key(generator)
     if passes > 1:
         if root_keep is not None:
             raise ValueError("root_keep (cold roots in training) needs passes=1")
@@ -477,7 +581,7 @@ def sample_chains_vectorised(graph: EvidenceGraph, roots: torch.Tensor, fanouts:
     for depth, fanout in enumerate(fanouts):
         base = nodes % n_nodes if passes > 1 else nodes
         expand = torch.nonzero(rows(graph.proto_slot, base) < 0).squeeze(1)
-        edges = sample_neighbours(graph, rows(base, expand), fanout, generator,
+        edges = sample_neighbours(graph, rows(base, expand), fanout, key, stream=depth, draw_ids=rows(nodes, expand),
                                   prototypes_only=depth == len(fanouts) - 1, exclude=exclude,
                                   evidence_dropout=evidence_dropout,
                                   truncate=root_keep[expand] if depth == 0 and root_keep is not None else None)

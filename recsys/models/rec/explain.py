@@ -139,9 +139,9 @@ def leave_one_out_effects(model: RatingModel, user: int, item: int, example_ids:
     live ratings (hidden from the chains, baselines refitted), in rating points, float64
     ``[C]``; equal to `leave_one_out_effects_reference`. The C baselines are refitted in one
     batch of sparse products (``baselines``: a `BaselineSystem` of the live ratings to reuse)
-    and the C masked predictions made by `EvidenceChainModel.masked_predictions` (each with
-    its own chains, drawn from the evaluation seed as the model's forward draws them: hiding
-    one edge shifts every later draw, so no chains are shared). With ``components``: also the
+    and the C masked predictions made by `EvidenceChainModel.masked_predictions` (the chains
+    drawn once from the evaluation seed, each rating's edges dropped from them: the draws are
+    keyed by node, so that is what the model's forward draws with the rating hidden). With ``components``: also the
     change with the chains masked only and with the baselines refitted only (else None,
     None), by the reference."""
     if components:

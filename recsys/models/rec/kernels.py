@@ -8,9 +8,10 @@ level's sampling, and the whole bottom-up aggregation, in machine code:
 - `sample_level` (with `expandable`, `truncate_roots`, `unique_inverse`, `reverse_edges`)
   samples one level; `recsys.models.rec.chains.sample_chains_compiled` drives them level by
   level and draws **the same chains** as the tensor version
-  (`recsys.models.rec.chains.sample_chains_vectorised`), bit for bit: it takes its random
-  numbers from the same ``torch.Generator``, in the same order and amounts, and the kernels
-  do the same arithmetic on them. So a query's answer, a training run, the rollback log's
+  (`recsys.models.rec.chains.sample_chains_vectorised`), bit for bit: it takes the same
+  key from the same ``torch.Generator``, computes the same keyed random numbers from it
+  (`keyed_uniform32`, `keyed_uniform64`: the tensor code's `keyed_uniform`, on the same
+  64-bit arithmetic) and does the same arithmetic on them. So a query's answer, a training run, the rollback log's
   replay and the tests of the sampled chains do not depend on which of the two ran. It
   covers inference and training (evidence dropout, root truncation); `sample_chains` uses it
   for every CPU graph.
@@ -29,6 +30,60 @@ import torch
 from numba import njit
 
 # ---------------------------------------------------------------------------- sampling
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_ID_MULTIPLIER = np.uint64(0xD6E8FEB86659FD93)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mix64(z: np.uint64) -> np.uint64:
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _id_hash(base: np.uint64, node: int) -> np.uint64:
+    """The per-id part of `recsys.models.rec.chains.keyed_uniform`."""
+    return _mix64(base ^ (np.uint64(node) * _ID_MULTIPLIER))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def keyed_uniform32(h: np.uint64, column: int) -> np.float32:
+    """`recsys.models.rec.chains.keyed_uniform` (float32) of column ``column`` under the id hash ``h``."""
+    z = _mix64(h + np.uint64(column + 1) * _GOLDEN)
+    return np.float32(z >> np.uint64(40)) * np.float32(5.9604644775390625e-08)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def keyed_uniform64(h: np.uint64, column: int) -> np.float64:
+    """`recsys.models.rec.chains.keyed_uniform` (float64) of column ``column`` under the id hash ``h``."""
+    z = _mix64(h + np.uint64(column + 1) * _GOLDEN)
+    return np.float64(z >> np.uint64(11)) * 1.1102230246251565e-16
+
+
+@njit(cache=True, nogil=True)
+def keyed_uniforms32(base: np.uint64, ids: np.ndarray, columns: int) -> np.ndarray:
+    """``keyed_uniform(base, ids[:, None], arange(columns)[None])``, float32 ``[m, columns]``
+    (what the tests compare with the tensor version)."""
+    out = np.empty((len(ids), columns), np.float32)
+    for r in range(len(ids)):
+        h = _id_hash(base, ids[r])
+        for c in range(columns):
+            out[r, c] = keyed_uniform32(h, c)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def keyed_pair_uniforms64(base: np.uint64, ids: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """``keyed_uniform(base, ids, columns, float64)`` for pairs ``ids [m]``, ``columns [m]``."""
+    out = np.empty(len(ids), np.float64)
+    for r in range(len(ids)):
+        out[r] = keyed_uniform64(_id_hash(base, ids[r]), columns[r])
+    return out
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -58,12 +113,13 @@ def expandable(nodes: np.ndarray, n_nodes: int, proto_slot: np.ndarray) -> np.nd
 @njit(cache=True, nogil=True)
 def sample_level(indptr: np.ndarray, n_proto: np.ndarray, neighbours: np.ndarray, values: np.ndarray,
                  examples: np.ndarray, nodes: np.ndarray, expand: np.ndarray, n_nodes: int, fanout: int,
-                 prototypes_only: bool, jitter: np.ndarray, rotation: np.ndarray, exclude: np.ndarray,
-                 n_users: int, n_items: int, evidence_dropout: np.float32, drop: np.ndarray, keep: np.ndarray):
-    """One level of `sample_neighbours` for the nodes ``nodes[expand]`` (``jitter [m, F]``,
-    ``rotation [m, 2]``, and with ``evidence_dropout > 0`` ``drop [m]`` and ``keep [m]``: the
-    float32 draws; ``exclude`` sorted pair keys): the edges ``(parent positions in nodes, child
-    ids with the parent's pass offset, values, examples)``, grouped by parent in order."""
+                 prototypes_only: bool, draw_base: np.uint64, exclude: np.ndarray,
+                 n_users: int, n_items: int, evidence_dropout: np.float32):
+    """One level of `sample_neighbours` for the nodes ``nodes[expand]``, each node drawing its
+    float32 numbers under its id (pass offset included) from the level's ``draw_base``
+    (`recsys.models.rec.chains.stream_base`; columns as `sample_neighbours` says; ``exclude``
+    sorted pair keys): the edges ``(parent positions in nodes, child ids with the parent's pass
+    offset, values, examples)``, grouped by parent in order."""
     m = len(expand)
     parent = np.empty(m * fanout, np.int64)
     child = np.empty(m * fanout, np.int64)
@@ -81,13 +137,15 @@ def sample_level(indptr: np.ndarray, n_proto: np.ndarray, neighbours: np.ndarray
         n_other = 0 if prototypes_only else indptr[g + 1] - start - n_p
         ko = 0 if prototypes_only else min(n_other, fanout - kp)
         taken = kp + ko
-        if evidence_dropout > 0 and drop[r] < evidence_dropout:
-            taken = min(int(keep[r] * np.float32(taken)) + 1, taken)
+        h = _id_hash(draw_base, node)
+        if evidence_dropout > 0 and keyed_uniform32(h, fanout + 2) < evidence_dropout:
+            taken = min(int(keyed_uniform32(h, fanout + 3) * np.float32(taken)) + 1, taken)
+        rotation_p, rotation_o = keyed_uniform32(h, fanout), keyed_uniform32(h, fanout + 1)
         for j in range(taken):
             if j < kp:
-                pos = start + _stratified(j, jitter[r, j], n_p, kp, rotation[r, 0])
+                pos = start + _stratified(j, keyed_uniform32(h, j), n_p, kp, rotation_p)
             else:
-                pos = start + n_p + _stratified(j - kp, jitter[r, j], n_other, ko, rotation[r, 1])
+                pos = start + n_p + _stratified(j - kp, keyed_uniform32(h, j), n_other, ko, rotation_o)
             c = neighbours[pos]
             if n_ex:
                 key = min(g, c) * n_items + (max(g, c) - n_users)
@@ -103,15 +161,19 @@ def sample_level(indptr: np.ndarray, n_proto: np.ndarray, neighbours: np.ndarray
 
 
 @njit(cache=True, nogil=True)
-def truncate_roots(parent: np.ndarray, expand: np.ndarray, draws: np.ndarray, limit: np.ndarray) -> np.ndarray:
-    """`sample_neighbours`' ``truncate``: which edges ``[E]`` (grouped by ``parent``) to keep,
-    a parent ``p`` with ``limit[p] > 0`` keeping the ``limit[p]`` of its edges that come first
-    when ordered by ``r + 0.5·draws``, ``r`` the parent's row among the expanded nodes
-    ``expand`` (float64 draws: the tensor code's order, to the last bit)."""
+def truncate_roots(parent: np.ndarray, child: np.ndarray, nodes: np.ndarray, expand: np.ndarray,
+                   draw_base: np.uint64, limit: np.ndarray) -> np.ndarray:
+    """`sample_neighbours`' ``truncate``: which edges ``[E]`` (grouped by ``parent``, positions
+    in ``nodes``; ``child`` ids) to keep, a parent ``p`` with ``limit[p] > 0`` keeping the
+    ``limit[p]`` of its edges that come first when ordered by ``r + 0.5·u``, ``r`` the parent's
+    row among the expanded nodes ``expand`` and ``u`` the edge's float64 draw (under the
+    parent's id, column the child's id, from ``draw_base``: the tensor code's order, to the
+    last bit)."""
     n = len(parent)
     key = np.empty(n, np.float64)
     for e in range(n):
-        key[e] = np.float64(np.searchsorted(expand, parent[e])) + draws[e] * 0.5
+        u = keyed_uniform64(_id_hash(draw_base, nodes[parent[e]]), child[e])
+        key[e] = np.float64(np.searchsorted(expand, parent[e])) + u * 0.5
     order = np.argsort(key, kind="mergesort")
     chosen = np.empty(n, np.bool_)
     start = 0

@@ -804,10 +804,11 @@ class EvidenceChainModel(RatingModel):
         per hidden rating: entry ``c`` is what the model predicts in eval mode within
         ``substituted(hidden_pairs=hidden_pairs[c:c+1], biases=biases[c])`` (``hidden_pairs
         [C]`` pair keys, ``biases [C, n_users + n_items]``), float32 ``[C]``, equal up to
-        float32 rounding. Each entry's chains are drawn as `forward` draws them (fresh
-        evaluation stream, its rating hidden: one hidden edge shifts every later draw, so no
-        chains are shared); on the CPU with the compiled kernels the C chains are then
-        aggregated in one kernel call, each under its own baseline (`_aggregate_candidates`).
+        float32 rounding. Each entry's chains are what `forward` draws with its rating hidden:
+        on the CPU with the compiled kernels, the chains are drawn once and each entry drops its
+        rating's edges from them (`Chains.without_pair`; the draws are keyed by node, so hiding
+        an edge changes nothing else), and the C chains are aggregated in one kernel call,
+        each under its own baseline (`_aggregate_candidates`).
         For `recsys.models.rec.explain`."""
         was = self.training
         if was:  # (switching modes walks every submodule: skipped when already evaluating)
@@ -827,14 +828,14 @@ class EvidenceChainModel(RatingModel):
                         out[c] = self._pair_scores(users, items, self._generator(fresh=True),
                                                    passes=passes, rated=rated)[0][0]
                 return out
-            # what _pair_scores does in evaluation, the sampling once per hidden rating
+            # what _pair_scores does in evaluation: the chains drawn once, then each hidden
+            # rating's edges dropped from them (keyed draws: what sampling without it draws)
             roots, inverse = torch.unique(torch.cat([users, items + graph.n_users]), return_inverse=True)
             exclude = graph.pair_keys(users, items)[rated]
-            drawn = []
-            for c in range(len(hidden_pairs)):
-                with self.substituted(hidden_pairs=hidden_pairs[c:c + 1]):
-                    drawn.append(self._sample(graph, roots, self._generator(fresh=True), exclude=exclude,
-                                              evidence_dropout=0.0, root_keep=None, passes=passes))
+            chains = self._sample(graph, roots, self._generator(fresh=True), exclude=exclude,
+                                  evidence_dropout=0.0, root_keep=None, passes=passes)
+            edge_keys = chains.edge_pair_keys(graph)
+            drawn = [chains.without_pair(int(key), edge_keys) for key in hidden_pairs.cpu().tolist()]
             vec = self._aggregate_candidates(drawn, biases)  # [C, passes·n_0, K]
             n_c = len(drawn)
             if self.config.cold_shrink > 0:  # evidence_scale of each entry's chains
