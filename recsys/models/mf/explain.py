@@ -40,6 +40,7 @@ from recsys.models.base import Contribution, Explanation, RatingModel, UpdateLog
 from recsys.models.mf.explain_kernels import (
     extend_row_chains,
     fold_in_leave_one_out,
+    insert_rows,
     newton_row,
     online_step_scores,
     pair_prediction,
@@ -794,15 +795,17 @@ class NewtonInfluence:
                 added = inserted + np.arange(len(inserted))
                 positions = positions + np.searchsorted(inserted, positions, "right")
                 by_beta = cached.by_beta + np.searchsorted(inserted, cached.by_beta, "right")
+                k_rows = np.zeros((len(new_z), k), np.float32)
                 row_now = cached._replace(
-                    examples=np.insert(cached.examples, inserted, new_z),
-                    others=np.insert(cached.others, inserted, new_others),
-                    alpha=np.insert(cached.alpha, inserted, 0.0, axis=0), beta=np.insert(cached.beta, inserted, 0.0),
+                    examples=insert_rows(cached.examples, inserted, new_z),
+                    others=insert_rows(cached.others, inserted, new_others),
+                    alpha=insert_rows(cached.alpha, inserted, k_rows),
+                    beta=insert_rows(cached.beta, inserted, np.zeros(len(new_z), np.float32)),
                     by_beta=np.r_[by_beta, added].astype(np.int32),
-                    h=np.insert(cached.h, inserted, 0.0, axis=0) if cached.h.size else cached.h,
-                    values=np.insert(cached.values, inserted, self.train.values[new_z]) if cached.values.size
-                    else cached.values)
-                moved = np.insert(moved, inserted, True)
+                    h=insert_rows(cached.h, inserted, k_rows) if cached.h.size else cached.h,
+                    values=insert_rows(cached.values, inserted, self.train.values[new_z].astype(np.float32))
+                    if cached.values.size else cached.values)
+                moved = insert_rows(moved, inserted, np.ones(len(new_z), bool))
         moved = moved.copy()
         moved[positions] = True
         n_moved = int(moved.sum())
