@@ -8,16 +8,20 @@ the default REC model (`recsys train --model rec` defaults) of MovieLens-100K u1
   ratings, top-1 / random removal directions on ``--removal-pairs``, the leave-one-out under
   another sampling seed as noise floor, cold users built from 5 ratings; the first-hop
   shares of ``u·v`` (the estimate served before) scored on the same points.
-- ``retrained`` (``--retrain-users N``): does retraining change the picture? For N test users
-  with at most ``fanouts[0]`` training ratings (all of them first-hop evidence of every
-  prediction for the user), one random training rating each is removed and the model
+- ``retrained`` (``--retrain-removals N``,
+  `recsys.experiments.rec_faithfulness.retrained_run`, what ``recsys explain-eval --model
+  rec`` reports): N random training ratings of test users with at most ``fanouts[0]``
+  ratings (all first-hop evidence of the user's predictions), each removed and the model
   retrained on the same trajectory (`recsys.experiments.rec_rollback.retrain`: same initial
-  weights, orders and batches, the rating at loss weight 0 and hidden from every chain; the
-  chains' draws are keyed by node, so the rest of every step samples what the full run
-  sampled); the true change of each of the user's test predictions, and of the rated item's
-  test predictions whose chains read the rating first-hand, against the served effect (and
-  the share) of that rating in the full model, which is itself `retrain` with nothing removed.
-  Retrains run in parallel processes (``--workers``), each writing its predictions to JSON.
+  weights, orders and sampling keys; the chains' draws are keyed by node, so the rest of
+  every step samples what the full run sampled); the true change of every test prediction
+  of the user and of the rated item whose served explanation lists the rating, against its
+  served effect (and share) in the full model, which is the retrain with nothing removed
+  (= `Trainer.fit`). Retrains run in ``--workers`` processes, each writing its result to
+  ``--retrain-dir`` (a run started again there skips the retrains already done).
+  ``--noise-removals K``: the full run and the first K removals retrained under
+  ``--noise-seed`` too (other initial weights, prototypes, orders and sampling keys): the
+  retrain noise floor, that truth against the served model's truth on the same points.
 - ``latency``: the served explainer's wall time for ``--latency-pairs`` test pairs (k=5);
   with ``--artefact``, also the service path (`Recommender.predict(user, item, explain=5)`
   in-process, the artefact loaded and warmed) against the reference computation the
@@ -27,10 +31,10 @@ the default REC model (`recsys train --model rec` defaults) of MovieLens-100K u1
   ``--latency-only`` measures this alone and keeps the results file's other figures.
 
     NUMBA_NUM_THREADS=1 RECSYS_DATA=../shared/data python benchmarks/explain_rec.py \\
-        [--artefact DIR] [--retrain-users 4] [--workers 3] [--latency-only]
+        [--artefact DIR] [--retrain-removals 24 --noise-removals 8 --retrain-dir DIR] [--workers 2] [--latency-only]
 
 ``--artefact``: a saved default REC model of u1 to measure (else one is trained here, or,
-with ``--retrain-users``, the full retrain is used).
+with ``--retrain-removals``, the full run of the retrains is used).
 """
 
 from __future__ import annotations
@@ -40,11 +44,9 @@ import os
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # numba's OpenMP pool otherwise slows torch here
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -52,11 +54,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from results_file import write_json  # noqa: E402  (this folder is on the path when run as a script)
 
-from recsys.artefact import load_artefact, save_artefact  # noqa: E402
+from recsys.artefact import load_artefact  # noqa: E402
 from recsys.datasets import load_split  # noqa: E402
-from recsys.experiments.faithfulness import agreement_stats  # noqa: E402
-from recsys.experiments.rec_faithfulness import first_hop_shares, served_run  # noqa: E402
-from recsys.experiments.rec_rollback import predict_without, raw_prediction, retrain  # noqa: E402
+from recsys.experiments.rec_faithfulness import retrained_run, served_run  # noqa: E402
 from recsys.models.rec.explain import leave_one_out_effects_reference  # noqa: E402
 from recsys.models.rec.model import EvidenceChainModel, RECConfig  # noqa: E402
 from recsys.recommender import Recommender  # noqa: E402
@@ -68,81 +68,6 @@ RESULTS = Path(__file__).parent / "results" / "explain_rec.json"
 def default_configs() -> tuple[RECConfig, TrainConfig]:
     """`recsys train --model rec`'s defaults (no validation slice, so no early stopping)."""
     return RECConfig(), TrainConfig.for_model(EvidenceChainModel, patience=None, progress=False)
-
-
-def retrain_users(train, test, n: int, seed: int, max_ratings: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """``(user, removed example, [test pairs])`` for ``n`` random test users with
-    2..``max_ratings`` training ratings (all of them first-hop evidence of every prediction for
-    the user), one random rating ``(user, item)`` of theirs removed: the pairs are the user's
-    test items and the item's test users that have training ratings (the rating is first-hop
-    evidence of those where the item's chains sample it; the others are skipped when scored)."""
-    counts = np.bincount(train.users, minlength=train.n_users)
-    rated = np.bincount(train.items, minlength=train.n_items) > 0
-    rng = np.random.default_rng(seed)
-    out = []
-    for u in rng.permutation(np.unique(test.users)):
-        u = int(u)
-        if u >= train.n_users or not 2 <= counts[u] <= max_ratings:
-            continue
-        items = [int(i) for i in test.items[test.users == u] if i < train.n_items and rated[i]]
-        if not items:
-            continue
-        z = int(rng.choice(np.flatnonzero(train.users == u)))
-        i = int(train.items[z])
-        users = [int(v) for v in test.users[test.items == i] if v < train.n_users and counts[v] > 0 and v != u]
-        out.append((u, z, [(u, j) for j in items] + [(v, i) for v in users]))
-        if len(out) == n:
-            break
-    return out
-
-
-def worker(removed: int, pairs: list[tuple[int, int]], out: Path, artefact: Path | None) -> None:
-    """One same-trajectory retrain without example ``removed`` (-1: nothing removed, saved
-    as an artefact to ``artefact``); writes the unclipped predictions of ``pairs`` (with the
-    rating removed from the live ratings, as the retrain trained) to ``out``."""
-    train, _ = load_split("ml-100k", "u1")
-    model_config, train_config = default_configs()
-    t0 = time.perf_counter()
-    model = retrain(train, model_config, train_config, [] if removed < 0 else [removed])
-    seconds = time.perf_counter() - t0
-    if removed < 0:
-        preds = [raw_prediction(model, u, i) for u, i in pairs]
-        if artefact is not None:
-            save_artefact(artefact, model, train)
-    else:
-        preds = [predict_without(model, u, i, [removed]) for u, i in pairs]
-    out.write_text(json.dumps({"removed": removed, "pairs": pairs, "predictions": preds, "seconds": seconds}))
-
-
-def retrained(model: EvidenceChainModel, picks: list[tuple[int, int, list[int]]], runs: dict[int, dict]) -> dict:
-    """The served effects and shares of the removed ratings against the retrained changes."""
-    base = runs[-1]
-    base_pred = {tuple(p): v for p, v in zip(base["pairs"], base["predictions"], strict=True)}
-    served, shares, true, no_retrain = [], [], [], []
-    explainer = model.explainer(model.ratings)
-    for _user, z, _items in picks:
-        run = runs.get(z)
-        if run is None:
-            continue
-        for (pu, pi), without in zip(run["pairs"], run["predictions"], strict=True):
-            exp = explainer.explain(pu, pi, 10_000)
-            effect = {c.example: c.effect for c in exp.contributions}
-            share_ids, share = first_hop_shares(model, pu, pi)
-            if z not in effect:
-                continue
-            served.append(effect[z])
-            shares.append(float(share[list(share_ids).index(z)]))
-            true.append(base_pred[(pu, pi)] - without)
-            no_retrain.append(raw_prediction(model, pu, pi) - predict_without(model, pu, pi, [z]))
-    s, sh, t, nr = (np.array(a) for a in (served, shares, true, no_retrain))
-    return {"n_users": len([z for _, z, _ in picks if z in runs]), "n_points": int(len(t)),
-            "served_vs_retrained": agreement_stats(s, t), "shares_vs_retrained": agreement_stats(sh, t),
-            "no_retrain_leave_one_out_equals_served_max_abs_diff": float(np.abs(nr - s).max()) if len(s) else None,
-            "sign_agreement_served": float(np.mean(np.sign(s) == np.sign(t))) if len(t) else None,
-            "true_mean_abs": float(np.abs(t).mean()) if len(t) else None,
-            "served_mean_abs": float(np.abs(s).mean()) if len(s) else None,
-            "points": [{"served": float(a), "share": float(b), "retrained": float(c)} for a, b, c in zip(s, sh, t, strict=True)],
-            "retrain_seconds": {str(k): v["seconds"] for k, v in runs.items()}}
 
 
 def latency(model: EvidenceChainModel, test, n: int) -> dict:
@@ -214,20 +139,21 @@ def main() -> None:
     parser.add_argument("--latency-pairs", type=int, default=50)
     parser.add_argument("--latency-only", action="store_true",
                         help="measure the latency only (needs --artefact); keep the results file's other figures")
-    parser.add_argument("--retrain-users", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--retrain-removals", type=int, default=0,
+                        help="training ratings removed and retrained without (same trajectory), one retrain each")
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--retrain-dir", type=Path, default=None,
                         help="where the retrains write their results (default: a new temporary folder); "
                              "a retrain whose result is already there is not run again")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file (default: results/explain_rec.json)")
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # removed, pairs json, out
-    parser.add_argument("--save", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--noise-removals", type=int, default=0,
+                        help="retrain the first N removals (and the full run) under --noise-seed too: the retrain "
+                             "noise floor")
+    parser.add_argument("--noise-seed", type=int, default=1)
+
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.worker:
-        worker(int(args.worker[0]), json.loads(args.worker[1]), Path(args.worker[2]), args.save)
-        return
     train, test = load_split("ml-100k", "u1")
     if args.latency_only:
         if args.artefact is None:
@@ -239,41 +165,22 @@ def main() -> None:
     out: dict = {"benchmark": "explain_rec", "dataset": "ml-100k", "split": "u1",
                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                              "note": "2 shared cores, other jobs running"}}
-    picks: list = []
-    runs: dict[int, dict] = {}
-    if args.retrain_users:
-        # choose the users on the given (or a freshly trained) model, then retrain base + removals
-        picks = retrain_users(train, test, args.retrain_users, args.seed, default_configs()[0].fanouts[0])
-        all_pairs = sorted({pair for _, _, pairs in picks for pair in pairs})
-        tmp = args.retrain_dir or Path(tempfile.mkdtemp(prefix="explain_rec_"))
-        tmp.mkdir(parents=True, exist_ok=True)
-        jobs = [(z, pairs) for _, z, pairs in picks]
-        if args.artefact is None:  # the full model is retrain() with nothing removed
-            jobs.insert(0, (-1, all_pairs))
-        procs: list[subprocess.Popen] = []
-        for removed, pairs in jobs:
-            if (tmp / f"{removed}.json").is_file():  # finished by an earlier run in the same --retrain-dir
-                continue
-            while len([p for p in procs if p.poll() is None]) >= args.workers:
-                time.sleep(5)
-            cmd = [sys.executable, __file__, "--worker", str(removed), json.dumps(pairs), str(tmp / f"{removed}.json")]
-            if removed < 0:
-                cmd += ["--save", str(tmp / "full")]
-            procs.append(subprocess.Popen(cmd))
-        for p in procs:
-            p.wait()
-        for removed, _ in jobs:
-            f = tmp / f"{removed}.json"
-            if f.is_file():
-                runs[removed] = json.loads(f.read_text())
-        if args.artefact is None:
-            model = load_artefact(tmp / "full").model.eval()
-            out["model"] = "retrain(nothing removed) of the default configs"
-        else:  # Trainer.fit of the same configs, which retrain() with nothing removed reproduces (tested)
-            model = load_artefact(args.artefact).model.eval()
-            runs[-1] = {"pairs": all_pairs, "predictions": [raw_prediction(model, u, i) for u, i in all_pairs],
-                        "seconds": None}
-            out["model"] = str(args.artefact)
+    if args.retrain_removals:  # the served explanations against retraining, on the full run of the retrains
+        model_config, train_config = default_configs()
+        model, out["retrained"] = retrained_run(
+            train, test, dataclasses.asdict(model_config), train_config, n_removals=args.retrain_removals,
+            noise_removals=args.noise_removals, noise_seed=args.noise_seed, workers=args.workers, seed=args.seed,
+            work_dir=args.retrain_dir)
+        out["model"] = "retrain(nothing removed) of the default configs (= Trainer.fit)"
+        r = out["retrained"]
+        print(f"retrained ({r['n_removals']} removals, {r['n_pairs']} predictions, {r['n_points']} points): served "
+              f"Spearman {r['spearman']:.3f} slope {r['slope']:.3f} Pearson {r['pearson']:.3f} sign "
+              f"{r['sign_agreement']:.3f}; shares Spearman {r['shares']['spearman']:.3f}", flush=True)
+        if r["noise_floor_spearman"] is not None:
+            nf = r["noise_floor"]
+            print(f"retrain noise floor ({nf['n_points']} points, seed {nf['seed']}): re-seeded truth vs truth "
+                  f"Spearman {r['noise_floor_spearman']:.3f} slope {r['noise_floor_slope']:.3f}; served vs truth on "
+                  f"those points {nf['served_vs_retrained_same_points']['spearman']:.3f}", flush=True)
     else:
         model = _model(args.artefact, train)
         out["model"] = str(args.artefact) if args.artefact else "trained here with the default configs"
@@ -287,12 +194,6 @@ def main() -> None:
           f"random {s['random_direction_rate']:.2f} noise floor {s['noise_floor_spearman']:.3f}; shares: Spearman "
           f"{s['shares']['spearman']:.3f} slope {s['shares']['slope']:.3f} top-1 {s['shares']['top1_direction_rate']:.2f}; "
           f"fold-in {s['fold_in']['spearman']:.3f} (shares {s['fold_in']['shares']['spearman']:.3f})", flush=True)
-    if runs:
-        out["retrained"] = retrained(model, picks, runs)
-        r = out["retrained"]
-        print(f"retrained ({r['n_points']} points): served Spearman {r['served_vs_retrained']['spearman']:.3f} "
-              f"slope {r['served_vs_retrained']['slope']:.3f}; shares {r['shares_vs_retrained']['spearman']:.3f}",
-              flush=True)
     out["latency"] = latency(model, test, args.latency_pairs)
     print(f"latency p50 {out['latency']['p50_ms']:.1f} ms p99 {out['latency']['p99_ms']:.1f} ms", flush=True)
     if args.artefact is not None:

@@ -5,6 +5,8 @@ seed, the baseline refitted without it); the faithfulness harness reports MF's k
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,66 @@ def test_faithfulness_harness_reports_mf_keys_and_scores_shares_beside(model, sp
     assert out["n_pairs"] == 3 and 3 <= out["n_points"] <= 12
     assert out["spearman"] == pytest.approx(1.0) and out["top1_direction_rate"] == 1.0  # exact by construction
     assert -1.0 <= out["shares"]["spearman"] <= 1.0 and -1.0 <= out["noise_floor_spearman"] <= 1.0
+
+
+def test_cli_explain_eval_rec_scores_the_served_explainer_against_retraining(tmp_path, capsys):
+    """`recsys explain-eval --model rec` retrains without each of a few ratings (same
+    trajectory) and scores the served effects on every prediction that lists them, with the
+    re-seeded noise floor, the no-retrain figures and fold-in users beside; a second run in
+    the same --work-dir reuses the retrains."""
+    from recsys.cli import main
+
+    path = tmp_path / "ratings.csv"
+    make_ratings(n_users=40, n_items=25, n=600, seed=1).to_frame()[["user", "item", "rating", "timestamp"]].to_csv(
+        path, index=False, header=False)
+    argv = ["explain-eval", "--ratings", str(path), "--columns", "user,item,rating,timestamp", "--split",
+            "random:0.15", "--model", "rec", "--embedding-size", "8", "--hidden-size", "16", "--prototypes", "4",
+            "--fanouts", "30,4", "--epochs", "2", "--retrain-removals", "3", "--pairs", "3", "--candidates", "4",
+            "--removal-pairs", "3", "--fold-in-users", "2", "--work-dir", str(tmp_path / "work"), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"spearman", "slope", "top1_direction_rate", "random_direction_rate", "n_pairs", "n_candidates",
+            "noise_floor_spearman", "embedding_size", "method", "fold_in"} <= set(out)
+    assert out["method"] == METHOD and out["embedding_size"] == 8 and out["truth"].startswith("same-trajectory")
+    assert out["n_removals"] == 3 and out["n_points"] >= 3 and out["n_pairs"] >= 2
+    assert -1 <= out["spearman"] <= 1 and -1 <= out["noise_floor_spearman"] <= 1
+    assert out["no_retrain_max_abs_difference"] < 1e-5  # served = leave-one-out on the served model
+    assert out["no_retrain"]["spearman"] == pytest.approx(1.0) and set(out["fold_in"]) >= {"spearman", "slope"}
+    results = sorted(p.name for p in (tmp_path / "work").glob("*.json"))
+    assert len(results) == 1 + 3 + 1 + 3  # full run and 3 removals, under seeds 0 and 1
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.json")}
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["spearman"] == out["spearman"] and again["slope"] == out["slope"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.json")} == stamp  # nothing retrained
+
+
+def test_retrained_scores_pool_every_prediction_that_lists_a_removed_rating(model, split):
+    """Scores against given retrained predictions: a truth equal to the served effects scores
+    1.0; the noise floor reads the re-seeded runs; predictions that do not list the rating are
+    skipped."""
+    from recsys.experiments.rec_faithfulness import Removal, retrained_scores
+
+    train, test = split
+    explainer = model.explainer(model.ratings)
+    picks, runs = [], {}
+    for u in range(6):
+        own = np.flatnonzero(train.users == u)
+        z = int(own[0])
+        pairs = [(u, int(i)) for i in range(train.n_items) if i not in set(train.items[own].tolist())][:12]
+        picks.append(Removal(u, z, pairs))
+        effects = [{c.example: c.effect for c in explainer.explain(a, b, 1000).contributions}.get(z, 0.0)
+                   for a, b in pairs]
+        for sd, scale in ((0, 1.0), (1, 0.5)):
+            runs.setdefault((-1, sd), {"pairs": [], "predictions": [], "seconds": 0.0})
+            runs[(-1, sd)]["pairs"] += [list(p) for p in pairs]
+            runs[(-1, sd)]["predictions"] += [1.0] * len(pairs)
+            runs[(z, sd)] = {"pairs": [list(p) for p in pairs], "predictions": [1.0 - scale * e for e in effects],
+                             "seconds": 0.0}
+    out = retrained_scores(model, picks, runs, noise_seed=1)
+    assert out["n_points"] >= 5 and out["n_removals"] == 6
+    assert out["spearman"] == pytest.approx(1.0) and out["slope"] == pytest.approx(1.0, abs=1e-4)
+    assert out["noise_floor_spearman"] == pytest.approx(1.0) and out["noise_floor_slope"] == pytest.approx(2.0, abs=1e-4)  # truth on re-seeded truth
+    listed = sum(1 for p in picks for a, b in p.pairs
+                 if p.example in {c.example for c in explainer.explain(a, b, 1000).contributions})
+    assert out["n_points"] == listed
