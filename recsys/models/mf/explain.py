@@ -347,8 +347,9 @@ class _NewtonRow(NamedTuple):
     weights: np.ndarray  # float32 [K, d+1, d+1]: W = A⁻¹ (damped: A⁻¹(I − e^{−SA}))
     alpha: np.ndarray  # float32 [m, K]: αᵢ = tᵢ/(1 − hᵢ) − rᵢ per block
     reg_theta: np.ndarray  # float64 [K, d+1]: λ⊙θ, the row's L2 gradient
-    beta: np.ndarray  # float32 [m]: Σ_blocks |α_i|·‖x_i‖, the bound on |α_i (x_i·w)| per unit ‖w‖
-    by_beta: np.ndarray  # int32 [m]: positions in decreasing order of beta
+    beta: np.ndarray  # float32 [m]: Σ_blocks |α_i|·‖x_i‖, the bound on |α_i (x_i·w)| per unit ‖w‖ (item rows;
+    #                   a user row's ratings are bounded one by one, `explain_kernels.user_effect_bounds`: [0])
+    by_beta: np.ndarray  # int32 [m]: positions in decreasing order of beta (item rows; [0] for a user row)
     gram: np.ndarray  # float64 [K, (d+1)(d+2)/2]: A's lower triangle, kept for an update in place
     #                   (`NewtonInfluence.update_above`), else [0, 0]
     h_max: np.ndarray  # float64 [K]: max_i h_i (bounds the α_i after an update in place)
@@ -794,14 +795,16 @@ class NewtonInfluence:
                 inserted = np.searchsorted(cached.others, new_others, "right")
                 added = inserted + np.arange(len(inserted))
                 positions = positions + np.searchsorted(inserted, positions, "right")
-                by_beta = cached.by_beta + np.searchsorted(inserted, cached.by_beta, "right")
+                by_beta = cached.by_beta + np.searchsorted(inserted, cached.by_beta, "right") if cached.by_beta.size \
+                    else cached.by_beta
                 k_rows = np.zeros((len(new_z), k), np.float32)
                 row_now = cached._replace(
                     examples=insert_rows(cached.examples, inserted, new_z),
                     others=insert_rows(cached.others, inserted, new_others),
                     alpha=insert_rows(cached.alpha, inserted, k_rows),
-                    beta=insert_rows(cached.beta, inserted, np.zeros(len(new_z), np.float32)),
-                    by_beta=np.r_[by_beta, added].astype(np.int32),
+                    beta=insert_rows(cached.beta, inserted, np.zeros(len(new_z), np.float32)) if cached.beta.size
+                    else cached.beta,
+                    by_beta=np.r_[by_beta, added].astype(np.int32) if cached.by_beta.size else cached.by_beta,
                     h=insert_rows(cached.h, inserted, k_rows) if cached.h.size else cached.h,
                     values=insert_rows(cached.values, inserted, self.train.values[new_z].astype(np.float32))
                     if cached.values.size else cached.values)
@@ -887,8 +890,12 @@ class NewtonInfluence:
             W = np.linalg.solve(A, D)
         updatable = len(z) > self.update_above and self.learning_rate_sum is None
         self.counts["built"] += 1
+        if side == "user":  # (bounded rating by rating: no order kept)
+            beta, by_beta = np.zeros(0, np.float32), np.zeros(0, np.int32)
+        else:
+            by_beta = np.argsort(-beta, kind="stable").astype(np.int32)
         return _NewtonRow(z, others, W.astype(np.float32), alpha, lam * theta, beta,
-                          np.argsort(-beta, kind="stable").astype(np.int32), _lower(A) if updatable else np.zeros((0, 0)),
+                          by_beta, _lower(A) if updatable else np.zeros((0, 0)),
                           h_max, x2_max, theta if updatable else np.zeros((0, 0)),
                           h if updatable and side == "user" else np.zeros((0, k), np.float32),
                           self.train.values[z].astype(np.float32) if updatable and side == "user"
@@ -960,6 +967,9 @@ class NewtonInfluence:
             updated_weights(_lower(np.eye(d + 1)[None].repeat(k, 0)), up.weights.astype(np.float32), none,
                             np.zeros((0, k * d), np.float32), none, np.zeros(d + 1), _table(model.user_factors.weight),
                             np.zeros(0, np.int32), up.reg_weights, np.zeros(k), np.ones(k), np.zeros(k), np.zeros(k))
+            for a in (none, np.zeros(0, np.int32), np.zeros((0, k), np.float32), np.zeros(0, np.float32),
+                      np.zeros(0, bool)):  # the gained ratings' insertion, per array type
+                insert_rows(a, none, a)
             e, users, items = self._empty, _table(model.user_factors.weight), _table(model.item_factors.weight)
             pair_scores_updated(k, e.examples, e.others, e.alpha, e.weights, e.reg_theta, False, e.examples, e.others,
                                 up.alpha, e.weights, up.reg_theta, e.beta, e.by_beta, False, users, items, 0, 0, True, 1,
