@@ -975,3 +975,34 @@ def test_the_user_rows_float32_bounds_hold_every_ratings_exact_effect(rated_onli
             bounded += 1
     assert bounded > 0.8 * m * len(range(0, r.n_items, 5))
     assert np.median(widths) < (5e-2 if rated_online else 1e-4)
+
+
+def test_a_row_of_no_ratings_is_built_and_explained():
+    """An item no training rating names (as some are in MovieLens' u1 split) has a row of
+    no ratings: `newton_row` builds it (``A`` is the ridge alone, no α) and a prediction of
+    it is explained from the user's ratings alone, as a fresh estimate does."""
+    from recsys.models.mf.explain_kernels import newton_row
+    from tests.conftest import make_ratings
+
+    k, d = 2, 3
+    theta = np.ones((k, d + 1))
+    lam = np.full(d + 1, 0.5)
+    A, A_inv, alpha, beta, h_max, x2_max, h = newton_row(theta, np.zeros((4, k * d), np.float32),
+                                                        np.zeros((4, k), np.float32), np.zeros(0, np.int32),
+                                                        np.zeros(0), 3.0, lam)
+    assert alpha.shape == (0, k) and beta.shape == (0,) and h.shape == (0, k)
+    np.testing.assert_allclose(A, np.broadcast_to(np.diag(lam), (k, d + 1, d + 1)))
+    np.testing.assert_allclose(A_inv, np.broadcast_to(np.diag(1 / lam), (k, d + 1, d + 1)))
+    from recsys.ratings import Ratings
+
+    full = make_ratings(n_users=20, n_items=30, n=300, seed=2)
+    keep = full.items != 7  # item 7 keeps its index, and no rating
+    r = Ratings.from_arrays([full.user_ids.raw(int(u)) for u in full.users[keep]],
+                            [full.item_ids.raw(int(i)) for i in full.items[keep]], full.values[keep], rating_scale=(1, 5),
+                            user_ids=full.user_ids, item_ids=full.item_ids)
+    assert r.item_counts()[7] == 0
+    model, _ = _fit(r, _setup())
+    u, i = int(r.users[0]), 7
+    got, want = model.explainer(r).explain(u, i, 3), model.explainer(r, method="newton").explain(u, i, 3)
+    assert [c.example for c in got.contributions] == [c.example for c in want.contributions]
+    assert all(c.shares == "user" for c in got.contributions)

@@ -107,7 +107,7 @@ def _newton_row_tiles(theta, other_factors, other_bias, others, values, global_m
     k, d1 = theta.shape
     d = d1 - 1
     m = len(others)
-    tile = min(tile, max(m, 1))
+    tile = max(min(tile, m), 1)  # (a row of no ratings: one empty tile)
     A_all = np.empty((k, d1, d1))
     inv_all = np.empty((k, d1, d1))
     alpha = np.empty((m, k), np.float32)
