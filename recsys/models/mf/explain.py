@@ -556,7 +556,10 @@ class NewtonInfluence:
     changes_kept = 256
     #: item rows longer than this are scored in bound order when only the top few are asked for
     #: (at 10^7 ratings: 4096 -> 128 took the p99 of a random pair from 1.8 to 0.4 ms, 590 -> 68
-    #: ratings scored per query; the same explanations)
+    #: ratings scored per query; the same explanations); user rows longer than this (or updated
+    #: in place) are bounded rating by rating first, from float32 dot products
+    #: (`explain_kernels.user_effect_bounds`: ~0.02 µs a rating, against ~0.06-0.3 µs for an
+    #: exact score), and only the ratings whose bound reaches the top are scored
     prune_above = 128
     #: ratings scored in the first step of that order (doubling at each step)
     prune_chunk = 32
@@ -568,10 +571,12 @@ class NewtonInfluence:
     #: (``O(K·(d+1)²)`` each: more than a cached α, so rows a rebuild costs little for are
     #: rebuilt), instead of rebuilding the row (``O(m·K·(d+1)²)``: about 0.7 ms at 512 ratings
     #: at 10^7, 6 ms at 5,000, 170 ms at 173,000). An item row's other ratings are pruned by
-    #: their build's bound, widened; a user row's (scored unpruned when current) are each
-    #: bounded in ``O(K·d)`` from the build's ``h`` (`explain_kernels.user_rating_bounds`) and
-    #: scored only when the bound can reach the top. Such a row keeps ``A``'s lower triangle
-    #: (``4·K·(d+1)(d+2)`` bytes more; a user row also ``h``, ``4K`` bytes a rating).
+    #: their build's bound, widened; a user row's are each bounded from the build's ``h``
+    #: (`explain_kernels.user_effect_bounds`: each rating's α' interval once per update, then
+    #: ``O(K·d)`` float32 per query) and scored only when the bound can reach the top. Such a
+    #: row keeps ``A``'s lower triangle (``4·K·(d+1)(d+2)`` bytes more; a user row also ``h``
+    #: and its values, ``4K + 4`` bytes a rating, and per update ``8K`` bytes a rating of α'
+    #: intervals).
     update_above = 512
     #: an updated row of m ratings is rebuilt once more of its ratings than
     #: ``min(max(update_moved_max, m/128), 8·update_moved_max)`` were gained or had their
@@ -992,8 +997,9 @@ class NewtonInfluence:
         ``top``: only the candidates that can be among the ``top`` largest ``|effect|`` need
         be returned: an item row of more than `prune_above` ratings is scored in decreasing
         order of a bound on each rating's effect, stopping when no rating left can reach the
-        ``top``-th largest, and a user row updated in place scores only the ratings whose
-        bound can reach it (exact: the same top ``top`` as scoring all). Ratings with example
+        ``top``-th largest, and a user row of more than `prune_above` ratings or updated in
+        place scores only the ratings whose bound can reach it (exact: the same top ``top`` as
+        scoring all). Ratings with example
         id ``>= settled_below``, and the user's own unless ``user_settled``, are ones the
         caller re-estimates: always returned, never used to stop. ``score_user`` False: the
         user's own ratings are returned with effect 0 (the caller replaces all of them, as
