@@ -1006,3 +1006,48 @@ def test_a_row_of_no_ratings_is_built_and_explained():
     got, want = model.explainer(r).explain(u, i, 3), model.explainer(r, method="newton").explain(u, i, 3)
     assert [c.example for c in got.contributions] == [c.example for c in want.contributions]
     assert all(c.shares == "user" for c in got.contributions)
+
+
+def test_a_long_item_row_rebuilt_a_slice_at_a_time_explains_as_a_fresh_row():
+    """A long item row whose update in place reached half its cap of moved raters is rebuilt
+    a slice of ratings per query against its system of one clock, while raters keep moving
+    and it gains ratings; the rebuilt row replaces it and is updated in place since that
+    clock. It is never rebuilt whole, and every explanation (pruned, top k) equals a fresh
+    explainer's: same top k in order, effects to 1e-5, same method and candidates."""
+    from tests.conftest import make_ratings, with_new_ratings
+
+    r = make_ratings(n_users=120, n_items=8, n=700, seed=3)
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r, learning_rate=0.02)
+    cached = model.explainer(r)
+    cache = cached._cache()
+    cache.update_above = cache.prune_above = cache.slice_above = 20
+    cache.slice_ratings, cache.update_moved_max, cache.prune_chunk = 16, 8, 4
+    cached.warm()
+    counts = r.item_counts()
+    hot = int(np.argmax(counts))
+    assert counts[hot] > 16 * 3
+    raters = [int(u) for u in np.unique(r.by_item.columns[r.by_item.row(hot)])]
+    cold = [j for j in range(r.n_items) if j != hot]
+    built = []
+    build = cache._build
+    cache._build = lambda side, row: built.append((side, row)) or build(side, row)
+    rng = np.random.default_rng(4)
+    ratings = r
+    for step in range(24):
+        users = [raters[(2 * step) % len(raters)], raters[(2 * step + 7) % len(raters)]]
+        items = [int(rng.choice(cold)), hot if step % 5 == 4 else int(rng.choice(cold))]  # now and then it gains one
+        ratings, new = with_new_ratings(ratings, [r.user_ids.raw(u) for u in users], [r.item_ids.raw(j) for j in items],
+                                        rng.integers(1, 6, 2).astype(float).tolist())
+        model.learn(ratings, new)
+        cached.update(ratings, new)
+        fresh = model.explainer(ratings)
+        fresh._cache().prune_above, fresh._cache().prune_chunk = 20, 4
+        for u in rng.choice(ratings.n_users, 5, replace=False).tolist():
+            got, want = cached.explain(u, hot, 3), fresh.explain(u, hot, 3)
+            assert [c.example for c in got.contributions] == [c.example for c in want.contributions]
+            np.testing.assert_allclose([c.effect for c in got.contributions], [c.effect for c in want.contributions],
+                                       rtol=1e-5, atol=1e-8)
+            assert (got.method, got.n_candidates) == (want.method, want.n_candidates)
+    assert cache.counts["sliced"] >= 2
+    assert ("item", hot) not in built
