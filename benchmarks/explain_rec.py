@@ -19,9 +19,12 @@ the default REC model (`recsys train --model rec` defaults) of MovieLens-100K u1
   served effect (and share) in the full model, which is the retrain with nothing removed
   (= `Trainer.fit`). Retrains run in ``--workers`` processes, each writing its result to
   ``--retrain-dir`` (a run started again there skips the retrains already done).
-  ``--noise-removals K``: the full run and the first K removals retrained under
-  ``--noise-seed`` too (other initial weights, prototypes, orders and sampling keys): the
-  retrain noise floor, that truth against the served model's truth on the same points.
+  ``--replica-removals R``: the full run and the first R removals retrained again in a
+  replica perturbed by removing a far rating (one no measured prediction's user or item
+  rated) from both: the truth is the two retrains' mean change, and one against the other is
+  the replica floor. ``--noise-removals K``: the full run and the first K removals retrained
+  under ``--noise-seed`` too (other initial weights, prototypes, orders and sampling keys):
+  the retrain noise floor, that truth against the served model's truth on the same points.
 - ``latency``: the served explainer's wall time for ``--latency-pairs`` test pairs (k=5);
   with ``--artefact``, also the service path (`Recommender.predict(user, item, explain=5)`
   in-process, the artefact loaded and warmed) against the reference computation the
@@ -31,7 +34,7 @@ the default REC model (`recsys train --model rec` defaults) of MovieLens-100K u1
   ``--latency-only`` measures this alone and keeps the results file's other figures.
 
     NUMBA_NUM_THREADS=1 RECSYS_DATA=../shared/data python benchmarks/explain_rec.py \\
-        [--artefact DIR] [--retrain-removals 24 --noise-removals 8 --retrain-dir DIR] [--workers 2] [--latency-only]
+        [--artefact DIR] [--retrain-removals 16 --replica-removals 16 --noise-removals 4 --retrain-dir DIR] [--workers 2] [--latency-only]
 
 ``--artefact``: a saved default REC model of u1 to measure (else one is trained here, or,
 with ``--retrain-removals``, the full run of the retrains is used).
@@ -151,6 +154,9 @@ def main() -> None:
                         help="retrain the first N removals (and the full run) under --noise-seed too: the retrain "
                              "noise floor")
     parser.add_argument("--noise-seed", type=int, default=1)
+    parser.add_argument("--replica-removals", type=int, default=0,
+                        help="retrain the first N removals (and the full run) again in a replica perturbed by a far "
+                             "rating's removal: the truth is the two retrains' mean change")
 
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -169,16 +175,23 @@ def main() -> None:
         model_config, train_config = default_configs()
         model, out["retrained"] = retrained_run(
             train, test, dataclasses.asdict(model_config), train_config, n_removals=args.retrain_removals,
-            noise_removals=args.noise_removals, noise_seed=args.noise_seed, workers=args.workers, seed=args.seed,
-            work_dir=args.retrain_dir)
+            replica_removals=args.replica_removals, noise_removals=args.noise_removals, noise_seed=args.noise_seed,
+            workers=args.workers, seed=args.seed, work_dir=args.retrain_dir)
         out["model"] = "retrain(nothing removed) of the default configs (= Trainer.fit)"
         r = out["retrained"]
-        print(f"retrained ({r['n_removals']} removals, {r['n_pairs']} predictions, {r['n_points']} points): served "
-              f"Spearman {r['spearman']:.3f} slope {r['slope']:.3f} Pearson {r['pearson']:.3f} sign "
-              f"{r['sign_agreement']:.3f}; shares Spearman {r['shares']['spearman']:.3f}", flush=True)
+        print(f"retrained, mean of {r['n_replicas']} replicas ({r['n_removals']} removals, {r['n_pairs']} predictions, "
+              f"{r['n_points']} points): served Spearman {r['spearman']:.3f} slope {r['slope']:.3f} Pearson "
+              f"{r['pearson']:.3f} sign {r['sign_agreement']:.3f}; shares Spearman {r['shares']['spearman']:.3f}",
+              flush=True)
+        one = r["one_retrain"]
+        print(f"one retrain ({one['n_removals']} removals, {one['n_points']} points): served Spearman "
+              f"{one['spearman']:.3f} slope {one['slope']:.3f}", flush=True)
+        if r["replica_floor_spearman"] is not None:
+            print(f"replica floor: one replica's change vs the other's Spearman {r['replica_floor_spearman']:.3f} "
+                  f"slope {r['replica_floor_slope']:.3f}", flush=True)
         if r["noise_floor_spearman"] is not None:
             nf = r["noise_floor"]
-            print(f"retrain noise floor ({nf['n_points']} points, seed {nf['seed']}): re-seeded truth vs truth "
+            print(f"retrain noise floor ({nf['n_points']} points, {nf['variant']}): re-seeded truth vs truth "
                   f"Spearman {r['noise_floor_spearman']:.3f} slope {r['noise_floor_slope']:.3f}; served vs truth on "
                   f"those points {nf['served_vs_retrained_same_points']['spearman']:.3f}", flush=True)
     else:

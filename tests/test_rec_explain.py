@@ -179,7 +179,8 @@ def test_cli_explain_eval_rec_scores_the_served_explainer_against_retraining(tmp
     assert out["no_retrain_max_abs_difference"] < 1e-5  # served = leave-one-out on the served model
     assert out["no_retrain"]["spearman"] == pytest.approx(1.0) and set(out["fold_in"]) >= {"spearman", "slope"}
     results = sorted(p.name for p in (tmp_path / "work").glob("*.json"))
-    assert len(results) == 1 + 3 + 1 + 3  # full run and 3 removals, under seeds 0 and 1
+    assert len(results) == 3 * (1 + 3)  # full run and 3 removals: served model, perturbed replica, seed 1
+    assert out["n_replicas"] == 2 and -1 <= out["replica_floor_spearman"] <= 1
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.json")}
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
@@ -203,16 +204,19 @@ def test_retrained_scores_pool_every_prediction_that_lists_a_removed_rating(mode
         picks.append(Removal(u, z, pairs))
         effects = [{c.example: c.effect for c in explainer.explain(a, b, 1000).contributions}.get(z, 0.0)
                    for a, b in pairs]
-        for sd, scale in ((0, 1.0), (1, 0.5)):
-            runs.setdefault((-1, sd), {"pairs": [], "predictions": [], "seconds": 0.0})
-            runs[(-1, sd)]["pairs"] += [list(p) for p in pairs]
-            runs[(-1, sd)]["predictions"] += [1.0] * len(pairs)
-            runs[(z, sd)] = {"pairs": [list(p) for p in pairs], "predictions": [1.0 - scale * e for e in effects],
-                             "seconds": 0.0}
-    out = retrained_scores(model, picks, runs, noise_seed=1)
-    assert out["n_points"] >= 5 and out["n_removals"] == 6
+        for variant, scale in (("", 1.2), ("b1", 0.8), ("s1", 0.5)):
+            runs.setdefault((-1, variant), {"pairs": [], "predictions": [], "seconds": 0.0})
+            runs[(-1, variant)]["pairs"] += [list(p) for p in pairs]
+            runs[(-1, variant)]["predictions"] += [1.0] * len(pairs)
+            runs[(z, variant)] = {"pairs": [list(p) for p in pairs], "predictions": [1.0 - scale * e for e in effects],
+                                  "seconds": 0.0}
+    out = retrained_scores(model, picks, runs, replicas=("", "b1"), reseeded="s1")
+    assert out["n_points"] >= 5 and 1 <= out["n_removals"] <= 6 and out["n_replicas"] == 2
+    # the truth is the replicas' mean change (1.2 and 0.8 times the served effect)
     assert out["spearman"] == pytest.approx(1.0) and out["slope"] == pytest.approx(1.0, abs=1e-4)
-    assert out["noise_floor_spearman"] == pytest.approx(1.0) and out["noise_floor_slope"] == pytest.approx(2.0, abs=1e-4)  # truth on re-seeded truth
+    assert out["one_retrain"]["slope"] == pytest.approx(1.2, abs=1e-4)
+    assert out["replica_floor_slope"] == pytest.approx(1.5, abs=1e-4)  # served model's change on the replica's
+    assert out["noise_floor_spearman"] == pytest.approx(1.0) and out["noise_floor_slope"] == pytest.approx(2.4, abs=1e-4)
     listed = sum(1 for p in picks for a, b in p.pairs
                  if p.example in {c.example for c in explainer.explain(a, b, 1000).contributions})
     assert out["n_points"] == listed

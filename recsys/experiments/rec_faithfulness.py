@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,119 +250,167 @@ def removal_picks(train: Ratings, test: Ratings, n: int, *, max_ratings: int, se
     return out
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How a set of retrains differs from the served model's: ``seed`` (the model's and the
+    trainer's: initial weights, prototypes, orders, sampling keys) and ``background``, a far
+    training rating removed from every run of the set (-1: none), which perturbs the training
+    without touching any measured prediction's user or item: a *replica* of the retraining
+    whose change differs from the served model's only by the training's own sensitivity."""
+
+    seed: int = 0
+    background: int = -1
+
+    @property
+    def name(self) -> str:
+        """``""`` for the served model's retrains, else ``s<seed>`` and/or ``b<background>``."""
+        return "-".join(([f"s{self.seed}"] if self.seed else []) + ([f"b{self.background}"] if self.background >= 0 else []))
+
+
 def retrain_predictions(train: Ratings, model_config: RECConfig, train_config: TrainConfig, removed: int,
-                        pairs: list[tuple[int, int]], *, seed: int = 0, save: Path | None = None) -> dict:
+                        pairs: list[tuple[int, int]], *, variant: Variant = Variant(), save: Path | None = None) -> dict:
     """One same-trajectory retrain (`recsys.experiments.rec_rollback.retrain`) without the
-    training rating ``removed`` (-1: nothing removed) under the configs with ``seed`` (the
-    model's and the trainer's: initial weights, prototypes, orders, sampling keys): the
-    unclipped predictions of ``pairs`` with the rating removed from the live ratings, as the
-    retrain trained. ``save``: the retrained model's artefact (nothing removed only)."""
+    training rating ``removed`` (-1: nothing removed) under ``variant``: the unclipped
+    predictions of ``pairs`` with the removed ratings removed from the live ratings, as the
+    retrain trained. ``save``: the retrained model's artefact."""
     from recsys.artefact import save_artefact
-    from recsys.experiments.rec_rollback import predict_without, raw_prediction, retrain
+    from recsys.experiments.rec_rollback import predict_without, retrain
 
     torch.set_num_threads(1)
-    if seed:
-        model_config = dataclasses.replace(model_config, seed=seed)
-        train_config = dataclasses.replace(train_config, seed=seed)
+    if variant.seed:
+        model_config = dataclasses.replace(model_config, seed=variant.seed)
+        train_config = dataclasses.replace(train_config, seed=variant.seed)
+    gone = [z for z in (removed, variant.background) if z >= 0]
     t0 = time.perf_counter()
-    model = retrain(train, model_config, dataclasses.replace(train_config, progress=False),
-                    [] if removed < 0 else [removed])
+    model = retrain(train, model_config, dataclasses.replace(train_config, progress=False), gone)
     seconds = time.perf_counter() - t0
-    if removed < 0:
-        predictions = [raw_prediction(model, u, i) for u, i in pairs]
-        if save is not None:
-            save_artefact(save, model, train)
-    else:
-        predictions = [predict_without(model, u, i, [removed]) for u, i in pairs]
-    return {"removed": removed, "seed": seed, "pairs": [list(p) for p in pairs], "predictions": predictions,
-            "seconds": seconds}
+    if save is not None:
+        save_artefact(save, model, train)
+    predictions = [predict_without(model, u, i, gone) for u, i in pairs]
+    return {"removed": removed, "variant": variant.name, "pairs": [list(p) for p in pairs],
+            "predictions": predictions, "seconds": seconds}
 
 
-def _changes(runs: dict, removed: int, seed: int) -> dict[tuple[int, int], float] | None:
+def _changes(runs: dict, removed: int, variant: str) -> dict[tuple[int, int], float] | None:
     """The retrained change (full run's prediction minus the run without ``removed``) of each
-    pair that run predicted, under ``seed``; None when either run is missing."""
-    base, run = runs.get((-1, seed)), runs.get((removed, seed))
+    pair that run predicted, in ``variant``; None when either run is missing."""
+    base, run = runs.get((-1, variant)), runs.get((removed, variant))
     if base is None or run is None:
         return None
     full = {tuple(p): v for p, v in zip(base["pairs"], base["predictions"], strict=True)}
     return {tuple(p): full[tuple(p)] - v for p, v in zip(run["pairs"], run["predictions"], strict=True)}
 
 
-def retrained_scores(model: EvidenceChainModel, picks: list[Removal], runs: dict[tuple[int, int], dict],
-                     noise_seed: int | None = None) -> dict:
+def retrained_scores(model: EvidenceChainModel, picks: list[Removal], runs: dict[tuple[int, str], dict],
+                     replicas: Sequence[str] = ("",), reseeded: str | None = None) -> dict:
     """The served effects (and the first-hop shares) of the removed ratings against the
     retrained changes, on every pair whose served explanation lists the rating (``runs``: the
-    `retrain_predictions` results by ``(removed, seed)``; seed 0 is ``model``'s, which is the
-    retrain with nothing removed). With ``noise_seed``: the retrain noise floor, the same
-    changes retrained under that seed against seed 0's, on the points both have.
-    ``top1_direction_rate``: on the points where the removed rating is the prediction's served
-    top-1, the share whose retrained change has the served effect's sign
-    (``random_direction_rate``: the same on the other points)."""
+    `retrain_predictions` results by ``(removed, variant name)``; variant ``""`` is
+    ``model``'s own retraining, whose full run is ``model``).
+
+    The truth of a point is its change averaged over the ``replicas`` (variant names: the
+    served model's retraining and perturbed replicas of it, `Variant.background`), on the
+    points every replica has; ``one_retrain`` scores the served model's retraining alone, on
+    all its points. Noise floors: ``replica_floor_*`` one replica's change against another's
+    (how much of a single retrain's change is the training's sensitivity to any
+    perturbation); ``noise_floor_*`` (with ``reseeded``, a variant under another seed) the
+    re-seeded change against the served model's. ``top1_direction_rate``: on the points
+    where the removed rating is the prediction's served top-1, the share whose true change
+    has the served effect's sign (``random_direction_rate``: the same on the other points)."""
     from recsys.experiments.rec_rollback import predict_without, raw_prediction
 
-    served, shares, true, no_retrain, reseeded, top1, scored = [], [], [], [], [], [], set()
+    rows = []
     explainer = model.explainer(model.ratings)
+    variants = list(dict.fromkeys([*replicas, *([reseeded] if reseeded is not None else [])]))
     for pick in picks:
-        change = _changes(runs, pick.example, 0)
-        if change is None:
+        changes = {v: _changes(runs, pick.example, v) for v in variants}
+        if changes[replicas[0]] is None:
             continue
-        change_noise = _changes(runs, pick.example, noise_seed) if noise_seed is not None else None
-        for (u, i), true_change in change.items():
+        for (u, i) in changes[replicas[0]]:
             exp = explainer.explain(u, i, 10_000)
             effect = {c.example: c.effect for c in exp.contributions}
             if pick.example not in effect:
                 continue
             share_ids, share = first_hop_shares(model, u, i)
-            served.append(effect[pick.example])
-            shares.append(float(share[list(share_ids).index(pick.example)]))
-            true.append(true_change)
-            top1.append(exp.contributions[0].example == pick.example)
-            scored.add((u, i))
-            no_retrain.append(raw_prediction(model, u, i) - predict_without(model, u, i, [pick.example]))
-            reseeded.append(np.nan if change_noise is None else change_noise[(u, i)])
-    s, sh, t, nr, rs = (np.array(a, dtype=np.float64) for a in (served, shares, true, no_retrain, reseeded))
-    top = np.array(top1, dtype=bool)
+            rows.append({"pair": [u, i], "removed": pick.example, "served": float(effect[pick.example]),
+                         "share": float(share[list(share_ids).index(pick.example)]),
+                         "top1": exp.contributions[0].example == pick.example,
+                         "no_retrain": raw_prediction(model, u, i) - predict_without(model, u, i, [pick.example]),
+                         **{f"change[{v}]": None if changes[v] is None else float(changes[v][(u, i)])
+                            for v in variants}})
+
+    def column(name: str, keep: np.ndarray) -> np.ndarray:
+        return np.array([r[name] for r, k in zip(rows, keep, strict=True) if k], dtype=np.float64)
+
+    every = np.ones(len(rows), dtype=bool)
+    complete = np.array([all(r[f"change[{v}]"] is not None for v in replicas) for r in rows], dtype=bool)
+    s = column("served", complete)
+    t = np.mean([column(f"change[{v}]", complete) for v in replicas], axis=0) if complete.any() else np.zeros(0)
+    top = column("top1", complete).astype(bool)
     agree = agreement_stats(s, t)
     moved = (np.sign(s) == np.sign(t)) & (t != 0)
+    removals = {r["removed"] for r in rows}
     out = {"spearman": agree["spearman"], "slope": agree["slope"], "pearson": agree["pearson"],
-           "sign_agreement": agree["sign_agreement"],
+           "sign_agreement": agree["sign_agreement"], "n_replicas": len(replicas),
            "top1_direction_rate": float(moved[top].mean()) if top.any() else None, "n_top1": int(top.sum()),
            "random_direction_rate": float(moved[~top].mean()) if (~top).any() else None,
-           "n_removals": len([p for p in picks if (p.example, 0) in runs]), "n_points": int(len(t)),
+           "n_removals": len({r["removed"] for r, k in zip(rows, complete, strict=True) if k}),
+           "n_points": int(complete.sum()),
            # n_pairs: test predictions scored; n_candidates: removed ratings (each scored on its predictions)
-           "n_pairs": len(scored), "n_candidates": len([p for p in picks if (p.example, 0) in runs]),
+           "n_pairs": len({tuple(r["pair"]) for r, k in zip(rows, complete, strict=True) if k}),
+           "n_candidates": len({r["removed"] for r, k in zip(rows, complete, strict=True) if k}),
            "true_mean_abs": float(np.abs(t).mean()) if len(t) else None,
            "estimate_mean_abs": float(np.abs(s).mean()) if len(s) else None,
-           "shares": agreement_stats(sh, t),
-           "no_retrain_max_abs_difference": float(np.abs(nr - s).max()) if len(s) else None,
+           "shares": agreement_stats(column("share", complete), t),
+           "no_retrain_max_abs_difference": float(np.abs(column("no_retrain", every) - column("served", every)).max())
+           if rows else None,
            "noise_floor_spearman": None, "noise_floor_slope": None,
-           "points": [{"served": float(a), "share": float(b), "retrained": float(c),
-                       "retrained_reseeded": None if np.isnan(d) else float(d), "top1": bool(e)}
-                      for a, b, c, d, e in zip(s, sh, t, rs, top, strict=True)],
-           "retrain_seconds": {f"{k[0]}@{k[1]}": v["seconds"] for k, v in runs.items()}}
-    both = ~np.isnan(rs)
-    if both.sum() > 2:
-        floor = agreement_stats(rs[both], t[both])
-        out.update(noise_floor_spearman=floor["spearman"], noise_floor_slope=floor["slope"])
-        out["noise_floor"] = {
-            "seed": noise_seed, "n_points": int(both.sum()), "reseeded_vs_retrained": floor,
-            "served_vs_retrained_same_points": agreement_stats(s[both], t[both]),
-            "served_vs_reseeded": agreement_stats(s[both], rs[both])}
+           "replica_floor_spearman": None, "replica_floor_slope": None}
+    one = agreement_stats(column("served", every), column(f"change[{replicas[0]}]", every))
+    out["one_retrain"] = {**one, "n_points": len(rows), "n_removals": len(removals)}
+    if len(replicas) > 1:
+        a, b = column(f"change[{replicas[1]}]", complete), column(f"change[{replicas[0]}]", complete)
+        floor = agreement_stats(a, b)
+        out.update(replica_floor_spearman=floor["spearman"], replica_floor_slope=floor["slope"])
+        out["replica_floor"] = {"replicas": list(replicas[:2]), "n_points": int(complete.sum()), **floor,
+                                "served_vs_one_replica": agreement_stats(s, b)}
+    if reseeded is not None:
+        both = np.array([r[f"change[{reseeded}]"] is not None for r in rows], dtype=bool)
+        if both.sum() > 2:
+            truth0 = column(f"change[{replicas[0]}]", both)
+            floor = agreement_stats(column(f"change[{reseeded}]", both), truth0)
+            out.update(noise_floor_spearman=floor["spearman"], noise_floor_slope=floor["slope"])
+            out["noise_floor"] = {"variant": reseeded, "n_points": int(both.sum()), **floor,
+                                  "served_vs_retrained_same_points": agreement_stats(column("served", both), truth0)}
+    out["points"] = rows
+    out["retrain_seconds"] = {f"{k[0]}@{k[1]}": v["seconds"] for k, v in runs.items()}
     return out
 
 
+def far_ratings(train: Ratings, picks: list[Removal], n: int, seed: int = 0) -> list[int]:
+    """``n`` random training ratings whose user and item are neither a removal's nor any
+    measured prediction's: the background removals of perturbed replicas (`Variant`)."""
+    users = {u for r in picks for u, _ in r.pairs} | {r.user for r in picks}
+    items = {i for r in picks for _, i in r.pairs} | {int(train.items[r.example]) for r in picks}
+    far = [int(z) for z in np.random.default_rng(seed + 1000).permutation(len(train))
+           if int(train.users[z]) not in users and int(train.items[z]) not in items]
+    return far[:n]
+
+
 def retrained_run(train: Ratings, test: Ratings, model_config: dict, train_config: TrainConfig, *,
-                  n_removals: int = 8, noise_removals: int = 4, noise_seed: int = 1, workers: int = 1,
-                  seed: int = 0, work_dir: Path | None = None) -> tuple[EvidenceChainModel, dict]:
+                  n_removals: int = 8, replica_removals: int = 8, noise_removals: int = 4, noise_seed: int = 1,
+                  workers: int = 1, seed: int = 0, work_dir: Path | None = None) -> tuple[EvidenceChainModel, dict]:
     """REC's served explanations against same-trajectory retraining (`retrained_scores`):
     the model ``recsys train`` fits with ``model_config`` (`RECConfig` fields) and
-    ``train_config``, retrained without each of ``n_removals`` ratings (`removal_picks`), and
-    the full run and the first ``noise_removals`` removals retrained under ``noise_seed`` too
-    (the noise floor; 0: none). ``workers``: processes for the retrains, one thread each.
-    ``work_dir``: where each retrain writes its result (JSON) and each full run its artefact
-    (``full``, ``full-s<seed>``); a retrain whose result is already there is not run again
-    (the full runs' predictions are read from their artefacts, so picks may be added). Returns the full model (the
-    retrain with nothing removed, which is `Trainer.fit`) and the scores, with
+    ``train_config``, retrained without each of ``n_removals`` ratings (`removal_picks`);
+    the first ``replica_removals`` of them retrained again in a perturbed replica (a far
+    rating removed from every run of it, `far_ratings`), the truth being the two retrains'
+    mean change (0: one retrain); the first ``noise_removals`` retrained under ``noise_seed``
+    too (the noise floor; 0: none). Each retrain is one process's job (``workers`` processes,
+    one thread each). ``work_dir``: where each retrain writes its result (JSON) and each full
+    run its artefact; a retrain whose result is already there is not run again (full runs'
+    predictions are read from their artefacts, so picks may be added). Returns the full
+    model (the retrain with nothing removed, which is `Trainer.fit`) and the scores, with
     ``truth``, the configs' ``embedding_size`` and ``fit_seconds``."""
     import json
     import multiprocessing
@@ -369,47 +418,57 @@ def retrained_run(train: Ratings, test: Ratings, model_config: dict, train_confi
     from concurrent.futures import ProcessPoolExecutor
 
     from recsys.artefact import load_artefact
-    from recsys.experiments.rec_rollback import raw_prediction
+    from recsys.experiments.rec_rollback import predict_without
 
     mc = RECConfig(**model_config)
     picks = removal_picks(train, test, n_removals, max_ratings=mc.fanouts[0], seed=seed)
-    noisy = picks[:noise_removals]
-    jobs = [(-1, 0, sorted({p for r in picks for p in r.pairs}))] + [(r.example, 0, r.pairs) for r in picks]
-    if noisy:
-        jobs += [(-1, noise_seed, sorted({p for r in noisy for p in r.pairs}))]
-        jobs += [(r.example, noise_seed, r.pairs) for r in noisy]
+    served = Variant()
+    sets: list[tuple[Variant, list[Removal]]] = [(served, picks)]
+    replicas = [served.name]
+    if replica_removals:
+        replica = Variant(background=far_ratings(train, picks, 1, seed)[0])
+        sets.append((replica, picks[:replica_removals]))
+        replicas.append(replica.name)
+    reseeded = Variant(seed=noise_seed) if noise_removals else None
+    if reseeded is not None:
+        sets.append((reseeded, picks[:noise_removals]))
+    jobs = []
+    for variant, chosen in sets:
+        jobs.append((-1, variant, sorted({p for r in chosen for p in r.pairs})))
+        jobs += [(r.example, variant, r.pairs) for r in chosen]
     folder = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="rec_retrained_"))
     folder.mkdir(parents=True, exist_ok=True)
 
-    def result(removed: int, sd: int) -> Path:
-        return folder / (f"{removed}.json" if sd == 0 else f"{removed}-s{sd}.json")
+    def result(removed: int, variant: Variant) -> Path:
+        return folder / (f"{removed}.json" if not variant.name else f"{removed}-{variant.name}.json")
 
-    def full(sd: int) -> Path:
-        return folder / ("full" if sd == 0 else f"full-s{sd}")
+    def full(variant: Variant) -> Path:
+        return folder / ("full" if not variant.name else f"full-{variant.name}")
 
     todo = [j for j in jobs if not result(j[0], j[1]).is_file() or (j[0] < 0 and not full(j[1]).is_dir())]
-    saves = [full(sd) if z < 0 else None for z, sd, _ in todo]
-    args = ([train] * len(todo), [mc] * len(todo), [train_config] * len(todo), [j[0] for j in todo],
-            [j[2] for j in todo])
-    kw = [{"seed": j[1], "save": s} for j, s in zip(todo, saves, strict=True)]
+    calls = [((train, mc, train_config, z, pairs), {"variant": v, "save": full(v) if z < 0 else None})
+             for z, v, pairs in todo]
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(retrain_predictions, *a, **k) for *a, k in zip(*args, kw, strict=True)]
-            for j, f in zip(todo, futures, strict=True):
-                result(j[0], j[1]).write_text(json.dumps(f.result()))
+            futures = [pool.submit(retrain_predictions, *a, **k) for a, k in calls]
+            for (z, v, _), f in zip(todo, futures, strict=True):
+                result(z, v).write_text(json.dumps(f.result()))
     else:
-        for *a, k in zip(*args, kw, strict=True):
-            out = retrain_predictions(*a, **k)
-            result(out["removed"], out["seed"]).write_text(json.dumps(out))
-    runs = {(z, sd): json.loads(result(z, sd).read_text()) for z, sd, _ in jobs}
-    for _, sd, pairs in [j for j in jobs if j[0] < 0]:  # a folder's full runs may predate some picks
-        base = load_artefact(full(sd)).model.eval()
-        runs[(-1, sd)].update(pairs=[list(p) for p in pairs], predictions=[raw_prediction(base, u, i) for u, i in pairs])
-    model = load_artefact(full(0)).model.eval()
-    scores = retrained_scores(model, picks, runs, noise_seed if noisy else None)
+        for (z, v, _), (a, k) in zip(todo, calls, strict=True):
+            result(z, v).write_text(json.dumps(retrain_predictions(*a, **k)))
+    runs = {(z, v.name): json.loads(result(z, v).read_text()) for z, v, _ in jobs}
+    for _, v, pairs in [j for j in jobs if j[0] < 0]:  # a folder's full runs may predate some picks
+        base = load_artefact(full(v)).model.eval()
+        gone = [v.background] if v.background >= 0 else []
+        runs[(-1, v.name)].update(pairs=[list(p) for p in pairs],
+                                  predictions=[predict_without(base, u, i, gone) for u, i in pairs])
+    model = load_artefact(full(served)).model.eval()
+    scores = retrained_scores(model, picks, runs, replicas, None if reseeded is None else reseeded.name)
     scores.update(model="rec", method=model.explainer(model.ratings).method, embedding_size=mc.embedding_size,
                   truth="same-trajectory retraining without the rating (same initial weights, orders and sampling "
-                        "keys; the rating at loss weight 0 and hidden from every chain, baselines refitted); noise "
-                        "floor: the same retraining under another seed",
-                  fit_seconds=runs[(-1, 0)]["seconds"])
+                        "keys; the rating at loss weight 0 and hidden from every chain, baselines refitted), the "
+                        "change averaged over the served model's retraining and a replica perturbed by a far "
+                        "rating's removal; noise floors: one replica against the other, and the retraining under "
+                        "another seed",
+                  fit_seconds=runs[(-1, "")]["seconds"])
     return model, scores
