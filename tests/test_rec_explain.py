@@ -93,26 +93,25 @@ def test_batched_leave_one_out_equals_one_substituted_forward_per_rating(model, 
     assert np.abs(reference).max() > 0
 
 
-@pytest.mark.parametrize("passes", [1, 3])
-def test_dropping_a_ratings_edges_from_drawn_chains_is_drawing_without_it(model, passes):
-    """`Chains.without_pair` on the chains drawn once gives the root vectors of chains drawn
-    with the rating excluded, for ratings met at every depth (first hop and deeper)."""
-    graph, _ = model.live()
-    roots = torch.tensor([2, 9, graph.n_users + 3])
-    draw = lambda **kw: model.chain_sampler(graph, roots, model.config.fanouts,  # noqa: E731
-                                            torch.Generator().manual_seed(4), passes=passes, **kw)
-    full = draw()
-    keys = full.edge_pair_keys(graph)
-    met = {d: np.unique(k) for d, k in enumerate(keys)}
-    assert all(len(m) for m in met.values())
-    with torch.no_grad():
-        for pair_keys in met.values():
-            for key in pair_keys[:6].tolist():
-                dropped = full.without_pair(key, keys)
-                redrawn = draw(exclude=torch.tensor([key]))
-                assert sum(len(lvl.parent) for lvl in dropped.levels) < sum(len(lvl.parent) for lvl in full.levels)
-                torch.testing.assert_close(model.aggregate(dropped), model.aggregate(redrawn), atol=1e-6, rtol=0)
-    assert full.without_pair(-1, keys) is full  # a pair the chains never met changes nothing
+def test_masked_predictions_hide_ratings_met_at_every_depth_as_a_redrawn_forward_does(model):
+    """The batched masked predictions draw the chains once and drop each hidden rating's
+    edges (keyed draws): equal to the model's forward with the rating hidden (which draws
+    again), for ratings the query's chains meet at the first hop and deeper."""
+    graph, bias = model.live()
+    r = model.ratings
+    u = 2
+    i = min(set(range(r.n_items)) - set(r.items[r.users == u].tolist()))  # unrated: nothing else hidden
+    roots = torch.unique(torch.tensor([u, graph.n_users + i]))
+    chains = model.chain_sampler(graph, roots, model.config.fanouts, model._generator(fresh=True),
+                                 passes=model.config.eval_passes)
+    met = [np.unique(k) for k in chains.edge_pair_keys(graph)]
+    assert all(len(m) for m in met)
+    keys = torch.from_numpy(np.unique(np.concatenate([m[:5] for m in met])))
+    masked = model.masked_predictions(u, i, keys, bias.unsqueeze(0).repeat(len(keys), 1))
+    for key, value in zip(keys, masked, strict=True):
+        with model.substituted(hidden_pairs=key.reshape(1)):
+            assert float(value) == pytest.approx(unclipped_prediction(model, u, i), abs=1e-5)
+    assert len(set(np.round(masked.numpy(), 6))) > 1  # hiding them moves the prediction
 
 
 def test_baselines_without_each_rating_equal_a_refit_on_the_other_ratings(model):
@@ -220,3 +219,26 @@ def test_retrained_scores_pool_every_prediction_that_lists_a_removed_rating(mode
     listed = sum(1 for p in picks for a, b in p.pairs
                  if p.example in {c.example for c in explainer.explain(a, b, 1000).contributions})
     assert out["n_points"] == listed
+
+
+def test_batched_leave_one_out_holds_when_the_deepest_level_samples_nothing(split):
+    """With one prototype per side, a query's last level (prototypes only) often samples no
+    edge: the batched effects still equal the reference's there."""
+    train, _ = split
+    m = EvidenceChainModel(train.n_users, train.n_items, train.rating_scale,
+                           RECConfig(**{**SMALL, "prototypes": 1, "fanouts": (3, 1, 1)}))
+    Trainer(TrainConfig(epochs=1, optimizer="adam", learning_rate=0.01, batch_size=64, patience=None,
+                        progress=False)).fit(m, train)
+    m.eval()
+    graph, _ = m.live()
+    found = 0
+    for u, i in [(u, i) for u in range(12) for i in range(0, train.n_items, 3)]:
+        roots = torch.unique(torch.tensor([u, graph.n_users + i]))
+        chains = m.chain_sampler(graph, roots, m.config.fanouts, m._generator(fresh=True), passes=m.config.eval_passes)
+        ids = np.asarray(first_hop_shares(m, u, i)[0], dtype=np.int64)
+        if len(chains.levels[-1].parent) or len(ids) < 2:
+            continue
+        found += 1
+        np.testing.assert_allclose(leave_one_out_effects(m, u, i, ids)[0],
+                                   leave_one_out_effects_reference(m, u, i, ids)[0], atol=1e-5, rtol=0)
+    assert found >= 1

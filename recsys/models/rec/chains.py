@@ -436,31 +436,6 @@ class Chains:
             out.append(np.minimum(a, b) * graph.n_items + (np.maximum(a, b) - graph.n_users))
         return out
 
-    def without_pair(self, key: int, edge_keys: list[np.ndarray]) -> Chains:
-        """These chains with the rating of pair key ``key`` hidden (``edge_keys``:
-        `edge_pair_keys`): its edges dropped at every level. Under keyed draws that is what
-        sampling with the pair excluded draws, except that nodes reached only through a dropped
-        edge stay listed (they reach no root, so no root vector changes). On the CPU."""
-        hits = [np.flatnonzero(k == key) for k in edge_keys]
-        if not any(len(h) for h in hits):
-            return self
-        t = torch.from_numpy
-        levels = []
-        for d, lvl in enumerate(self.levels):
-            keep = np.ones(len(lvl.parent), np.bool_)
-            keep[hits[d]] = False
-            rev = lvl.reverse_edge.numpy()
-            if d + 1 < len(self.levels) and len(hits[d + 1]):
-                # next level's edge e moves down by the dropped edges before it; a dropped one is gone
-                gone = np.zeros(len(self.levels[d + 1].parent), np.bool_)
-                gone[hits[d + 1]] = True
-                shift = np.cumsum(gone) - gone
-                safe = np.maximum(rev, 0)
-                rev = np.where((rev >= 0) & ~gone[safe], rev - shift[safe], -1)
-            levels.append(Level(lvl.nodes, t(lvl.parent.numpy()[keep]), t(lvl.child.numpy()[keep]),
-                                t(lvl.values.numpy()[keep]), t(lvl.examples.numpy()[keep]), t(rev[keep])))
-        return Chains(levels, self.leaves, self.passes, self.n_nodes)
-
     def split_passes(self) -> list[Chains]:
         """One single-pass `Chains` per pass, in graph ids (the same chains, re-indexed)."""
         if self.passes == 1:

@@ -806,9 +806,9 @@ class EvidenceChainModel(RatingModel):
         [C]`` pair keys, ``biases [C, n_users + n_items]``), float32 ``[C]``, equal up to
         float32 rounding. Each entry's chains are what `forward` draws with its rating hidden:
         on the CPU with the compiled kernels, the chains are drawn once and each entry drops its
-        rating's edges from them (`Chains.without_pair`; the draws are keyed by node, so hiding
-        an edge changes nothing else), and the C chains are aggregated in one kernel call,
-        each under its own baseline (`_aggregate_candidates`).
+        rating's edges from copies of them (the draws are keyed by node, so hiding an edge
+        changes nothing else), and the C copies are aggregated in one kernel call, each under
+        its own baseline (`_aggregate_candidates`).
         For `recsys.models.rec.explain`."""
         was = self.training
         if was:  # (switching modes walks every submodule: skipped when already evaluating)
@@ -834,13 +834,14 @@ class EvidenceChainModel(RatingModel):
             exclude = graph.pair_keys(users, items)[rated]
             chains = self._sample(graph, roots, self._generator(fresh=True), exclude=exclude,
                                   evidence_dropout=0.0, root_keep=None, passes=passes)
-            edge_keys = chains.edge_pair_keys(graph)
-            drawn = [chains.without_pair(int(key), edge_keys) for key in hidden_pairs.cpu().tolist()]
-            vec = self._aggregate_candidates(drawn, biases)  # [C, passes·n_0, K]
-            n_c = len(drawn)
+            keep = [k[None, :] != hidden_pairs.cpu().numpy()[:, None] for k in chains.edge_pair_keys(graph)]
+            vec = self._aggregate_candidates(chains, keep, biases)  # [C, passes·n_0, K]
+            n_c = len(hidden_pairs)
             if self.config.cold_shrink > 0:  # evidence_scale of each entry's chains
-                first_hop = torch.cat([ch.levels[0].parent + c * vec.shape[1] for c, ch in enumerate(drawn)])
-                n = torch.bincount(first_hop, minlength=n_c * vec.shape[1]).to(torch.float32)
+                n_0 = vec.shape[1]
+                cand, edge = np.nonzero(keep[0])
+                first_hop = torch.from_numpy(cand * n_0 + chains.levels[0].parent.numpy()[edge])
+                n = torch.bincount(first_hop, minlength=n_c * n_0).to(torch.float32)
                 scale = torch.where(n > 0, -torch.expm1(-n / self.config.cold_shrink), torch.ones_like(n))
                 vec = vec * scale.reshape(n_c, -1, 1)
             vec = vec.reshape(n_c, passes, len(roots), -1)
@@ -851,47 +852,50 @@ class EvidenceChainModel(RatingModel):
             if was:
                 self.train(True)
 
-    def _aggregate_candidates(self, drawn: list[Chains], biases: torch.Tensor) -> torch.Tensor:
-        """`aggregate` of each of ``drawn`` (C single-query chains, same roots) under its own
-        baseline ``biases[c]`` (``[C, N]``), in one call of the compiled kernel: candidate
-        ``c``'s copy of graph node ``g`` gets its own id (users ``c·n_users + u``, items
+    def _aggregate_candidates(self, chains: Chains, keep: list[np.ndarray], biases: torch.Tensor) -> torch.Tensor:
+        """`aggregate` of C copies of ``chains`` (one query's), copy ``c`` keeping the edges
+        ``keep[d][c]`` of each level ``d`` (``bool [C, E_d]``; a hidden rating's edges dropped)
+        under its own baseline ``biases[c]`` (``[C, N]``), in one call of the compiled kernel:
+        copy ``c``'s graph node ``g`` gets its own id (users ``c·n_users + u``, items
         ``C·n_users + c·n_items + i``, so the kernel's side test and bias look-up hold), its
-        passes stay ``n_nodes`` apart in the C-times-larger id space. Root vectors ``[C,
-        passes·n_0, K]``."""
+        passes stay ``n_nodes`` apart in the C-times-larger id space. Nodes reached only
+        through a dropped edge stay (they reach no root). Root vectors ``[C, passes·n_0, K]``."""
         graph, _ = self._live()
         nu, ni, n = graph.n_users, graph.n_items, graph.n_nodes
-        n_c = len(drawn)
+        n_c = len(biases)
         big = n_c * n
-        depth = len(drawn[0].levels)
+        depth = len(chains.levels)
         slot = graph.proto_slot.numpy()
         big_slot = np.concatenate([np.tile(slot[:nu], n_c), np.tile(slot[nu:], n_c)])
         b = biases.detach().to(torch.float32).numpy()
         big_bias = np.ascontiguousarray(np.concatenate([b[:, :nu].reshape(-1), b[:, nu:].reshape(-1)]))
-
-        def relabel(ids: np.ndarray, c: int) -> np.ndarray:
-            g, p = ids % n, ids // n
-            return np.where(g < nu, c * nu + g, n_c * nu + c * ni + (g - nu)) + p * big
-
+        copy = np.arange(n_c)[:, None]
         nodes, parent, child, values, reverse = [], [], [], [], []
         node_off, edge_off = [0], [0]
+        # each level's kept edges numbered in copy-major order: where the next level's reverse edges point
+        numbered = [np.where(k, np.cumsum(k.reshape(-1)).reshape(k.shape) - 1, -1) for k in keep]
         for d in range(depth + 1):
-            level_sizes = [len(ch.nodes(d)) for ch in drawn]
-            nodes += [relabel(ch.nodes(d).numpy(), c) for c, ch in enumerate(drawn)]
-            node_off.append(node_off[-1] + sum(level_sizes))
+            ids = chains.nodes(d).numpy()
+            g, p = ids % n, ids // n
+            user = g < nu
+            relabelled = (np.where(user, g, n_c * nu + (g - nu)) + p * big)[None, :] + copy * np.where(user, nu, ni)
+            nodes.append(relabelled.reshape(-1))
+            node_off.append(node_off[-1] + relabelled.size)
             if d == depth:
                 break
-            first_node = np.cumsum([0] + level_sizes)
-            first_child = np.cumsum([0] + [len(ch.nodes(d + 1)) for ch in drawn])
-            first_next_edge = np.cumsum([0] + [len(ch.levels[d + 1].parent) if d + 1 < depth else 0
-                                               for ch in drawn])
-            for c, ch in enumerate(drawn):
-                lvl = ch.levels[d]
-                parent.append(lvl.parent.numpy() + first_node[c])
-                child.append(lvl.child.numpy() + first_child[c])
-                values.append(lvl.values.numpy())
-                rev = lvl.reverse_edge.numpy()
-                reverse.append(np.where(rev >= 0, rev + first_next_edge[c], rev))
-            edge_off.append(edge_off[-1] + sum(len(ch.levels[d].parent) for ch in drawn))
+            lvl = chains.levels[d]
+            cand, edge = np.nonzero(keep[d])
+            n_here, n_next = len(ids), len(chains.nodes(d + 1))
+            parent.append(lvl.parent.numpy()[edge] + cand * n_here)
+            child.append(lvl.child.numpy()[edge] + cand * n_next)
+            values.append(lvl.values.numpy()[edge])
+            rev = lvl.reverse_edge.numpy()[edge]
+            if d + 1 < depth and numbered[d + 1].shape[1]:
+                rev = np.where(rev >= 0, numbered[d + 1][cand, np.maximum(rev, 0)], -1)
+            else:  # no next level, or it sampled no edge: nothing to point back to
+                rev = np.full(len(edge), -1, np.int64)
+            reverse.append(rev)
+            edge_off.append(edge_off[-1] + len(edge))
         first, last = self.phi_user[0], self.phi_user[-1]
         first_i, last_i = self.phi_item[0], self.phi_item[-1]
         weights = [t.detach().numpy() for t in (first.weight.T, first.bias, last.weight.T, last.bias,
