@@ -41,10 +41,7 @@ from recsys.models.mf.explain_kernels import (
     extend_row_chains,
     fold_in_leave_one_out,
     insert_rows,
-    lower_cholesky_inverse,
-    merge_by_beta,
     newton_row,
-    newton_row_slice,
     online_step_scores,
     pair_prediction,
     pair_scores,
@@ -393,39 +390,6 @@ class _RowUpdate(NamedTuple):
         return sum(a.nbytes for a in self if isinstance(a, np.ndarray))
 
 
-class _SlicedBuild:
-    """A long item row rebuilt a slice of ratings at a time over later queries
-    (`NewtonInfluence._advance_rebuild`), against its system of one clock: the row's ratings,
-    ``A``, ``A⁻¹`` (with its Cholesky factor's inverse) and ``θ`` as its update in place left
-    them at ``clock``. A rater who moves after ``clock`` gets an α computed from its factors
-    now, which that system does not hold: when the rebuilt row replaces the cached one (as of
-    ``clock``), the next use updates it in place for those raters (rank-2 terms from the
-    history, their ratings scored exactly), as for any rater who moved since a build."""
-
-    def __init__(self, clock: int, row: _NewtonRow, gram: np.ndarray, weights: np.ndarray, reg_weights: np.ndarray,
-                 theta: np.ndarray, lam: np.ndarray) -> None:
-        k, d1 = theta.shape
-        m = len(row.examples)
-        rows, cols = np.tril_indices(d1)
-        A = np.empty((k, d1, d1))
-        A[:, rows, cols] = gram
-        A[:, cols, rows] = gram
-        self.clock = clock
-        self.examples, self.others = row.examples, row.others
-        self.gram, self.weights, self.reg_weights = gram, weights, reg_weights
-        self.theta, self.lam = theta, lam
-        self.L_inv = np.stack([lower_cholesky_inverse(A[b]) for b in range(k)])
-        self.alpha = np.empty((m, k), np.float32)
-        self.beta = np.empty(m, np.float32)
-        self.order = np.zeros(0, np.int32)  # the positions done so far, in decreasing beta
-        self.h_max, self.x2_max = np.zeros(k), np.zeros(k)
-        self.done = 0  # ratings [0, done) have their α and β
-
-    @property
-    def nbytes(self) -> int:
-        return self.alpha.nbytes + self.beta.nbytes + self.order.nbytes + self.L_inv.nbytes
-
-
 class _FactorHistory:
     """The factors one side's rows (users or items) had before each move, for updates in
     place (`NewtonInfluence`): a copy of the side's factor table as of the last invalidation
@@ -567,10 +531,8 @@ class NewtonInfluence:
                                        np.zeros((k, d + 1)), np.zeros((k, d + 1)), np.zeros(0, bool),
                                        np.zeros((0, k), np.float32), 0, 1.0, 0.0, np.zeros(k),
                                        np.zeros((0, k, 2), np.float32))  # its fields' types
-        #: how many rows were built, updated in place and rebuilt a slice at a time (for tests and benchmarks)
-        self.counts = {"built": 0, "updated": 0, "sliced": 0}
-        #: long item rows being rebuilt a slice at a time (`_advance_rebuild`), by key
-        self._slicing: dict[tuple[str, int], _SlicedBuild] = {}
+        #: how many rows were built and updated in place (for tests and benchmarks)
+        self.counts = {"built": 0, "updated": 0}
         # per side, the factors as of the last `invalidate` and a ring of the factors moved rows
         # had before each move: an update in place needs each moved rater's (or rated item's)
         # factors as they were when the row was last built or updated
@@ -627,14 +589,6 @@ class NewtonInfluence:
     #: again after each update, ~1.3 µs; the others are bounded rating by rating; a rebuild costs
     #: ~1.3 µs a rating; a heavy user's items move often, whenever anyone rates them)
     user_moved_share = 32
-    #: an item row of more ratings than this whose update in place reached half its cap of moved
-    #: ratings (`update_moved_max`) is rebuilt a slice at a time over the queries that use it
-    #: (`_advance_rebuild`: `slice_ratings` per query, against its system of one clock), and the
-    #: rebuilt row replaces it, updated in place since that clock: no query pays its whole
-    #: rebuild (the 173k-rating row at 10^7: 170 ms), unless the cap is reached first
-    slice_above = 16384
-    #: ratings of such a row a query rebuilds (~0.5 µs each at 10^7)
-    slice_ratings = 2048
     #: moved users' previous factors kept (records; one per user and invalidation): a row whose
     #: raters moved longer ago than the ring reaches is rebuilt
     history_kept = 1 << 14
@@ -653,8 +607,7 @@ class NewtonInfluence:
         """Bytes held by the cached rows (the `recent_rows` and updates in place included) and
         by the copy of the user factors and history an update in place reads."""
         return (self._nbytes + sum(r.nbytes for r in self._recent.values())
-                + sum(u.nbytes for u in self._updates.values()) + sum(h.nbytes for h in self._history.values())
-                + sum(b.nbytes for b in self._slicing.values()))
+                + sum(u.nbytes for u in self._updates.values()) + sum(h.nbytes for h in self._history.values()))
 
     def invalidate(self, users: np.ndarray | list[int] = (), items: np.ndarray | list[int] = (),
                    grown_items: np.ndarray | list[int] = ()) -> None:
@@ -806,15 +759,10 @@ class NewtonInfluence:
         if cached is not None:
             updatable = update and cached.gram.size > 0
             status, positions = self._staleness(side, row, cached, updatable)
-            out = None
             if status == "current" and (update or key not in self._updates):
-                out = cached
-            elif status != "current" and updatable and self._update(key, cached, positions, status == "own"):
-                out = self._rows.get(key, self._recent.get(key))
-            if out is not None:
-                if update and key in self._slicing and self._advance_rebuild(key):
-                    return self._row(side, row, update)  # the rebuilt row, updated in place since its clock
-                return out
+                return cached
+            if status != "current" and updatable and self._update(key, cached, positions, status == "own"):
+                return self._rows.get(key, self._recent.get(key))
         out = self._build(side, row)
         self._keep(key, out)
         return out
@@ -869,9 +817,8 @@ class NewtonInfluence:
         moved = moved.copy()
         moved[positions] = True
         n_moved = int(moved.sum())
-        cap = (min(max(self.update_moved_max, len(moved) // 128), 8 * self.update_moved_max) if side == "item"
-               else max(self.update_moved_max, len(moved) // self.user_moved_share))
-        if n_moved > cap:
+        if n_moved > (min(max(self.update_moved_max, len(moved) // 128), 8 * self.update_moved_max) if side == "item"
+                      else max(self.update_moved_max, len(moved) // self.user_moved_share)):
             return False
         movers = row_now.others[positions].astype(np.int64)
         unique = np.unique(movers)
@@ -916,43 +863,6 @@ class NewtonInfluence:
             self._drop(next(iter(self._updates)))
         self._checked[key] = self._clock
         self.counts["updated"] += 1
-        if side == "item" and key not in self._slicing and len(moved) > self.slice_above and 2 * n_moved > cap \
-                and key in self._updates:
-            self._slicing[key] = _SlicedBuild(self._clock, row_now, gram, weights, reg_weights, theta, lam)
-        return True
-
-    def _advance_rebuild(self, key: tuple[str, int]) -> bool:
-        """Rebuild the next `slice_ratings` ratings of a long item row being rebuilt a slice
-        at a time (`_SlicedBuild`, `explain_kernels.newton_row_slice`; their bound order merged
-        into the slices' before); once all are, the rebuilt row replaces the cached one as of
-        its clock (True: the caller updates it in place since then)."""
-        state = self._slicing[key]
-        model = self.model
-        lo, hi = state.done, min(state.done + self.slice_ratings, len(state.examples))
-        newton_row_slice(state.theta, _table(model.user_factors.weight), _table(model.user_bias.weight),
-                         state.others[lo:hi], self.train.values[state.examples[lo:hi]].astype(np.float64),
-                         float(model.global_mean), state.L_inv, state.reg_weights, state.alpha[lo:hi],
-                         state.beta[lo:hi], state.h_max, state.x2_max)
-        run = (lo + np.argsort(-state.beta[lo:hi], kind="stable")).astype(np.int32)
-        state.order = merge_by_beta(state.order, run, state.beta)
-        state.done = hi
-        if hi < len(state.examples):
-            return False
-        del self._slicing[key]
-        k = model.config.n_blocks
-        rebuilt = _NewtonRow(state.examples, state.others, state.weights.astype(np.float32), state.alpha,
-                             state.lam * state.theta, state.beta, state.order, state.gram, state.h_max, state.x2_max,
-                             state.theta, np.zeros((0, k), np.float32), np.zeros(0, np.float32))
-        if key in self._rows:
-            self._nbytes += rebuilt.nbytes - self._rows[key].nbytes
-            self._rows[key] = rebuilt
-        elif key in self._recent:
-            self._recent[key] = rebuilt
-        else:
-            return False
-        self._updates.pop(key, None)
-        self._checked[key] = state.clock
-        self.counts["sliced"] += 1
         return True
 
     def _build(self, side: str, row: int) -> _NewtonRow:
@@ -1003,7 +913,6 @@ class NewtonInfluence:
             self._nbytes -= old.nbytes
         self._recent.pop(key, None)
         self._updates.pop(key, None)
-        self._slicing.pop(key, None)
         self._checked.pop(key, None)
 
     def _keep(self, key: tuple[str, int], row: _NewtonRow) -> None:
@@ -1015,7 +924,6 @@ class NewtonInfluence:
             self._nbytes -= old.nbytes
         self._recent.pop(key, None)
         self._updates.pop(key, None)
-        self._slicing.pop(key, None)
         self._checked[key] = self._clock
         if self._nbytes + row.nbytes <= self.max_bytes:
             self._rows[key] = row
@@ -1026,7 +934,6 @@ class NewtonInfluence:
                 del self._recent[oldest]
                 self._checked.pop(oldest, None)
                 self._updates.pop(oldest, None)
-                self._slicing.pop(oldest, None)
             self._recent[key] = row
         else:
             self._checked.pop(key, None)
@@ -1374,9 +1281,9 @@ class MFExplainer:
 
     @property
     def row_counts(self) -> dict[str, int]:
-        """How many cached Newton rows were built, updated in place and rebuilt a slice at a time
-        so far (`NewtonInfluence.counts`: ``{"built": n, "updated": n, "sliced": n}``)."""
-        return dict(self._newton.counts) if self._newton is not None else {"built": 0, "updated": 0, "sliced": 0}
+        """How many cached Newton rows were built and updated in place so far
+        (`NewtonInfluence.counts`: ``{"built": n, "updated": n}``)."""
+        return dict(self._newton.counts) if self._newton is not None else {"built": 0, "updated": 0}
 
     @property
     def cache_bytes(self) -> int:

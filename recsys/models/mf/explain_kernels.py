@@ -194,92 +194,6 @@ def _newton_row_tiles(theta, other_factors, other_bias, others, values, global_m
     return A_all, inv_all, alpha, beta.astype(np.float32), h_max, x2_max, h_all
 
 
-def _newton_row_slice(theta, other_factors, other_bias, others, values, global_mean, L_inv, v_reg, alpha, beta,
-                      h_max, x2_max):
-    """`newton_row`'s per-rating numbers for one slice of a row's ratings, against a system
-    given by its ``L_inv`` ``[K, d+1, d+1]`` (``A⁻¹ = L⁻ᵀL⁻¹``) and ``v_reg = A⁻¹(λ⊙θ)`` ``[K,
-    d+1]`` (`NewtonInfluence`'s rebuild of a long row a slice at a time): writes ``alpha [n, K]``
-    float32 and ``beta [n]`` float32 of the slice's ratings (``others [n]``, ``values [n]``
-    float64) and raises ``h_max``, ``x2_max`` ``[K]`` to their ``h_i``, ``‖x_i‖²``."""
-    k, d1 = theta.shape
-    d = d1 - 1
-    n = len(others)
-    xt = np.empty((d1, n))
-    y = np.empty((d1, n))
-    resid = np.empty(n)
-    h = np.empty(n)
-    t = np.empty(n)
-    norm = np.empty(n)
-    for i in range(n):
-        beta[i] = 0.0
-    for b in range(k):
-        for i in range(n):
-            o = others[i]
-            s = 0.0
-            for j in range(d):
-                v = np.float64(other_factors[o, b * d + j])
-                xt[j, i] = v
-                s += v * theta[b, j]
-            xt[d, i] = 1.0
-            resid[i] = values[i] - (global_mean + theta[b, d] + np.float64(other_bias[o, b]) + s)
-            h[i] = 0.0
-            t[i] = 0.0
-            norm[i] = 0.0
-        for p in range(d1):
-            yp = y[p]
-            for i in range(n):
-                yp[i] = 0.0
-            for q in range(p + 1):
-                coef = L_inv[b, p, q]
-                xq = xt[q]
-                for i in range(n):
-                    yp[i] += coef * xq[i]
-            vp = v_reg[b, p]
-            xp = xt[p]
-            for i in range(n):
-                h[i] += yp[i] * yp[i]
-                t[i] += xp[i] * vp
-                norm[i] += xp[i] * xp[i]
-        for i in range(n):
-            denom = 1.0 - h[i]
-            if abs(denom) < 1e-9:
-                denom = 1e-9
-            r = resid[i]
-            a = (t[i] - r * h[i]) / denom - r
-            alpha[i, b] = a
-            beta[i] += abs(a) * np.sqrt(norm[i])
-            h_max[b] = max(h_max[b], h[i])
-            x2_max[b] = max(x2_max[b], norm[i])
-
-
-def _merge_by_beta(first, second, beta):
-    """Two position lists, each in decreasing ``beta`` (ties: increasing position), merged in
-    that order (int32): the stable ``argsort(-beta)`` of their union."""
-    out = np.empty(len(first) + len(second), np.int32)
-    i = 0
-    j = 0
-    n = 0
-    while i < len(first) and j < len(second):
-        a = first[i]
-        b = second[j]
-        if beta[a] > beta[b] or (beta[a] == beta[b] and a < b):
-            out[n] = a
-            i += 1
-        else:
-            out[n] = b
-            j += 1
-        n += 1
-    while i < len(first):
-        out[n] = first[i]
-        i += 1
-        n += 1
-    while j < len(second):
-        out[n] = second[j]
-        j += 1
-        n += 1
-    return out
-
-
 def _fold_in_leave_one_out(item_factors, item_bias, items, values, global_mean, reg, bias_reg):
     """`FoldInLeaveOneOut`'s ``V [m, D+1]`` (float64) of a user folded in from the ratings
     ``(items [m], values [m])``: the effect of rating ``z`` on the prediction of item ``i`` is
@@ -1187,8 +1101,6 @@ def _stamp_rows(stamps, rows, mask, clock):
 newton_row_tiles = variant(_newton_row_tiles, "serial", nogil=True, fastmath=_REASSOC)
 newton_row_tiled = variant(_newton_row_tiled, "serial", nogil=True, fastmath=_REASSOC)
 newton_row = variant(_newton_row, "serial", nogil=True, fastmath=_REASSOC)
-newton_row_slice = variant(_newton_row_slice, "serial", nogil=True, fastmath=_REASSOC)
-merge_by_beta = variant(_merge_by_beta, "serial", nogil=True)
 updated_weights = variant(_updated_weights, "serial", nogil=True, fastmath=_REASSOC)
 fold_in_leave_one_out = variant(_fold_in_leave_one_out, "serial", nogil=True, fastmath=_REASSOC)
 pruned_row_scores = variant(_pruned_row_scores, "serial", nogil=True, fastmath=_REASSOC)
@@ -1205,7 +1117,7 @@ copy_row = variant(_copy_row, "serial", nogil=True)
 record_moves = variant(_record_moves, "serial", nogil=True)
 stamp_rows = variant(_stamp_rows, "serial", nogil=True)
 
-__all__ = ["extend_row_chains", "fold_in_leave_one_out", "gram_of_inverse", "insert_rows", "lower_cholesky_inverse", "lower_gram_change", "merge_by_beta", "newton_row", "newton_row_slice", "online_step_scores",
+__all__ = ["extend_row_chains", "fold_in_leave_one_out", "gram_of_inverse", "insert_rows", "lower_cholesky_inverse", "lower_gram_change", "newton_row", "online_step_scores",
            "pair_prediction", "pair_scores", "pair_scores_updated", "pruned_row_scores", "rating_score", "record_moves",
            "copy_row", "row_chain", "row_rating_score", "stamp_rows", "target_weights", "trained_mask", "updated_rating_score",
            "updated_weights", "user_alpha_intervals", "user_effect_bounds", "user_effect_bounds_rows", "write_record"]
