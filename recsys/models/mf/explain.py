@@ -585,10 +585,12 @@ class NewtonInfluence:
     update_moved_max = 64
     #: an updated user row of m ratings is rebuilt once more than ``max(update_moved_max,
     #: m/user_moved_share)`` of its ratings were gained or had their item move since its build
-    #: (each adds its rank-2 term to ``A``, ~4 µs, and is scored by every query, its α computed
-    #: again after each update, ~1.3 µs; the others are bounded rating by rating; a rebuild costs
-    #: ~1.3 µs a rating; a heavy user's items move often, whenever anyone rates them)
-    user_moved_share = 32
+    #: (each adds its rank-2 term to ``A`` once, ~0.5 µs summed with the others', and is scored
+    #: exactly by every query, its α' computed again after each update, ~0.3-0.5 µs; the others
+    #: are bounded rating by rating; a rebuild costs ~1.3 µs a rating; a heavy user's items move
+    #: often, whenever anyone rates them: at 10^7, m/32 rebuilt a 2,135-rating row inside a first
+    #: query, 4.1 ms, where m/16 updated it in place, 2.4 ms)
+    user_moved_share = 16
     #: moved users' previous factors kept (records; one per user and invalidation): a row whose
     #: raters moved longer ago than the ring reaches is rebuilt
     history_kept = 1 << 14
