@@ -180,6 +180,7 @@ def test_cli_explain_eval_rec_scores_the_served_explainer_against_retraining(tmp
     results = sorted(p.name for p in (tmp_path / "work").glob("*.json"))
     assert len(results) == 3 * (1 + 3)  # full run and 3 removals: served model, perturbed replica, seed 1
     assert out["n_replicas"] == 2 and -1 <= out["replica_floor_spearman"] <= 1
+    assert out["far_removal"]["n_predictions"] >= out["n_pairs"] and out["far_removal"]["mean_abs_change"] >= 0
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.json")}
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)

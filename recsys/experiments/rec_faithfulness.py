@@ -464,6 +464,13 @@ def retrained_run(train: Ratings, test: Ratings, model_config: dict, train_confi
                                   predictions=[predict_without(base, u, i, gone) for u, i in pairs])
     model = load_artefact(full(served)).model.eval()
     scores = retrained_scores(model, picks, runs, replicas, None if reseeded is None else reseeded.name)
+    if replica_removals:  # what the far removal alone did to the measured predictions
+        served_full = {tuple(p): v for p, v in zip(runs[(-1, "")]["pairs"], runs[(-1, "")]["predictions"], strict=True)}
+        moved = np.abs([served_full[tuple(p)] - v for p, v in
+                        zip(runs[(-1, replicas[1])]["pairs"], runs[(-1, replicas[1])]["predictions"], strict=True)])
+        scores["far_removal"] = {"example": replica.background, "n_predictions": len(moved),
+                                 "mean_abs_change": float(moved.mean()), "p50": float(np.percentile(moved, 50)),
+                                 "p90": float(np.percentile(moved, 90)), "max": float(moved.max())}
     scores.update(model="rec", method=model.explainer(model.ratings).method, embedding_size=mc.embedding_size,
                   truth="same-trajectory retraining without the rating (same initial weights, orders and sampling "
                         "keys; the rating at loss weight 0 and hidden from every chain, baselines refitted), the "
