@@ -136,6 +136,26 @@ def test_hiding_a_rating_changes_the_chains_only_below_the_edges_it_hides(rating
             reached = {e[1] for e in want}
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_users_and_items_added_later_move_no_existing_nodes_draws(ratings, compiled):
+    """Draws are keyed by the trained sizes (`EvidenceGraph.draw_ids`): growing the graph by
+    users and items without ratings (every item's node id shifts) leaves every existing
+    node's chains as they were, so predictions do not move when somebody new arrives."""
+    g = graph_of(fresh(ratings))
+    grown = g.insert(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64),
+                     g.n_users + 3, g.n_items + 2)
+    assert grown.key_sizes == (g.n_users, g.n_items)
+    roots = torch.tensor([0, 5, g.n_users + 1, g.n_users + 7])
+    shift = lambda ids: torch.where(ids >= g.n_users, ids + 3, ids)  # noqa: E731
+    for passes in (1, 3):
+        a = sample_chains(g, roots, (6, 4, 3), torch.Generator().manual_seed(1), passes=passes, compiled=compiled)
+        b = sample_chains(grown, shift(roots), (6, 4, 3), torch.Generator().manual_seed(1), passes=passes,
+                          compiled=compiled)
+        for la, lb in zip(a.levels, b.levels, strict=True):
+            assert torch.equal(la.examples, lb.examples) and torch.equal(la.values, lb.values)
+            assert torch.equal(la.parent, lb.parent) and torch.equal(la.child, lb.child)
+
+
 def test_keyed_draws_are_the_same_numbers_in_the_kernels_and_in_torch():
     from recsys.models.rec.kernels import keyed_pair_uniforms64, keyed_uniforms32
     rng = np.random.default_rng(0)

@@ -77,6 +77,10 @@ class EvidenceGraph:
     n_users: int
     n_items: int
     seed: int = 0
+    #: the sizes the draws are keyed by (`draw_ids`): the trained model's, so that growing the
+    #: graph (new users shift every item's node id) changes no existing node's draws; 0: own sizes
+    key_users: int = 0
+    key_items: int = 0
 
     @property
     def n_nodes(self) -> int:
@@ -85,6 +89,28 @@ class EvidenceGraph:
     @property
     def device(self) -> torch.device:
         return self.indptr.device
+
+    @property
+    def key_sizes(self) -> tuple[int, int]:
+        """``(users, items)`` the draws are keyed by (`draw_ids`)."""
+        return (self.key_users or self.n_users, self.key_items or self.n_items)
+
+    def draw_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The identity ``int64`` under which node ``ids`` (pass offsets included) draw their
+        random numbers (`keyed_uniform`): with ``U, I = key_sizes``, user ``u < U`` is ``u``,
+        item ``i < I`` is ``U + i``, pass ``p`` adds ``p·(U + I)`` (so on a graph of those sizes
+        it is the id itself); a user or item added since gets ``2^40 + u`` or ``2^41 + i``, pass
+        ``p`` adding ``p·2^42``. A node keeps its identity however the graph grows
+        (`recsys.models.rec.kernels.draw_id` is the same)."""
+        ku, ki = self.key_sizes
+        n, nu = self.n_nodes, self.n_users
+        g, p = ids % n, ids // n
+        user = g < nu
+        index = torch.where(user, g, g - nu)
+        old = index < torch.where(user, ku, ki)
+        key = torch.where(user, torch.where(old, index, index + (1 << 40)),
+                          torch.where(old, ku + index, index + (1 << 41)))
+        return key + p * torch.where(old, ku + ki, 1 << 42)
 
     def degrees(self) -> torch.Tensor:
         """Ratings per node, ``int64 [N]``."""
@@ -99,7 +125,8 @@ class EvidenceGraph:
 
     @classmethod
     def build(cls, ratings: Ratings, prototype_users: np.ndarray, prototype_items: np.ndarray,
-              *, seed: int = 0, device: torch.device | str = "cpu") -> EvidenceGraph:
+              *, seed: int = 0, key_sizes: tuple[int, int] = (0, 0),
+              device: torch.device | str = "cpu") -> EvidenceGraph:
         """The graph of ``ratings`` with the given prototypes (user and item indices, each
         ``int64 [p]``); within a row, the prototype neighbours and then the others are each in
         a fixed random order (`edge_hash` of ``seed``, ties by rating row)."""
@@ -121,7 +148,7 @@ class EvidenceGraph:
         n_proto = np.bincount(source[~non_proto], minlength=n_nodes).astype(np.int64)
         t = torch.from_numpy
         return cls(t(indptr), t(cols[order]), t(vals[order]), t(examples[order]), t(n_proto),
-                   t(slot), nu, ni, seed).to(device)
+                   t(slot), nu, ni, seed, *key_sizes).to(device)
 
     def insert(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, examples: np.ndarray,
                n_users: int, n_items: int) -> EvidenceGraph:
@@ -174,7 +201,8 @@ class EvidenceGraph:
         t = torch.from_numpy
         return EvidenceGraph(t(np.ascontiguousarray(indptr)), t(np.ascontiguousarray(nb)), t(vals),
                              t(np.ascontiguousarray(ex)), t(np.ascontiguousarray(n_proto)),
-                             t(np.ascontiguousarray(slot)), n_users, n_items, self.seed).to(self.device)
+                             t(np.ascontiguousarray(slot)), n_users, n_items, self.seed,
+                             *self.key_sizes).to(self.device)
 
     def pair_edges(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every edge of the pairs' ratings (user and item indices ``[k]``; a repeated pair
@@ -303,9 +331,10 @@ def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int, ke
 
     ``key`` (`draw_key`) and ``stream`` (the level's depth) key the draws: node ``j`` draws
     columns ``0..F-1`` (its slots' jitter), ``F, F+1`` (the two segments' rotations), ``F+2,
-    F+3`` (evidence dropout) of `keyed_uniform` under its ``draw_ids[j]`` (default: its id;
-    a pass's copy of a node passes its pass id); a root's truncation draws one float64 per
-    sampled edge, column the child's id, under `TRUNCATION_STREAM`.
+    F+3`` (evidence dropout) of `keyed_uniform` under `EvidenceGraph.draw_ids` of its
+    ``draw_ids[j]`` (default: its id; a pass's copy of a node passes its pass id); a root's
+    truncation draws one float64 per sampled edge, column the child's draw id, under
+    `TRUNCATION_STREAM`.
 
     ``exclude``: sorted pair keys (`EvidenceGraph.pair_keys`) of ratings never to return.
     ``evidence_dropout``: probability that a node keeps only a uniformly random ``1..m`` of
@@ -324,7 +353,7 @@ def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int, ke
     n_proto = rows(graph.n_proto, nodes).unsqueeze(1)
     kp = n_proto.clamp(max=fanout)
     slots = torch.arange(fanout, device=dev).unsqueeze(0)  # [1, F]
-    ids = nodes if draw_ids is None else draw_ids
+    ids = graph.draw_ids(nodes if draw_ids is None else draw_ids)
     draws = keyed_uniform(stream_base(key, stream), ids.unsqueeze(1),
                           torch.arange(fanout + 4, device=dev).unsqueeze(0))  # [n, F+4]
     jitter, rot = draws[:, :fanout], draws[:, fanout:fanout + 2]
@@ -359,7 +388,8 @@ def sample_neighbours(graph: EvidenceGraph, nodes: torch.Tensor, fanout: int, ke
     if truncate is not None and len(parent):
         # edges come grouped by parent: a random order within each group, then the first
         # truncate[parent] of it (a uniformly random subset, not the prototypes-first prefix)
-        spread = keyed_uniform(stream_base(key, TRUNCATION_STREAM), rows(ids, parent), child, torch.float64)
+        spread = keyed_uniform(stream_base(key, TRUNCATION_STREAM), rows(ids, parent), graph.draw_ids(child),
+                               torch.float64)
         order = torch.argsort(parent.double() + spread * 0.5)
         rank = torch.empty_like(parent)
         rank[order] = torch.arange(len(parent), device=dev) - torch.searchsorted(parent, parent[order])
@@ -492,6 +522,7 @@ def sample_chains_compiled(graph: EvidenceGraph, roots: torch.Tensor, fanouts: t
     state (one key taken, the same draws from it)."""
     n_nodes = graph.n_nodes
     key = draw_key(generator)
+    key_sizes = graph.key_sizes
     roots_np = roots.numpy()
     if passes > 1:
         if root_keep is not None:
@@ -509,10 +540,11 @@ def sample_chains_compiled(graph: EvidenceGraph, roots: torch.Tensor, fanouts: t
         expand = expandable(nodes, n_nodes, proto_slot)
         edges = sample_level(*arrays, nodes, expand, n_nodes, fanout, depth == len(fanouts) - 1,
                              np.uint64(stream_base(key, depth)), exclude_np, graph.n_users, graph.n_items,
-                             np.float32(evidence_dropout))
+                             np.float32(evidence_dropout), *key_sizes)
         if depth == 0 and keep_np is not None and len(edges[0]):
             chosen = truncate_roots(edges[0], edges[1], nodes, expand,
-                                    np.uint64(stream_base(key, TRUNCATION_STREAM)), keep_np)
+                                    np.uint64(stream_base(key, TRUNCATION_STREAM)), keep_np, n_nodes,
+                                    graph.n_users, *key_sizes)
             edges = tuple(a[chosen] for a in edges)
         nodes, child_pos = unique_inverse(edges[1])
         raw.append((edges, child_pos))

@@ -52,6 +52,21 @@ def _id_hash(base: np.uint64, node: int) -> np.uint64:
 
 
 @njit(cache=True, nogil=True, inline="always")
+def draw_id(node: int, n_nodes: int, n_users: int, key_users: int, key_items: int) -> int:
+    """`recsys.models.rec.chains.EvidenceGraph.draw_ids` of one node id (pass offset included)."""
+    g = node % n_nodes
+    p = node // n_nodes
+    if g < n_users:
+        if g < key_users:
+            return g + p * (key_users + key_items)
+        return g + (1 << 40) + p * (1 << 42)
+    i = g - n_users
+    if i < key_items:
+        return key_users + i + p * (key_users + key_items)
+    return i + (1 << 41) + p * (1 << 42)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def keyed_uniform32(h: np.uint64, column: int) -> np.float32:
     """`recsys.models.rec.chains.keyed_uniform` (float32) of column ``column`` under the id hash ``h``."""
     z = _mix64(h + np.uint64(column + 1) * _GOLDEN)
@@ -114,9 +129,10 @@ def expandable(nodes: np.ndarray, n_nodes: int, proto_slot: np.ndarray) -> np.nd
 def sample_level(indptr: np.ndarray, n_proto: np.ndarray, neighbours: np.ndarray, values: np.ndarray,
                  examples: np.ndarray, nodes: np.ndarray, expand: np.ndarray, n_nodes: int, fanout: int,
                  prototypes_only: bool, draw_base: np.uint64, exclude: np.ndarray,
-                 n_users: int, n_items: int, evidence_dropout: np.float32):
+                 n_users: int, n_items: int, evidence_dropout: np.float32, key_users: int, key_items: int):
     """One level of `sample_neighbours` for the nodes ``nodes[expand]``, each node drawing its
-    float32 numbers under its id (pass offset included) from the level's ``draw_base``
+    float32 numbers under its `draw_id` (pass offset included; ``key_users``, ``key_items``:
+    the graph's key sizes) from the level's ``draw_base``
     (`recsys.models.rec.chains.stream_base`; columns as `sample_neighbours` says; ``exclude``
     sorted pair keys): the edges ``(parent positions in nodes, child ids with the parent's pass
     offset, values, examples)``, grouped by parent in order."""
@@ -137,7 +153,7 @@ def sample_level(indptr: np.ndarray, n_proto: np.ndarray, neighbours: np.ndarray
         n_other = 0 if prototypes_only else indptr[g + 1] - start - n_p
         ko = 0 if prototypes_only else min(n_other, fanout - kp)
         taken = kp + ko
-        h = _id_hash(draw_base, node)
+        h = _id_hash(draw_base, draw_id(node, n_nodes, n_users, key_users, key_items))
         if evidence_dropout > 0 and keyed_uniform32(h, fanout + 2) < evidence_dropout:
             taken = min(int(keyed_uniform32(h, fanout + 3) * np.float32(taken)) + 1, taken)
         rotation_p, rotation_o = keyed_uniform32(h, fanout), keyed_uniform32(h, fanout + 1)
@@ -162,17 +178,19 @@ def sample_level(indptr: np.ndarray, n_proto: np.ndarray, neighbours: np.ndarray
 
 @njit(cache=True, nogil=True)
 def truncate_roots(parent: np.ndarray, child: np.ndarray, nodes: np.ndarray, expand: np.ndarray,
-                   draw_base: np.uint64, limit: np.ndarray) -> np.ndarray:
+                   draw_base: np.uint64, limit: np.ndarray, n_nodes: int, n_users: int, key_users: int,
+                   key_items: int) -> np.ndarray:
     """`sample_neighbours`' ``truncate``: which edges ``[E]`` (grouped by ``parent``, positions
     in ``nodes``; ``child`` ids) to keep, a parent ``p`` with ``limit[p] > 0`` keeping the
     ``limit[p]`` of its edges that come first when ordered by ``r + 0.5·u``, ``r`` the parent's
     row among the expanded nodes ``expand`` and ``u`` the edge's float64 draw (under the
-    parent's id, column the child's id, from ``draw_base``: the tensor code's order, to the
-    last bit)."""
+    parent's `draw_id`, column the child's, from ``draw_base``: the tensor code's order, to
+    the last bit)."""
     n = len(parent)
     key = np.empty(n, np.float64)
     for e in range(n):
-        u = keyed_uniform64(_id_hash(draw_base, nodes[parent[e]]), child[e])
+        h = _id_hash(draw_base, draw_id(nodes[parent[e]], n_nodes, n_users, key_users, key_items))
+        u = keyed_uniform64(h, draw_id(child[e], n_nodes, n_users, key_users, key_items))
         key[e] = np.float64(np.searchsorted(expand, parent[e])) + u * 0.5
     order = np.argsort(key, kind="mergesort")
     chosen = np.empty(n, np.bool_)

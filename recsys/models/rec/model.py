@@ -180,7 +180,8 @@ class EvidenceChainModel(RatingModel):
         (item->user and user->item message MLPs), fallback_vectors ``[2, K]`` (user, item),
         gate ``[2, 2]`` (per side: slope and offset on log evidence count).
     Buffers: prototype_users ``int64 [p_u]``, prototype_items ``int64 [p_i]`` (which users and
-    items are prototypes; chosen by `prepare`), plus the base class's known masks and mean.
+    items are prototypes; chosen by `prepare`), draw_sizes ``int64 [2]`` (the training ratings'
+    users and items, which key the chain draws), plus the base class's known masks and mean.
     Live state (not in the state dict, rebuilt by `bind_ratings`): the ratings, their graph
     and the baseline biases.
     """
@@ -269,6 +270,9 @@ class EvidenceChainModel(RatingModel):
         self.gate = nn.Parameter(torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
         self.register_buffer("prototype_users", torch.arange(self.p_users, dtype=torch.int64))
         self.register_buffer("prototype_items", torch.arange(self.p_items, dtype=torch.int64))
+        #: users and items of the training ratings: the sizes chain draws are keyed by
+        #: (`EvidenceGraph.draw_ids`), so that users and items added later move no draw; 0: unset
+        self.register_buffer("draw_sizes", torch.zeros(2, dtype=torch.int64))
         lo, hi = self.rating_scale
         self.register_buffer("rating_levels", torch.linspace(lo, hi, c.rating_levels), persistent=False)
         self.ratings: Ratings | None = None
@@ -284,6 +288,11 @@ class EvidenceChainModel(RatingModel):
         self.sampling_observers: list[SamplingObserver] = []
         self._hidden_pairs: torch.Tensor | None = None  # pair keys hidden from every sampling
         self._prototype_override: torch.Tensor | None = None  # see `substituted`
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # an artefact saved before draws were keyed has no draw_sizes: keyed by its own sizes
+        state_dict.setdefault(prefix + "draw_sizes", torch.zeros(2, dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def config_dict(self) -> dict:
         d = asdict(self.config)
@@ -315,6 +324,7 @@ class EvidenceChainModel(RatingModel):
         order_i = np.argsort(-train.item_counts(), kind="stable")[: self.p_items]
         self.prototype_users.copy_(torch.from_numpy(order_u.astype(np.int64)))
         self.prototype_items.copy_(torch.from_numpy(order_i.astype(np.int64)))
+        self.draw_sizes.copy_(torch.tensor([train.n_users, train.n_items]))
         super().prepare(train)
         self._train_generator = None
 
@@ -340,7 +350,8 @@ class EvidenceChainModel(RatingModel):
             self.n_users, self.n_items = ratings.n_users, ratings.n_items
         if graph is None:
             graph = EvidenceGraph.build(ratings, self.prototype_users.cpu().numpy(),
-                                        self.prototype_items.cpu().numpy(), seed=self.config.seed, device=dev)
+                                        self.prototype_items.cpu().numpy(), seed=self.config.seed,
+                                        key_sizes=tuple(int(v) for v in self.draw_sizes.tolist()), device=dev)
         has = graph.degrees() > 0
         self.known_users = has[:ratings.n_users].to(dev)
         self.known_items = has[ratings.n_users:].to(dev)
