@@ -177,7 +177,7 @@ def test_cli_explain_eval_rec_scores_the_served_explainer_against_retraining(tmp
     assert -1 <= out["spearman"] <= 1 and -1 <= out["noise_floor_spearman"] <= 1
     assert out["no_retrain_max_abs_difference"] < 1e-5  # served = leave-one-out on the served model
     assert out["no_retrain"]["spearman"] == pytest.approx(1.0) and set(out["fold_in"]) >= {"spearman", "slope"}
-    results = sorted(p.name for p in (tmp_path / "work").glob("*.json"))
+    results = sorted(p.name for p in (tmp_path / "work").glob("*.json") if p.name != "setup.json")
     assert len(results) == 3 * (1 + 3)  # full run and 3 removals: served model, perturbed replica, seed 1
     assert out["n_replicas"] == 2 and -1 <= out["replica_floor_spearman"] <= 1
     assert out["far_removal"]["n_predictions"] >= out["n_pairs"] and out["far_removal"]["mean_abs_change"] >= 0
@@ -186,6 +186,9 @@ def test_cli_explain_eval_rec_scores_the_served_explainer_against_retraining(tmp
     again = json.loads(capsys.readouterr().out)
     assert again["spearman"] == out["spearman"] and again["slope"] == out["slope"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work").glob("*.json")} == stamp  # nothing retrained
+    other = [a if a != "2" else "3" for a in argv]  # --epochs 3: the folder holds another setup's retrains
+    assert main(other) == 2
+    assert "holds retrains of another setup (differs in: train)" in capsys.readouterr().err
 
 
 def test_retrained_scores_pool_every_prediction_that_lists_a_removed_rating(model, split):

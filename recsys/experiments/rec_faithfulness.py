@@ -397,6 +397,34 @@ def far_ratings(train: Ratings, picks: list[Removal], n: int, seed: int = 0) -> 
     return far[:n]
 
 
+def _fingerprint(ratings: Ratings) -> str:
+    """A digest of the ratings' users, items and values (which training data a retrain used)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (ratings.users, ratings.items, ratings.values):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return f"{len(ratings)} ratings, sha256 {digest.hexdigest()[:16]}"
+
+
+def _claim(path: Path, setup: dict) -> None:
+    """Record what the retrains in ``path``'s folder are of, or refuse a folder that holds
+    retrains of something else (their results would be mixed with this run's)."""
+    import json
+
+    from recsys.errors import RecsysError
+
+    setup = json.loads(json.dumps(setup))  # as it reads back (tuples become lists)
+    if path.is_file():
+        held = json.loads(path.read_text())
+        if held != setup:
+            diff = sorted(k for k in set(held) | set(setup) if held.get(k) != setup.get(k))
+            raise RecsysError(f"{path.parent} holds retrains of another setup (differs in: {', '.join(diff)}); "
+                              "give another work folder")
+    else:
+        path.write_text(json.dumps(setup, indent=1))
+
+
 def retrained_run(train: Ratings, test: Ratings, model_config: dict, train_config: TrainConfig, *,
                   n_removals: int = 8, replica_removals: int = 8, noise_removals: int = 4, noise_seed: int = 1,
                   workers: int = 1, seed: int = 0, work_dir: Path | None = None) -> tuple[EvidenceChainModel, dict]:
@@ -438,6 +466,8 @@ def retrained_run(train: Ratings, test: Ratings, model_config: dict, train_confi
         jobs += [(r.example, variant, r.pairs) for r in chosen]
     folder = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="rec_retrained_"))
     folder.mkdir(parents=True, exist_ok=True)
+    _claim(folder / "setup.json", {"model": dataclasses.asdict(mc), "train": repr(train_config),
+                                   "ratings": _fingerprint(train), "seed": seed})
 
     def result(removed: int, variant: Variant) -> Path:
         return folder / (f"{removed}.json" if not variant.name else f"{removed}-{variant.name}.json")
