@@ -849,6 +849,22 @@ def test_a_long_row_built_a_tile_at_a_time_equals_the_one_pass_build():
             np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-9)
 
 
+def _heavy_user_explainer():
+    """Ratings where a few users hold more than 40 ratings, a model learning online from them
+    and its warmed explainer with rows of more than 40 ratings updated in place: ``(ratings,
+    model, explainer, its NewtonInfluence cache)``."""
+    from tests.conftest import make_ratings
+
+    r = make_ratings(n_users=30, n_items=150, n=2400, seed=4)
+    model, _ = _fit(r, _setup(epochs=3))
+    model.start_online(r, learning_rate=0.02)
+    cached = model.explainer(r)
+    cache = cached._cache()
+    cache.update_above = 40
+    cached.warm()
+    return r, model, cached, cache
+
+
 @pytest.mark.parametrize("top", [1, 5])
 def test_a_long_user_row_updated_in_place_explains_as_its_rebuilt_row(top):
     """A user row of more than `update_above` ratings whose own parameters moved (the user
@@ -859,15 +875,9 @@ def test_a_long_user_row_updated_in_place_explains_as_its_rebuilt_row(top):
     reach the top: every explanation equals a fresh explainer's (same top k in order,
     effects to 1e-5), the system equals the rebuilt one, and most ratings are not scored."""
     from recsys.models.mf.explain import NewtonInfluence
-    from tests.conftest import make_ratings, with_new_ratings
+    from tests.conftest import with_new_ratings
 
-    r = make_ratings(n_users=30, n_items=150, n=2400, seed=4)
-    model, _ = _fit(r, _setup(epochs=3))
-    model.start_online(r, learning_rate=0.02)
-    cached = model.explainer(r)
-    cache = cached._cache()
-    cache.update_above = 40
-    cached.warm()
+    r, model, cached, cache = _heavy_user_explainer()
     rng = np.random.default_rng(2)
     heavy = [int(u) for u in np.argsort(-r.user_counts())[:3]]
     assert r.user_counts()[heavy].min() > 40
@@ -924,15 +934,9 @@ def test_the_user_rows_float32_bounds_hold_every_ratings_exact_effect(rated_onli
         updated_rating_score,
         user_effect_bounds,
     )
-    from tests.conftest import make_ratings, with_new_ratings
+    from tests.conftest import with_new_ratings
 
-    r = make_ratings(n_users=30, n_items=150, n=2400, seed=4)
-    model, _ = _fit(r, _setup(epochs=3))
-    model.start_online(r, learning_rate=0.02)
-    cached = model.explainer(r)
-    cache = cached._cache()
-    cache.update_above = 40
-    cached.warm()
+    r, model, cached, cache = _heavy_user_explainer()
     heavy = int(np.argmax(r.user_counts()))
     rng = np.random.default_rng(5)
     if rated_online:

@@ -407,6 +407,17 @@ def _fingerprint(ratings: Ratings) -> str:
     return f"{len(ratings)} ratings, sha256 {digest.hexdigest()[:16]}"
 
 
+def _write_json(path: Path, data: object) -> None:
+    """``data`` as JSON at ``path``, whole or not at all (a run killed mid-write leaves no
+    half file that a resumed run would take for a finished retrain)."""
+    import json
+    import os
+
+    staged = path.with_name(path.name + ".part")
+    staged.write_text(json.dumps(data, indent=1))
+    os.replace(staged, path)
+
+
 def _claim(path: Path, setup: dict) -> None:
     """Record what the retrains in ``path``'s folder are of, or refuse a folder that holds
     retrains of something else (their results would be mixed with this run's)."""
@@ -422,7 +433,7 @@ def _claim(path: Path, setup: dict) -> None:
             raise RecsysError(f"{path.parent} holds retrains of another setup (differs in: {', '.join(diff)}); "
                               "give another work folder")
     else:
-        path.write_text(json.dumps(setup, indent=1))
+        _write_json(path, setup)
 
 
 def retrained_run(train: Ratings, test: Ratings, model_config: dict, train_config: TrainConfig, *,
@@ -482,10 +493,10 @@ def retrained_run(train: Ratings, test: Ratings, model_config: dict, train_confi
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(retrain_predictions, *a, **k) for a, k in calls]
             for (z, v, _), f in zip(todo, futures, strict=True):
-                result(z, v).write_text(json.dumps(f.result()))
+                _write_json(result(z, v), f.result())
     else:
         for (z, v, _), (a, k) in zip(todo, calls, strict=True):
-            result(z, v).write_text(json.dumps(retrain_predictions(*a, **k)))
+            _write_json(result(z, v), retrain_predictions(*a, **k))
     runs = {(z, v.name): json.loads(result(z, v).read_text()) for z, v, _ in jobs}
     for _, v, pairs in [j for j in jobs if j[0] < 0]:  # a folder's full runs may predate some picks
         base = load_artefact(full(v)).model.eval()
